@@ -1,0 +1,1 @@
+"""Mailer implementations: ``outbox`` (embedded, a folder of .eml files) and ``smtp``."""

@@ -1,0 +1,1 @@
+"""Bus implementations: ``memory`` (embedded) and ``kafka`` (production)."""

@@ -1,0 +1,478 @@
+"""The Kafka bus: :class:`engine.bus.Bus` over confluent-kafka (librdkafka).
+
+Production runs it against Apache Kafka; the tests run it against the Tansu broker.
+Nothing here knows which one it talks to: the defaults below are plain Kafka client
+settings that happen to also be what Tansu needs (``group.protocol=classic``,
+``auto.offset.reset=earliest``).
+
+* Producer: idempotent (``acks=all``), a few ms of linger, lz4. ``publish`` blocks
+  (serving delivery reports) while librdkafka's queue is full; a delivery failure is
+  remembered and reported by the next :meth:`KafkaBus.flush` as a ``BusError``.
+* Consumer: manual, synchronous, per-partition commits ("ack" = in-order offset
+  commit); nothing is committed or stored automatically. ``pause`` survives
+  rebalances. ``on_revoke`` lets a worker drop in-flight work for partitions it is
+  about to lose, since committing them would no longer be allowed.
+* ``extra`` adds librdkafka settings: a plain key goes to every client (security,
+  ``socket.*``), a key prefixed ``producer.``, ``consumer.`` or ``admin.`` only to
+  that client (``producer.message.timeout.ms``).
+
+confluent-kafka's exceptions are translated to :class:`~kvadrupel.errors.BusError`
+at this boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from confluent_kafka import Consumer as _KConsumer
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Message as _KMessage
+from confluent_kafka import Producer as _KProducer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from engine.bus import Bus, Consumer, Message
+from kvadrupel.errors import BusError, ConfigError
+
+if TYPE_CHECKING:
+    from kvadrupel.settings import Settings
+
+__all__ = ["KafkaBus", "KafkaConsumer", "RevokeCallback"]
+
+log = logging.getLogger(__name__)
+
+#: Called with the (topic, partition) pairs a consumer is about to lose (rebalance,
+#: close) or has already lost (session expired). Runs inside ``poll``/``close``.
+RevokeCallback = Callable[[list[tuple[str, int]]], None]
+
+_CLIENT_PREFIXES = ("producer.", "consumer.", "admin.")
+
+# Defaults shared by every client; ``extra`` overrides them.
+_PRODUCER_DEFAULTS: dict[str, Any] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "linger.ms": 5,
+    # lz4 costs little CPU and cut the bench's payload bytes; Tansu accepts it.
+    "compression.type": "lz4",
+    # The Java client's partitioner: keys land on the same partition whichever
+    # client (ours or a JVM producer) wrote them. librdkafka's default is CRC32.
+    "partitioner": "murmur2_random",
+}
+_CONSUMER_DEFAULTS: dict[str, Any] = {
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+    # Also the only value that works on Tansu, whose "latest offset" lookup is wrong.
+    "auto.offset.reset": "earliest",
+    # Tansu never assigns partitions under the KIP-848 protocol; Kafka supports both.
+    "group.protocol": "classic",
+}
+
+_PUBLISH_BLOCK_S = 60.0  # longest a publish waits for room in a full producer queue
+
+
+def _split_extra(extra: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Sort ``extra`` into per-client dicts: {"common", "producer", "consumer", "admin"}."""
+    out: dict[str, dict[str, Any]] = {"common": {}, "producer": {}, "consumer": {}, "admin": {}}
+    for key, value in (extra or {}).items():
+        for prefix in _CLIENT_PREFIXES:
+            if key.startswith(prefix):
+                out[prefix[:-1]][key[len(prefix) :]] = value
+                break
+        else:
+            out["common"][key] = value
+    return out
+
+
+def _log_client_error(err: KafkaError) -> None:
+    # Broker-down and similar errors are transient: librdkafka retries them, message
+    # timeouts come back as delivery reports and consumer errors through consume().
+    if err.fatal():
+        log.error("kafka fatal error: %s", err)
+    else:
+        log.warning("kafka client error: %s", err)
+
+
+def _bus_error(what: str, exc: BaseException) -> BusError:
+    return BusError(f"{what}: {exc}")
+
+
+class KafkaBus(Bus):
+    """A bus on a Kafka cluster. Nothing connects until first used."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        prefix: str = "kvadrupel",
+        *,
+        session_timeout_ms: int = 45000,
+        heartbeat_interval_ms: int = 3000,
+        fetch_wait_max_ms: int = 100,
+        extra: Mapping[str, Any] | None = None,
+        client_id: str = "kvadrupel",
+    ) -> None:
+        if not bootstrap:
+            raise ConfigError("KafkaBus needs bootstrap servers (KVADRUPEL_KAFKA_BOOTSTRAP)")
+        super().__init__(prefix)
+        self.bootstrap = bootstrap
+        self.client_id = client_id
+        parts = _split_extra(extra)
+        common = {
+            "bootstrap.servers": bootstrap,
+            "client.id": client_id,
+            "logger": log,
+            "error_cb": _log_client_error,
+        }
+        common.update(parts["common"])
+        self._producer_conf = {
+            **common,
+            **_PRODUCER_DEFAULTS,
+            "error_cb": self._on_producer_error,
+            **parts["producer"],
+        }
+        self._consumer_conf = {
+            **common,
+            **_CONSUMER_DEFAULTS,
+            "session.timeout.ms": session_timeout_ms,
+            "heartbeat.interval.ms": heartbeat_interval_ms,
+            "fetch.wait.max.ms": fetch_wait_max_ms,
+            **parts["consumer"],
+        }
+        self._admin_conf = {**common, **parts["admin"]}
+
+        self._lock = threading.Lock()
+        self._producer: _KProducer | None = None
+        self._admin: AdminClient | None = None
+        # Delivery failures since the last flush: (topic, error). Guarded by _lock.
+        self._failed: list[tuple[str, KafkaError]] = []
+        self._fatal: KafkaError | None = None
+        self._consumers: weakref.WeakSet[KafkaConsumer] = weakref.WeakSet()
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KafkaBus:
+        return cls(
+            settings.kafka_bootstrap,
+            settings.kafka_topic_prefix,
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+            fetch_wait_max_ms=settings.kafka_fetch_wait_max_ms,
+            extra=settings.kafka_extra,
+        )
+
+    def __repr__(self) -> str:
+        return f"KafkaBus({self.bootstrap!r}, prefix={self.prefix!r})"
+
+    # -- callbacks (librdkafka threads call them from poll/flush/consume) --------
+    def _on_producer_error(self, err: KafkaError) -> None:
+        # Fatal errors end an idempotent producer (its ordering guarantees can no
+        # longer be kept); the rest are transient and retried by librdkafka.
+        _log_client_error(err)
+        if err.fatal():
+            with self._lock:
+                self._fatal = err
+
+    def _on_delivery(self, err: KafkaError | None, msg: _KMessage) -> None:
+        if err is not None:
+            with self._lock:
+                self._failed.append((msg.topic() or "?", err))
+
+    # -- admin -------------------------------------------------------------------
+    def _admin_client(self) -> AdminClient:
+        if self._admin is None:
+            self._admin = AdminClient(self._admin_conf)
+        return self._admin
+
+    def ensure_topics(self, names: Iterable[str], partitions: int, timeout: float = 30.0) -> None:
+        """Create missing topics with ``partitions`` partitions and wait until visible.
+
+        Existing topics are left as they are (partitions are never added: that would
+        move keys to other partitions and break their order).
+        """
+        names = list(dict.fromkeys(names))
+        admin = self._admin_client()
+        deadline = time.monotonic() + timeout
+        try:
+            existing = admin.list_topics(timeout=timeout).topics
+            missing = [n for n in names if n not in existing]
+            if missing:
+                # replication_factor=-1: the cluster's default.replication.factor.
+                new = [NewTopic(n, num_partitions=partitions, replication_factor=-1) for n in missing]
+                futures = admin.create_topics(new, request_timeout=timeout)
+                for name, fut in futures.items():
+                    try:
+                        fut.result(timeout=max(0.1, deadline - time.monotonic()))
+                    except KafkaException as exc:
+                        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                            raise _bus_error(f"cannot create topic {name}", exc) from exc
+            # Creation is asynchronous on a real cluster: wait until the metadata
+            # shows every topic with its partitions, so a consumer can subscribe.
+            while True:
+                md = admin.list_topics(timeout=max(0.1, deadline - time.monotonic())).topics
+                absent = [n for n in names if n not in md or md[n].error is not None]
+                if not absent:
+                    for n in names:
+                        if len(md[n].partitions) != partitions:
+                            log.warning(
+                                "topic %s has %d partitions, not %d",
+                                n, len(md[n].partitions), partitions,
+                            )
+                    return
+                if time.monotonic() >= deadline:
+                    raise BusError(f"topics not visible after {timeout}s: {absent}")
+                time.sleep(0.05)
+        except KafkaException as exc:
+            raise _bus_error("ensure_topics failed", exc) from exc
+        except TimeoutError as exc:  # concurrent.futures.TimeoutError
+            raise _bus_error("ensure_topics timed out", exc) from exc
+
+    # -- producer ----------------------------------------------------------------
+    def _get_producer(self) -> _KProducer:
+        producer = self._producer
+        if producer is None:
+            with self._lock:
+                if self._closed:
+                    raise BusError("bus is closed")
+                if self._producer is None:
+                    try:
+                        self._producer = _KProducer(self._producer_conf)
+                    except KafkaException as exc:
+                        raise _bus_error("cannot create producer", exc) from exc
+                producer = self._producer
+        return producer
+
+    def publish(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        if self._closed:
+            raise BusError("bus is closed")
+        if self._fatal is not None:
+            raise BusError(f"producer failed fatally: {self._fatal}; flush() to reset")
+        producer = self._get_producer()
+        deadline = None
+        while True:
+            try:
+                producer.produce(topic, value, key, on_delivery=self._on_delivery)
+                break
+            except BufferError:
+                # Queue full: the broker is slower than we are. Serve delivery reports
+                # (which frees room) instead of dropping or growing without bound.
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + _PUBLISH_BLOCK_S
+                elif now >= deadline:
+                    raise BusError(
+                        f"producer queue full for {_PUBLISH_BLOCK_S}s (is the broker up?)"
+                    ) from None
+                producer.poll(0.05)
+            except KafkaException as exc:
+                raise _bus_error(f"cannot publish to {topic}", exc) from exc
+        producer.poll(0)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        producer = self._producer
+        if producer is not None:
+            try:
+                remaining = producer.flush(timeout)
+            except KafkaException as exc:
+                raise _bus_error("flush failed", exc) from exc
+        else:
+            remaining = 0
+        with self._lock:
+            failed, self._failed = self._failed, []
+            fatal, self._fatal = self._fatal, None
+            if fatal is not None:
+                # A fatally failed idempotent producer accepts nothing more: start
+                # a fresh one (new producer id) on the next publish.
+                self._producer = None
+        if fatal is not None:
+            raise BusError(f"producer failed fatally: {fatal}")
+        if failed:
+            topic, err = failed[0]
+            raise BusError(f"{len(failed)} message(s) not delivered; first to {topic}: {err}")
+        if remaining:
+            raise BusError(f"{remaining} message(s) still undelivered after {timeout}s")
+
+    # -- consumer ----------------------------------------------------------------
+    def consumer(
+        self,
+        group: str,
+        topics: Sequence[str],
+        *,
+        on_revoke: RevokeCallback | None = None,
+    ) -> KafkaConsumer:
+        if self._closed:
+            raise BusError("bus is closed")
+        member = KafkaConsumer(self._consumer_conf, group, list(topics), on_revoke)
+        self._consumers.add(member)
+        return member
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Close this bus's consumers, flush the producer, drop the connections."""
+        if self._closed:
+            return
+        self._closed = True
+        for member in list(self._consumers):
+            member.close()
+        try:
+            self.flush(timeout)
+        finally:
+            self._producer = None
+            self._admin = None
+
+
+class KafkaConsumer(Consumer):
+    """One group member; use it from one thread only."""
+
+    def __init__(
+        self,
+        conf: Mapping[str, Any],
+        group: str,
+        topics: list[str],
+        on_revoke: RevokeCallback | None = None,
+    ) -> None:
+        self.group = group
+        self.topics = topics
+        self._on_revoke_cb = on_revoke
+        self._paused = False
+        self._closing = False
+        self._closed = False
+        self._pending_error: BusError | None = None
+        strategy = str(conf.get("partition.assignment.strategy", ""))
+        self._cooperative = "cooperative" in strategy
+        try:
+            self._c = _KConsumer({**conf, "group.id": group})
+            self._c.subscribe(
+                topics, on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+            )
+        except KafkaException as exc:
+            raise _bus_error(f"cannot join group {group}", exc) from exc
+
+    # -- rebalance callbacks (run inside consume()/close()) ----------------------
+    def _assigned(self, consumer: _KConsumer, partitions: list[TopicPartition]) -> None:
+        # librdkafka remembers an application pause per partition object, across
+        # assignments: a partition paused once and revoked before resume() would
+        # come back paused for good, while one never held before comes back
+        # fetching. Assign here (instead of letting the client do it after we
+        # return) and set the member's pause state on every new partition, before
+        # its first fetch.
+        if not partitions:
+            return
+        if self._cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        if self._paused:
+            consumer.pause(partitions)
+        else:
+            consumer.resume(partitions)
+
+    def _revoked(self, consumer: _KConsumer, partitions: list[TopicPartition]) -> None:
+        self._notify_revoke(partitions)
+
+    def _lost(self, consumer: _KConsumer, partitions: list[TopicPartition]) -> None:
+        log.warning("group %s: partitions lost (session expired?)", self.group)
+        self._notify_revoke(partitions)
+
+    def _notify_revoke(self, partitions: list[TopicPartition]) -> None:
+        if self._on_revoke_cb is not None and partitions:
+            try:
+                self._on_revoke_cb([(tp.topic, tp.partition) for tp in partitions])
+            except Exception:
+                # An exception must not escape into librdkafka's rebalance handling.
+                log.exception("on_revoke callback failed")
+
+    # -- Consumer API -------------------------------------------------------------
+    def poll(self, max_messages: int = 500, timeout: float = 0.1) -> list[Message]:
+        if self._closing:
+            return []
+        if self._pending_error is not None:
+            err, self._pending_error = self._pending_error, None
+            raise err
+        try:
+            raw = self._c.consume(num_messages=max_messages, timeout=timeout)
+        except KafkaException as exc:
+            raise _bus_error(f"group {self.group}: consume failed", exc) from exc
+        out: list[Message] = []
+        for m in raw:
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    log.debug("reached end of %s[%s]", m.topic(), m.partition())
+                    continue
+                error = BusError(f"group {self.group}: {err}")
+                if out:
+                    # Hand out what was fetched before the error; report it next time.
+                    self._pending_error = error
+                    break
+                raise error
+            value = m.value()
+            out.append(
+                Message(m.topic(), m.partition(), m.offset(), m.key(), b"" if value is None else value)
+            )
+        return out
+
+    def commit(self, messages: Sequence[Message]) -> None:
+        if not messages or self._closed:
+            if messages:
+                raise BusError("consumer is closed")
+            return
+        top: dict[tuple[str, int], int] = {}
+        for m in messages:
+            k = (m.topic, m.partition)
+            if m.offset > top.get(k, -1):
+                top[k] = m.offset
+        try:
+            held = {(tp.topic, tp.partition) for tp in self._c.assignment()}
+            foreign = sorted(set(top) - held)
+            if foreign:
+                # After a rebalance the partition belongs to someone else, who
+                # restarted from the last commit: committing now could skip work.
+                raise BusError(f"partitions {foreign} are not assigned to this consumer")
+            offsets = [TopicPartition(t, p, off + 1) for (t, p), off in top.items()]
+            result = self._c.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            raise _bus_error(f"group {self.group}: commit failed", exc) from exc
+        bad = [tp for tp in result or () if tp.error is not None]
+        if bad:
+            tp = bad[0]
+            raise BusError(f"group {self.group}: commit of {tp.topic}[{tp.partition}] failed: {tp.error}")
+
+    def pause(self) -> None:
+        self._paused = True
+        self._set_paused(True)
+
+    def resume(self) -> None:
+        self._paused = False
+        self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> None:
+        if self._closed:
+            return
+        try:
+            partitions = self._c.assignment()
+            if partitions:
+                (self._c.pause if paused else self._c.resume)(partitions)
+        except KafkaException as exc:
+            raise _bus_error(f"group {self.group}: pause/resume failed", exc) from exc
+
+    def assignment(self) -> list[tuple[str, int]]:
+        if self._closed:
+            return []
+        try:
+            return sorted((tp.topic, tp.partition) for tp in self._c.assignment())
+        except KafkaException as exc:
+            raise _bus_error(f"group {self.group}: assignment failed", exc) from exc
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            # Leaves the group. on_revoke runs first, and may still commit.
+            self._c.close()
+        except KafkaException as exc:
+            raise _bus_error(f"group {self.group}: close failed", exc) from exc
+        finally:
+            self._closed = True

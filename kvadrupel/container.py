@@ -1,0 +1,133 @@
+"""Build every backend once, from settings, and hand them to whoever needs them.
+
+Nothing connects at import time: processes (the API's lifespan, a worker's main,
+the demo) create one :class:`Container`, pass its parts in, and close it at exit.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from channels.ledger import Ledger
+from channels.mail import Mailer, mailer_from_settings
+from engine.bus import Bus
+from engine.buses.memory import MemoryBus
+from engine.delivery import DeliveryWorker
+from engine.evaluator import EvaluatorWorker
+from engine.ingest import IngestWorker
+from kvadrupel.errors import ConfigError
+from kvadrupel.settings import Settings
+from rules.service import RuleService
+from scheduler.runs import RunService
+from shards.migrations import runner
+from shards.shardset import ShardSet, control_engine, load_router, open_shard
+
+__all__ = ["Container"]
+
+
+
+@dataclass
+class Container:
+    settings: Settings
+    bus_override: Bus | None = None
+    _closers: list = field(default_factory=list)
+
+    # -- storage --------------------------------------------------------------
+    @cached_property
+    def control(self):  # noqa: ANN201 - sqlalchemy Engine
+        try:
+            return control_engine(self.settings.control_url())
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @cached_property
+    def shards(self) -> ShardSet:
+        urls = self.settings.shard_urls()
+        replicas = self.settings.shard_replicas
+        if replicas and len(replicas) != len(urls):
+            raise ConfigError(f"KVADRUPEL_SHARD_REPLICAS has {len(replicas)} URLs for {len(urls)} shards")
+        try:
+            stores = [open_shard(i, u, replicas[i] if replicas else None) for i, u in enumerate(urls)]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        router = load_router(self.control, len(stores), self.settings.buckets)
+        return ShardSet(router, stores)
+
+    def migrate(self) -> None:
+        """Bring the control DB and every shard to the latest schema (idempotent)."""
+        runner.upgrade("control", self.control)
+        for url in self.settings.shard_urls():
+            store = open_shard(0, url)
+            try:
+                runner.upgrade("shard", store.engine)
+            finally:
+                store.close()
+
+    # -- services -------------------------------------------------------------
+    @cached_property
+    def rules(self) -> RuleService:
+        return RuleService(self.control, self.settings.timezone, self.settings.rule_budget_ms)
+
+    @cached_property
+    def runs(self) -> RunService:
+        return RunService(self.control)
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self.control)
+
+    @cached_property
+    def bus(self) -> Bus:
+        if self.bus_override is not None:
+            return self.bus_override
+        s = self.settings
+        if s.embedded_bus:
+            bus: Bus = MemoryBus(s.kafka_topic_prefix, partitions=4)
+        else:
+            from engine.buses.kafka import KafkaBus
+
+            bus = KafkaBus.from_settings(s)
+        bus.ensure_topics(bus.topics.values(), s.kafka_partitions)
+        return bus
+
+    def mailer(self) -> Mailer:
+        return mailer_from_settings(self.settings)
+
+    # -- workers --------------------------------------------------------------
+    def group(self, kind: str) -> str:
+        """Consumer group of a worker kind: ``<prefix>-ingest``, ``-evaluate``, ``-deliver``."""
+        return f"{self.settings.kafka_topic_prefix}-{kind}"
+
+    def ingest_worker(self, **kw) -> IngestWorker:  # noqa: ANN003
+        s = self.settings
+        consumer = self.bus.consumer(self.group("ingest"), [self.bus.topic("events")])
+        return IngestWorker(consumer, self.bus, self.shards, max_bytes=s.profile_max_bytes,
+                            batch_max=s.ingest_batch_max, batch_ms=s.ingest_batch_ms, **kw)
+
+    def evaluator_worker(self, **kw) -> EvaluatorWorker:  # noqa: ANN003
+        s = self.settings
+        consumer = self.bus.consumer(self.group("evaluate"), [self.bus.topic("jobs")])
+        return EvaluatorWorker(consumer, self.bus, self.shards, self.rules, self.runs,
+                               budget_ms=s.rule_budget_ms, timezone=s.timezone,
+                               error_rate=s.rule_error_rate_quarantine,
+                               error_min_samples=s.rule_error_min_samples, **kw)
+
+    def delivery_worker(self, **kw) -> DeliveryWorker:  # noqa: ANN003
+        consumer = self.bus.consumer(self.group("deliver"), [self.bus.topic("results")])
+        return DeliveryWorker(consumer, self.bus, self.shards, self.ledger, self.mailer(), **kw)
+
+    def start_workers(self, stop: threading.Event, kinds: tuple[str, ...] = ("ingest", "evaluate", "deliver"),
+                      ) -> list[threading.Thread]:
+        makers = {"ingest": self.ingest_worker, "evaluate": self.evaluator_worker,
+                  "deliver": self.delivery_worker}
+        return [makers[k]().start_thread(stop) for k in kinds]
+
+    def close(self) -> None:
+        if "bus" in self.__dict__ and self.bus_override is None:
+            self.bus.close()
+        if "shards" in self.__dict__:
+            self.shards.close()
+        if "control" in self.__dict__:
+            self.control.dispose()

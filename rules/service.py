@@ -1,0 +1,238 @@
+"""Rules in the control database: create, version, enable, quarantine, test.
+
+The REST API and the admin UI both go through :class:`RuleService`; nothing else
+writes the rule tables. Every save makes a new immutable version; the rule row
+points at the current one.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, select, update
+
+from channels.templates import render_content, validate_template
+from kvadrupel.errors import Conflict, NotFound, RuleCompileError, RuleValidationError
+from rules.context import make_context
+from rules.models import RuleIn
+from rules.ruleset import RuleSet, RuleSpec
+from rules.sandbox import compile_rule
+from shards.schema import rule_versions, rules
+
+__all__ = ["ActiveRule", "RuleService"]
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveRule:
+    key: str
+    version: int
+    name: str
+    group: str | None
+    priority: int
+    source: str
+    banner: dict[str, Any] | None
+    email: dict[str, Any] | None
+
+    def spec(self) -> RuleSpec:
+        return RuleSpec(key=self.key, version=self.version, source=self.source,
+                        priority=self.priority, group=self.group)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class RuleService:
+    def __init__(self, control: Engine, timezone: str = "Europe/Moscow", budget_ms: float = 50.0) -> None:
+        self.control = control
+        self.timezone = timezone
+        self.budget_ms = budget_ms
+        self._lock = threading.Lock()
+
+    # -- validation -----------------------------------------------------------
+    def validate(self, rule: RuleIn) -> list[dict[str, Any]]:
+        """Problems that make a rule unsavable (source or templates)."""
+        problems: list[dict[str, Any]] = []
+        try:
+            compile_rule(rule.source, key=rule.key)
+        except RuleCompileError as exc:
+            problems.append({"field": "source", "line": exc.line, "message": str(exc)})
+        for part_name, part in (("banner", rule.banner), ("email", rule.email)):
+            if part is None:
+                continue
+            for field, value in part.model_dump().items():
+                if value:
+                    err = validate_template(value)
+                    if err:
+                        problems.append({"field": f"{part_name}.{field}", "line": None, "message": err})
+        return problems
+
+    def run_examples(self, rule: RuleIn) -> list[dict[str, Any]]:
+        """Every example with its outcome: ``{"name", "expect", "got", "error", "ok"}``."""
+        if not rule.examples:
+            return []
+        rs = RuleSet([RuleSpec(key=rule.key, version=0, source=rule.source, priority=rule.priority)],
+                     budget_ms=self.budget_ms)
+        out = []
+        for ex in rule.examples:
+            outcome = rs.evaluate(ex.profile, make_context(ex.as_of, self.timezone))
+            got = rule.key in outcome.matched
+            error = outcome.errors.get(rule.key) or ("timeout" if rule.key in outcome.timeouts else None)
+            out.append({"name": ex.name, "expect": ex.expect, "got": got, "error": error,
+                        "ok": got == ex.expect and error is None})
+        return out
+
+    def _check(self, rule: RuleIn) -> list[dict[str, Any]]:
+        problems = self.validate(rule)
+        if problems:
+            raise RuleValidationError(problems)
+        results = self.run_examples(rule)
+        failed = [r for r in results if not r["ok"]]
+        if failed and rule.enabled:
+            raise RuleValidationError([
+                {"field": "examples", "line": None,
+                 "message": f"example {r['name']!r}: expected {r['expect']}, got {r['got']}"
+                 + (f" ({r['error']})" if r["error"] else "")}
+                for r in failed
+            ])
+        return results
+
+    # -- writes ---------------------------------------------------------------
+    def create(self, rule: RuleIn, author: str | None = None) -> dict[str, Any]:
+        self._check(rule)
+        with self._lock, self.control.begin() as conn:
+            exists = conn.execute(select(rules.c.key).where(rules.c.key == rule.key)).scalar()
+            if exists:
+                raise Conflict(f"rule {rule.key!r} exists; PUT /v1/rules/{rule.key} makes a new version")
+            ts = _now()
+            conn.execute(rules.insert().values(
+                key=rule.key, version=1, enabled=rule.enabled,
+                status="active" if rule.enabled else "paused",
+                created_at=ts, updated_at=ts))
+            self._insert_version(conn, rule, 1, author, ts)
+        return self.get(rule.key)
+
+    def update(self, key: str, rule: RuleIn, author: str | None = None) -> dict[str, Any]:
+        if rule.key != key:
+            raise RuleValidationError([{"field": "key", "line": None,
+                                        "message": f"key in body {rule.key!r} differs from URL {key!r}"}])
+        self._check(rule)
+        with self._lock, self.control.begin() as conn:
+            cur = conn.execute(select(rules.c.version).where(rules.c.key == key)).scalar()
+            if cur is None:
+                raise NotFound(f"no rule {key!r}")
+            ts = _now()
+            version = cur + 1
+            self._insert_version(conn, rule, version, author, ts)
+            # A new version starts fresh: it clears a quarantine of the old one.
+            conn.execute(update(rules).where(rules.c.key == key).values(
+                version=version, enabled=rule.enabled, status="active" if rule.enabled else "paused",
+                quarantine_reason=None, quarantine_user=None, updated_at=ts))
+        return self.get(key)
+
+    def _insert_version(self, conn: Any, rule: RuleIn, version: int, author: str | None, ts: datetime) -> None:
+        conn.execute(rule_versions.insert().values(
+            key=rule.key, version=version, name=rule.name, group=rule.group,
+            priority=rule.priority, source=rule.source,
+            banner=rule.banner.model_dump() if rule.banner else None,
+            email=rule.email.model_dump() if rule.email else None,
+            examples=[e.model_dump(mode="json") for e in rule.examples],
+            author=author, created_at=ts))
+
+    def set_enabled(self, key: str, enabled: bool) -> dict[str, Any]:
+        if enabled:
+            current = self.get(key)
+            rule = RuleIn.model_validate({k: current[k] for k in RuleIn.model_fields if k in current}
+                                         | {"enabled": True})
+            self._check(rule)
+        with self.control.begin() as conn:
+            res = conn.execute(update(rules).where(rules.c.key == key).values(
+                enabled=enabled, status="active" if enabled else "paused",
+                quarantine_reason=None, quarantine_user=None, updated_at=_now()))
+            if not res.rowcount:
+                raise NotFound(f"no rule {key!r}")
+        return self.get(key)
+
+    def quarantine(self, key: str, version: int, reason: str, user_id: int | None) -> None:
+        """Take a misbehaving version out of evaluation (a new version clears it)."""
+        with self.control.begin() as conn:
+            conn.execute(update(rules).where(
+                (rules.c.key == key) & (rules.c.version == version) & (rules.c.status != "quarantined")
+            ).values(status="quarantined", quarantine_reason=reason[:2000],
+                     quarantine_user=user_id, updated_at=_now()))
+
+    # -- reads ----------------------------------------------------------------
+    def _select(self) -> Any:
+        return select(
+            rules.c.key, rules.c.version, rules.c.enabled, rules.c.status,
+            rules.c.quarantine_reason, rules.c.quarantine_user, rules.c.created_at,
+            rules.c.updated_at, rule_versions.c.name, rule_versions.c.group,
+            rule_versions.c.priority, rule_versions.c.source, rule_versions.c.banner,
+            rule_versions.c.email, rule_versions.c.examples,
+        ).select_from(rules.join(rule_versions, (rules.c.key == rule_versions.c.key)
+                                 & (rules.c.version == rule_versions.c.version)))
+
+    @staticmethod
+    def _row(r: Any) -> dict[str, Any]:
+        d = dict(r._mapping)
+        d["quarantine"] = (
+            {"reason": d.pop("quarantine_reason"), "user_id": d.pop("quarantine_user")}
+            if d["status"] == "quarantined" else None
+        )
+        d.pop("quarantine_reason", None)
+        d.pop("quarantine_user", None)
+        for k in ("created_at", "updated_at"):
+            d[k] = d[k].isoformat()
+        return d
+
+    def get(self, key: str) -> dict[str, Any]:
+        with self.control.connect() as conn:
+            r = conn.execute(self._select().where(rules.c.key == key)).first()
+        if r is None:
+            raise NotFound(f"no rule {key!r}")
+        return self._row(r)
+
+    def list(self) -> list[dict[str, Any]]:
+        with self.control.connect() as conn:
+            rows = conn.execute(self._select().order_by(rules.c.key)).all()
+        return [self._row(r) for r in rows]
+
+    def versions(self, key: str) -> list[dict[str, Any]]:
+        with self.control.connect() as conn:
+            rows = conn.execute(select(rule_versions).where(rule_versions.c.key == key)
+                                .order_by(rule_versions.c.version)).all()
+        if not rows:
+            raise NotFound(f"no rule {key!r}")
+        return [dict(r._mapping) | {"created_at": r.created_at.isoformat()} for r in rows]
+
+    def active(self) -> list[ActiveRule]:
+        """Enabled, non-quarantined rules at their current version."""
+        with self.control.connect() as conn:
+            rows = conn.execute(self._select().where(
+                rules.c.enabled.is_(True) & (rules.c.status == "active")).order_by(rules.c.key)).all()
+        return [ActiveRule(r.key, r.version, r.name, r.group, r.priority, r.source, r.banner, r.email)
+                for r in rows]
+
+    def generation(self) -> tuple[Any, ...]:
+        """Changes whenever any rule changes: evaluators reload when it does."""
+        with self.control.connect() as conn:
+            return tuple(conn.execute(select(func.count(), func.max(rules.c.updated_at),
+                                             func.sum(rules.c.version))).one())
+
+    def test(self, key: str, profile: dict[str, Any], as_of: date | None) -> dict[str, Any]:
+        cur = self.get(key)
+        ctx = make_context(as_of, self.timezone)
+        rs = RuleSet([RuleSpec(key=key, version=cur["version"], source=cur["source"],
+                               priority=cur["priority"])], budget_ms=self.budget_ms)
+        outcome = rs.evaluate(profile, ctx)
+        matched = key in outcome.matched
+        error = outcome.errors.get(key) or ("timeout" if key in outcome.timeouts else None)
+        return {
+            "match": matched,
+            "error": error,
+            "banner": render_content(cur["banner"], profile, ctx),
+            "email": render_content(cur["email"], profile, ctx),
+        }

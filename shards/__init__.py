@@ -1,0 +1,1 @@
+"""Storage: shard routing, the shard stores, the control database and migrations."""

@@ -1,0 +1,1 @@
+"""Shard store implementations: ``sqlite`` (embedded) and ``postgres`` (production)."""

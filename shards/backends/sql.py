@@ -1,0 +1,399 @@
+"""The SQLAlchemy Core code shared by the SQLite and PostgreSQL shard stores."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Engine, and_, case, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
+
+from kvadrupel.errors import ShardUnavailable
+from shards.router import MAX_USER_ID
+from shards.schema import banner_sets, banners, ingest_marks, profiles, user_state
+from shards.store import (
+    ApplyFn,
+    BannerChange,
+    IngestItem,
+    IngestOutcome,
+    ProfileRow,
+    ShardStore,
+)
+
+
+def json_dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def banner_id(rule_key: str, episode: int) -> str:
+    return f"{rule_key}.{episode}"
+
+
+class SqlShardStore(ShardStore):
+    """Portable implementation; subclasses override the hot paths."""
+
+    def __init__(self, index: int, engine: Engine, read_engine: Engine | None = None) -> None:
+        self.index = index
+        self.engine = engine
+        self.read_engine = read_engine or engine
+
+    # -- helpers ----------------------------------------------------------------
+    def _insert(self, table: Any) -> Any:
+        if self.engine.dialect.name == "postgresql":
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    def _for_update(self, stmt: Any) -> Any:
+        return stmt.with_for_update() if self.engine.dialect.name == "postgresql" else stmt
+
+    def _unavailable(self, exc: Exception) -> ShardUnavailable:
+        return ShardUnavailable(self.index, str(exc).splitlines()[0])
+
+    # -- ingest -----------------------------------------------------------------
+    def ingest(self, items: Sequence[IngestItem], apply: ApplyFn) -> IngestOutcome:
+        out = IngestOutcome()
+        if not items:
+            return out
+        try:
+            with self.engine.begin() as conn:
+                topics = {it.topic for it in items if it.offset >= 0}
+                marks: dict[tuple[str, int], int] = {}
+                if topics:
+                    stmt = self._for_update(
+                        select(ingest_marks).where(ingest_marks.c.topic.in_(topics))
+                    )
+                    marks = {(r.topic, r.partition): r.offset for r in conn.execute(stmt)}
+                per_user: dict[int, list[Any]] = {}
+                new_marks: dict[tuple[str, int], int] = {}
+                touched: dict[int, None] = {}
+                for it in items:
+                    touched[it.user_id] = None
+                    if it.offset >= 0:
+                        key = (it.topic, it.partition)
+                        if it.offset <= marks.get(key, -1):
+                            out.skipped += 1
+                            continue
+                        if it.offset > new_marks.get(key, -1):
+                            new_marks[key] = it.offset
+                    per_user.setdefault(it.user_id, []).append(it.event)
+                out.touched = list(touched)
+                if per_user:
+                    self._apply_users(conn, per_user, apply, out)
+                if new_marks:
+                    ins = self._insert(ingest_marks)
+                    conn.execute(
+                        ins.on_conflict_do_update(
+                            index_elements=["topic", "partition"],
+                            set_={"offset": ins.excluded.offset},
+                        ),
+                        [{"topic": t, "partition": p, "offset": o} for (t, p), o in new_marks.items()],
+                    )
+        except OperationalError as exc:
+            raise self._unavailable(exc) from exc
+        return out
+
+    def _load_for_update(self, conn: Any, user_ids: list[int]) -> dict[int, tuple[Any, list[str]]]:
+        stmt = self._for_update(
+            select(profiles.c.user_id, profiles.c.doc, profiles.c.seen).where(
+                profiles.c.user_id.in_(user_ids)
+            )
+        )
+        return {r.user_id: (r.doc, r.seen) for r in conn.execute(stmt)}
+
+    def _apply_users(
+        self, conn: Any, per_user: dict[int, list[Any]], apply: ApplyFn, out: IngestOutcome
+    ) -> None:
+        current = self._load_for_update(conn, list(per_user))
+        rows = []
+        for uid, events in per_user.items():
+            doc, seen = current.get(uid, (None, []))
+            new_doc, new_seen, rejected, applied = apply(doc, list(seen or []), events)
+            out.rejected += rejected
+            if applied:
+                out.applied += applied
+                out.changed.append(uid)
+                rows.append((uid, new_doc, new_seen))
+        if rows:
+            self._upsert_profiles(conn, rows)
+
+    def _upsert_profiles(self, conn: Any, rows: list[tuple[int, Any, list[str]]]) -> None:
+        ts = now()
+        ins = self._insert(profiles)
+        conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=["user_id"],
+                set_={
+                    "doc": ins.excluded.doc,
+                    "seen": ins.excluded.seen,
+                    "version": profiles.c.version + 1,
+                    "updated_at": ins.excluded.updated_at,
+                },
+            ),
+            [{"user_id": u, "doc": d, "seen": s, "version": 1, "updated_at": ts} for u, d, s in rows],
+        )
+
+    # -- profiles ---------------------------------------------------------------
+    def get_profile(self, user_id: int) -> dict[str, Any] | None:
+        try:
+            with self.read_engine.connect() as conn:
+                return conn.execute(
+                    select(profiles.c.doc).where(profiles.c.user_id == user_id)
+                ).scalar()
+        except OperationalError as exc:
+            raise self._unavailable(exc) from exc
+
+    def put_profiles(self, docs: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        with self.engine.begin() as conn:
+            self._upsert_profiles(conn, [(u, d, []) for u, d in docs])
+
+    def count(self) -> int:
+        with self.read_engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(profiles)).scalar() or 0)
+
+    def _rows_query(self) -> Any:
+        return select(profiles.c.user_id, profiles.c.doc, user_state.c.matches).select_from(
+            profiles.outerjoin(user_state, profiles.c.user_id == user_state.c.user_id)
+        )
+
+    def stream_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[ProfileRow]]:
+        last = lo - 1
+        while True:
+            with self.read_engine.connect() as conn:
+                rows = conn.execute(
+                    self._rows_query()
+                    .where(and_(profiles.c.user_id > last, profiles.c.user_id <= hi))
+                    .order_by(profiles.c.user_id)
+                    .limit(batch)
+                ).all()
+            if not rows:
+                return
+            yield [ProfileRow(r[0], r[1], r[2] or {}) for r in rows]
+            if len(rows) < batch:
+                return
+            last = rows[-1][0]
+
+    def stream_users(self, user_ids: Sequence[int]) -> Iterator[list[ProfileRow]]:
+        ids = sorted(set(user_ids))
+        for i in range(0, len(ids), 1000):
+            chunk = ids[i : i + 1000]
+            with self.read_engine.connect() as conn:
+                rows = conn.execute(
+                    self._rows_query().where(profiles.c.user_id.in_(chunk)).order_by(profiles.c.user_id)
+                ).all()
+            if rows:
+                yield [ProfileRow(r[0], r[1], r[2] or {}) for r in rows]
+
+    def plan_ranges(self, target_users: int) -> list[tuple[int, int]]:
+        n = self.count()
+        k = max(1, math.ceil(n / max(1, target_users)))
+        bounds: list[int] = []
+        with self.read_engine.connect() as conn:
+            for i in range(1, k):
+                b = conn.execute(
+                    select(profiles.c.user_id)
+                    .order_by(profiles.c.user_id)
+                    .offset(i * n // k)
+                    .limit(1)
+                ).scalar()
+                if b is not None and (not bounds or b > bounds[-1]) and b > 1:
+                    bounds.append(int(b))
+        return ranges_from_bounds(bounds)
+
+    # -- evaluation state -------------------------------------------------------
+    def save_state(self, states: Sequence[tuple[int, dict[str, list[Any]]]]) -> None:
+        if not states:
+            return
+        ts = now()
+        ins = self._insert(user_state)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    ins.on_conflict_do_update(
+                        index_elements=["user_id"],
+                        set_={"matches": ins.excluded.matches, "updated_at": ins.excluded.updated_at},
+                    ),
+                    [{"user_id": u, "matches": m, "updated_at": ts} for u, m in states],
+                )
+        except OperationalError as exc:
+            raise self._unavailable(exc) from exc
+
+    # -- banners ----------------------------------------------------------------
+    def apply_banner_changes(self, changes: Sequence[BannerChange]) -> list[int]:
+        if not changes:
+            return []
+        ts = now()
+        changed: dict[int, None] = {}
+        try:
+            with self.engine.begin() as conn:
+                for ch in changes:
+                    if ch.content is not None:
+                        ins = self._insert(banners)
+                        values = {
+                            "user_id": ch.user_id,
+                            "rule_key": ch.rule_key,
+                            "id": banner_id(ch.rule_key, ch.episode),
+                            "episode": ch.episode,
+                            "version": ch.version,
+                            "title": ch.content.get("title", ""),
+                            "body": ch.content.get("body", ""),
+                            "link": ch.content.get("link", ""),
+                            "priority": ch.priority,
+                            "as_of": ch.as_of,
+                            "created_at": ts,
+                            "dismissed_at": None,
+                        }
+                        # A redelivered "show" of the same episode must not reset a
+                        # dismissal or the creation time: only a newer episode, or new
+                        # content for the same one, replaces the row.
+                        res = conn.execute(
+                            ins.on_conflict_do_update(
+                                index_elements=["user_id", "rule_key"],
+                                set_={
+                                    k: ins.excluded[k]
+                                    for k in ("id", "episode", "version", "title", "body", "link",
+                                              "priority", "as_of")
+                                }
+                                | {
+                                    "created_at": case(
+                                        (banners.c.episode < ins.excluded.episode,
+                                         ins.excluded.created_at),
+                                        else_=banners.c.created_at,
+                                    ),
+                                    "dismissed_at": case(
+                                        (banners.c.episode < ins.excluded.episode, None),
+                                        else_=banners.c.dismissed_at,
+                                    ),
+                                },
+                                where=(banners.c.episode < ins.excluded.episode)
+                                | (
+                                    (banners.c.episode == ins.excluded.episode)
+                                    & (
+                                        (banners.c.title != ins.excluded.title)
+                                        | (banners.c.body != ins.excluded.body)
+                                        | (banners.c.link != ins.excluded.link)
+                                        | (banners.c.priority != ins.excluded.priority)
+                                    )
+                                ),
+                            ),
+                            values,
+                        )
+                        if res.rowcount:
+                            changed[ch.user_id] = None
+                    else:
+                        res = conn.execute(
+                            banners.delete().where(
+                                (banners.c.user_id == ch.user_id)
+                                & (banners.c.rule_key == ch.rule_key)
+                                & (banners.c.episode <= ch.episode)
+                            )
+                        )
+                        if res.rowcount:
+                            changed[ch.user_id] = None
+                if changed:
+                    self._bump_versions(conn, list(changed))
+        except OperationalError as exc:
+            raise self._unavailable(exc) from exc
+        return list(changed)
+
+    def _bump_versions(self, conn: Any, user_ids: list[int]) -> None:
+        ins = self._insert(banner_sets)
+        conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=["user_id"], set_={"version": banner_sets.c.version + 1}
+            ),
+            [{"user_id": u, "version": 1} for u in user_ids],
+        )
+
+    def banners(self, user_id: int) -> tuple[int, list[dict[str, Any]]]:
+        try:
+            with self.read_engine.connect() as conn:
+                version = conn.execute(
+                    select(banner_sets.c.version).where(banner_sets.c.user_id == user_id)
+                ).scalar()
+                rows = conn.execute(
+                    select(
+                        banners.c.id,
+                        banners.c.rule_key,
+                        banners.c.title,
+                        banners.c.body,
+                        banners.c.link,
+                        banners.c.priority,
+                        banners.c.version,
+                        banners.c.created_at,
+                    )
+                    .where((banners.c.user_id == user_id) & banners.c.dismissed_at.is_(None))
+                    .order_by(banners.c.priority.desc(), banners.c.created_at, banners.c.rule_key)
+                ).all()
+        except OperationalError as exc:
+            raise self._unavailable(exc) from exc
+        out = [
+            {
+                "id": r.id,
+                "rule": r.rule_key,
+                "title": r.title,
+                "body": r.body,
+                "link": r.link,
+                "priority": r.priority,
+                "rule_version": r.version,
+                "created_at": _utc(r.created_at).isoformat(),
+            }
+            for r in rows
+        ]
+        return int(version or 0), out
+
+    def banner_version(self, user_id: int) -> int:
+        with self.read_engine.connect() as conn:
+            v = conn.execute(
+                select(banner_sets.c.version).where(banner_sets.c.user_id == user_id)
+            ).scalar()
+        return int(v or 0)
+
+    def dismiss(self, user_id: int, bid: str) -> bool:
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                update(banners)
+                .where(
+                    (banners.c.user_id == user_id)
+                    & (banners.c.id == bid)
+                    & banners.c.dismissed_at.is_(None)
+                )
+                .values(dismissed_at=now())
+            )
+            if res.rowcount:
+                self._bump_versions(conn, [user_id])
+                return True
+            exists = conn.execute(
+                select(func.count()).select_from(banners).where(
+                    (banners.c.user_id == user_id) & (banners.c.id == bid)
+                )
+            ).scalar()
+            return bool(exists)
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def ranges_from_bounds(bounds: list[int]) -> list[tuple[int, int]]:
+    """``[1, b1-1], [b1, b2-1], ..., [bk, MAX]`` — no gap, no overlap."""
+    out = []
+    lo = 1
+    for b in bounds:
+        if b > lo:
+            out.append((lo, b - 1))
+            lo = b
+    out.append((lo, MAX_USER_ID))
+    return out

@@ -1,0 +1,183 @@
+"""Table definitions for the two kinds of database.
+
+*Shard* databases (one per shard, identical schema) hold per-user data: the
+profile document, the evaluation state per rule, the user's banners, and the
+ingest high-water marks that make Kafka redelivery harmless.
+
+The *control* database holds what is global: rules and their immutable versions,
+runs and their ranges, the notification ledger, and the bucket → shard map.
+
+One SQLAlchemy Core definition serves SQLite (embedded) and PostgreSQL
+(production); JSON becomes JSONB on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+
+# --------------------------------------------------------------------------- shard
+shard_metadata = MetaData()
+
+profiles = Table(
+    "profiles",
+    shard_metadata,
+    Column("user_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("doc", Json, nullable=False),
+    # The last event ids applied to this profile: a client retry is recognised and
+    # applied once (see engine.events). Capped, so it costs one small column.
+    Column("seen", Json, nullable=False),
+    Column("version", BigInteger, nullable=False, default=0),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+user_state = Table(
+    "user_state",
+    shard_metadata,
+    Column("user_id", BigInteger, primary_key=True, autoincrement=False),
+    # {rule_key: [episode, active (0/1), version, since (ISO date)]}
+    Column("matches", Json, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+banners = Table(
+    "banners",
+    shard_metadata,
+    Column("user_id", BigInteger, nullable=False),
+    Column("rule_key", Text, nullable=False),
+    Column("id", Text, nullable=False),
+    Column("episode", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("title", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("link", Text, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("as_of", Date, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("dismissed_at", DateTime(timezone=True), nullable=True),
+    PrimaryKeyConstraint("user_id", "rule_key"),
+)
+
+banner_sets = Table(
+    "banner_sets",
+    shard_metadata,
+    # Bumped on every change of a user's banners: the API's ETag.
+    Column("user_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("version", BigInteger, nullable=False),
+)
+
+ingest_marks = Table(
+    "ingest_marks",
+    shard_metadata,
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    PrimaryKeyConstraint("topic", "partition"),
+)
+
+# ------------------------------------------------------------------------- control
+control_metadata = MetaData()
+
+rules = Table(
+    "rules",
+    control_metadata,
+    Column("key", Text, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    # active | paused | quarantined (enabled is the analyst's switch, status the system's)
+    Column("status", Text, nullable=False),
+    Column("quarantine_reason", Text, nullable=True),
+    Column("quarantine_user", BigInteger, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+rule_versions = Table(
+    "rule_versions",
+    control_metadata,
+    Column("key", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("group", Text, nullable=True),
+    Column("priority", Integer, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("banner", Json, nullable=True),
+    Column("email", Json, nullable=True),
+    Column("examples", Json, nullable=False),
+    Column("author", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("key", "version"),
+)
+
+runs = Table(
+    "runs",
+    control_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("as_of", Date, nullable=False),
+    Column("status", Text, nullable=False),  # running | done | done_with_errors | failed
+    Column("ranges_total", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+)
+
+run_ranges = Table(
+    "run_ranges",
+    control_metadata,
+    Column("run_id", Integer, nullable=False),
+    Column("range_no", Integer, nullable=False),
+    Column("shard", Integer, nullable=False),
+    Column("lo", BigInteger, nullable=False),
+    Column("hi", BigInteger, nullable=False),
+    Column("status", Text, nullable=False),  # pending | done | parked
+    Column("users", Integer, nullable=False, default=0),
+    Column("matches", Json, nullable=False),
+    Column("errors", Json, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error", Text, nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("run_id", "range_no"),
+)
+
+ledger = Table(
+    "ledger",
+    control_metadata,
+    # The single source of truth for "was it sent": one row per
+    # (user, rule, episode, channel); inserting is claiming.
+    Column("user_id", BigInteger, nullable=False),
+    Column("rule_key", Text, nullable=False),
+    Column("episode", Integer, nullable=False),
+    Column("channel", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("status", Text, nullable=False),  # pending | sent | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error", Text, nullable=True),
+    Column("run_id", Integer, nullable=True),
+    Column("payload", Json, nullable=True),  # the rendered message, for retries
+    Column("next_attempt_at", DateTime(timezone=True), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True), nullable=True),
+    PrimaryKeyConstraint("user_id", "rule_key", "episode", "channel"),
+)
+Index("ledger_due", ledger.c.status, ledger.c.next_attempt_at)
+
+shard_map = Table(
+    "shard_map",
+    control_metadata,
+    Column("bucket", Integer, primary_key=True, autoincrement=False),
+    Column("shard", Integer, nullable=False),
+)

@@ -1,0 +1,127 @@
+"""The shard store interface: one shard database's per-user data.
+
+Implementations (``shards.backends``): ``sqlite.SqliteShardStore`` (embedded) and
+``postgres.PostgresShardStore`` (production). Both share the SQLAlchemy Core code in
+``backends.sql`` and differ only where speed needs dialect SQL (bulk upserts,
+streaming reads, range planning from statistics).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+__all__ = [
+    "ApplyFn",
+    "BannerChange",
+    "IngestItem",
+    "IngestOutcome",
+    "ProfileRow",
+    "ShardStore",
+]
+
+Doc = dict[str, Any]
+# (doc or None, seen ids, events) -> (doc, seen ids, rejected [(event, reason)], applied count)
+ApplyFn = Callable[[Doc | None, list[str], list[Any]], tuple[Doc, list[str], list[tuple[Any, str]], int]]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestItem:
+    """An event for one user, with where it came from (``offset`` -1: not from Kafka)."""
+
+    user_id: int
+    event: Any
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+
+
+@dataclass(slots=True)
+class IngestOutcome:
+    changed: list[int] = field(default_factory=list)  # users whose profile changed
+    touched: list[int] = field(default_factory=list)  # users seen in the batch at all
+    rejected: list[tuple[Any, str]] = field(default_factory=list)
+    applied: int = 0
+    skipped: int = 0  # at or below the shard's high-water mark: already applied
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileRow:
+    user_id: int
+    doc: Doc
+    # {rule_key: [episode, active, version, since]}; empty for a never-evaluated user
+    state: dict[str, list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class BannerChange:
+    """Show (``content`` given) or remove (``content`` None) a user's banner for a rule."""
+
+    user_id: int
+    rule_key: str
+    episode: int
+    version: int
+    priority: int
+    as_of: date
+    content: dict[str, str] | None
+
+
+class ShardStore(ABC):
+    """One shard. Every write method is one transaction."""
+
+    index: int
+
+    # -- ingest ---------------------------------------------------------------
+    @abstractmethod
+    def ingest(self, items: Sequence[IngestItem], apply: ApplyFn) -> IngestOutcome:
+        """Apply events per user in order, in one transaction with the shard's
+        high-water marks: items at or below the stored mark of their (topic,
+        partition) are skipped, and the marks advance with the write."""
+
+    # -- profiles -------------------------------------------------------------
+    @abstractmethod
+    def get_profile(self, user_id: int) -> Doc | None: ...
+
+    @abstractmethod
+    def put_profiles(self, docs: Sequence[tuple[int, Doc]]) -> None:
+        """Bulk load (demo data, benchmarks): replace whole documents."""
+
+    @abstractmethod
+    def count(self) -> int: ...
+
+    @abstractmethod
+    def stream_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[ProfileRow]]:
+        """Users with ``lo <= user_id <= hi``, in id order, with their state."""
+
+    @abstractmethod
+    def stream_users(self, user_ids: Sequence[int]) -> Iterator[list[ProfileRow]]: ...
+
+    @abstractmethod
+    def plan_ranges(self, target_users: int) -> list[tuple[int, int]]:
+        """Split this shard's key space into ``[lo, hi]`` ranges of about
+        ``target_users`` users each, covering 1..2**63-1 with no gap or overlap."""
+
+    # -- evaluation state -----------------------------------------------------
+    @abstractmethod
+    def save_state(self, states: Sequence[tuple[int, dict[str, list[Any]]]]) -> None: ...
+
+    # -- banners --------------------------------------------------------------
+    @abstractmethod
+    def apply_banner_changes(self, changes: Sequence[BannerChange]) -> list[int]:
+        """Apply changes; return the users whose banner set changed."""
+
+    @abstractmethod
+    def banners(self, user_id: int) -> tuple[int, list[dict[str, Any]]]:
+        """``(banner-set version, visible banners by priority)``."""
+
+    @abstractmethod
+    def banner_version(self, user_id: int) -> int: ...
+
+    @abstractmethod
+    def dismiss(self, user_id: int, banner_id: str) -> bool: ...
+
+    @abstractmethod
+    def close(self) -> None: ...

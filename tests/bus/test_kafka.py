@@ -1,0 +1,144 @@
+"""What only the Kafka bus has: delivery failures, backpressure, rebalance hooks, settings."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from engine.buses.kafka import KafkaBus, _split_extra
+from kvadrupel.errors import BusError, ConfigError
+from kvadrupel.settings import Settings
+from tests.bus.helpers import collect, partitions_of, poll_for, settle, values
+from tests.fixtures.kafka import PARTITIONS, KafkaBusFactory
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+@pytest.mark.kafka
+def test_flush_raises_bus_error_when_the_broker_is_unreachable() -> None:
+    # Given a bus pointed at a port nobody listens on, giving up on messages after 1 s
+    bus = KafkaBus(
+        f"127.0.0.1:{closed_port()}",
+        "unreachable",
+        extra={"producer.message.timeout.ms": "500"},
+    )
+    try:
+        # When a message is published and flushed
+        bus.publish(bus.topic("events"), b"lost", key=b"k")
+        started = time.monotonic()
+        with pytest.raises(BusError, match="not delivered"):
+            bus.flush(timeout=10)
+
+        # Then the failure is reported promptly, once
+        assert time.monotonic() - started < 5
+        bus.flush(timeout=1)
+    finally:
+        bus.close(timeout=1)
+
+
+@pytest.mark.kafka
+def test_publish_waits_for_room_when_the_producer_queue_is_full(
+    kafka_bus_factory: KafkaBusFactory,
+) -> None:
+    # Given a bus whose producer queue holds only 10 messages
+    bus = kafka_bus_factory(extra={"producer.queue.buffering.max.messages": "10"})
+    topic = bus.topic("events")
+    bus.ensure_topics([topic], PARTITIONS)
+
+    # When far more are published at once
+    sent = [f"m{i}".encode() for i in range(500)]
+    for i, value in enumerate(sent):
+        bus.publish(topic, value, key=str(i % 7).encode())
+    bus.flush()
+
+    # Then none was refused or lost
+    with bus.consumer(f"{bus.prefix}-g", [topic]) as consumer:
+        (got,) = collect([consumer], len(sent))
+    assert sorted(values(got)) == sorted(sent)
+
+
+@pytest.mark.kafka
+def test_another_bus_instance_resumes_from_committed_offsets(
+    kafka_bus: KafkaBus, kafka_bus_factory: KafkaBusFactory
+) -> None:
+    # Given a group that committed part of a topic through one bus (one process)
+    topic = kafka_bus.topic("results")
+    group = f"{kafka_bus.prefix}-g"
+    for i in range(6):
+        kafka_bus.publish(topic, f"r{i}".encode(), key=b"same-key")
+    kafka_bus.flush()
+    with kafka_bus.consumer(group, [topic]) as first:
+        (got,) = collect([first], 6, commit=False)
+        first.commit(sorted(got, key=lambda m: m.offset)[:4])
+
+    # When another bus instance (another process) joins the group
+    other = kafka_bus_factory()
+    with other.consumer(group, [topic]) as second:
+        (rest,) = collect([second], 2)
+        (late,) = poll_for([second])
+
+    # Then it continues after the last commit, in order
+    assert late == []
+    assert values(rest) == [b"r4", b"r5"]
+
+
+@pytest.mark.kafka
+def test_on_revoke_is_told_which_partitions_a_member_loses(kafka_bus: KafkaBus) -> None:
+    # Given a member holding every partition, with an on_revoke hook
+    topic = kafka_bus.topic("jobs")
+    group = f"{kafka_bus.prefix}-g"
+    revoked: list[list[tuple[str, int]]] = []
+    first = kafka_bus.consumer(group, [topic], on_revoke=revoked.append)
+    try:
+        settle([first], partitions_of(topic, PARTITIONS))
+        assert revoked == []
+
+        # When a second member joins
+        with kafka_bus.consumer(group, [topic]) as second:
+            settle([first, second], partitions_of(topic, PARTITIONS))
+
+            # Then the hook was told, before the split, about what the first held
+            assert sorted(revoked[0]) == sorted(partitions_of(topic, PARTITIONS))
+            kept = first.assignment()
+    finally:
+        # And it is told again when the member leaves
+        first.close()
+    assert sorted(revoked[-1]) == kept
+
+
+def test_extra_settings_go_to_every_client_or_only_to_the_named_one() -> None:
+    parts = _split_extra(
+        {
+            "security.protocol": "SASL_SSL",
+            "producer.message.timeout.ms": "1000",
+            "consumer.max.poll.interval.ms": "600000",
+            "admin.request.timeout.ms": "5000",
+        }
+    )
+    assert parts == {
+        "common": {"security.protocol": "SASL_SSL"},
+        "producer": {"message.timeout.ms": "1000"},
+        "consumer": {"max.poll.interval.ms": "600000"},
+        "admin": {"request.timeout.ms": "5000"},
+    }
+
+
+def test_from_settings_uses_the_kafka_settings() -> None:
+    settings = Settings(
+        kafka_bootstrap="kafka-1:9092,kafka-2:9092",
+        kafka_topic_prefix="prod",
+        kafka_session_timeout_ms=30000,
+    )
+    bus = KafkaBus.from_settings(settings)  # connects to nothing until used
+    assert bus.bootstrap == "kafka-1:9092,kafka-2:9092"
+    assert bus.topic("events") == "prod.events"
+    assert bus._consumer_conf["session.timeout.ms"] == 30000
+    assert bus._consumer_conf["heartbeat.interval.ms"] == settings.kafka_heartbeat_interval_ms
+    with pytest.raises(ConfigError):
+        KafkaBus.from_settings(Settings(kafka_bootstrap=""))

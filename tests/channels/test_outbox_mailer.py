@@ -1,0 +1,160 @@
+"""OutboxMailer: the embedded mailer writing .eml files, and message building."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from email import policy
+from email.parser import BytesParser
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from channels.mail import Email, build_message, message_id_header
+from channels.mailers.outbox import OutboxMailer, read_outbox
+from tests.channels.helpers import MAIL_FROM, emails, send
+
+
+def test_each_message_is_one_crlf_eml_file_named_by_time_and_id(tmp_path: Path) -> None:
+    # Given an outbox folder that does not exist yet
+    folder = tmp_path / "data" / "outbox"
+
+    # When three e-mails are sent
+    results = send(lambda: OutboxMailer(folder, MAIL_FROM), emails(3))
+
+    # Then there are three .eml files, in send order, no temporary files left
+    assert all(r.ok for r in results)
+    names = sorted(os.listdir(folder))
+    assert len(names) == 3 and all(n.endswith(".eml") for n in names)
+    assert [n.split("-", 1)[1] for n in names] == [f"m-{i}@kvadrupel.test.eml" for i in range(3)]
+    assert names[0][:8].isdigit() and names[0][8] == "T"
+    raw = (folder / names[0]).read_bytes()
+    assert b"\r\nSubject: Subject 0\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
+    assert [m["Message-ID"] for m in read_outbox(folder)] == [
+        f"<m-{i}@kvadrupel.test>" for i in range(3)
+    ]
+
+
+def test_odd_message_ids_make_safe_file_names(tmp_path: Path) -> None:
+    # Given an idempotency key full of characters that do not belong in a file name
+    mail = Email(to="a@example.com", subject="s", text="t", message_id="../../etc/passwd ☃:*?")
+
+    # When it is sent
+    send(lambda: OutboxMailer(tmp_path, MAIL_FROM), [mail])
+
+    # Then the file stays in the folder with a sanitised name
+    (name,) = os.listdir(tmp_path)
+    assert "/" not in name and ".." not in name.replace(".eml", "").split("-", 1)[1][:2]
+    assert (tmp_path / name).is_file()
+
+
+def test_read_outbox_ignores_temporary_files_and_missing_folders(tmp_path: Path) -> None:
+    # Given a folder with one message and a half-written temporary file
+    send(lambda: OutboxMailer(tmp_path, MAIL_FROM), emails(1))
+    (tmp_path / ".tmp-abc.eml").write_bytes(b"Subject: half")
+
+    # When it is read, and a folder that does not exist is read
+    messages = read_outbox(tmp_path)
+    nothing = read_outbox(tmp_path / "nope")
+
+    # Then only the complete message is returned, and nothing for the missing folder
+    assert [m["Subject"] for m in messages] == ["Subject 0"]
+    assert nothing == []
+
+
+def test_unwritable_outbox_is_transient(tmp_path: Path) -> None:
+    # Given an outbox path that is a file, not a folder
+    blocker = tmp_path / "outbox"
+    blocker.write_text("not a folder")
+
+    # When an e-mail is sent
+    results = send(lambda: OutboxMailer(blocker, MAIL_FROM), emails(2))
+
+    # Then both are transient failures naming the outbox
+    assert [(r.ok, r.permanent) for r in results] == [(False, False)] * 2
+    assert all("outbox" in (r.error or "") for r in results)
+
+
+def test_send_does_not_block_the_event_loop(tmp_path: Path) -> None:
+    # Given a batch big enough to take a moment to write
+    batch = emails(200)
+
+    # When the loop also runs a ticker while the batch is written
+    async def go() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        results = await OutboxMailer(tmp_path, MAIL_FROM, fsync=False).send_many(batch)
+        task.cancel()
+        assert all(r.ok for r in results)
+        return ticks
+
+    # Then the ticker ran while the files were written
+    assert asyncio.run(go()) > 1
+
+
+# -- message building (shared by both mailers) ------------------------------------
+
+_KEYS = st.text(min_size=1, max_size=40).filter(
+    lambda s: s.strip() == s and not s.startswith("<")
+)
+_MSGID = re.compile(r"<[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.]+@x\.test>")
+
+
+@given(a=_KEYS, b=_KEYS)
+def test_distinct_keys_give_distinct_valid_message_ids(a: str, b: str) -> None:
+    # Given two idempotency keys
+    # When each becomes a Message-ID
+    ida, idb = message_id_header(a, "x.test"), message_id_header(b, "x.test")
+
+    # Then they are well-formed ASCII, stable, and equal only for equal keys
+    assert _MSGID.fullmatch(ida), ida
+    assert message_id_header(a, "x.test") == ida
+    assert (ida == idb) == (a == b)
+
+
+def test_a_key_that_is_already_a_message_id_is_kept() -> None:
+    # Given a key in Message-ID form / When it is used / Then it is kept as it is
+    assert message_id_header("<abc@mail.example.com>", "x.test") == "<abc@mail.example.com>"
+
+
+_WORDS = st.text(
+    alphabet=st.characters(categories=("L", "N", "P", "S"), exclude_characters="\x85"),
+    min_size=1,
+    max_size=12,
+)
+_SUBJECTS = st.lists(_WORDS, min_size=1, max_size=8).map(" ".join)
+_BODIES = st.lists(
+    st.text(alphabet=st.characters(categories=("L", "N", "P", "S", "Zs")), max_size=120),
+    max_size=6,
+).map("\n".join)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(subject=_SUBJECTS, text=_BODIES, html=st.none() | _BODIES)
+def test_any_unicode_content_round_trips(subject: str, text: str, html: str | None) -> None:
+    # Given an e-mail with arbitrary Unicode subject and bodies
+    mail = Email(to="ann@example.com", subject=subject, text=text, html=html)
+
+    # When it is built and parsed back from its wire form
+    wire = build_message(mail, MAIL_FROM).as_bytes(policy=policy.SMTP)
+    msg = BytesParser(policy=policy.default).parsebytes(wire)
+
+    # Then subject and bodies come back as they were (set_content ends them with a newline)
+    assert msg["Subject"] == subject
+    parts = list(msg.iter_parts()) if html is not None else [msg]
+    assert parts[0].get_content() == _newline_terminated(text)
+    if html is not None:
+        assert parts[1].get_content() == _newline_terminated(html)
+
+
+def _newline_terminated(s: str) -> str:
+    return s if s.endswith("\n") else s + "\n"
