@@ -74,9 +74,9 @@ class Ledger:
                         version=c.version, status="pending", attempts=0, run_id=c.run_id,
                         payload=c.payload, next_attempt_at=ts + timedelta(minutes=5),
                         created_at=ts,
-                    ).on_conflict_do_nothing()
+                    ).on_conflict_do_nothing().returning(ledger.c.user_id)
                 )
-                if res.rowcount:
+                if res.first() is not None:
                     won.append(c)
         return won
 

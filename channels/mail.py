@@ -27,13 +27,14 @@ Semantics every implementation keeps (and ``tests/channels`` checks on both):
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.headerregistry import Address
+from email.headerregistry import Address, AddressHeader, UnstructuredHeader
 from email.message import EmailMessage
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -169,20 +170,80 @@ def build_message(
     if not mail.to or not mail.to.strip():
         raise ValueError("empty recipient")
     msg = EmailMessage()
-    msg["From"] = mail_from
-    msg["To"] = mail.to
-    msg["Subject"] = mail.subject
+    _put_header(msg, "From", mail_from)
+    _put_header(msg, "To", mail.to)
+    _put_header(msg, "Subject", mail.subject)
     msg["Date"] = email.utils.format_datetime(date or datetime.now(UTC))
     msg["Message-ID"] = message_id_header(mail.message_id, domain)
     for name, value in mail.headers.items():
         if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"header {name!r} is reserved")
-        msg[name] = value
+        _put_header(msg, name, value)
     msg.set_content(mail.text)
     if mail.html is not None:
         msg.add_alternative(mail.html, subtype="html")
     _check_addresses(msg)
     return msg
+
+
+# -- non-ASCII headers ------------------------------------------------------------
+#
+# The stdlib's header folder (email.policy.default) mishandles RFC 2047 encoded
+# words: it can put the space between two words outside the encoded words, where
+# a reader must drop it ("Привет мир" arrives as "Приветмир"; about 1 long
+# non-ASCII subject in 10), or glue two encoded words together ("?==?"), which
+# some providers bounce with 554 (CPython gh-144156). So non-ASCII unstructured
+# values and display names are encoded here: whole-character base64 words of at
+# most 75 characters, one per line, spaces inside the words, set pre-folded with
+# ``set_raw`` (which the generator writes as it is, the lines being short).
+
+_MAX_LINE = 78
+_EW_OVERHEAD = len("=?utf-8?b??=")
+_EW_MAX_BYTES = 45  # 12 + 60 base64 characters = 72 <= 75
+
+
+def _put_header(msg: EmailMessage, name: str, value: str) -> None:
+    msg[name] = value  # validates: no CR/LF; parses addresses
+    if value.isascii():
+        return
+    header = msg[name]
+    raw: str | None = None
+    if isinstance(header, UnstructuredHeader):
+        raw = _encoded_words(value, _MAX_LINE - len(name) - 2)
+    elif isinstance(header, AddressHeader) and len(header.addresses) == 1:
+        address = header.addresses[0]
+        if address.display_name and address.addr_spec.isascii():
+            words = _encoded_words(address.display_name, _MAX_LINE - len(name) - 2)
+            last = words.rpartition("\n")[2]
+            angle = f"<{address.addr_spec}>"
+            sep = " " if len(last) + 1 + len(angle) <= _MAX_LINE else "\n "
+            raw = f"{words}{sep}{angle}"
+    if raw is not None:
+        del msg[name]
+        msg.set_raw(name, raw)
+
+
+def _encoded_words(text: str, first_room: int) -> str:
+    """``text`` as folded RFC 2047 words; the first line has ``first_room`` columns."""
+    limit = min(_EW_MAX_BYTES, (first_room - _EW_OVERHEAD) // 4 * 3)
+    lines: list[str] = [] if limit >= 6 else [""]  # no room: start on the next line
+    if limit < 6:
+        limit = _EW_MAX_BYTES
+    chunk = bytearray()
+    for char in text:
+        encoded = char.encode("utf-8", "surrogatepass")
+        if chunk and len(chunk) + len(encoded) > limit:
+            lines.append(_word(chunk))
+            chunk = bytearray()
+            limit = _EW_MAX_BYTES
+        chunk += encoded
+    if chunk or not lines:
+        lines.append(_word(chunk))
+    return "\n ".join(lines)
+
+
+def _word(data: bytes | bytearray) -> str:
+    return f"=?utf-8?b?{base64.b64encode(bytes(data)).decode('ascii')}?="
 
 
 def recipient_address(msg: EmailMessage) -> str:

@@ -151,8 +151,9 @@ class RuleService:
         with self.control.begin() as conn:
             res = conn.execute(update(rules).where(rules.c.key == key).values(
                 enabled=enabled, status="active" if enabled else "paused",
-                quarantine_reason=None, quarantine_user=None, updated_at=_now()))
-            if not res.rowcount:
+                quarantine_reason=None, quarantine_user=None, updated_at=_now())
+                .returning(rules.c.key))
+            if res.first() is None:
                 raise NotFound(f"no rule {key!r}")
         return self.get(key)
 

@@ -97,7 +97,8 @@ def read_outbox(directory: str | os.PathLike[str]) -> list[EmailMessage]:
     for path in sorted(folder.glob("*.eml")):
         if path.name.startswith("."):
             continue
-        msg = parser.parsebytes(path.read_bytes())
+        # CRLF on disk, as on the wire; LF in Python, so get_content() has no "\r".
+        msg = parser.parsebytes(path.read_bytes().replace(b"\r\n", b"\n"))
         assert isinstance(msg, EmailMessage)
         messages.append(msg)
     return messages

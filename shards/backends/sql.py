@@ -282,10 +282,12 @@ class SqlShardStore(ShardStore):
                                         | (banners.c.priority != ins.excluded.priority)
                                     )
                                 ),
-                            ),
+                            ).returning(banners.c.user_id),
                             values,
                         )
-                        if res.rowcount:
+                        # rowcount is not reliable for INSERT .. ON CONFLICT on every
+                        # driver; RETURNING says exactly whether a row was written.
+                        if res.first() is not None:
                             changed[ch.user_id] = None
                     else:
                         res = conn.execute(
@@ -293,9 +295,9 @@ class SqlShardStore(ShardStore):
                                 (banners.c.user_id == ch.user_id)
                                 & (banners.c.rule_key == ch.rule_key)
                                 & (banners.c.episode <= ch.episode)
-                            )
+                            ).returning(banners.c.user_id)
                         )
-                        if res.rowcount:
+                        if res.first() is not None:
                             changed[ch.user_id] = None
                 if changed:
                     self._bump_versions(conn, list(changed))
@@ -366,8 +368,9 @@ class SqlShardStore(ShardStore):
                     & banners.c.dismissed_at.is_(None)
                 )
                 .values(dismissed_at=now())
+                .returning(banners.c.user_id)
             )
-            if res.rowcount:
+            if res.first() is not None:
                 self._bump_versions(conn, [user_id])
                 return True
             exists = conn.execute(

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from engine.bus import Message
 from engine.buses.kafka import KafkaBus, _split_extra
 from kvadrupel.errors import BusError, ConfigError
 from kvadrupel.settings import Settings
@@ -89,22 +90,38 @@ def test_another_bus_instance_resumes_from_committed_offsets(
 
 
 @pytest.mark.kafka
-def test_on_revoke_is_told_which_partitions_a_member_loses(kafka_bus: KafkaBus) -> None:
-    # Given a member holding every partition, with an on_revoke hook
+def test_on_revoke_is_told_what_a_member_loses_and_may_commit_there(kafka_bus: KafkaBus) -> None:
+    # Given a member holding every partition, with work it has finished but not
+    # committed, and an on_revoke hook that commits finished work
     topic = kafka_bus.topic("jobs")
     group = f"{kafka_bus.prefix}-g"
     revoked: list[list[tuple[str, int]]] = []
-    first = kafka_bus.consumer(group, [topic], on_revoke=revoked.append)
+    finished: list[Message] = []
+
+    def on_revoke(partitions: list[tuple[str, int]]) -> None:
+        revoked.append(partitions)
+        first.commit(finished)
+        finished.clear()
+
+    first = kafka_bus.consumer(group, [topic], on_revoke=on_revoke)
     try:
         settle([first], partitions_of(topic, PARTITIONS))
+        for i in range(20):
+            kafka_bus.publish(topic, f"j{i}".encode(), key=f"user-{i}".encode())
+        kafka_bus.flush()
+        (done,) = collect([first], 20, commit=False)
+        finished.extend(done)
         assert revoked == []
 
         # When a second member joins
         with kafka_bus.consumer(group, [topic]) as second:
             settle([first, second], partitions_of(topic, PARTITIONS))
+            late_first, late_second = poll_for([first, second])
 
-            # Then the hook was told, before the split, about what the first held
+            # Then the hook was told about every partition the first held, and
+            # what it committed there is not delivered again
             assert sorted(revoked[0]) == sorted(partitions_of(topic, PARTITIONS))
+            assert late_first == late_second == []
             kept = first.assignment()
     finally:
         # And it is told again when the member leaves

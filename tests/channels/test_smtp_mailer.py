@@ -154,12 +154,11 @@ def test_stopped_server_is_transient_and_fails_fast(smtp_server: SmtpServer) -> 
     started = time.monotonic()
     results = send(lambda: mailer(smtp_server, concurrency=4, timeout=5), emails(20))
 
-    # Then every result is transient, connection refused, without a timeout per message
+    # Then every result is transient (cannot connect), without a timeout per message
     assert time.monotonic() - started < 2
     assert [(r.ok, r.permanent) for r in results] == [(False, False)] * 20
     assert [r.email.message_id for r in results] == [f"m-{i}" for i in range(20)]
     assert all("cannot connect" in (r.error or "") for r in results)
-    assert any("refused" in (r.error or "").lower() for r in results)
 
 
 def test_a_connection_broken_mid_message_is_reconnected_once(smtp_server: SmtpServer) -> None:

@@ -1,0 +1,113 @@
+"""The shard store contract, run over SQLite (embedded) and PostgreSQL (production)."""
+
+from __future__ import annotations
+
+from datetime import date
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from engine.events import Event, apply_events
+from shards.backends.sqlite import SqliteShardStore
+from shards.migrations import runner
+from shards.router import MAX_USER_ID
+from shards.shardset import open_shard
+from shards.store import BannerChange, IngestItem, ShardStore
+
+APPLY = partial(apply_events, max_bytes=64 * 1024)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ShardStore:
+    if request.param == "sqlite":
+        s: ShardStore = SqliteShardStore.from_url(0, f"sqlite:///{tmp_path / 's.db'}")
+        runner.upgrade("shard", s.engine)  # type: ignore[attr-defined]
+    else:
+        dbs = request.getfixturevalue("pg_factory")(1)
+        s = open_shard(0, dbs.shards[0])
+    yield s
+    s.close()
+
+
+def ev(eid: str, uid: int, **ops: object) -> Event:
+    return Event.model_validate({"event_id": eid, "user_id": uid} | ops)
+
+
+def item(e: Event, offset: int = -1, partition: int = 0) -> IngestItem:
+    return IngestItem(e.user_id, e, "events", partition, offset)
+
+
+def test_ingest_applies_in_order_and_reports_changed_users(store: ShardStore) -> None:
+    out = store.ingest([item(ev("1", 5, set={"a": 1}), 0), item(ev("2", 5, inc={"a": 2}), 1),
+                        item(ev("3", 6, set={"b": True}), 2)], APPLY)
+    assert sorted(out.changed) == [5, 6] and out.applied == 3
+    assert store.get_profile(5) == {"a": 3}
+    assert store.get_profile(6) == {"b": True}
+
+
+def test_replayed_offsets_are_skipped(store: ShardStore) -> None:
+    # Given a batch committed to the shard
+    batch = [item(ev("1", 5, inc={"n": 1}), 10), item(ev("2", 5, inc={"n": 1}), 11)]
+    store.ingest(batch, APPLY)
+    # When the same offsets arrive again (a crash before the Kafka commit), plus one new
+    out = store.ingest([*batch, item(ev("3", 5, inc={"n": 1}), 12)], APPLY)
+    # Then only the new one applies
+    assert out.skipped == 2 and out.applied == 1
+    assert store.get_profile(5) == {"n": 3}
+
+
+def test_retried_event_ids_apply_once(store: ShardStore) -> None:
+    store.ingest([item(ev("same", 9, inc={"n": 1}))], APPLY)
+    out = store.ingest([item(ev("same", 9, inc={"n": 1}))], APPLY)
+    assert out.applied == 0 and store.get_profile(9) == {"n": 1}
+
+
+def test_stream_range_and_users(store: ShardStore) -> None:
+    store.put_profiles([(u, {"u": u}) for u in range(1, 101)])
+    store.save_state([(3, {"r": [1, 1, 1, "2026-01-01"]})])
+    got = [r for chunk in store.stream_range(2, 50, batch=7) for r in chunk]
+    assert [r.user_id for r in got] == list(range(2, 51))
+    assert got[1].state == {"r": [1, 1, 1, "2026-01-01"]} and got[0].state == {}
+    assert [r.user_id for c in store.stream_users([50, 3, 999]) for r in c] == [3, 50]
+
+
+def test_plan_ranges_cover_everyone_once(store: ShardStore) -> None:
+    store.put_profiles([(u * 7, {}) for u in range(1, 1001)])
+    ranges = store.plan_ranges(target_users=100)
+    assert ranges[0][0] == 1 and ranges[-1][1] == MAX_USER_ID
+    seen = [r.user_id for lo, hi in ranges for c in store.stream_range(lo, hi) for r in c]
+    assert sorted(seen) == [u * 7 for u in range(1, 1001)] and len(seen) == len(set(seen))
+    assert 5 <= len(ranges) <= 20
+
+
+def _banner(uid: int, rule: str, ep: int, title: str | None, prio: int = 10) -> BannerChange:
+    content = None if title is None else {"title": title, "body": "b", "link": "/x"}
+    return BannerChange(uid, rule, ep, 1, prio, date(2026, 11, 24), content)
+
+
+def test_banners_level_triggered_with_versions(store: ShardStore) -> None:
+    assert store.banners(1) == (0, [])
+    assert store.apply_banner_changes([_banner(1, "a", 1, "A", 5), _banner(1, "b", 1, "B", 50)]) == [1]
+    v1, items = store.banners(1)
+    assert [b["rule"] for b in items] == ["b", "a"] and v1 >= 1
+    # A redelivered identical change changes nothing, not even the version
+    assert store.apply_banner_changes([_banner(1, "b", 1, "B", 50)]) == []
+    assert store.banner_version(1) == v1
+    # Exit removes; a stale exit of an older episode does not remove a newer one
+    store.apply_banner_changes([_banner(1, "a", 1, None)])
+    store.apply_banner_changes([_banner(1, "b", 2, "B2", 50), _banner(1, "b", 1, None)])
+    v2, items = store.banners(1)
+    assert [(b["rule"], b["title"]) for b in items] == [("b", "B2")] and v2 > v1
+
+
+def test_dismiss_hides_for_the_episode(store: ShardStore) -> None:
+    store.apply_banner_changes([_banner(2, "a", 1, "A")])
+    bid = store.banners(2)[1][0]["id"]
+    assert store.dismiss(2, bid) is True
+    assert store.banners(2)[1] == []
+    store.apply_banner_changes([_banner(2, "a", 1, "A")])  # same episode again: still hidden
+    assert store.banners(2)[1] == []
+    store.apply_banner_changes([_banner(2, "a", 1, None), _banner(2, "a", 2, "A")])  # new episode
+    assert [b["id"] for b in store.banners(2)[1]] == ["a.2"]
+    assert store.dismiss(2, "nope.1") is False
