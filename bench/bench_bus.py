@@ -87,12 +87,13 @@ def main() -> None:
 
     broker = start_tansu()
     try:
-        print(f"tansu on {broker.bootstrap}; {args.messages} messages, {args.partitions} partitions")
+        print(f"tansu {broker.bootstrap}: {args.messages} messages, {args.partitions} partitions")
         for compression in args.compression:
             r = run(broker.bootstrap, args.messages, compression, args.partitions)
             print(
                 f"compression={compression:5}  produce {r['produce_per_s']:>9,.0f} msg/s   "
-                f"consume+commit {r['consume_per_s']:>9,.0f} msg/s   (group join {r['join_s']:.1f} s)"
+                f"consume+commit {r['consume_per_s']:>9,.0f} msg/s   "
+                f"(group join {r['join_s']:.1f} s)"
             )
     finally:
         broker.stop()

@@ -179,71 +179,122 @@ def build_message(
         if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"header {name!r} is reserved")
         _put_header(msg, name, value)
-    msg.set_content(mail.text)
+    # Non-ASCII bodies as quoted-printable: 7-bit clean, so the message needs no
+    # 8BITMIME from the server and the .eml is plain ASCII.
+    msg.set_content(mail.text, cte=_cte(mail.text))
     if mail.html is not None:
-        msg.add_alternative(mail.html, subtype="html")
+        msg.add_alternative(mail.html, subtype="html", cte=_cte(mail.html))
     _check_addresses(msg)
     return msg
 
 
-# -- non-ASCII headers ------------------------------------------------------------
+# -- headers ----------------------------------------------------------------------
 #
-# The stdlib's header folder (email.policy.default) mishandles RFC 2047 encoded
-# words: it can put the space between two words outside the encoded words, where
-# a reader must drop it ("Привет мир" arrives as "Приветмир"; about 1 long
-# non-ASCII subject in 10), or glue two encoded words together ("?==?"), which
-# some providers bounce with 554 (CPython gh-144156). So non-ASCII unstructured
-# values and display names are encoded here: whole-character base64 words of at
-# most 75 characters, one per line, spaces inside the words, set pre-folded with
-# ``set_raw`` (which the generator writes as it is, the lines being short).
+# The stdlib's header folder (email.policy.default/SMTP) mishandles RFC 2047
+# encoded words: it can put the space between two words outside the encoded
+# words, where a reader must drop it ("Привет мир" arrives as "Приветмир"; about
+# 1 long non-ASCII subject in 10), or glue two encoded words together ("?==?"),
+# which some providers bounce with 554 (CPython gh-144156); and a value whose
+# first word does not fit the first line gains a leading space. So unstructured
+# values and display names are folded here and set with ``set_raw``, every line
+# at most 78 characters (the generator writes such a value as it is): plain ASCII
+# folded before a space, anything else (non-ASCII, control characters, "=?", a
+# word too long to fold) as whole-character base64 words of at most 75 characters.
 
 _MAX_LINE = 78
 _EW_OVERHEAD = len("=?utf-8?b??=")
 _EW_MAX_BYTES = 45  # 12 + 60 base64 characters = 72 <= 75
+_PLAIN = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+
+
+def _cte(body: str) -> str | None:
+    return None if body.isascii() else "quoted-printable"
 
 
 def _put_header(msg: EmailMessage, name: str, value: str) -> None:
-    msg[name] = value  # validates: no CR/LF; parses addresses
-    if value.isascii():
-        return
+    try:
+        msg[name] = value  # validates: no CR/LF; parses addresses
+    except (ValueError, TypeError):
+        raise
+    except Exception as exc:  # the stdlib parser can crash on odd input (AttributeError)
+        raise ValueError(f"{name}: cannot parse {value!r}") from exc
     header = msg[name]
-    raw: str | None = None
+    room = _MAX_LINE - len(name) - 2  # "Name: " starts the first line
+    raw: str | None
     if isinstance(header, UnstructuredHeader):
-        raw = _encoded_words(value, _MAX_LINE - len(name) - 2)
+        raw = _fold_plain(value, room) if _PLAIN.fullmatch(value) and "=?" not in value else None
+        if raw is None:
+            raw = _encoded_words(value, room)
     elif isinstance(header, AddressHeader) and len(header.addresses) == 1:
         address = header.addresses[0]
-        if address.display_name and address.addr_spec.isascii():
-            words = _encoded_words(address.display_name, _MAX_LINE - len(name) - 2)
-            last = words.rpartition("\n")[2]
-            angle = f"<{address.addr_spec}>"
-            sep = " " if len(last) + 1 + len(angle) <= _MAX_LINE else "\n "
-            raw = f"{words}{sep}{angle}"
-    if raw is not None:
-        del msg[name]
-        msg.set_raw(name, raw)
+        if not address.display_name or not address.addr_spec.isascii():
+            return  # a bare address; or SMTPUTF8, left to the stdlib
+        if value.isascii() and len(str(header)) <= room and "=?" not in value:
+            return  # short and plain: the stdlib writes it on one line
+        words = _encoded_words(address.display_name, room).split("\n")
+        angle = f"<{address.addr_spec}>"
+        last_room = room if len(words) == 1 else _MAX_LINE
+        sep = " " if len(words[-1]) + 1 + len(angle) <= last_room else "\n "
+        raw = "\n".join(words) + sep + angle
+    else:
+        return
+    del msg[name]
+    msg.set_raw(name, raw)
+
+
+def _fold_plain(value: str, room: int) -> str | None:
+    """Printable ASCII folded before spaces; None if a word does not fit a line."""
+    lines: list[str] = []
+    start, limit = 0, room
+    while len(value) - start > limit:
+        cut = value.rfind(" ", start + 1, start + limit + 1)
+        if cut <= start:
+            return None
+        lines.append(value[start:cut])
+        start, limit = cut, _MAX_LINE  # the next line starts with that space
+    lines.append(value[start:])
+    return "\n".join(lines)
 
 
 def _encoded_words(text: str, first_room: int) -> str:
-    """``text`` as folded RFC 2047 words; the first line has ``first_room`` columns."""
+    """``text`` as folded RFC 2047 words; the first line has ``first_room`` columns.
+
+    Words break after a space where there is one (a reader that wrongly keeps the
+    folding whitespace between words, as CPython's address parser does, then
+    shows a double space rather than a word cut in two).
+    """
     limit = min(_EW_MAX_BYTES, (first_room - _EW_OVERHEAD) // 4 * 3)
-    lines: list[str] = [] if limit >= 6 else [""]  # no room: start on the next line
-    if limit < 6:
+    lines: list[str] = []
+    if limit < 6:  # no room on the first line: start on the next one
+        lines.append("")
         limit = _EW_MAX_BYTES
-    chunk = bytearray()
+    chunk: list[str] = []
+    size = 0
     for char in text:
-        encoded = char.encode("utf-8", "surrogatepass")
-        if chunk and len(chunk) + len(encoded) > limit:
-            lines.append(_word(chunk))
-            chunk = bytearray()
+        width = len(char.encode("utf-8", "surrogatepass"))
+        if chunk and size + width > limit:
+            cut = len(chunk)
+            for i in range(len(chunk) - 1, len(chunk) // 2, -1):
+                if chunk[i] == " ":
+                    cut = i + 1
+                    break
+            lines.append(_word("".join(chunk[:cut])))
+            chunk = chunk[cut:]
+            size = len("".join(chunk).encode("utf-8", "surrogatepass"))
             limit = _EW_MAX_BYTES
-        chunk += encoded
-    if chunk or not lines:
-        lines.append(_word(chunk))
+            if size + width > limit:
+                lines.append(_word("".join(chunk)))
+                chunk, size = [], 0
+        chunk.append(char)
+        size += width
+    if chunk or not lines or lines == [""]:
+        lines.append(_word("".join(chunk)))
     return "\n ".join(lines)
 
 
-def _word(data: bytes | bytearray) -> str:
-    return f"=?utf-8?b?{base64.b64encode(bytes(data)).decode('ascii')}?="
+def _word(text: str) -> str:
+    data = text.encode("utf-8", "surrogatepass")
+    return f"=?utf-8?b?{base64.b64encode(data).decode('ascii')}?="
 
 
 def recipient_address(msg: EmailMessage) -> str:

@@ -21,6 +21,7 @@ from channels.ledger import Claim, Ledger
 from channels.mail import Email, Mailer
 from engine.bus import Bus, Consumer, Message
 from engine.worker import BatchWorker
+from kvadrupel import metrics
 from shards.shardset import ShardSet
 from shards.store import BannerChange
 
@@ -96,6 +97,8 @@ class DeliveryWorker(BatchWorker):
                 self.sent += 1
             else:
                 self.failed += 1
+            outcome = "sent" if res.ok else ("permanent_failure" if res.permanent else "transient_failure")
+            metrics.DELIVERIES.labels("email", outcome).inc()
         self.ledger.record(outcomes)
 
     def close(self) -> None:

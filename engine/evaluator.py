@@ -21,6 +21,7 @@ import orjson
 from engine.bus import Bus, Consumer, Message
 from engine.evaluation import CompiledPack, RangeStats, evaluate_rows
 from engine.worker import BatchWorker
+from kvadrupel import metrics
 from rules.context import make_context
 from rules.service import RuleService
 from scheduler.runs import RunService
@@ -117,6 +118,11 @@ class EvaluatorWorker(BatchWorker):
             self.bus.flush()
             store.save_state(states)
             total.merge(stats)
+            metrics.EVAL_USERS.labels("range" if run_id is not None else "users").inc(stats.users)
+            for r in results:
+                metrics.EVAL_CHANGES.labels(r["rule"], r["kind"]).inc()
+            for key, n in stats.errors.items():
+                metrics.EVAL_ERRORS.labels(key).inc(n)
             self._police(total, pack)
         return total
 

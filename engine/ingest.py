@@ -23,6 +23,7 @@ import orjson
 from engine.bus import Bus, Consumer, Message
 from engine.events import apply_events, parse_event
 from engine.worker import BatchWorker
+from kvadrupel import metrics
 from kvadrupel.errors import EventError
 from shards.shardset import ShardSet
 from shards.store import IngestItem
@@ -69,6 +70,7 @@ class IngestWorker(BatchWorker):
         self.dead_lettered = 0
 
     def process(self, batch: list[Message]) -> None:
+        metrics.INGEST_BATCH.observe(len(batch))
         per_shard: dict[int, list[IngestItem]] = {}
         raw_by_id: dict[str, tuple[Message, bytes]] = {}
         for msg in batch:
@@ -77,6 +79,7 @@ class IngestWorker(BatchWorker):
             except EventError as exc:
                 dead_letter(self.bus, self.dlq, msg, exc.reason, msg.value)
                 self.dead_lettered += 1
+                metrics.INGEST_EVENTS.labels("invalid").inc()
                 continue
             raw_by_id[ev.event_id] = (msg, msg.value)
             item = IngestItem(ev.user_id, ev, msg.topic, msg.partition, msg.offset)
@@ -101,6 +104,9 @@ class IngestWorker(BatchWorker):
                 msg, raw = raw_by_id[ev.event_id]
                 dead_letter(self.bus, self.dlq, msg, reason, raw, ev.event_id)
                 self.dead_lettered += 1
+                metrics.INGEST_EVENTS.labels("rejected").inc()
+            metrics.INGEST_EVENTS.labels("applied").inc(out.applied)
+            metrics.INGEST_EVENTS.labels("replayed").inc(out.skipped)
             # Users whose events were skipped as already applied are re-evaluated too:
             # the crash that caused the replay may have lost their evaluation request.
             changed += out.changed if not out.skipped else out.touched

@@ -13,6 +13,8 @@ One SQLAlchemy Core definition serves SQLite (embedded) and PostgreSQL
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -28,8 +30,26 @@ from sqlalchemy import (
     Text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeDecorator
 
 Json = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on both dialects (SQLite stores no offset: we add it back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given for a UTC column")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 # --------------------------------------------------------------------------- shard
 shard_metadata = MetaData()
@@ -43,7 +63,7 @@ profiles = Table(
     # applied once (see engine.events). Capped, so it costs one small column.
     Column("seen", Json, nullable=False),
     Column("version", BigInteger, nullable=False, default=0),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 user_state = Table(
@@ -52,7 +72,7 @@ user_state = Table(
     Column("user_id", BigInteger, primary_key=True, autoincrement=False),
     # {rule_key: [episode, active (0/1), version, since (ISO date)]}
     Column("matches", Json, nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 banners = Table(
@@ -68,8 +88,8 @@ banners = Table(
     Column("link", Text, nullable=False),
     Column("priority", Integer, nullable=False),
     Column("as_of", Date, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("dismissed_at", DateTime(timezone=True), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("dismissed_at", UtcDateTime(), nullable=True),
     PrimaryKeyConstraint("user_id", "rule_key"),
 )
 
@@ -103,8 +123,8 @@ rules = Table(
     Column("status", Text, nullable=False),
     Column("quarantine_reason", Text, nullable=True),
     Column("quarantine_user", BigInteger, nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 rule_versions = Table(
@@ -120,7 +140,7 @@ rule_versions = Table(
     Column("email", Json, nullable=True),
     Column("examples", Json, nullable=False),
     Column("author", Text, nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
     PrimaryKeyConstraint("key", "version"),
 )
 
@@ -131,8 +151,8 @@ runs = Table(
     Column("as_of", Date, nullable=False),
     Column("status", Text, nullable=False),  # running | done | done_with_errors | failed
     Column("ranges_total", Integer, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("finished_at", UtcDateTime(), nullable=True),
 )
 
 run_ranges = Table(
@@ -149,7 +169,7 @@ run_ranges = Table(
     Column("errors", Json, nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("error", Text, nullable=True),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
     PrimaryKeyConstraint("run_id", "range_no"),
 )
 
@@ -168,9 +188,9 @@ ledger = Table(
     Column("error", Text, nullable=True),
     Column("run_id", Integer, nullable=True),
     Column("payload", Json, nullable=True),  # the rendered message, for retries
-    Column("next_attempt_at", DateTime(timezone=True), nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("sent_at", DateTime(timezone=True), nullable=True),
+    Column("next_attempt_at", UtcDateTime(), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("sent_at", UtcDateTime(), nullable=True),
     PrimaryKeyConstraint("user_id", "rule_key", "episode", "channel"),
 )
 Index("ledger_due", ledger.c.status, ledger.c.next_attempt_at)

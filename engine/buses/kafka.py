@@ -10,8 +10,9 @@ settings that happen to also be what Tansu needs (``group.protocol=classic``,
   remembered and reported by the next :meth:`KafkaBus.flush` as a ``BusError``.
 * Consumer: manual, synchronous, per-partition commits ("ack" = in-order offset
   commit); nothing is committed or stored automatically. ``pause`` survives
-  rebalances. ``on_revoke`` lets a worker drop in-flight work for partitions it is
-  about to lose, since committing them would no longer be allowed.
+  rebalances. ``on_revoke`` runs before a member loses partitions: the worker may
+  still commit what it finished there and must drop the rest, because commits for
+  partitions it no longer holds are refused (``BusError``).
 * ``extra`` adds librdkafka settings: a plain key goes to every client (security,
   ``socket.*``), a key prefixed ``producer.``, ``consumer.`` or ``admin.`` only to
   that client (``producer.message.timeout.ms``).
@@ -56,7 +57,8 @@ _PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
     "acks": "all",
     "linger.ms": 5,
-    # lz4 costs little CPU and cut the bench's payload bytes; Tansu accepts it.
+    # bench/bench_bus.py on Tansu: same produce rate as "none", consume+commit
+    # ~1.8x faster (fewer bytes fetched); cheap on CPU, supported by every broker.
     "compression.type": "lz4",
     # The Java client's partitioner: keys land on the same partition whichever
     # client (ours or a JVM producer) wrote them. librdkafka's default is CRC32.
@@ -200,7 +202,8 @@ class KafkaBus(Bus):
             missing = [n for n in names if n not in existing]
             if missing:
                 # replication_factor=-1: the cluster's default.replication.factor.
-                new = [NewTopic(n, num_partitions=partitions, replication_factor=-1) for n in missing]
+                new = [NewTopic(n, num_partitions=partitions, replication_factor=-1)
+                       for n in missing]
                 futures = admin.create_topics(new, request_timeout=timeout)
                 for name, fut in futures.items():
                     try:
@@ -408,16 +411,16 @@ class KafkaConsumer(Consumer):
                     break
                 raise error
             value = m.value()
-            out.append(
-                Message(m.topic(), m.partition(), m.offset(), m.key(), b"" if value is None else value)
-            )
+            if value is None:  # a tombstone; ours are never published
+                value = b""
+            out.append(Message(m.topic(), m.partition(), m.offset(), m.key(), value))
         return out
 
     def commit(self, messages: Sequence[Message]) -> None:
-        if not messages or self._closed:
-            if messages:
-                raise BusError("consumer is closed")
+        if not messages:
             return
+        if self._closed:
+            raise BusError("consumer is closed")
         top: dict[tuple[str, int], int] = {}
         for m in messages:
             k = (m.topic, m.partition)
@@ -437,7 +440,9 @@ class KafkaConsumer(Consumer):
         bad = [tp for tp in result or () if tp.error is not None]
         if bad:
             tp = bad[0]
-            raise BusError(f"group {self.group}: commit of {tp.topic}[{tp.partition}] failed: {tp.error}")
+            raise BusError(
+                f"group {self.group}: commit of {tp.topic}[{tp.partition}] failed: {tp.error}"
+            )
 
     def pause(self) -> None:
         self._paused = True

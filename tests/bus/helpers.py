@@ -73,7 +73,9 @@ def settle(
         if all(held) and disjoint and union == expected:
             return held
         if time.monotonic() > deadline:
-            raise AssertionError(f"group did not settle on {sorted(expected)} in {timeout}s: {held}")
+            raise AssertionError(
+                f"group did not settle on {sorted(expected)} in {timeout}s: {held}"
+            )
 
 
 def values(messages: Sequence[Message]) -> list[bytes]:

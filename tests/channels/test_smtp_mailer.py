@@ -4,6 +4,7 @@ classification, reconnects, TLS and AUTH, URL parsing."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 
@@ -159,6 +160,24 @@ def test_stopped_server_is_transient_and_fails_fast(smtp_server: SmtpServer) -> 
     assert [(r.ok, r.permanent) for r in results] == [(False, False)] * 20
     assert [r.email.message_id for r in results] == [f"m-{i}" for i in range(20)]
     assert all("cannot connect" in (r.error or "") for r in results)
+
+
+def test_a_silent_server_times_out_once_per_connection_not_per_message() -> None:
+    # Given a port that accepts connections but never greets (nobody calls accept)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"smtp://127.0.0.1:{silent.getsockname()[1]}"
+
+        # When 12 e-mails are sent over 3 connections with a 0.3 s timeout
+        started = time.monotonic()
+        results = send(lambda: SmtpMailer(url, MAIL_FROM, timeout=0.3, concurrency=3), emails(12))
+        elapsed = time.monotonic() - started
+
+    # Then all are transient after about one timeout, not twelve
+    assert [(r.ok, r.permanent) for r in results] == [(False, False)] * 12
+    assert all("cannot connect" in (r.error or "") for r in results)
+    assert elapsed < 1.5
 
 
 def test_a_connection_broken_mid_message_is_reconnected_once(smtp_server: SmtpServer) -> None:

@@ -1,0 +1,194 @@
+"""E-mails per second through SmtpMailer, against the bare aiosmtplib ceiling.
+
+    .venv/bin/python bench/bench_mail.py [--messages 2000] [--connections 8] [--rounds 3]
+
+A local aiosmtpd server runs in a child process (its own interpreter and core,
+so it does not share this process's GIL) and only counts what it receives. In
+this process, with the same messages and the same number of connections:
+
+* ``kvadrupel``: ``SmtpMailer.send_many`` (builds the messages, pools and fans
+  out the connections, classifies the results);
+* ``bare``: no Kvadrupel code: N ``aiosmtplib.SMTP`` connections draining one
+  queue, each message built with the stdlib (the same headers and parts) and
+  sent with ``send_message``.
+
+Both open their connections inside the timed region. Each round runs both, in
+alternating order; the median round is reported, with the client's CPU time per
+message (the part Kvadrupel adds to), and the ratio kvadrupel / bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email.utils
+import multiprocessing as mp
+import socket
+import statistics
+import sys
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiosmtplib  # noqa: E402
+
+from channels.mail import Email  # noqa: E402
+from channels.mailers.smtp import SmtpMailer  # noqa: E402
+
+MAIL_FROM = "Kvadrupel <noreply@kvadrupel.test>"
+SENDER = "noreply@kvadrupel.test"
+
+
+# -- the server (child process) ---------------------------------------------------
+
+def serve(port_out, counter, stop) -> None:  # noqa: ANN001 - multiprocessing proxies
+    from aiosmtpd.controller import Controller
+
+    class Counting:
+        async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+            with counter.get_lock():
+                counter.value += 1
+            return "250 OK"
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(
+        Counting(), hostname="127.0.0.1", port=port, server_hostname="bench-smtp"
+    )
+    controller.start()
+    port_out.value = port
+    stop.wait()
+    controller.stop()
+
+
+# -- the messages -------------------------------------------------------------------
+
+def make_emails(n: int, tag: str) -> list[Email]:
+    text = "Hello {name},\n\n" + "Here is what changed this week in your account.\n" * 10
+    html = "<html><body><h1>Hello {name}</h1>" + "<p>Something changed.</p>" * 40 + "</body></html>"
+    return [
+        Email(
+            to=f"user{i}@example.com",
+            subject=f"Your weekly digest #{i}",
+            text=text.format(name=f"user {i}"),
+            html=html.format(name=f"user {i}"),
+            headers={"X-Kvadrupel-Rule": "weekly-digest"},
+            message_id=f"<{tag}-{i}@kvadrupel.test>",
+        )
+        for i in range(n)
+    ]
+
+
+def stdlib_message(mail: Email) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = MAIL_FROM
+    msg["To"] = mail.to
+    msg["Subject"] = mail.subject
+    msg["Date"] = email.utils.formatdate(usegmt=True)
+    msg["Message-ID"] = mail.message_id
+    for name, value in mail.headers.items():
+        msg[name] = value
+    msg.set_content(mail.text)
+    if mail.html is not None:
+        msg.add_alternative(mail.html, subtype="html")
+    return msg
+
+
+# -- the two clients ----------------------------------------------------------------
+
+async def run_kvadrupel(url: str, emails: list[Email], connections: int) -> int:
+    async with SmtpMailer(url, MAIL_FROM, timeout=30, concurrency=connections,
+                          local_hostname="bench-client") as mailer:
+        results = await mailer.send_many(emails)
+    return sum(r.ok for r in results)
+
+
+async def run_bare(host: str, port: int, emails: list[Email], connections: int) -> int:
+    queue = list(reversed(emails))
+    sent = 0
+
+    async def worker() -> None:
+        nonlocal sent
+        smtp = aiosmtplib.SMTP(hostname=host, port=port, timeout=30, start_tls=False,
+                               local_hostname="bench-client")
+        await smtp.connect()
+        try:
+            while queue:
+                mail = queue.pop()
+                await smtp.send_message(stdlib_message(mail), sender=SENDER, recipients=[mail.to])
+                sent += 1
+        finally:
+            await smtp.quit()
+
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return sent
+
+
+def timed(coro_factory) -> tuple[float, float, int]:  # noqa: ANN001
+    wall, cpu = time.perf_counter(), time.process_time()
+    ok = asyncio.run(coro_factory())
+    return time.perf_counter() - wall, time.process_time() - cpu, ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    n, conns = args.messages, args.connections
+
+    ctx = mp.get_context("spawn")
+    port, counter, stop = ctx.Value("i", 0), ctx.Value("q", 0), ctx.Event()
+    server = ctx.Process(target=serve, args=(port, counter, stop), daemon=True)
+    server.start()
+    deadline = time.monotonic() + 20
+    while port.value == 0:
+        if time.monotonic() > deadline or not server.is_alive():
+            raise SystemExit("the aiosmtpd server did not start")
+        time.sleep(0.05)
+    host, url = "127.0.0.1", f"smtp://127.0.0.1:{port.value}"
+
+    runs: dict[str, list[tuple[float, float, int]]] = {"kvadrupel": [], "bare": []}
+    paths = {
+        "kvadrupel": lambda emails: (lambda: run_kvadrupel(url, emails, conns)),
+        "bare": lambda emails: (lambda: run_bare(host, port.value, emails, conns)),
+    }
+    try:
+        # Warm-up: imports, first connections, the server's code paths.
+        for name, path in paths.items():
+            timed(path(make_emails(200, f"warm-{name}")))
+        expected = counter.value
+        for rnd in range(args.rounds):
+            order = ["kvadrupel", "bare"] if rnd % 2 == 0 else ["bare", "kvadrupel"]
+            for name in order:
+                before = counter.value
+                wall, cpu, ok = timed(paths[name](make_emails(n, f"{name}-{rnd}")))
+                time.sleep(0.05)
+                arrived = counter.value - before
+                if ok != n or arrived != n:
+                    raise SystemExit(f"{name}: {ok} ok, {arrived} arrived, of {n}")
+                runs[name].append((wall, cpu, ok))
+                expected += n
+    finally:
+        stop.set()
+        server.join(10)
+
+    print(f"{n} messages, {conns} connections, {args.rounds} rounds (median), "
+          f"aiosmtpd server in a child process, Python {sys.version.split()[0]}")
+    rate = {}
+    for name, results in runs.items():
+        wall = statistics.median(r[0] for r in results)
+        cpu = statistics.median(r[1] for r in results)
+        rate[name] = n / wall
+        all_rates = ", ".join(f"{n / r[0]:,.0f}" for r in results)
+        print(f"  {name:<10} {rate[name]:>8,.0f} e-mails/s   client CPU {cpu / n * 1e6:6.0f} us/e-mail"
+              f"   (rounds: {all_rates})")
+    print(f"  ratio kvadrupel / bare: {rate['kvadrupel'] / rate['bare']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

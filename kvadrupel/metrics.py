@@ -1,0 +1,16 @@
+"""Prometheus metrics shared by every process (exposed on ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+INGEST_EVENTS = Counter("kvadrupel_ingest_events_total", "Events consumed by ingest", ["outcome"])
+INGEST_BATCH = Histogram("kvadrupel_ingest_batch_size", "Events per ingest batch",
+                         buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000))
+SHARD_WRITE = Histogram("kvadrupel_shard_write_seconds", "Time to write one shard's part of a batch",
+                        ["shard"])
+EVAL_USERS = Counter("kvadrupel_evaluated_users_total", "Users evaluated", ["job"])
+EVAL_CHANGES = Counter("kvadrupel_rule_changes_total", "Rule state changes emitted", ["rule", "kind"])
+EVAL_ERRORS = Counter("kvadrupel_rule_errors_total", "Rule errors and timeouts", ["rule"])
+DELIVERIES = Counter("kvadrupel_deliveries_total", "Deliveries per channel and outcome",
+                     ["channel", "outcome"])

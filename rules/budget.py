@@ -1,0 +1,304 @@
+"""Time budgets for rules: a watchdog thread that interrupts a rule running too long.
+
+Mechanism (chosen because it costs the evaluator one list store per rule)
+-------------------------------------------------------------------------
+Every thread that evaluates rules owns a :class:`Slot`. Before it calls rule *i*
+of a profile the evaluator writes a fresh sequence number into ``slot.box[0]``
+(a single ``STORE_SUBSCR``, ~10 ns: no clock is read on the hot path) and it
+writes 0 when the profile is done.
+
+One daemon *watchdog* thread polls the slots every ``tick`` (budget / 5,
+clamped to 2..10 ms). It remembers when it first saw a sequence number; when the
+same number is still there ``budget`` seconds later it injects
+:class:`BudgetExceeded` into that thread with
+``ctypes.pythonapi.PyThreadState_SetAsyncExc``. The interpreter raises it in the
+evaluating thread at the next bytecode boundary it checks (loop back-edges,
+function entries, returns from C calls), i.e. inside the rule.
+
+Why the rule cannot swallow it: ``BudgetExceeded`` derives from
+``BaseException``, not ``Exception``, and the sandbox policy (rules/policy.py)
+refuses bare ``except:``, ``except BaseException`` (only a fixed list of
+``Exception`` subclasses may be named, and those names cannot be rebound),
+``try/finally`` (a ``finally`` could loop or ``return`` after the interrupt) and
+``with``. The evaluator translates it into a timeout (``Outcome.timeouts`` /
+:class:`~kvadrupel.errors.RuleTimeout`).
+
+Races, and why they are harmless
+--------------------------------
+* The watchdog checks ``box[0] == seq`` and calls ``SetAsyncExc`` in one
+  function with no bytecode boundary in between that could hand the GIL to the
+  evaluator (``_fire``), so nothing is ever injected after the evaluator moved
+  ``box[0]`` on: never after a profile is done, never into the caller.
+* It records ``slot.fired_seq`` before injecting, so the evaluator knows which
+  rule ran out of time even when the exception lands a few bytecodes later (in
+  the next rule or in bookkeeping); the evaluator then marks that rule as timed
+  out and re-runs the rules after it (rules are pure functions of the profile).
+* When a profile is done and ``fired_seq`` belongs to it, the evaluator clears a
+  possibly still pending injection (``SetAsyncExc(tid, NULL)``) inside its own
+  ``try`` before returning.
+
+Guarantees and limits
+---------------------
+* A rule is stopped between ``budget`` and ``budget + tick + 5 ms`` (the GIL
+  switch interval the watchdog may wait for) after it started, later when the
+  machine is overloaded.
+* Asynchronous exceptions are only delivered between bytecodes: one long C call
+  is not interrupted. The sandbox bounds those (rules/guards.py: ``*``, ``**``,
+  ``<<``, ``%``, ``+``, ``range``, ``sum``, ``str``, ``join``, ``replace``,
+  ``round`` ...); what remains is a C call over data the rule could build within
+  the limits (e.g. ``sorted`` of 10**5 equal 64 KB strings, well under a second).
+  Run nightly evaluators as worker processes that a supervisor restarts.
+* Costs (bench/bench_sandbox.py): ~10 ns per rule call for the sequence
+  number, ~0.1 us per profile for the bookkeeping, plus the watchdog waking
+  100-500 times a second while rules run (it sleeps on an event when idle).
+
+:class:`BatchBudget` is the wall-clock budget for a batch of profiles that the
+engine can use (``RuleSet.evaluate_many(..., batch_budget=...)``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+import weakref
+
+from kvadrupel.errors import RuleTimeout
+
+__all__ = [
+    "BatchBudget",
+    "BudgetExceeded",
+    "Slot",
+    "clear_pending",
+    "current_slot",
+    "wake_watchdog",
+]
+
+
+class BudgetExceeded(BaseException):  # noqa: N818 - it is a signal, not an error
+    """Injected into a rule that exceeded its budget.
+
+    A ``BaseException`` on purpose: rule code may only catch ``Exception``
+    subclasses (see rules/policy.py), so it cannot swallow the interrupt.
+    """
+
+
+# Own prototypes rather than ``ctypes.pythonapi.PyThreadState_SetAsyncExc``: that
+# attribute is shared, and another library setting its ``argtypes`` would change
+# ours. PYFUNCTYPE keeps the GIL during the call (required by this API).
+_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+_clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+
+MIN_TICK_S = 0.002
+MAX_TICK_S = 0.010
+IDLE_AFTER_S = 1.0  # the watchdog parks itself after this long with nothing armed
+
+
+class Slot:
+    """Per-thread evaluation state shared by the evaluator, the guards and the watchdog.
+
+    ``box[0]``: the sequence number of the rule running now (0 = none);
+    ``box[1]``: its budget in seconds. ``profile``/``owned`` serve the write guard
+    (rules/guards.py): the profile being evaluated and, computed on the first write
+    attempt only, the ids of its containers.
+    """
+
+    __slots__ = ("box", "tid", "seq", "fired_seq", "seen_seq", "seen_at", "profile", "owned",
+                 "__weakref__")
+
+    def __init__(self, tid: int) -> None:
+        self.box: list = [0, 0.05]
+        self.tid = tid
+        self.seq = 0  # last sequence number handed out (evaluator side)
+        self.fired_seq = 0  # last sequence number the watchdog interrupted
+        self.seen_seq = 0  # watchdog side: the number it saw last, and when
+        self.seen_at = 0.0
+        self.profile: object = None
+        self.owned: set[int] | None = None
+
+
+def clear_pending(slot: Slot) -> None:
+    """Drop an injected-but-not-yet-raised interrupt for ``slot``'s thread.
+
+    Must be called from that thread (inside a ``try`` that handles
+    :class:`BudgetExceeded`, since the interrupt may still land just before).
+    """
+    _clear_async_exc(slot.tid, None)
+
+
+def _fire(slot: Slot, seq: int) -> None:
+    # No bytecode boundary between the check and the call (the interpreter only
+    # checks for a GIL drop request at function entry, loop back-edges and after
+    # calls), so the evaluator cannot move on in between: see the module docstring.
+    if slot.box[0] == seq:
+        slot.fired_seq = seq
+        _set_async_exc(slot.tid, BudgetExceeded)
+
+
+class _Watchdog:
+    def __init__(self) -> None:
+        self.slots: weakref.WeakSet[Slot] = weakref.WeakSet()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.idle = False
+        self.wake_event = threading.Event()
+
+    def register(self, slot: Slot) -> None:
+        with self.lock:
+            self.slots.add(slot)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="rules-watchdog", daemon=True)
+                self.thread.start()
+
+    def wake(self) -> None:
+        self.wake_event.set()
+
+    def _run(self) -> None:
+        quiet_since = time.monotonic()
+        while True:
+            now = time.monotonic()
+            tick = MAX_TICK_S
+            active = False
+            for slot in list(self.slots):
+                box = slot.box
+                seq = box[0]
+                if not seq:
+                    continue
+                active = True
+                budget = box[1]
+                tick = min(tick, max(MIN_TICK_S, budget / 5))
+                if seq != slot.seen_seq:
+                    slot.seen_seq = seq
+                    slot.seen_at = now
+                elif now - slot.seen_at >= budget and slot.fired_seq != seq:
+                    _fire(slot, seq)
+            if active:
+                quiet_since = now
+            elif now - quiet_since > IDLE_AFTER_S:
+                # Publish "idle" first, then look again: an evaluator that armed before
+                # we published is seen by the second look; one that arms later reads
+                # idle=True and wakes us (RuleSet.evaluate checks it after arming).
+                self.idle = True
+                if not any(s.box[0] for s in list(self.slots)):
+                    self.wake_event.wait()
+                self.wake_event.clear()
+                self.idle = False
+                quiet_since = time.monotonic()
+                continue
+            time.sleep(tick)
+
+    def _after_fork(self) -> None:
+        # The thread does not survive fork(); slots of other threads are dead.
+        self.thread = None
+        self.slots = weakref.WeakSet()
+        self.lock = threading.Lock()
+        self.idle = False
+        self.wake_event = threading.Event()
+
+
+WATCHDOG = _Watchdog()
+_tls = threading.local()
+
+
+def _reset_after_fork() -> None:
+    global _tls
+    _tls = threading.local()
+    WATCHDOG._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def current_slot() -> Slot:
+    """The calling thread's :class:`Slot` (created and registered on first use)."""
+    try:
+        return _tls.slot
+    except AttributeError:
+        slot = Slot(threading.get_ident())
+        _tls.slot = slot
+        WATCHDOG.register(slot)
+        return slot
+
+
+def wake_watchdog() -> None:
+    """Wake the watchdog if it parked itself (call after arming a slot)."""
+    if WATCHDOG.idle:
+        WATCHDOG.wake()
+
+
+def call_with_budget(fn, profile, ctx, budget_s: float | None, what: str = "rule"):
+    """Call ``fn(profile, ctx)`` with the profile protected by the write guard and,
+    when ``budget_s`` is set, interrupted after that many seconds.
+
+    Raises :class:`~kvadrupel.errors.RuleTimeout` on timeout. The slow, general
+    path (``CompiledRule.match``); RuleSet inlines the same protocol.
+    """
+    slot = current_slot()
+    box = slot.box
+    if box[0]:
+        # Nested call inside an evaluation already under a budget: that one applies.
+        return fn(profile, ctx)
+    saved = slot.profile, slot.owned
+    slot.profile, slot.owned = profile, None
+    try:
+        if not budget_s:
+            return fn(profile, ctx)
+        seq = slot.seq = slot.seq + 1
+        box[1] = budget_s
+        error: BaseException | None = None
+        result = None
+        # The interrupt may land anywhere in the outer ``try`` (see the module
+        # docstring); after it, nothing can be injected any more.
+        try:
+            box[0] = seq
+            wake_watchdog()
+            try:
+                result = fn(profile, ctx)
+            except BudgetExceeded:
+                raise
+            except BaseException as exc:  # re-raised below, once disarmed
+                error = exc
+            box[0] = 0
+            if slot.fired_seq == seq:
+                clear_pending(slot)
+        except BudgetExceeded:
+            box[0] = 0
+            raise RuleTimeout(f"{what} exceeded its {budget_s * 1000:g} ms budget") from None
+        if error is not None:
+            raise error
+        return result
+    finally:
+        slot.profile, slot.owned = saved
+
+
+class BatchBudget:
+    """A wall-clock budget for a batch of profiles.
+
+    ``check()`` raises :class:`~kvadrupel.errors.RuleTimeout` once ``total_ms`` have
+    passed since creation; ``remaining_ms`` / ``exceeded`` let a caller decide itself.
+    """
+
+    __slots__ = ("total_ms", "started", "deadline")
+
+    def __init__(self, total_ms: float) -> None:
+        self.total_ms = float(total_ms)
+        self.started = time.perf_counter()
+        self.deadline = self.started + self.total_ms / 1000.0
+
+    @property
+    def remaining_ms(self) -> float:
+        return max(0.0, (self.deadline - time.perf_counter()) * 1000.0)
+
+    @property
+    def exceeded(self) -> bool:
+        return time.perf_counter() >= self.deadline
+
+    def check(self) -> None:
+        """Raise RuleTimeout if the batch ran out of time."""
+        if time.perf_counter() >= self.deadline:
+            raise RuleTimeout(f"batch exceeded its {self.total_ms:g} ms budget")
