@@ -28,14 +28,19 @@ Semantics every implementation keeps (and ``tests/channels`` checks on both):
 from __future__ import annotations
 
 import base64
+import binascii
 import email.utils
 import re
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.headerregistry import Address, AddressHeader, UnstructuredHeader
+from email import policy
+from email.headerregistry import Address
 from email.message import EmailMessage
+from email.parser import BytesParser
+from functools import lru_cache
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -51,20 +56,10 @@ __all__ = [
     "envelope_address",
     "mailer_from_settings",
     "message_id_header",
-    "recipient_address",
+    "parse_message",
+    "render_message",
+    "RenderedMessage",
 ]
-
-
-# Headers an ``Email.headers`` entry may not set: they are built from the other
-# fields (or from the mailer's configuration, for From) and the MIME structure.
-RESERVED_HEADERS = frozenset(
-    name.lower()
-    for name in (
-        "From", "Sender", "To", "Cc", "Bcc", "Subject", "Date", "Message-ID",
-        "MIME-Version", "Content-Type", "Content-Transfer-Encoding",
-        "Content-Disposition", "Return-Path",
-    )
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,19 +121,74 @@ def mailer_from_settings(settings: Settings) -> Mailer:
 
 
 # -- message building, shared by the implementations ---------------------------
+#
+# Messages are written straight to their wire form (CRLF, 7-bit unless an
+# address needs SMTPUTF8) instead of through email.message.EmailMessage and its
+# generator, for two reasons:
+#
+# * the stdlib's header folder mishandles RFC 2047 encoded words: it can put the
+#   space between two words outside the encoded words, where a reader must drop
+#   it ("заказ номер 100 доставлен" arrives as "номер 100доставлен"; about one
+#   long non-ASCII subject in ten), or glue two encoded words together ("?==?"),
+#   which some providers bounce with 554 (CPython gh-144156); and a value whose
+#   first word does not fit the first line gains a leading space;
+# * it is slow: building and flattening a text+html message took ~1.4 ms of CPU,
+#   most of an SMTP send; this takes a small fraction of that.
+#
+# Headers are folded here, every line at most 78 characters: plain ASCII before a
+# space; anything else (non-ASCII, control characters, "=?", a word too long to
+# fold) as whole-character base64 encoded words of at most 75 characters. Bodies
+# are 7bit when they are short-lined ASCII, quoted-printable otherwise.
+# :func:`build_message` parses the result back into an EmailMessage.
 
-def envelope_address(mail_from: str) -> tuple[str, str]:
-    """(``addr-spec``, domain) of a ``From`` value such as ``"Name <a@b.c>"``."""
-    _, addr = email.utils.parseaddr(mail_from)
-    if "@" not in addr:
-        raise ValueError(f"mail_from {mail_from!r} has no address")
-    return addr, addr.rpartition("@")[2]
+
+@dataclass(frozen=True, slots=True)
+class RenderedMessage:
+    data: bytes  # the message, CRLF line ends, as sent after DATA / stored as .eml
+    recipient: str  # the RCPT TO address (addr-spec of To)
+    message_id: str  # the Message-ID header, "<...>"
+    smtputf8: bool  # an address is not ASCII: needs the SMTPUTF8 extension
 
 
-_MSGID_RE = re.compile(r"^<[^<>@\s]+@[^<>@\s]+>$")
+# Headers an ``Email.headers`` entry may not set: they are built from the other
+# fields (or from the mailer's configuration, for From) and the MIME structure.
+RESERVED_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        "From", "Sender", "To", "Cc", "Bcc", "Subject", "Date", "Message-ID",
+        "MIME-Version", "Content-Type", "Content-Transfer-Encoding",
+        "Content-Disposition", "Content-ID", "Return-Path", "Received",
+        "Resent-From", "Resent-Sender", "Resent-To", "Resent-Cc", "Resent-Bcc",
+        "Resent-Date", "Resent-Message-ID",
+    )
+)
+# Extra headers that hold one address (with an optional display name).
+_ADDRESS_HEADERS = frozenset({"reply-to"})
+
+_MAX_LINE = 78
+_MAX_ID = 900  # Message-ID length limit (the line limit is 998)
+_EW_OVERHEAD = len("=?utf-8?b??=")
+_EW_MAX_BYTES = 45  # 12 + 60 base64 characters = 72 <= 75
+_PLAIN = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
+_BARE_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
+_MSGID_RE = re.compile(r"<[\x21-\x3b\x3d\x3f\x41-\x7e]+@[\x21-\x3b\x3d\x3f\x41-\x7e]+>")
 # RFC 5322 atext plus "."; everything else in a key is %-escaped, so distinct keys
 # keep distinct Message-IDs.
 _ATEXT_SAFE = "!#$&'*+-/=?^_`{|}~."
+_QP_NEEDED = re.compile(r"[^\t\n\x20-\x7e]|[^\n]{999}")
+
+
+def envelope_address(mail_from: str) -> tuple[str, str]:
+    """(``addr-spec``, domain) of a ``From`` value such as ``"Name <a@b.c>"``."""
+    try:
+        _, addr, _ = _address_field("From", mail_from)
+    except ValueError as exc:
+        raise ValueError(f"mail_from {mail_from!r}: {exc}") from None
+    return addr, addr.rpartition("@")[2]
 
 
 def message_id_header(key: str | None, domain: str) -> str:
@@ -150,96 +200,161 @@ def message_id_header(key: str | None, domain: str) -> str:
     if key is None:
         return email.utils.make_msgid(domain=domain)
     key = key.strip()
-    if _MSGID_RE.match(key):
-        return key
     if not key:
         raise ValueError("message_id is empty")
-    return f"<{quote(key, safe=_ATEXT_SAFE)}@{domain}>"
+    if _MSGID_RE.fullmatch(key):
+        msgid = key
+    else:
+        msgid = f"<{quote(key, safe=_ATEXT_SAFE)}@{domain}>"
+    if len(msgid) > _MAX_ID:
+        raise ValueError(f"message_id longer than {_MAX_ID} characters")
+    return msgid
+
+
+def render_message(
+    mail: Email, mail_from: str, *, domain: str | None = None, date: datetime | None = None
+) -> RenderedMessage:
+    """The wire form of ``mail``: RFC 5322 + MIME, CRLF line ends.
+
+    Raises ``ValueError`` for a message that can never be sent as it is (a line
+    break in a header, a reserved or malformed header name, a To that is not
+    exactly one address).
+    """
+    from_value, _, from_utf8 = _address_field_cached(mail_from)
+    to_value, recipient, to_utf8 = _address_field("To", mail.to)
+    if domain is None:
+        domain = envelope_address(mail_from)[1]
+    msgid = message_id_header(mail.message_id, domain)
+    lines = [
+        f"From: {from_value}",
+        f"To: {to_value}",
+        f"Subject: {_unstructured('Subject', mail.subject)}",
+        f"Date: {email.utils.format_datetime(date or datetime.now(UTC))}",
+        f"Message-ID: {msgid}",
+    ]
+    utf8 = from_utf8 or to_utf8
+    for name, value in mail.headers.items():
+        if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+            raise ValueError(f"bad header name {name!r}")
+        if name.lower() in RESERVED_HEADERS:
+            raise ValueError(f"header {name!r} is reserved")
+        if not isinstance(value, str):
+            raise ValueError(f"header {name!r}: value must be a string")
+        if name.lower() in _ADDRESS_HEADERS:
+            folded, _, is_utf8 = _address_field(name, value)
+            utf8 = utf8 or is_utf8
+        else:
+            folded = _unstructured(name, value)
+        lines.append(f"{name}: {folded}")
+    lines.append("MIME-Version: 1.0")
+
+    text_cte, text_body = _body(mail.text)
+    if mail.html is None:
+        lines.append('Content-Type: text/plain; charset="utf-8"')
+        lines.append(f"Content-Transfer-Encoding: {text_cte}")
+        body = text_body
+    else:
+        html_cte, html_body = _body(mail.html)
+        b = _boundary(text_body, html_body)
+        lines.append(f'Content-Type: multipart/alternative;\n boundary="{b}"')
+        # The line break before a boundary belongs to the boundary (RFC 2046 5.1.1).
+        body = (
+            f'--{b}\nContent-Type: text/plain; charset="utf-8"\n'
+            f"Content-Transfer-Encoding: {text_cte}\n\n{text_body}\n"
+            f'--{b}\nContent-Type: text/html; charset="utf-8"\n'
+            f"Content-Transfer-Encoding: {html_cte}\n\n{html_body}\n"
+            f"--{b}--\n"
+        )
+    lines += ["", body]
+    text = "\n".join(lines).replace("\n", "\r\n")  # the body's line ends are LF only
+    data = text.encode("utf-8") if utf8 else text.encode("ascii")
+    return RenderedMessage(data=data, recipient=recipient, message_id=msgid, smtputf8=utf8)
 
 
 def build_message(
     mail: Email, mail_from: str, *, domain: str | None = None, date: datetime | None = None
 ) -> EmailMessage:
-    """The RFC 5322 message for ``mail``.
+    """``render_message`` parsed back into an EmailMessage (LF line ends)."""
+    data = render_message(mail, mail_from, domain=domain, date=date).data
+    return parse_message(data)
 
-    Raises ``ValueError`` for a message that can never be sent as it is (a line
-    break in a header, a reserved header in ``headers``, an empty recipient).
-    """
-    if domain is None:
-        domain = envelope_address(mail_from)[1]
-    if not mail.to or not mail.to.strip():
-        raise ValueError("empty recipient")
-    msg = EmailMessage()
-    _put_header(msg, "From", mail_from)
-    _put_header(msg, "To", mail.to)
-    _put_header(msg, "Subject", mail.subject)
-    msg["Date"] = email.utils.format_datetime(date or datetime.now(UTC))
-    msg["Message-ID"] = message_id_header(mail.message_id, domain)
-    for name, value in mail.headers.items():
-        if name.lower() in RESERVED_HEADERS:
-            raise ValueError(f"header {name!r} is reserved")
-        _put_header(msg, name, value)
-    # Non-ASCII bodies as quoted-printable: 7-bit clean, so the message needs no
-    # 8BITMIME from the server and the .eml is plain ASCII.
-    msg.set_content(mail.text, cte=_cte(mail.text))
-    if mail.html is not None:
-        msg.add_alternative(mail.html, subtype="html", cte=_cte(mail.html))
-    _check_addresses(msg)
+
+def parse_message(data: bytes) -> EmailMessage:
+    """Parse a wire-form message; CRLF become LF, so ``get_content()`` has no "\\r"."""
+    msg = _PARSER.parsebytes(data.replace(b"\r\n", b"\n"))
+    assert isinstance(msg, EmailMessage)
     return msg
 
 
+_PARSER = BytesParser(policy=policy.default)
+
+
 # -- headers ----------------------------------------------------------------------
-#
-# The stdlib's header folder (email.policy.default/SMTP) mishandles RFC 2047
-# encoded words: it can put the space between two words outside the encoded
-# words, where a reader must drop it ("Привет мир" arrives as "Приветмир"; about
-# 1 long non-ASCII subject in 10), or glue two encoded words together ("?==?"),
-# which some providers bounce with 554 (CPython gh-144156); and a value whose
-# first word does not fit the first line gains a leading space. So unstructured
-# values and display names are folded here and set with ``set_raw``, every line
-# at most 78 characters (the generator writes such a value as it is): plain ASCII
-# folded before a space, anything else (non-ASCII, control characters, "=?", a
-# word too long to fold) as whole-character base64 words of at most 75 characters.
 
-_MAX_LINE = 78
-_EW_OVERHEAD = len("=?utf-8?b??=")
-_EW_MAX_BYTES = 45  # 12 + 60 base64 characters = 72 <= 75
-_PLAIN = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+def _check_value(name: str, value: str) -> None:
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"header {name!r} contains a line break")
 
 
-def _cte(body: str) -> str | None:
-    return None if body.isascii() else "quoted-printable"
+@lru_cache(maxsize=64)
+def _address_field_cached(value: str) -> tuple[str, str, bool]:
+    return _address_field("From", value)
 
 
-def _put_header(msg: EmailMessage, name: str, value: str) -> None:
+def _address_field(name: str, value: str) -> tuple[str, str, bool]:
+    """(folded header value, addr-spec, needs SMTPUTF8) for exactly one address."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string")
+    _check_value(name, value)
+    value = value.strip()
+    if not value:
+        raise ValueError(f"{name} is empty")
+    if len(value) <= 254 and _BARE_ADDRESS.fullmatch(value):
+        return value, value, False  # the common case, without the slow parser
     try:
-        msg[name] = value  # validates: no CR/LF; parses addresses
-    except (ValueError, TypeError):
-        raise
-    except Exception as exc:  # the stdlib parser can crash on odd input (AttributeError)
+        header = _REGISTRY("To", value)
+        addresses, defects = header.addresses, header.defects
+    except Exception as exc:  # the stdlib parser can even crash on odd input
         raise ValueError(f"{name}: cannot parse {value!r}") from exc
-    header = msg[name]
+    if defects:  # it parses leniently; a defect means it guessed
+        raise ValueError(f"{name}: malformed address {value!r}: {defects[0]}")
+    if len(addresses) != 1 or not addresses[0].username or not addresses[0].domain:
+        raise ValueError(f"{name} must be one address, got {value!r}")
+    address = addresses[0]
+    addr_spec = address.addr_spec
+    utf8 = not addr_spec.isascii()
+    if any(ch in addr_spec for ch in "\r\n\x00") or len(addr_spec) > 254:
+        raise ValueError(f"{name}: bad address {addr_spec!r}")
+    angle = f"<{addr_spec}>"
+    display = address.display_name
+    if not display:
+        return addr_spec, addr_spec, utf8
     room = _MAX_LINE - len(name) - 2  # "Name: " starts the first line
-    raw: str | None
-    if isinstance(header, UnstructuredHeader):
-        raw = _fold_plain(value, room) if _PLAIN.fullmatch(value) and "=?" not in value else None
-        if raw is None:
-            raw = _encoded_words(value, room)
-    elif isinstance(header, AddressHeader) and len(header.addresses) == 1:
-        address = header.addresses[0]
-        if not address.display_name or not address.addr_spec.isascii():
-            return  # a bare address; or SMTPUTF8, left to the stdlib
-        if value.isascii() and len(str(header)) <= room and "=?" not in value:
-            return  # short and plain: the stdlib writes it on one line
-        words = _encoded_words(address.display_name, room).split("\n")
-        angle = f"<{address.addr_spec}>"
-        last_room = room if len(words) == 1 else _MAX_LINE
-        sep = " " if len(words[-1]) + 1 + len(angle) <= last_room else "\n "
-        raw = "\n".join(words) + sep + angle
-    else:
-        return
-    del msg[name]
-    msg.set_raw(name, raw)
+    plain = str(Address(display_name=display, addr_spec="x@x")).removesuffix(" <x@x>")
+    if plain.isascii() and _PLAIN.fullmatch(plain) and "=?" not in plain:
+        if len(plain) + 1 + len(angle) <= room:
+            return f"{plain} {angle}", addr_spec, utf8
+    words = _encoded_words(display, room).split("\n")
+    last_room = room if len(words) == 1 else _MAX_LINE
+    sep = " " if len(words[-1]) + 1 + len(angle) <= last_room else "\n "
+    return "\n".join(words) + sep + angle, addr_spec, utf8
+
+
+_REGISTRY = policy.default.header_factory
+
+
+def _unstructured(name: str, value: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string")
+    _check_value(name, value)
+    room = _MAX_LINE - len(name) - 2
+    if not value:
+        return ""
+    if _PLAIN.fullmatch(value) and "=?" not in value:
+        folded = _fold_plain(value, room)
+        if folded is not None:
+            return folded
+    return _encoded_words(value, room)
 
 
 def _fold_plain(value: str, room: int) -> str | None:
@@ -297,15 +412,23 @@ def _word(text: str) -> str:
     return f"=?utf-8?b?{base64.b64encode(data).decode('ascii')}?="
 
 
-def recipient_address(msg: EmailMessage) -> str:
-    """The ``addr-spec`` of a built message's single ``To`` (the RCPT TO address)."""
-    return str(msg["To"].addresses[0].addr_spec)
+# -- bodies -------------------------------------------------------------------------
+
+def _body(content: str) -> tuple[str, str]:
+    """(Content-Transfer-Encoding, encoded body with LF line ends, ending in LF)."""
+    if not isinstance(content, str):
+        raise ValueError("body must be a string")
+    text = content.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.endswith("\n"):
+        text += "\n"  # as EmailMessage.set_content does
+    if not _QP_NEEDED.search(text):
+        return "7bit", text
+    encoded = binascii.b2a_qp(text.encode("utf-8", "surrogatepass"), istext=True)
+    return "quoted-printable", encoded.decode("ascii")
 
 
-def _check_addresses(msg: EmailMessage) -> None:
-    # The header registry parses leniently, recording defects instead of raising;
-    # a To with no usable address, or several, is refused here, as permanent.
-    to = msg["To"]
-    addresses: tuple[Address, ...] = to.addresses
-    if len(addresses) != 1 or not addresses[0].username or not addresses[0].domain:
-        raise ValueError(f"To must be one address, got {str(to)!r}")
+def _boundary(*bodies: str) -> str:
+    while True:
+        boundary = f"=_kvadrupel_{secrets.token_hex(12)}"
+        if not any(boundary in body for body in bodies):
+            return boundary

@@ -19,10 +19,14 @@ Semantics every implementation keeps (and ``tests/bus`` checks on both):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Bus", "Consumer", "Message", "TOPICS", "topic_names"]
+__all__ = ["Bus", "Consumer", "Message", "RevokeCallback", "TOPICS", "topic_names"]
+
+# Called with the (topic, partition) pairs a member is about to lose (rebalance,
+# close): the last moment to commit finished work or drop in-flight state.
+RevokeCallback = Callable[[list[tuple[str, int]]], None]
 
 
 # Logical topic names. The full name is ``<prefix>.<logical>``; the prefix defaults
@@ -102,7 +106,8 @@ class Bus(ABC):
         """Wait until every queued message is accepted; raise BusError otherwise."""
 
     @abstractmethod
-    def consumer(self, group: str, topics: Sequence[str]) -> Consumer:
+    def consumer(self, group: str, topics: Sequence[str], *,
+                 on_revoke: RevokeCallback | None = None) -> Consumer:
         """Join ``group`` as a new member consuming ``topics``."""
 
     @abstractmethod

@@ -14,12 +14,10 @@ import re
 import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from email import policy
 from email.message import EmailMessage
-from email.parser import BytesParser
 from pathlib import Path
 
-from channels.mail import Email, Mailer, SendResult, build_message, envelope_address
+from channels.mail import Email, Mailer, SendResult, envelope_address, parse_message, render_message
 
 __all__ = ["OutboxMailer", "read_outbox"]
 
@@ -64,11 +62,11 @@ class OutboxMailer(Mailer):
     def _write_one(self, mail: Email) -> SendResult:
         now = datetime.now(UTC)
         try:
-            msg = build_message(mail, self.mail_from, domain=self._domain, date=now)
-            data = msg.as_bytes(policy=policy.SMTP)
+            msg = render_message(mail, self.mail_from, domain=self._domain, date=now)
         except (ValueError, TypeError, UnicodeError) as exc:
             return SendResult(mail, ok=False, permanent=True, error=f"invalid message: {exc}")
-        msgid = _UNSAFE_NAME.sub("_", str(msg["Message-ID"]).strip("<> "))[:_MAX_ID_IN_NAME]
+        data = msg.data
+        msgid = _UNSAFE_NAME.sub("_", msg.message_id.strip("<> "))[:_MAX_ID_IN_NAME]
         final = self.directory / f"{now:%Y%m%dT%H%M%S.%fZ}-{msgid}.eml"
         try:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".eml", dir=self.directory)
@@ -92,16 +90,11 @@ def read_outbox(directory: str | os.PathLike[str]) -> list[EmailMessage]:
     folder = Path(directory)
     if not folder.is_dir():
         return []
-    parser = BytesParser(policy=policy.default)
-    messages: list[EmailMessage] = []
-    for path in sorted(folder.glob("*.eml")):
-        if path.name.startswith("."):
-            continue
-        # CRLF on disk, as on the wire; LF in Python, so get_content() has no "\r".
-        msg = parser.parsebytes(path.read_bytes().replace(b"\r\n", b"\n"))
-        assert isinstance(msg, EmailMessage)
-        messages.append(msg)
-    return messages
+    return [
+        parse_message(path.read_bytes())  # CRLF on disk, LF in Python
+        for path in sorted(folder.glob("*.eml"))
+        if not path.name.startswith(".")
+    ]
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -36,14 +36,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
 
-from channels.mail import (
-    Email,
-    Mailer,
-    SendResult,
-    build_message,
-    envelope_address,
-    recipient_address,
-)
+from channels.mail import Email, Mailer, SendResult, envelope_address, render_message
 from kvadrupel.errors import ChannelError, ConfigError
 
 __all__ = ["SmtpEndpoint", "SmtpMailer", "parse_smtp_url"]
@@ -238,8 +231,7 @@ class SmtpMailer(Mailer):
     async def _deliver(self, conn: aiosmtplib.SMTP, mail: Email) -> tuple[SendResult, bool]:
         """(result, server reachable)."""
         try:
-            msg = build_message(mail, self.mail_from, domain=self._domain)
-            rcpt = recipient_address(msg)
+            msg = render_message(mail, self.mail_from, domain=self._domain)
         except (ValueError, TypeError, UnicodeError) as exc:
             return SendResult(mail, ok=False, permanent=True, error=f"invalid message: {exc}"), True
 
@@ -252,7 +244,12 @@ class SmtpMailer(Mailer):
                     error = f"cannot connect to {self.endpoint}: {_describe(exc)}"
                     return SendResult(mail, ok=False, error=error), False
             try:
-                await conn.send_message(msg, sender=self._sender, recipients=[rcpt])
+                await conn.sendmail(
+                    self._sender,
+                    [msg.recipient],
+                    msg.data,
+                    mail_options=["SMTPUTF8"] if msg.smtputf8 else None,
+                )
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 refused = exc.recipients[0]
                 code = 452 if refused.code == 552 else refused.code

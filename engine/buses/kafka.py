@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer as _KConsumer
@@ -36,7 +36,7 @@ from confluent_kafka import Message as _KMessage
 from confluent_kafka import Producer as _KProducer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from engine.bus import Bus, Consumer, Message
+from engine.bus import Bus, Consumer, Message, RevokeCallback
 from kvadrupel.errors import BusError, ConfigError
 
 if TYPE_CHECKING:
@@ -46,9 +46,8 @@ __all__ = ["KafkaBus", "KafkaConsumer", "RevokeCallback"]
 
 log = logging.getLogger(__name__)
 
-#: Called with the (topic, partition) pairs a consumer is about to lose (rebalance,
-#: close) or has already lost (session expired). Runs inside ``poll``/``close``.
-RevokeCallback = Callable[[list[tuple[str, int]]], None]
+# RevokeCallback (engine.bus) runs inside ``poll``/``close``; on Kafka it is also
+# called for partitions already lost (session expired).
 
 _CLIENT_PREFIXES = ("producer.", "consumer.", "admin.")
 

@@ -16,7 +16,7 @@ import time
 import zlib
 from collections.abc import Iterable, Sequence
 
-from engine.bus import Bus, Consumer, Message
+from engine.bus import Bus, Consumer, Message, RevokeCallback
 from kvadrupel.errors import BusError
 
 __all__ = ["MemoryBus"]
@@ -70,12 +70,13 @@ class MemoryBus(Bus):
         return None
 
     # -- consumer side -------------------------------------------------------
-    def consumer(self, group: str, topics: Sequence[str]) -> Consumer:
+    def consumer(self, group: str, topics: Sequence[str], *,
+                 on_revoke: RevokeCallback | None = None) -> Consumer:
         with self._cond:
             for name in topics:
                 self._topic(name)
             g = self._groups.setdefault(group, _Group())
-            member = _MemoryConsumer(self, g, list(topics))
+            member = _MemoryConsumer(self, g, list(topics), on_revoke)
             g.members.append(member)
             self._rebalance(g)
             return member
@@ -88,6 +89,8 @@ class MemoryBus(Bus):
             pairs += [(name, p) for p in range(len(self._topics[name].logs))]
         members = group.members
         for m in members:
+            if m._assigned and m.on_revoke is not None:
+                m.on_revoke(sorted(m._assigned))
             m._assigned = {}
         for i, (name, p) in enumerate(pairs):
             eligible = [m for m in members if name in m.topics]
@@ -140,10 +143,12 @@ class MemoryBus(Bus):
 
 
 class _MemoryConsumer(Consumer):
-    def __init__(self, bus: MemoryBus, group: _Group, topics: list[str]) -> None:
+    def __init__(self, bus: MemoryBus, group: _Group, topics: list[str],
+                 on_revoke: RevokeCallback | None = None) -> None:
         self.bus = bus
         self.group = group
         self.topics = topics
+        self.on_revoke = on_revoke
         # (topic, partition) -> next offset to hand out
         self._assigned: dict[tuple[str, int], int] = {}
         self._paused = False
@@ -201,5 +206,8 @@ class _MemoryConsumer(Consumer):
 
     def close(self) -> None:
         if not self._closed:
+            if self._assigned and self.on_revoke is not None:
+                self.on_revoke(sorted(self._assigned))
             self._closed = True
             self.bus._leave(self)
+            self._assigned = {}

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from channels.mail import Email, build_message, message_id_header
+from channels.mail import Email, build_message, message_id_header, render_message
 from channels.mailers.outbox import OutboxMailer, read_outbox
 from tests.channels.helpers import MAIL_FROM, emails, send
 
@@ -148,7 +148,7 @@ _BODIES = st.lists(
 
 
 def _wire_and_parsed(mail: Email) -> tuple[bytes, EmailMessage, email.message.Message]:
-    wire = build_message(mail, MAIL_FROM).as_bytes(policy=policy.SMTP)
+    wire = render_message(mail, MAIL_FROM).data
     parsed = BytesParser(policy=policy.default).parsebytes(wire.replace(b"\r\n", b"\n"))
     raw = BytesParser(policy=policy.compat32).parsebytes(wire)
     return wire, parsed, raw
@@ -212,6 +212,21 @@ def test_a_long_russian_subject_keeps_its_spaces() -> None:
     # Then the subject is intact, for the stdlib parser and for an RFC 2047 decoder
     assert msg["Subject"] == subject
     assert _rfc2047_decoded(raw["Subject"]) == subject
+
+
+def test_build_message_gives_the_parsed_email_message() -> None:
+    # Given an e-mail with text and html
+    mail = Email(to="ann@example.com", subject="Привет", text="Текст", html="<b>Текст</b>")
+
+    # When it is built as an EmailMessage
+    msg = build_message(mail, MAIL_FROM)
+
+    # Then it is the parsed wire form: multipart/alternative, decoded, LF line ends
+    assert isinstance(msg, EmailMessage)
+    assert msg.get_content_type() == "multipart/alternative"
+    assert msg["Subject"] == "Привет"
+    assert [p.get_content() for p in msg.iter_parts()] == ["Текст\n", "<b>Текст</b>\n"]
+    assert all(p["Content-Transfer-Encoding"] == "quoted-printable" for p in msg.iter_parts())
 
 
 def test_unparseable_recipients_are_value_errors() -> None:
