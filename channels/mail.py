@@ -185,7 +185,7 @@ _QP_NEEDED = re.compile(r"[^\t\n\x20-\x7e]|[^\n]{999}")
 def envelope_address(mail_from: str) -> tuple[str, str]:
     """(``addr-spec``, domain) of a ``From`` value such as ``"Name <a@b.c>"``."""
     try:
-        _, addr, _ = _address_field("From", mail_from)
+        _, addr, _ = _address_field_cached(mail_from)
     except ValueError as exc:
         raise ValueError(f"mail_from {mail_from!r}: {exc}") from None
     return addr, addr.rpartition("@")[2]

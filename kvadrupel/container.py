@@ -68,7 +68,8 @@ class Container:
     # -- services -------------------------------------------------------------
     @cached_property
     def rules(self) -> RuleService:
-        return RuleService(self.control, self.settings.timezone, self.settings.rule_budget_ms)
+        return RuleService(self.control, self.settings.timezone, self.settings.rule_budget_ms,
+                           shards=lambda: self.shards)
 
     @cached_property
     def runs(self) -> RunService:

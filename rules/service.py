@@ -7,7 +7,9 @@ points at the current one.
 
 from __future__ import annotations
 
+import difflib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -16,6 +18,7 @@ from sqlalchemy import Engine, func, select, update
 
 from channels.templates import render_content, validate_template
 from kvadrupel.errors import Conflict, NotFound, RuleCompileError, RuleValidationError
+from rules import audience
 from rules.context import make_context
 from rules.models import RuleIn
 from rules.ruleset import RuleSet, RuleSpec
@@ -46,10 +49,12 @@ def _now() -> datetime:
 
 
 class RuleService:
-    def __init__(self, control: Engine, timezone: str = "Europe/Moscow", budget_ms: float = 50.0) -> None:
+    def __init__(self, control: Engine, timezone: str = "Europe/Moscow", budget_ms: float = 50.0,
+                 shards: Callable[[], Any] | None = None) -> None:
         self.control = control
         self.timezone = timezone
         self.budget_ms = budget_ms
+        self._shards = shards  # the ShardSet, for audience questions (preview, forecast)
         self._lock = threading.Lock()
 
     # -- validation -----------------------------------------------------------
@@ -237,3 +242,61 @@ class RuleService:
             "banner": render_content(cur["banner"], profile, ctx),
             "email": render_content(cur["email"], profile, ctx),
         }
+
+    # -- versions and audience ----------------------------------------------------
+    def version(self, key: str, version: int | None = None) -> dict[str, Any]:
+        """One saved version (the current one when ``version`` is None)."""
+        if version is None:
+            version = self.get(key)["version"]
+        with self.control.connect() as conn:
+            r = conn.execute(select(rule_versions).where(
+                (rule_versions.c.key == key) & (rule_versions.c.version == version))).first()
+        if r is None:
+            raise NotFound(f"rule {key!r} has no version {version}")
+        return dict(r._mapping) | {"created_at": r.created_at.isoformat()}
+
+    def _spec(self, key: str, version: int | None = None) -> RuleSpec:
+        v = self.version(key, version)
+        return RuleSpec(key=key, version=v["version"], source=v["source"], priority=v["priority"],
+                        group=v["group"])
+
+    def diff(self, key: str, v1: int, v2: int) -> dict[str, Any]:
+        """What changed between two versions: a unified diff of the source and the
+        other fields that differ."""
+        a, b = self.version(key, v1), self.version(key, v2)
+        source = "".join(difflib.unified_diff(
+            a["source"].splitlines(keepends=True), b["source"].splitlines(keepends=True),
+            fromfile=f"{key} v{v1}", tofile=f"{key} v{v2}"))
+        fields = {
+            f: {"from": a[f], "to": b[f]}
+            for f in ("name", "group", "priority", "banner", "email", "examples") if a[f] != b[f]
+        }
+        return {"key": key, "from": v1, "to": v2, "source": source, "fields": fields}
+
+    def _shardset(self) -> Any:
+        if self._shards is None:
+            raise RuntimeError("this RuleService has no shards to ask")
+        return self._shards()
+
+    def preview(self, key: str, as_of: date, sample: int | str = 20_000,
+                version: int | None = None) -> dict[str, Any]:
+        return audience.preview(self._shardset(), self._spec(key, version), as_of, sample,
+                                self.timezone, self.budget_ms)
+
+    def forecast(self, key: str, from_date: date, days: int, sample: int | str = 20_000,
+                 version: int | None = None) -> dict[str, Any]:
+        return audience.forecast(self._shardset(), self._spec(key, version), from_date, days,
+                                 sample, self.timezone, self.budget_ms)
+
+    def shadow(self, key: str, as_of: date, sample: int | str = 20_000,
+               source: str | None = None, version: int | None = None) -> dict[str, Any]:
+        """The active version against a candidate (given source, or a saved version)."""
+        active = self._spec(key)
+        if source is not None:
+            compile_rule(source, key=key)  # refuse a broken candidate with its line
+            candidate = RuleSpec(key=key, version=0, source=source, priority=active.priority,
+                                 group=active.group)
+        else:
+            candidate = self._spec(key, version)
+        return audience.shadow(self._shardset(), active, candidate, as_of, sample,
+                               self.timezone, self.budget_ms)

@@ -100,6 +100,14 @@ class ShardStore(ABC):
     def stream_users(self, user_ids: Sequence[int]) -> Iterator[list[ProfileRow]]: ...
 
     @abstractmethod
+    def stream_sample(self, fraction: float, batch: int = 2000) -> Iterator[list[ProfileRow]]:
+        """A random sample of about ``fraction`` of the users (1.0: everyone)."""
+
+    @abstractmethod
+    def estimate_count(self) -> int:
+        """A cheap estimate of the number of users (exact where that is cheap)."""
+
+    @abstractmethod
     def plan_ranges(self, target_users: int) -> list[tuple[int, int]]:
         """Split this shard's key space into ``[lo, hi]`` ranges of about
         ``target_users`` users each, covering 1..2**63-1 with no gap or overlap."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import date
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
 from rules.models import RuleIn
@@ -78,3 +79,60 @@ def enable(key: str, request: Request) -> dict[str, Any]:
 @router.post("/{key}/disable", summary="Pause a rule")
 def disable(key: str, request: Request) -> dict[str, Any]:
     return _svc(request).set_enabled(key, False)
+
+
+class PreviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    as_of: date
+    sample: int | Literal["all"] = Field(default=20_000)
+    version: int | None = None
+
+    @field_validator("sample")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("sample must be a positive number of users or 'all'")
+        return v
+
+
+class ForecastIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_: date = Field(alias="from")
+    days: int = Field(default=30, ge=1, le=366)
+    sample: int | Literal["all"] = Field(default=20_000)
+    version: int | None = None
+
+    _positive = field_validator("sample")(PreviewIn._positive.__func__)  # type: ignore[attr-defined]
+
+
+class ShadowIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    as_of: date
+    source: str | None = Field(default=None, max_length=50_000)
+    version: int | None = None
+    sample: int | Literal["all"] = Field(default=20_000)
+
+    _positive = field_validator("sample")(PreviewIn._positive.__func__)  # type: ignore[attr-defined]
+
+
+@router.post("/{key}/preview", summary="How many users match as of a date (nothing is sent)")
+async def preview(key: str, body: PreviewIn, request: Request) -> dict[str, Any]:
+    return await run_in_threadpool(_svc(request).preview, key, body.as_of, body.sample, body.version)
+
+
+@router.post("/{key}/forecast", summary="Users newly matching per day (who would get the e-mail)")
+async def forecast(key: str, body: ForecastIn, request: Request) -> dict[str, Any]:
+    return await run_in_threadpool(_svc(request).forecast, key, body.from_, body.days, body.sample,
+                                   body.version)
+
+
+@router.post("/{key}/shadow", summary="A candidate version against the active one: gain / lose")
+async def shadow(key: str, body: ShadowIn, request: Request) -> dict[str, Any]:
+    return await run_in_threadpool(_svc(request).shadow, key, body.as_of, body.sample, body.source,
+                                   body.version)
+
+
+@router.get("/{key}/diff", summary="Differences between two versions")
+def diff(key: str, request: Request, from_: int = Query(alias="from", ge=1),
+         to: int = Query(ge=1)) -> dict[str, Any]:
+    return _svc(request).diff(key, from_, to)

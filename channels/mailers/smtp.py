@@ -10,15 +10,18 @@
 
 Up to ``concurrency`` connections are opened lazily and kept open between calls;
 each sends one message at a time, and ``send_many`` fans its messages out over
-them. A connection that breaks mid-message (server gone, idle-closed, timed out)
+them. Each message is rendered once (:func:`channels.mail.render_message`) and
+sent as bytes with ``sendmail``; ``SMTPUTF8`` is asked for only when an address
+needs it. A connection that breaks mid-message (server gone, idle-closed, timed out)
 is reconnected once and the message sent again before the failure is reported;
 that can only duplicate a message the server accepted but did not confirm, which
 a transient result (and the caller's retry) would duplicate as well, and the
 retry carries the same ``Message-ID``.
 
-Classification (see :mod:`channels.mail`): 5xx for the recipient or the data is
-permanent; 4xx, 421, 552 at RCPT (RFC 5321 4.5.3.1.10), a refused sender or
-login, connection and timeout errors are transient. When a connection cannot be
+Classification (see :mod:`channels.mail`): 5xx to RCPT TO or to the message
+data is permanent; 4xx, 552 at RCPT (RFC 5321 4.5.3.1.10), any refusal that is
+not about this recipient or message (MAIL FROM, EHLO, login), connection and
+timeout errors are transient. When a connection cannot be
 opened, that worker stops; once no worker can connect, the messages not yet
 tried are reported transient without waiting for a timeout each.
 """
@@ -259,10 +262,13 @@ class SmtpMailer(Mailer):
                 self._drop_if_closing(conn, exc.code)
                 error = f"MAIL FROM refused: {exc.code} {exc.message}"
                 return SendResult(mail, ok=False, error=error), True
-            except aiosmtplib.SMTPResponseException as exc:
+            except aiosmtplib.SMTPDataError as exc:  # the server refused this message
                 self._drop_if_closing(conn, exc.code)
-                stage = "DATA" if isinstance(exc, aiosmtplib.SMTPDataError) else "reply"
-                return _reply(mail, exc.code, exc.code, exc.message, stage), True
+                return _reply(mail, exc.code, exc.code, exc.message, "DATA"), True
+            except aiosmtplib.SMTPResponseException as exc:  # EHLO and the like: not theirs
+                self._drop_if_closing(conn, exc.code)
+                error = f"server refused: {exc.code} {exc.message}"
+                return SendResult(mail, ok=False, error=error), True
             except aiosmtplib.SMTPNotSupported as exc:  # e.g. a UTF-8 address, no SMTPUTF8
                 return SendResult(mail, ok=False, permanent=True, error=str(exc)), True
             except (OSError, aiosmtplib.SMTPException) as exc:

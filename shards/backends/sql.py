@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, and_, case, func, select, update
+from sqlalchemy import Engine, and_, case, func, select, tablesample, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
@@ -379,6 +379,34 @@ class SqlShardStore(ShardStore):
                 )
             ).scalar()
             return bool(exists)
+
+    # -- audience sampling (preview / forecast) ------------------------------------
+    def stream_sample(self, fraction: float, batch: int = 2000) -> Iterator[list[ProfileRow]]:
+        if fraction >= 1.0:
+            yield from self.stream_range(1, MAX_USER_ID, batch)
+            return
+        # Bernoulli sampling on the row: each user is in with probability
+        # ``fraction``, independently (an unbiased estimator of the match rate).
+        if self.engine.dialect.name == "postgresql":
+            sampled = tablesample(profiles, func.bernoulli(fraction * 100), name="s")
+            stmt = select(sampled.c.user_id, sampled.c.doc)
+        else:
+            cut = int(fraction * 2**63)
+            stmt = select(profiles.c.user_id, profiles.c.doc).where(
+                func.abs(func.random()) < cut)
+        with self.read_engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=batch).execute(stmt)
+            for part in result.partitions(batch):
+                yield [ProfileRow(r[0], r[1], {}) for r in part]
+
+    def estimate_count(self) -> int:
+        if self.engine.dialect.name == "postgresql":
+            with self.read_engine.connect() as conn:
+                est = conn.execute(text(
+                    "SELECT reltuples::bigint FROM pg_class WHERE relname = 'profiles'")).scalar()
+            if est is not None and est > 0:
+                return int(est)
+        return self.count()
 
     def close(self) -> None:
         self.engine.dispose()
