@@ -1,14 +1,44 @@
-"""Bearer-token checks for the three audiences: admin, ingest and portal."""
+"""Authentication: bearer service tokens and signed user tokens (JWT).
+
+Service tokens (``KVADRUPEL_ADMIN_TOKEN``, ``_INGEST_TOKEN``, ``_PORTAL_TOKEN``)
+guard the service endpoints through :func:`require`. The banner endpoints also take
+user tokens for the mobile app: JWTs signed with HS256 (``KVADRUPEL_JWT_SECRET``)
+or RS256/ES256 (``KVADRUPEL_JWT_PUBLIC_KEY``), with ``sub`` = the user id and
+``exp`` required; such a token may read and dismiss only its own user's banners.
+
+| token                          | own user | another user |
+|--------------------------------|----------|--------------|
+| none / malformed / bad / expired | 401    | 401          |
+| portal or admin service token  | ok       | ok           |
+| other service token (ingest)   | 401      | 401          |
+| user JWT                       | ok       | 403          |
+
+Verified JWTs are remembered (bounded, until their ``exp``) so the hot route pays
+for the signature check once per token, not once per request.
+"""
 
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import jwt
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-_bearer = HTTPBearer(auto_error=False)
+from kvadrupel.errors import ConfigError
+from shards.router import parse_user_id
+
+__all__ = ["AuthError", "Authenticator", "Principal", "bearer_scheme", "require"]
+
+bearer_scheme = HTTPBearer(auto_error=False, description=(
+    "A service token (portal/admin: any user) or, on the banner endpoints, a user JWT "
+    "(`sub` = user id, `exp` required) for that user only."))
+_bearer = bearer_scheme
 
 
 def require(role: str) -> Callable[..., None]:
@@ -27,3 +57,127 @@ def require(role: str) -> Callable[..., None]:
         raise HTTPException(401, f"invalid token for {role} endpoints")
 
     return check
+
+
+class AuthError(Exception):
+    """Refused: ``status`` 401 (who are you?) or 403 (not yours)."""
+
+    def __init__(self, status: int, detail: str, error: str | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        # RFC 6750 §3: the challenge says why a presented token was refused.
+        self.challenge = f'Bearer error="{error}"' if error else "Bearer"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    kind: str  # "service" or "user"
+    user_id: int | None = None  # the JWT's subject for kind "user"
+
+    def may_access(self, user_id: int) -> bool:
+        return self.kind == "service" or self.user_id == user_id
+
+
+_SERVICE = Principal("service")
+_ASYMMETRIC = ("RS", "PS", "ES", "Ed")
+
+
+def _load_public_key(value: str) -> Any:
+    if not value:
+        return None
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    text = value if value.lstrip().startswith("-----BEGIN") else Path(value).read_text()
+    try:
+        return load_pem_public_key(text.encode())
+    except ValueError as exc:
+        raise ConfigError(f"KVADRUPEL_JWT_PUBLIC_KEY is not a PEM public key: {exc}") from None
+
+
+class Authenticator:
+    """Checks the ``Authorization`` header of the banner endpoints (thread-safe)."""
+
+    def __init__(self, *, service_tokens: list[str], jwt_algorithms: list[str],
+                 jwt_secret: str = "", jwt_public_key: str = "", audience: str = "",
+                 issuer: str = "", leeway_s: int = 30, cache_size: int = 50_000) -> None:
+        self._tokens = [t.encode() for t in service_tokens if t]
+        self.algorithms = [a for a in jwt_algorithms if a]
+        self._secret = jwt_secret.encode() if jwt_secret else None
+        if self._secret is not None and len(self._secret) < 32:
+            # RFC 7518 §3.2: an HS256 key must be at least as long as the hash.
+            raise ConfigError("KVADRUPEL_JWT_SECRET must be at least 32 bytes")
+        self._public = _load_public_key(jwt_public_key)
+        self.audience = audience or None
+        self.issuer = issuer or None
+        self.leeway = leeway_s
+        self._cache: dict[bytes, tuple[int, float]] = {}  # token -> (user id, exp)
+        self._cache_size = cache_size
+
+    @classmethod
+    def from_settings(cls, s: Any) -> Authenticator:
+        return cls(service_tokens=[s.portal_token, s.admin_token], jwt_algorithms=s.jwt_algorithms,
+                   jwt_secret=s.jwt_secret, jwt_public_key=s.jwt_public_key,
+                   audience=s.jwt_audience, issuer=s.jwt_issuer, leeway_s=s.jwt_leeway_s)
+
+    def authenticate(self, header: bytes | None) -> Principal:
+        if not header:
+            raise AuthError(401, "missing bearer token")
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
+            raise AuthError(401, "the Authorization header must be 'Bearer <token>'",
+                            "invalid_request")
+        hit = self._cache.get(token)
+        if hit is not None:
+            uid, exp = hit
+            if time.time() <= exp + self.leeway:
+                return Principal("user", uid)
+            self._cache.pop(token, None)
+            raise AuthError(401, "token expired", "invalid_token")
+        for expected in self._tokens:
+            if hmac.compare_digest(token, expected):
+                return _SERVICE
+        if token.count(b".") != 2:
+            raise AuthError(401, "invalid token", "invalid_token")
+        return self._verify_jwt(token)
+
+    def authorize(self, header: bytes | None, user_id: int) -> Principal:
+        p = self.authenticate(header)
+        if not p.may_access(user_id):
+            raise AuthError(403, "a user token may only access its own banners",
+                            "insufficient_scope")
+        return p
+
+    def _verify_jwt(self, token: bytes) -> Principal:
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+        except jwt.PyJWTError:
+            raise AuthError(401, "invalid token", "invalid_token") from None
+        if alg not in self.algorithms:
+            raise AuthError(401, f"token algorithm {str(alg)[:10]!r} is not accepted",
+                            "invalid_token")
+        # Each algorithm family has its own key, so an RSA public key can never be
+        # (mis)used as an HMAC secret (the classic algorithm-confusion attack).
+        key = self._public if str(alg).startswith(_ASYMMETRIC) else self._secret
+        if key is None:
+            raise AuthError(401, "user tokens are not configured", "invalid_token")
+        try:
+            claims = jwt.decode(token, key, algorithms=[alg], audience=self.audience,
+                                issuer=self.issuer, leeway=self.leeway,
+                                options={"require": ["exp", "sub"]})
+        except jwt.ExpiredSignatureError:
+            raise AuthError(401, "token expired", "invalid_token") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError(401, f"invalid token: {exc}", "invalid_token") from None
+        try:
+            uid = parse_user_id(claims["sub"])
+        except ValueError:
+            raise AuthError(401, "token subject is not a user id", "invalid_token") from None
+        if len(self._cache) >= self._cache_size:
+            try:
+                self._cache.pop(next(iter(self._cache)), None)  # oldest first
+            except (RuntimeError, StopIteration):  # changed meanwhile: drop it all
+                self._cache.clear()
+        self._cache[token] = (uid, float(claims["exp"]))
+        return Principal("user", uid)

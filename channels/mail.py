@@ -21,7 +21,8 @@ Semantics every implementation keeps (and ``tests/channels`` checks on both):
   failure carries the same ``Message-ID`` and the receiving side can drop the
   duplicate. Without one, a fresh ``Message-ID`` is generated per send.
 * A message with ``html`` is ``multipart/alternative`` (text/plain, then
-  text/html); without, it is a single text/plain part.
+  text/html); without, it is a single text/plain part. Both mailers send the
+  bytes of :func:`render_message` (:func:`build_message` is its EmailMessage).
 * A mailer belongs to one event loop; ``aclose`` releases its connections.
 """
 
@@ -36,7 +37,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email import policy
+from email import errors, policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -106,7 +107,8 @@ def mailer_from_settings(settings: Settings) -> Mailer:
     if not settings.smtp_url:
         from channels.mailers.outbox import OutboxMailer
 
-        return OutboxMailer(settings.data_dir / "outbox", settings.mail_from)
+        return OutboxMailer(settings.data_dir / "outbox", settings.mail_from,
+                            fsync=settings.outbox_fsync)
 
     from channels.mailers.smtp import SmtpMailer
 
@@ -217,8 +219,8 @@ def render_message(
     """The wire form of ``mail``: RFC 5322 + MIME, CRLF line ends.
 
     Raises ``ValueError`` for a message that can never be sent as it is (a line
-    break in a header, a reserved or malformed header name, a To that is not
-    exactly one address).
+    break in a header other than Subject, where line breaks become a space; a
+    reserved or malformed header name; a To that is not exactly one address).
     """
     from_value, _, from_utf8 = _address_field_cached(mail_from)
     to_value, recipient, to_utf8 = _address_field("To", mail.to)
@@ -228,7 +230,7 @@ def render_message(
     lines = [
         f"From: {from_value}",
         f"To: {to_value}",
-        f"Subject: {_unstructured('Subject', mail.subject)}",
+        f"Subject: {_unstructured('Subject', _one_line(mail.subject))}",
         f"Date: {email.utils.format_datetime(date or datetime.now(UTC))}",
         f"Message-ID: {msgid}",
     ]
@@ -291,6 +293,16 @@ _PARSER = BytesParser(policy=policy.default)
 
 # -- headers ----------------------------------------------------------------------
 
+_LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
+
+
+def _one_line(subject: str) -> str:
+    # A subject is rendered from a template and a profile: a line break in a
+    # profile value should not make the message unsendable. Anything else that
+    # is a header keeps its line breaks, and is refused.
+    return _LINE_BREAKS.sub(" ", subject) if isinstance(subject, str) else subject
+
+
 def _check_value(name: str, value: str) -> None:
     if "\r" in value or "\n" in value:
         raise ValueError(f"header {name!r} contains a line break")
@@ -316,7 +328,10 @@ def _address_field(name: str, value: str) -> tuple[str, str, bool]:
         addresses, defects = header.addresses, header.defects
     except Exception as exc:  # the stdlib parser can even crash on odd input
         raise ValueError(f"{name}: cannot parse {value!r}") from exc
-    if defects:  # it parses leniently; a defect means it guessed
+    # It parses leniently; a defect means it guessed. A non-ASCII local part is
+    # fine: that is what SMTPUTF8 is for.
+    defects = [d for d in defects if not isinstance(d, errors.NonASCIILocalPartDefect)]
+    if defects:
         raise ValueError(f"{name}: malformed address {value!r}: {defects[0]}")
     if len(addresses) != 1 or not addresses[0].username or not addresses[0].domain:
         raise ValueError(f"{name} must be one address, got {value!r}")

@@ -19,9 +19,9 @@ Every failure is a :class:`~kvadrupel.errors.ChannelError` whose message says th
 line. :func:`validate_template` / :func:`validate_content` give the same message
 without raising, for checking a rule when it is saved.
 
-Not bounded: CPU time of a template that loops without producing output
-(nested ``range`` loops). Rules are saved by trusted operators; the rule time
-budget does not cover rendering.
+Not bounded: the CPU time of a template that loops without producing output
+(nested ``range`` loops, each up to 100,000): there is no deadline inside
+rendering.
 """
 
 from __future__ import annotations
@@ -143,13 +143,14 @@ def validate_template(source: str) -> str | None:
 
 
 def render_content(
-    spec: Mapping[str, Any] | None, profile: Any, ctx: Mapping[str, Any] | None = None
+    spec: Mapping[str, Any] | None, profile: Any, ctx: Any = None
 ) -> dict[str, Any] | None:
     """Render every string value of a content spec for one user.
 
     ``spec`` is ``{"title", "body", "link"}`` (a banner) or ``{"subject", "text",
     "html"}`` (an e-mail); ``html`` is autoescaped, the rest is plain text, and
     non-string values are copied as they are. Templates see every key of ``ctx``
+    (a mapping, or anything ``{**ctx}`` spreads, such as :class:`rules.context.Context`)
     and ``profile`` (which wins over a ``ctx`` key of that name). None -> None.
     ChannelError names the key and line of the first failure.
     """

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     smtp_timeout_s: float = 10.0
     smtp_concurrency: int = 8
     mail_from: str = "Kvadrupel <noreply@kvadrupel.local>"
+    # The embedded outbox is a development channel: fsync per message costs more than
+    # the rest of a demo run, and the ledger (not the outbox) is the durable record.
+    outbox_fsync: bool = False
 
     # Auth. Missing tokens are generated (and printed) by the embedded demo.
     admin_token: str = ""
@@ -73,7 +76,31 @@ class Settings(BaseSettings):
     banner_max_age_s: int = 30
     log_level: str = "INFO"
 
+    # Banner API (docs/api.md): mobile JWTs, version cache, long-poll, replicas, server.
+    jwt_algorithms: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["HS256"])
+    jwt_secret: str = ""  # HS256 shared secret; empty: HS* tokens are refused
+    jwt_public_key: str = ""  # RS256/ES256 public key: PEM text or a path to a PEM file
+    jwt_audience: str = ""  # when set, tokens must carry this "aud"
+    jwt_issuer: str = ""  # when set, tokens must carry this "iss"
+    jwt_leeway_s: int = 30
+    banner_cache_users: int = 250_000  # user -> banner-set version entries per API process
+    banner_cache_bodies: int = 100_000  # rendered response bodies kept per API process
+    banner_longpoll_max_waiters: int = 2000  # per process; past it: 503 + Retry-After
+    banner_longpoll_max_wait_s: int = 60
+    replica_retry_s: float = 5.0  # a failed replica is skipped this long
+    replica_max_lag_bytes: int = 1 << 20  # WAL replay lag past which reads go to the primary
+    api_server: str = "granian"  # granian | uvicorn (kvadrupel api)
+    api_workers: int = 2
+
+    # Admin UI (/admin/, docs/admin.md).
+    admin_session_secret: str = ""  # signs session cookies; empty: random per process
+    admin_session_max_age_s: int = 8 * 3600
+    admin_cookie_secure: bool = False  # set true behind HTTPS (cookie gets the Secure flag)
+    admin_approval_audience: int = 1000  # activation above this many users needs an approver
+    admin_preview_sample: int = 20_000  # users sampled for blast radius and preview (0: everyone)
+
     _csv = field_validator("shards", "shard_replicas", mode="before")(_split_csv)
+    _csv_jwt = field_validator("jwt_algorithms", mode="before")(_split_csv)
 
     @property
     def embedded_storage(self) -> bool:

@@ -18,8 +18,15 @@ FIRST_ID = 1_000_001
 def user(uid: int, as_of: date, rng: random.Random) -> dict[str, Any]:
     birth = as_of - timedelta(days=rng.randint(18 * 365, 80 * 365))
     first, last = rng.choice(FIRST), rng.choice(LAST)
-    # Licences last 10 years; expiry dates spread over ±3 years around today.
-    expires = as_of + timedelta(days=rng.randint(-3 * 365, 3 * 365))
+    # Licences last 10 years. Most are valid (expiry spread over the next 10 years),
+    # some expired lately (not renewed yet), a few long ago (stopped driving).
+    roll = rng.random()
+    if roll < 0.85:
+        expires = as_of + timedelta(days=rng.randint(0, 3650))
+    elif roll < 0.92:
+        expires = as_of - timedelta(days=rng.randint(1, 180))
+    else:
+        expires = as_of - timedelta(days=rng.randint(181, 5 * 365))
     renewed = expires - timedelta(days=3650) if rng.random() < 0.97 else as_of - timedelta(days=rng.randint(0, 30))
     doc: dict[str, Any] = {
         "user_id": uid,

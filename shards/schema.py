@@ -201,3 +201,45 @@ shard_map = Table(
     Column("bucket", Integer, primary_key=True, autoincrement=False),
     Column("shard", Integer, nullable=False),
 )
+
+# Admin UI (api/admin/): accounts, the audit log, activation requests.
+admin_users = Table(
+    "admin_users",
+    control_metadata,
+    Column("username", Text, primary_key=True),
+    Column("password_hash", Text, nullable=False),  # argon2id (PHC string)
+    Column("role", Text, nullable=False),  # analyst | approver | admin
+    Column("active", Boolean, nullable=False),
+    # Part of every session cookie: bumping it signs the user out everywhere.
+    Column("session_gen", Integer, nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+)
+
+admin_audit = Table(
+    "admin_audit",
+    control_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", UtcDateTime(), nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("action", Text, nullable=False),  # e.g. rule.save, activation.approve, user.add
+    Column("target", Text, nullable=True),  # e.g. rule:<key>, user:<name>, run:<id>
+    Column("detail", Json, nullable=False),  # what changed (a diff where there is one)
+)
+Index("admin_audit_target", admin_audit.c.target, admin_audit.c.id)
+
+activation_requests = Table(
+    "activation_requests",
+    control_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rule_key", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("status", Text, nullable=False),  # pending | approved | rejected | withdrawn
+    Column("requested_by", Text, nullable=False),
+    Column("requested_at", UtcDateTime(), nullable=False),
+    Column("audience", BigInteger, nullable=True),  # blast radius when requested; None: unknown
+    Column("note", Text, nullable=True),
+    Column("decided_by", Text, nullable=True),
+    Column("decided_at", UtcDateTime(), nullable=True),
+)
+Index("activation_requests_rule", activation_requests.c.rule_key, activation_requests.c.status)

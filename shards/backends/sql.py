@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, and_, case, func, select, tablesample, text, update
+from sqlalchemy import BigInteger, Engine, and_, case, func, literal, select, tablesample, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
 from kvadrupel.errors import ShardUnavailable
+from shards.replica import BANNER_CHANNEL, notify_payloads, replica_reads
 from shards.router import MAX_USER_ID
 from shards.schema import banner_sets, banners, ingest_marks, profiles, user_state
 from shards.store import (
@@ -23,6 +25,8 @@ from shards.store import (
     ProfileRow,
     ShardStore,
 )
+
+_log = logging.getLogger("kvadrupel.shards")
 
 
 def json_dumps(obj: Any) -> str:
@@ -231,6 +235,7 @@ class SqlShardStore(ShardStore):
             return []
         ts = now()
         changed: dict[int, None] = {}
+        bumped: list[tuple[int, int]] = []
         try:
             with self.engine.begin() as conn:
                 for ch in changes:
@@ -300,42 +305,88 @@ class SqlShardStore(ShardStore):
                         if res.first() is not None:
                             changed[ch.user_id] = None
                 if changed:
-                    self._bump_versions(conn, list(changed))
+                    bumped = self._bump_versions(conn, list(changed))
         except OperationalError as exc:
             raise self._unavailable(exc) from exc
+        self._announce_banners(bumped)
         return list(changed)
 
-    def _bump_versions(self, conn: Any, user_ids: list[int]) -> None:
+    def _bump_versions(self, conn: Any, user_ids: list[int]) -> list[tuple[int, int]]:
+        """Bump the users' banner-set versions; return ``[(user_id, new version)]``.
+
+        On PostgreSQL the new versions are also announced with ``pg_notify`` in the
+        same transaction: listeners (the API's version caches) hear them exactly
+        when the change commits, never before, and never for a rolled-back one.
+        """
         ins = self._insert(banner_sets)
-        conn.execute(
+        rows = conn.execute(
             ins.on_conflict_do_update(
                 index_elements=["user_id"], set_={"version": banner_sets.c.version + 1}
-            ),
+            ).returning(banner_sets.c.user_id, banner_sets.c.version),
             [{"user_id": u, "version": 1} for u in user_ids],
+        ).all()
+        bumped = [(int(r[0]), int(r[1])) for r in rows]
+        if bumped and self.engine.dialect.name == "postgresql":
+            for payload in notify_payloads(bumped):
+                conn.execute(text("SELECT pg_notify(:channel, :payload)"),
+                             {"channel": BANNER_CHANNEL, "payload": payload})
+        return bumped
+
+    def add_banner_listener(self, fn: Any) -> None:
+        """Call ``fn([(user_id, version), ...])`` after every committed banner change
+        made through this store object (in-process invalidation, any dialect)."""
+        self.__dict__.setdefault("_banner_listeners", []).append(fn)
+
+    def remove_banner_listener(self, fn: Any) -> None:
+        listeners = self.__dict__.get("_banner_listeners", [])
+        if fn in listeners:
+            listeners.remove(fn)
+
+    def _announce_banners(self, bumped: list[tuple[int, int]]) -> None:
+        if not bumped:
+            return
+        for fn in list(self.__dict__.get("_banner_listeners", ())):
+            try:
+                fn(bumped)
+            except Exception:  # a listener must never fail the write that already committed
+                _log.exception("banner listener failed on shard %d", self.index)
+
+    def _banners_stmt(self, user_id: int) -> Any:
+        # One statement, so one snapshot: the version always describes exactly the
+        # rows returned (two statements under READ COMMITTED could disagree).
+        me = select(literal(user_id, BigInteger).label("uid")).subquery("me")
+        return (
+            select(
+                banner_sets.c.version,
+                banners.c.id,
+                banners.c.rule_key,
+                banners.c.title,
+                banners.c.body,
+                banners.c.link,
+                banners.c.priority,
+                banners.c.version.label("rule_version"),
+                banners.c.created_at,
+            )
+            .select_from(
+                me.outerjoin(banner_sets, banner_sets.c.user_id == me.c.uid).outerjoin(
+                    banners, (banners.c.user_id == me.c.uid) & banners.c.dismissed_at.is_(None)
+                )
+            )
+            .order_by(banners.c.priority.desc(), banners.c.created_at, banners.c.rule_key)
         )
 
-    def banners(self, user_id: int) -> tuple[int, list[dict[str, Any]]]:
+    def banners(self, user_id: int, min_version: int = 0) -> tuple[int, list[dict[str, Any]]]:
+        """``(version, banners)``, from the replica when one is configured and it is up
+        and has at least ``min_version`` for this user; otherwise from the primary."""
+        stmt = self._banners_stmt(user_id)
         try:
-            with self.read_engine.connect() as conn:
-                version = conn.execute(
-                    select(banner_sets.c.version).where(banner_sets.c.user_id == user_id)
-                ).scalar()
-                rows = conn.execute(
-                    select(
-                        banners.c.id,
-                        banners.c.rule_key,
-                        banners.c.title,
-                        banners.c.body,
-                        banners.c.link,
-                        banners.c.priority,
-                        banners.c.version,
-                        banners.c.created_at,
-                    )
-                    .where((banners.c.user_id == user_id) & banners.c.dismissed_at.is_(None))
-                    .order_by(banners.c.priority.desc(), banners.c.created_at, banners.c.rule_key)
-                ).all()
+            rows = replica_reads(self).read(
+                lambda conn: conn.execute(stmt).all(),
+                fresh=lambda rs: int(rs[0][0] or 0) >= min_version,
+            )
         except OperationalError as exc:
             raise self._unavailable(exc) from exc
+        version = int(rows[0][0] or 0)
         out = [
             {
                 "id": r.id,
@@ -344,41 +395,52 @@ class SqlShardStore(ShardStore):
                 "body": r.body,
                 "link": r.link,
                 "priority": r.priority,
-                "rule_version": r.version,
+                "rule_version": r.rule_version,
                 "created_at": _utc(r.created_at).isoformat(),
             }
             for r in rows
+            if r.id is not None
         ]
-        return int(version or 0), out
+        return version, out
 
-    def banner_version(self, user_id: int) -> int:
-        with self.read_engine.connect() as conn:
-            v = conn.execute(
-                select(banner_sets.c.version).where(banner_sets.c.user_id == user_id)
-            ).scalar()
-        return int(v or 0)
+    def banner_version(self, user_id: int, min_version: int = 0) -> int:
+        stmt = select(banner_sets.c.version).where(banner_sets.c.user_id == user_id)
+        try:
+            v = replica_reads(self).read(
+                lambda conn: int(conn.execute(stmt).scalar() or 0),
+                fresh=lambda v: v >= min_version,
+            )
+        except OperationalError as exc:
+            raise self._unavailable(exc) from exc
+        return int(v)
 
     def dismiss(self, user_id: int, bid: str) -> bool:
-        with self.engine.begin() as conn:
-            res = conn.execute(
-                update(banners)
-                .where(
-                    (banners.c.user_id == user_id)
-                    & (banners.c.id == bid)
-                    & banners.c.dismissed_at.is_(None)
+        bumped: list[tuple[int, int]] = []
+        try:
+            with self.engine.begin() as conn:
+                res = conn.execute(
+                    update(banners)
+                    .where(
+                        (banners.c.user_id == user_id)
+                        & (banners.c.id == bid)
+                        & banners.c.dismissed_at.is_(None)
+                    )
+                    .values(dismissed_at=now())
+                    .returning(banners.c.user_id)
                 )
-                .values(dismissed_at=now())
-                .returning(banners.c.user_id)
-            )
-            if res.first() is not None:
-                self._bump_versions(conn, [user_id])
-                return True
-            exists = conn.execute(
-                select(func.count()).select_from(banners).where(
-                    (banners.c.user_id == user_id) & (banners.c.id == bid)
-                )
-            ).scalar()
-            return bool(exists)
+                if res.first() is not None:
+                    bumped = self._bump_versions(conn, [user_id])
+                    found = True
+                else:
+                    found = bool(conn.execute(
+                        select(func.count()).select_from(banners).where(
+                            (banners.c.user_id == user_id) & (banners.c.id == bid)
+                        )
+                    ).scalar())
+        except OperationalError as exc:
+            raise self._unavailable(exc) from exc
+        self._announce_banners(bumped)
+        return found
 
     # -- audience sampling (preview / forecast) ------------------------------------
     def stream_sample(self, fraction: float, batch: int = 2000) -> Iterator[list[ProfileRow]]:

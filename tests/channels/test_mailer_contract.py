@@ -93,7 +93,9 @@ def test_results_are_in_order_and_a_bad_message_does_not_stop_the_batch(
 ) -> None:
     # Given a batch where two messages can never be sent as they are
     batch = emails(3)
-    bad_header = Email(to="c@example.com", subject="x\r\nBcc: evil@example.com", text="t")
+    bad_header = Email(
+        to="c@example.com", subject="s", text="t", headers={"X-Note": "x\r\nBcc: evil@example.com"}
+    )
     reserved = Email(to="d@example.com", subject="s", text="t", headers={"From": "x@evil.com"})
     two_recipients = Email(to="e@example.com, f@example.com", subject="s", text="t")
     mixed = [batch[0], bad_header, batch[1], reserved, two_recipients, batch[2]]
@@ -110,6 +112,20 @@ def test_results_are_in_order_and_a_bad_message_does_not_stop_the_batch(
     assert sorted(m["Message-ID"] for m in received) == sorted(
         f"<m-{i}@kvadrupel.test>" for i in range(3)
     )
+
+
+def test_line_breaks_in_a_subject_become_spaces_not_headers(channel: Channel) -> None:
+    # Given a subject rendered from a profile value with line breaks in it
+    mail = Email(to="ann@example.com", subject="Hello Ann\r\nBcc: evil@example.com\n", text="t")
+
+    # When it is sent
+    results = send(channel.make, [mail])
+
+    # Then it arrives on one line, and no header was injected
+    assert results[0].ok
+    (msg,) = channel.received(1)
+    assert msg["Subject"] == "Hello Ann Bcc: evil@example.com "
+    assert msg["Bcc"] is None
 
 
 def test_the_same_key_gives_the_same_message_id_on_a_resend(channel: Channel) -> None:

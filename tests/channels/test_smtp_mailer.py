@@ -4,8 +4,10 @@ classification, reconnects, TLS and AUTH, URL parsing."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -221,6 +223,47 @@ def test_pooled_connections_survive_a_server_restart(smtp_server: SmtpServer) ->
     # Then the second batch is delivered over new connections
     assert asyncio.run(go()) == [True] * 8
     assert len(smtp_server.wait_for(8)) == 8
+
+
+def test_a_non_ascii_address_goes_out_with_smtputf8(smtp_server: SmtpServer) -> None:
+    # Given a recipient whose address is not ASCII, and one with a Cyrillic name
+    mails = [
+        Email(to="анна@пример.рф", subject="Привет", text="Текст"),
+        Email(to="Анна Иванова <anna@example.com>", subject="Привет", text="Текст"),
+    ]
+
+    # When they are sent to a server that speaks SMTPUTF8
+    results = send(lambda: mailer(smtp_server, concurrency=1), mails)
+
+    # Then both arrived, to the right envelope addresses, with names and subjects intact
+    assert [r.ok for r in results] == [True, True]
+    first, second = smtp_server.wait_for(2)
+    assert first.rcpt_tos == ("анна@пример.рф",)
+    assert second.rcpt_tos == ("anna@example.com",)
+    assert second.message["To"].addresses[0].display_name == "Анна Иванова"
+    assert first.message["Subject"] == second.message["Subject"] == "Привет"
+
+
+def test_a_mailer_moved_to_a_new_event_loop_starts_over(smtp_server: SmtpServer) -> None:
+    # Given a mailer whose connections were opened in an event loop that is gone
+    m = mailer(smtp_server, concurrency=2)
+    first = asyncio.run(m.send_many(emails(2, prefix="a")))
+
+    # When it is used from a new event loop
+    async def again() -> list[bool]:
+        try:
+            return [r.ok for r in await m.send_many(emails(2, prefix="b"))]
+        finally:
+            await m.aclose()
+
+    # Then it opens new connections there instead of hanging on the old ones
+    assert [r.ok for r in first] == [True, True]
+    assert asyncio.run(again()) == [True, True]
+    assert len(smtp_server.wait_for(4)) == 4
+    # (the first loop's sockets could not be closed without it: collect them here)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 def test_closed_mailer_refuses_to_send(smtp_server: SmtpServer) -> None:

@@ -1,0 +1,20 @@
+"""The admin UI where analysts author, test and launch rules (docs/admin.md)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from kvadrupel.container import Container
+
+__all__ = ["mount_admin"]
+
+
+def mount_admin(app: FastAPI, container: Container) -> None:
+    """Mount the admin UI at ``/admin`` (imported lazily: the CLI's ``user``
+    commands need only :mod:`api.admin.store`)."""
+    from api.admin.app import mount_admin as _mount
+
+    _mount(app, container)

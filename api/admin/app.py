@@ -1,0 +1,176 @@
+"""The admin UI as a FastAPI sub-application mounted at ``/admin``.
+
+It has its own session middleware (cookie path ``/admin``), security headers,
+static files (including the vendored CodeMirror build) and error pages, so none of
+that touches the REST API it is mounted beside. Every page works through the same
+services as the REST API: ``container.rules`` (RuleService) and ``container.runs``
+(RunService); only accounts, the audit log and activation requests are its own
+(:mod:`api.admin.store`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.admin import security
+from api.admin.store import AccountStore, ActivationStore, AuditLog
+from kvadrupel.container import Container
+from kvadrupel.errors import Conflict, NotFound
+
+__all__ = ["create_admin_app", "mount_admin", "render"]
+
+HERE = Path(__file__).parent
+PREFIX = "/admin"
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+       "img-src 'self' data:; font-src 'self'; connect-src 'self'; object-src 'none'; "
+       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+_ENV = Environment(loader=FileSystemLoader(HERE / "templates"),
+                   autoescape=select_autoescape(default=True, default_for_string=True),
+                   trim_blocks=True, lstrip_blocks=True)
+
+
+class _SecurityHeaders:
+    """CSP (no inline or foreign scripts), no framing, no sniffing, no caching of pages."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = scope.get("path", "").startswith(f"{scope.get('root_path', '')}/static/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [
+                    (b"content-security-policy", CSP.encode()),
+                    (b"x-frame-options", b"DENY"),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"same-origin"),
+                ]
+                if not static:
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def base_url(request: Request) -> str:
+    return request.scope.get("root_path", "") or ""
+
+
+def is_fetch(request: Request) -> bool:
+    return request.headers.get("x-requested-with") == "fetch"
+
+
+def render(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+    """Render a page (or a fragment) with the common context."""
+    user = getattr(request.state, "user", None)
+    flashes = request.session.pop("flash", []) if not template.startswith("_") else []
+    html = _ENV.get_template(template).render(
+        request=request, base=base_url(request), user=user, csrf=security.csrf_token(request),
+        flashes=flashes, role=(user or {}).get("role"), settings=request.app.state.settings,
+        APPROVERS=security.APPROVERS, EDITORS=security.EDITORS, ADMINS=security.ADMINS,
+        **context)
+    return HTMLResponse(html, status_code=status)
+
+
+def flash(request: Request, text: str, level: str = "ok") -> None:
+    request.session["flash"] = [*request.session.get("flash", []), [level, text]][-5:]
+
+
+def redirect(request: Request, path: str) -> RedirectResponse:
+    return RedirectResponse(base_url(request) + path, status_code=303)
+
+
+def _error(request: Request, status: int, title: str, detail: str) -> Response:
+    if is_fetch(request):
+        return render(request, "_error.html", status, title=title, detail=detail)
+    try:
+        security.current_user(request)
+    except security.NotSignedIn:
+        pass
+    return render(request, "error.html", status, title=title, detail=detail)
+
+
+def create_admin_app(container: Container, today: Callable[[], date] | None = None) -> FastAPI:
+    s = container.settings
+    app = FastAPI(title="Kvadrupel admin", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.container = container
+    app.state.settings = s
+    app.state.accounts = AccountStore(container.control)
+    app.state.audit = AuditLog(container.control)
+    app.state.activations = ActivationStore(container.control)
+    app.state.throttle = security.LoginThrottle()
+    tz = ZoneInfo(s.timezone)
+    app.state.today = today or (lambda: datetime.now(tz).date())
+
+    from api.admin.routes import auth, rules, runs, users
+
+    for module in (auth, rules, runs, users):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    @app.exception_handler(security.NotSignedIn)
+    async def _not_signed_in(request: Request, _: Exception) -> Response:
+        if is_fetch(request):
+            return JSONResponse({"detail": "not signed in"}, status_code=401)
+        path = request.url.path
+        nxt = f"?next={path}" if request.method == "GET" and path.startswith(PREFIX) else ""
+        return RedirectResponse(f"{base_url(request)}/login{nxt}", status_code=303)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        titles = {403: "Not allowed", 404: "Not found", 405: "Method not allowed"}
+        return _error(request, exc.status_code, titles.get(exc.status_code, "Error"), str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
+                           for e in exc.errors())
+        return _error(request, 422, "Invalid request", detail)
+
+    @app.exception_handler(NotFound)
+    async def _nf(request: Request, exc: NotFound) -> Response:
+        return _error(request, 404, "Not found", str(exc))
+
+    @app.exception_handler(Conflict)
+    async def _conflict(request: Request, exc: Conflict) -> Response:
+        return _error(request, 409, "Conflict", str(exc))
+
+    secret = s.admin_session_secret or secrets.token_urlsafe(32)
+    app.add_middleware(SessionMiddleware, secret_key=secret, session_cookie="kvadrupel_admin",
+                       max_age=s.admin_session_max_age_s, path=PREFIX, same_site="lax",
+                       https_only=s.admin_cookie_secure)
+    app.add_middleware(_SecurityHeaders)
+    return app
+
+
+def mount_admin(app: FastAPI, container: Container) -> None:
+    """Mount the admin UI at ``/admin`` of the REST app (uses its ``today``)."""
+    admin = create_admin_app(container, today=lambda: app.state.today())
+
+    @app.get(PREFIX, include_in_schema=False)
+    def _admin_root() -> RedirectResponse:
+        return RedirectResponse(f"{PREFIX}/", status_code=307)
+
+    app.mount(PREFIX, admin, name="admin")

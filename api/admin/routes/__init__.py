@@ -1,0 +1,1 @@
+"""Admin UI routes, one module per area."""
