@@ -16,7 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import orjson
 
-from api import problems
+from api import fast, problems
+from api.admin import mount_admin
 from api.routes import banners, events, rules, runs
 from kvadrupel import __version__
 from kvadrupel.container import Container
@@ -36,12 +37,14 @@ def create_app(container: Container, *, today: Callable[[], date] | None = None)
     problems.install(app)
     for module in (events, rules, runs, banners):
         app.include_router(module.router)
+    mount_admin(app, container)  # the admin UI at /admin (api/admin/)
+    fast.install(app, container)  # the lean path for GET /v1/users/{id}/banners (api/fast.py)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness")
     def healthz() -> Response:
         return Response(orjson.dumps({"status": "ok"}), media_type="application/json")
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
 

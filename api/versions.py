@@ -62,7 +62,7 @@ class ShardVersions:
     def __init__(self, index: int, *, users: int, bodies: int, recent: int = 65_536,
                  check: Callable[[], bool] | None = None) -> None:
         self.index = index
-        self.users_cap = max(1, users)
+        self.users_cap = max(0, users)  # 0: no cache (every request reads the database)
         self.bodies_cap = max(0, bodies)
         self.recent_cap = max(1, recent)
         self.check = check  # SQLite: True while no other connection has committed
@@ -117,7 +117,7 @@ class ShardVersions:
         """Remember what a database read (begun at ``token``) returned."""
         with self._lock:
             epoch, seq = token
-            if not self.live or epoch != self.epoch or seq < self.floor:
+            if not self.live or epoch != self.epoch or seq < self.floor or not self.users_cap:
                 return
             r = self.recent.get(uid)
             if r is not None and r[0] > seq and r[1] > version:
@@ -246,7 +246,7 @@ class VersionHub:
             else:
                 self._pg.append((i, engine.url.set(drivername="postgresql")
                                  .render_as_string(hide_password=False)))
-            self.shards.append(ShardVersions(i, users=users // n + 1, bodies=bodies // n + 1,
+            self.shards.append(ShardVersions(i, users=-(-users // n), bodies=-(-bodies // n),
                                              check=check))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -166,6 +166,11 @@ RESERVED_HEADERS = frozenset(
 )
 # Extra headers that hold one address (with an optional display name).
 _ADDRESS_HEADERS = frozenset({"reply-to"})
+# Extra headers holding a list of <URI>s (RFC 2369): never encoded words, folded
+# only between entries; a single entry may be up to the 998-character line limit.
+_URI_LIST_HEADERS = frozenset({"list-unsubscribe", "list-help", "list-subscribe", "list-post",
+                               "list-owner", "list-archive"})
+_URI_ENTRY = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]+>")
 
 _MAX_LINE = 78
 _MAX_ID = 900  # Message-ID length limit (the line limit is 998)
@@ -245,6 +250,8 @@ def render_message(
         if name.lower() in _ADDRESS_HEADERS:
             folded, _, is_utf8 = _address_field(name, value)
             utf8 = utf8 or is_utf8
+        elif name.lower() in _URI_LIST_HEADERS:
+            folded = _uri_list(name, value)
         else:
             folded = _unstructured(name, value)
         lines.append(f"{name}: {folded}")
@@ -356,6 +363,29 @@ def _address_field(name: str, value: str) -> tuple[str, str, bool]:
 
 
 _REGISTRY = policy.default.header_factory
+
+
+def _uri_list(name: str, value: str) -> str:
+    """``<uri>, <uri>`` (RFC 2369) folded between entries; each entry one line."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string")
+    _check_value(name, value)
+    entries = [e.strip() for e in value.split(",")]
+    if not entries or not all(_URI_ENTRY.fullmatch(e) for e in entries):
+        raise ValueError(f"header {name!r} must be a list of <URI>s")
+    lines = [entries[0]]
+    width = len(name) + 2 + len(entries[0])
+    for e in entries[1:]:
+        if width + 2 + len(e) <= _MAX_LINE:
+            lines[-1] += ", " + e
+            width += 2 + len(e)
+        else:
+            lines[-1] += ","
+            lines.append(" " + e)
+            width = 1 + len(e)
+    if max(len(x) for x in lines) + len(name) + 2 > 998:
+        raise ValueError(f"header {name!r}: an entry is longer than the 998-character line limit")
+    return "\n".join(lines)
 
 
 def _unstructured(name: str, value: str) -> str:

@@ -130,7 +130,19 @@ def render_html(source: str, /, **context: Any) -> str:
 
 
 def validate_template(source: str) -> str | None:
-    """``"line N: reason"`` if ``source`` does not compile, else None."""
+    """``"line N: reason"`` if ``source`` does not compile, else None.
+
+    A mapping (a spec's ``translations`` or ``push`` part) is checked value by
+    value: ``"en: title: line N: reason"``; ``None`` values in it are skipped.
+    """
+    if isinstance(source, Mapping):
+        for key, value in source.items():
+            if value is None:
+                continue
+            error = validate_template(value)
+            if error is not None:
+                return f"{key}: {error}"
+        return None
     if not isinstance(source, str):
         return f"template must be a string, not {type(source).__name__}"
     try:

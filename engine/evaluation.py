@@ -9,14 +9,24 @@ before (``user_state``) and emits only *changes*:
 
 A rule that raises or times out on a profile counts as "no match" in the figures
 but leaves that user's state for the rule untouched: a buggy rule must not make
-banners flicker and e-mails repeat. Rules in the same ``group`` exclude each
-other: only the highest-priority match of a group counts.
+banners flicker and e-mails repeat. For the same reason a *quarantined* rule's
+state is frozen (no exits) until it is fixed or disabled; a rule an analyst
+disabled or deleted exits everywhere at its users' next evaluation.
+
+Rules in the same ``group`` exclude each other: only the highest-priority match
+of a group counts. A run restricted to some rules (a campaign) evaluates only
+those, emits exits only for those, and still lets a higher-priority rule of the
+same group that is active in the user's state (and not evaluated now) win.
+
+The hot path is :func:`evaluate_rows`: one call of the rule set's combined
+evaluator per user, then a comparison with the previous state that costs a few
+hundred nanoseconds when nothing changed (the common case in a nightly run).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -26,23 +36,45 @@ from kvadrupel.errors import ChannelError
 from rules.context import Context
 from rules.ruleset import RuleSet
 from rules.service import ActiveRule
-from shards.store import ProfileRow
 
-__all__ = ["CompiledPack", "RangeStats", "evaluate_rows"]
+__all__ = ["CompiledPack", "RangeStats", "as_of_date", "evaluate_rows"]
+
+# A row to evaluate: (user_id, profile document, previous state or None/{}).
+# The state is {rule_key: [episode, active (0/1), version, since (ISO date)]}.
+Row = tuple[int, Any, Any]
 
 
 class CompiledPack:
-    """The active rules compiled into one :class:`RuleSet`, with their metadata."""
+    """The rules to evaluate, compiled into one :class:`RuleSet`, with their metadata.
 
-    def __init__(self, active: list[ActiveRule], budget_ms: float, generation: Any = None) -> None:
-        self.rules = {r.key: r for r in active}
-        self.ruleset = RuleSet([r.spec() for r in active], budget_ms=budget_ms)
+    ``active``: every active rule (for group resolution and metadata); ``only``: the
+    keys a restricted run evaluates (None: all of them); ``frozen``: keys whose
+    state must be kept although they are not evaluated (quarantined rules).
+    """
+
+    def __init__(self, active: list[ActiveRule], budget_ms: float, generation: Any = None, *,
+                 only: Iterable[str] | None = None, frozen: Iterable[str] = ()) -> None:
+        self.all = {r.key: r for r in active}
+        chosen = [r for r in active if only is None or r.key in set(only)]
+        self.rules = {r.key: r for r in chosen}
+        self.keys = frozenset(self.rules)
+        self.ruleset = RuleSet([r.spec() for r in chosen], budget_ms=budget_ms)
         self.generation = generation
+        self.restricted = only is not None
+        self.frozen = frozenset(frozen) - self.keys
         # Highest priority first; the first match of a group wins.
         self.order = sorted(active, key=lambda r: (-r.priority, r.key))
+        self.rank = {r.key: i for i, r in enumerate(self.order)}
+        self.group_of = {r.key: r.group for r in active if r.group}
+        self.grouped = any(r.group for r in chosen)
 
-    def resolve_groups(self, matched: Iterable[str]) -> list[str]:
+    def resolve_groups(self, matched: Iterable[str], prev: dict[str, list[Any]] | None = None) -> list[str]:
+        """The matches that survive group exclusion, by priority. In a restricted run,
+        ``prev``'s active rules outside the run take part (they win over lower ones)."""
         hit = set(matched)
+        if self.restricted and prev:
+            hit |= {k for k, v in prev.items() if v[1] and k not in self.keys and k in self.group_of
+                    and k in self.all}
         taken: set[str] = set()
         out = []
         for r in self.order:
@@ -52,7 +84,7 @@ class CompiledPack:
                         continue
                     taken.add(r.group)
                 out.append(r.key)
-        return out
+        return [k for k in out if k in self.keys] if self.restricted else out
 
 
 @dataclass(slots=True)
@@ -77,68 +109,109 @@ class RangeStats:
 
 
 def evaluate_rows(
-    rows: list[ProfileRow],
+    rows: Sequence[Row] | Iterable[Any],
     pack: CompiledPack,
     ctx: Context,
     run_id: int | None,
     stats: RangeStats,
 ) -> tuple[list[dict[str, Any]], list[tuple[int, dict[str, list[Any]]]]]:
-    """Evaluate a batch of users. Returns (result messages, new states to save)."""
+    """Evaluate a batch of users. Returns (result messages, new states to save).
+
+    ``rows``: ``(user_id, doc, state)`` tuples, or objects with those attributes
+    (:class:`shards.store.ProfileRow`).
+    """
     results: list[dict[str, Any]] = []
     states: list[tuple[int, dict[str, list[Any]]]] = []
     as_of = ctx.today.isoformat()
-    rules = pack.rules
+    evaluate = pack.ruleset.evaluate
+    keys = pack.keys
+    restricted = pack.restricted
+    grouped = pack.grouped
+    frozen = pack.frozen
+    combos: dict[tuple[str, ...], int] = {}
+    n = 0
     for row in rows:
-        stats.users += 1
-        outcome = pack.ruleset.evaluate(row.doc, ctx)
-        failed = set(outcome.errors) | set(outcome.timeouts)
-        for k, msg in outcome.errors.items():
-            stats.errors[k] += 1
-            stats.error_samples.setdefault(k, f"user {row.user_id}: {msg}")
-        for k in outcome.timeouts:
-            stats.errors[k] += 1
-            stats.timeouts.setdefault(k, row.user_id)
-        matched = pack.resolve_groups(outcome.matched)
-        stats.matches.update(matched)
-        prev = row.state
-        new = dict(prev)
-        for key in matched:
-            p = prev.get(key)
+        if type(row) is tuple:
+            uid, doc, prev = row
+        else:
+            uid, doc, prev = row.user_id, row.doc, row.state
+        n += 1
+        outcome = evaluate(doc, ctx)
+        matched = outcome.matched
+        failed: set[str] | None = None
+        if outcome.errors or outcome.timeouts:
+            failed = _record_failures(outcome, uid, stats)
+        if grouped and (len(matched) > 1 or (restricted and prev)):
+            matched = pack.resolve_groups(matched, prev)
+        key = tuple(matched)
+        combos[key] = combos.get(key, 0) + 1
+        if not prev:
+            if not matched:
+                continue  # the common case: nothing before, nothing now
+            prev = {}
+        else:
+            active = [k for k, v in prev.items() if v[1]]
+            if active == matched or (len(active) == len(matched) and set(active) == set(matched)):
+                continue  # nothing changed
+        new: dict[str, list[Any]] | None = None
+        for k in matched:
+            p = prev.get(k)
             if p is not None and p[1]:
                 continue
-            rule = rules[key]
+            rule = pack.rules[k]
             episode = (p[0] if p else 0) + 1
-            new[key] = [episode, 1, rule.version, as_of]
-            results.append(_enter(row, rule, episode, ctx, run_id, stats))
-        still = set(matched)
-        for key, p in prev.items():
-            if p[1] and key not in still and key not in failed:
-                new[key] = [p[0], 0, p[2], p[3]]
-                stats.exits += 1
-                rule = rules.get(key)
-                results.append({
-                    "kind": "exit", "user_id": row.user_id, "rule": key, "episode": p[0],
-                    "version": p[2], "priority": rule.priority if rule else 0, "as_of": as_of,
-                    "run_id": run_id,
-                })
-        if new != prev:
-            states.append((row.user_id, new))
+            if new is None:
+                new = dict(prev)
+            new[k] = [episode, 1, rule.version, as_of]
+            results.append(_enter(uid, doc, rule, episode, ctx, run_id, stats))
+        for k, p in prev.items():
+            if not p[1] or k in matched or (failed and k in failed) or k in frozen:
+                continue
+            if restricted and k not in keys:
+                continue  # a campaign speaks only for its own rules
+            if new is None:
+                new = dict(prev)
+            new[k] = [p[0], 0, p[2], p[3]]
+            stats.exits += 1
+            rule = pack.all.get(k)
+            results.append({
+                "kind": "exit", "user_id": uid, "rule": k, "episode": p[0],
+                "version": p[2], "priority": rule.priority if rule else 0, "as_of": as_of,
+                "run_id": run_id,
+            })
+        if new is not None:
+            states.append((uid, new))
+    stats.users += n
+    matches = stats.matches
+    for combo, count in combos.items():
+        for k in combo:
+            matches[k] += count
     return results, states
 
 
-def _enter(row: ProfileRow, rule: ActiveRule, episode: int, ctx: Context, run_id: int | None,
+def _record_failures(outcome: Any, uid: int, stats: RangeStats) -> set[str]:
+    for k, msg in outcome.errors.items():
+        stats.errors[k] += 1
+        stats.error_samples.setdefault(k, f"user {uid}: {msg}")
+    for k in outcome.timeouts:
+        stats.errors[k] += 1
+        stats.timeouts.setdefault(k, uid)
+    return set(outcome.errors) | set(outcome.timeouts)
+
+
+def _enter(uid: int, doc: Any, rule: ActiveRule, episode: int, ctx: Context, run_id: int | None,
            stats: RangeStats) -> dict[str, Any]:
     stats.enters += 1
     banner = email = None
     try:
-        banner = render_content(rule.banner, row.doc, ctx)
-        email = render_content(rule.email, row.doc, ctx)
+        banner = render_content(rule.banner, doc, ctx)
+        email = render_content(rule.email, doc, ctx)
     except ChannelError as exc:
         stats.errors[rule.key] += 1
-        stats.error_samples.setdefault(rule.key, f"user {row.user_id}: template: {exc}")
-    to = row.doc.get("email") if isinstance(row.doc, dict) else None
+        stats.error_samples.setdefault(rule.key, f"user {uid}: template: {exc}")
+    to = doc.get("email") if isinstance(doc, dict) else None
     return {
-        "kind": "enter", "user_id": row.user_id, "rule": rule.key, "episode": episode,
+        "kind": "enter", "user_id": uid, "rule": rule.key, "episode": episode,
         "version": rule.version, "priority": rule.priority, "as_of": ctx.today.isoformat(),
         "run_id": run_id, "banner": banner,
         "email": (email | {"to": to}) if email and isinstance(to, str) and "@" in to else None,

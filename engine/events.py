@@ -20,33 +20,79 @@ An event carries one or more operations, applied in this order::
 * ``max`` / ``min`` keep the larger / smaller of the stored and the given value;
   numbers compare as numbers, strings as ISO dates or datetimes.
 
+Validation (:func:`parse_event`) refuses unknown fields and operations, wrong
+types, numbers beyond ±(2**63-1), values nested deeper than :data:`MAX_DEPTH`,
+strings containing NUL (PostgreSQL's JSONB cannot store it), and events larger
+than the profile size limit. The pydantic model :class:`Event` is the schema;
+the hot path validates most events with a hand-written check that accepts only
+what the model accepts and builds the same values, and hands everything else to
+the model (``tests/engine/test_events.py`` checks the two agree).
+
 A path that runs into a non-object (``inc`` into ``"a.b"`` where ``a`` is a
-number), or an operation on the wrong type, makes the *event* fail: it is
-dead-lettered with the cause and the user's other events still apply.
+number), an operation on the wrong stored type, or a result over the profile
+size limit makes the *event* fail when applied: it is dead-lettered with the
+cause and leaves no trace; the user's other events still apply.
+
+Duplicates: each profile keeps the ids of the last ``seen_cap`` (default 64)
+events applied to it; an event whose id is among them is skipped. Event ids are
+therefore scoped per user, and a retry is recognised as long as fewer than
+``seen_cap`` other events of that user were applied in between.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from kvadrupel.errors import EventError
-from shards.router import parse_user_id
+from shards.router import MAX_USER_ID, parse_user_id
 
-__all__ = ["Event", "apply_event", "apply_events", "parse_event"]
+__all__ = [
+    "Event",
+    "FastEvent",
+    "UserUpdate",
+    "apply_event",
+    "apply_events",
+    "apply_user",
+    "parse_event",
+]
 
-_PATH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*(\.[A-Za-z0-9][A-Za-z0-9_\-]*){0,15}$")
+_PATH_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]*(\.[A-Za-z0-9][A-Za-z0-9_\-]*){0,15}$"
+# fullmatch, not match: Python's "$" also matches before a trailing newline.
+_path_match = re.compile(_PATH_PATTERN).fullmatch
+_good_paths: set[str] = set()  # paths seen valid (events reuse a few): skips the regex
+
+
+def _path_ok(p: str) -> bool:
+    if p in _good_paths:
+        return True
+    if not _path_match(p):
+        return False
+    if len(_good_paths) >= 4096:
+        _good_paths.clear()
+    _good_paths.add(p)
+    return True
+
 MAX_NUMBER = 2**63 - 1
+MAX_PATH = 256
+MAX_EVENT_ID = 128
+MAX_DEPTH = 32  # objects/arrays nested in one value
 APPEND_CAP_DEFAULT = 20
 APPEND_CAP_MAX = 1000
+DEFAULT_SEEN_CAP = 64
+_OPS = ("set", "unset", "inc", "append", "max", "min")
+_FIELDS = frozenset(("event_id", "user_id", "ts", *_OPS))
+_DICT_OPS = frozenset(("set", "inc", "append", "max", "min"))
+_APPEND_KEYS = frozenset(("value", "cap"))
 
-Path = Annotated[str, Field(min_length=1, max_length=256, pattern=_PATH_RE.pattern)]
-Number = int | float
+Path = Annotated[str, Field(min_length=1, max_length=MAX_PATH, pattern=_PATH_PATTERN)]
 
 
 def _check_number(v: Any) -> Any:
@@ -59,6 +105,36 @@ def _check_number(v: Any) -> Any:
     return v
 
 
+def _check_tree(v: Any, where: str, depth: int = 0) -> None:
+    """No NUL in any string or key, at most MAX_DEPTH levels of nesting."""
+    if isinstance(v, str):
+        if "\x00" in v:
+            raise ValueError(f"{where}: strings must not contain NUL (\\u0000)")
+    elif isinstance(v, dict):
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+        for k, x in v.items():
+            if "\x00" in k:
+                raise ValueError(f"{where}: keys must not contain NUL (\\u0000)")
+            _check_tree(x, where, depth + 1)
+    elif isinstance(v, list):
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+        for x in v:
+            _check_tree(x, where, depth + 1)
+
+
+def _check_comparable(path: str, x: Any) -> None:
+    if isinstance(x, str):
+        if _as_datetime(x) is None:
+            raise ValueError(f"{path}: strings must be ISO dates or datetimes")
+    else:
+        try:
+            _check_number(x)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+
 class AppendOp(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     value: Any
@@ -66,11 +142,11 @@ class AppendOp(BaseModel):
 
 
 class Event(BaseModel):
-    """One profile update. Unknown fields are refused."""
+    """One profile update (the schema). Unknown fields are refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    event_id: str = Field(min_length=1, max_length=128)
+    event_id: str = Field(min_length=1, max_length=MAX_EVENT_ID)
     user_id: int
     ts: datetime | None = None
     set: dict[str, Any] | None = None
@@ -79,6 +155,13 @@ class Event(BaseModel):
     append: dict[Path, AppendOp] | None = None
     max: dict[Path, Any] | None = None
     min: dict[Path, Any] | None = None
+
+    @field_validator("event_id")
+    @classmethod
+    def _eid(cls, v: str) -> str:
+        if "\x00" in v:
+            raise ValueError("must not contain NUL (\\u0000)")
+        return v
 
     @field_validator("user_id", mode="before")
     @classmethod
@@ -89,9 +172,10 @@ class Event(BaseModel):
     @classmethod
     def _set_keys(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is not None:
-            for key in v:
-                if not _PATH_RE.match(key):
+            for key, value in v.items():
+                if len(key) > MAX_PATH or not _path_ok(key):
                     raise ValueError(f"bad key {key!r}: use letters, digits, '_', '-' and dots")
+                _check_tree(value, key)
         return v
 
     @field_validator("inc")
@@ -105,19 +189,20 @@ class Event(BaseModel):
                     raise ValueError(f"inc {path}: {exc}") from None
         return v
 
+    @field_validator("append")
+    @classmethod
+    def _append_values(cls, v: dict[str, AppendOp] | None) -> dict[str, AppendOp] | None:
+        if v is not None:
+            for path, op in v.items():
+                _check_tree(op.value, path)
+        return v
+
     @field_validator("max", "min")
     @classmethod
     def _comparable(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is not None:
             for path, x in v.items():
-                if isinstance(x, str):
-                    if _as_datetime(x) is None:
-                        raise ValueError(f"{path}: strings must be ISO dates or datetimes")
-                else:
-                    try:
-                        _check_number(x)
-                    except ValueError as exc:
-                        raise ValueError(f"{path}: {exc}") from None
+                _check_comparable(path, x)
         return v
 
     @model_validator(mode="after")
@@ -127,14 +212,140 @@ class Event(BaseModel):
         return self
 
 
-def parse_event(raw: bytes | str | dict[str, Any]) -> Event:
-    """Validate one event; raise EventError with a readable reason."""
+class Append(NamedTuple):
+    value: Any
+    cap: int
+
+
+class FastEvent:
+    """An event validated by the fast path: the same attributes as :class:`Event`
+    (``append`` values are :class:`Append` tuples), without pydantic's overhead."""
+
+    __slots__ = ("event_id", "user_id", "ts", "set", "unset", "inc", "append", "max", "min")
+
+    def __init__(self, event_id: str, user_id: int, ts: datetime | None, ops: dict[str, Any]) -> None:
+        self.event_id = event_id
+        self.user_id = user_id
+        self.ts = ts
+        self.set = ops.get("set")
+        self.unset = ops.get("unset")
+        self.inc = ops.get("inc")
+        self.append = ops.get("append")
+        self.max = ops.get("max")
+        self.min = ops.get("min")
+
+    def model_dump(self) -> dict[str, Any]:
+        """The same dict ``Event.model_dump()`` gives (tests compare the two paths)."""
+        out = {s: getattr(self, s) for s in self.__slots__}
+        if self.append is not None:
+            out["append"] = {p: {"value": a.value, "cap": a.cap} for p, a in self.append.items()}
+        return out
+
+    def __repr__(self) -> str:
+        return f"FastEvent({self.event_id!r}, user {self.user_id})"
+
+
+AnyEvent = Event | FastEvent
+_ts_adapter: TypeAdapter[datetime] = TypeAdapter(datetime)
+
+
+def _fast(data: dict[str, Any]) -> FastEvent | None:
+    """Validate the common shapes by hand; None means "ask the model" (which then
+    accepts with the same values or refuses with the reason). Never refuses."""
+    ev = FastEvent.__new__(FastEvent)
+    ev.ts = ev.set = ev.unset = ev.inc = ev.append = ev.max = ev.min = None
+    eid = uid = None
+    some = False
     try:
-        data = raw if isinstance(raw, dict) else orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise EventError(f"malformed JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise EventError("an event must be a JSON object")
+        for name, v in data.items():
+            if name == "event_id":
+                eid = v
+            elif name == "user_id":
+                uid = v
+            elif v is None:
+                if name not in _FIELDS:
+                    return None
+            elif name == "ts":
+                ev.ts = _ts_adapter.validate_python(v)
+            elif name == "unset":
+                if type(v) is not list:
+                    return None
+                for p in v:
+                    if type(p) is not str or len(p) > MAX_PATH or not _path_ok(p):
+                        return None
+                ev.unset = v
+                some = some or bool(v)
+            elif name in _DICT_OPS:
+                if type(v) is not dict:
+                    return None
+                for p in v:
+                    if type(p) is not str or len(p) > MAX_PATH or not _path_ok(p):
+                        return None
+                if name == "set":
+                    for p, x in v.items():
+                        if type(x) is dict or type(x) is list or type(x) is str:
+                            _check_tree(x, p)
+                    ev.set = v
+                elif name == "inc":
+                    for x in v.values():
+                        _check_number(x)
+                    ev.inc = v
+                elif name == "append":
+                    out = {}
+                    for p, op in v.items():
+                        if type(op) is not dict or "value" not in op or not _APPEND_KEYS.issuperset(op):
+                            return None
+                        cap = op.get("cap", APPEND_CAP_DEFAULT)
+                        if type(cap) is not int or not 1 <= cap <= APPEND_CAP_MAX:
+                            return None
+                        _check_tree(op["value"], p)
+                        out[p] = Append(op["value"], cap)
+                    ev.append = out
+                else:
+                    for p, x in v.items():
+                        _check_comparable(p, x)
+                    setattr(ev, name, v)
+                some = some or bool(v)
+            else:
+                return None
+    except ValueError:
+        return None
+    if (type(eid) is not str or not 0 < len(eid) <= MAX_EVENT_ID or "\x00" in eid or not some):
+        return None
+    if type(uid) is not int or not 0 < uid <= MAX_USER_ID:
+        if type(uid) is not str:
+            return None
+        try:
+            uid = parse_user_id(uid)
+        except ValueError:
+            return None
+    ev.event_id = eid
+    ev.user_id = uid
+    return ev
+
+
+def parse_event(raw: bytes | str | dict[str, Any], *, max_bytes: int | None = None) -> AnyEvent:
+    """Validate one event; raise EventError with a readable reason.
+
+    ``max_bytes``: refuse an event whose JSON is larger (it could never fit in a
+    profile of that size).
+    """
+    if isinstance(raw, dict):
+        data = raw
+        if max_bytes is not None and len(orjson.dumps(data)) > max_bytes:
+            raise EventError(f"event larger than the {max_bytes}-byte profile limit")
+    else:
+        if max_bytes is not None and len(raw) > max_bytes:
+            raise EventError(f"event larger than the {max_bytes}-byte profile limit")
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise EventError(f"malformed JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise EventError("an event must be a JSON object")
+    ev = _fast(data)
+    if ev is not None:
+        return ev
     try:
         return Event.model_validate(data)
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
@@ -164,6 +375,8 @@ def _as_datetime(s: str) -> datetime | None:
 
 
 def _parent(doc: dict[str, Any], path: str, create: bool) -> tuple[dict[str, Any] | None, str]:
+    if "." not in path:
+        return doc, path
     parts = path.split(".")
     node: Any = doc
     for i, part in enumerate(parts[:-1]):
@@ -198,9 +411,17 @@ def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
             target_[key] = value
 
 
-def apply_event(doc: dict[str, Any], ev: Event) -> None:
+def _keep_larger(a: Any, b: Any) -> bool:
+    return b > a
+
+
+def _keep_smaller(a: Any, b: Any) -> bool:
+    return b < a
+
+
+def apply_event(doc: dict[str, Any], ev: AnyEvent) -> None:
     """Apply one event to ``doc`` in place. Raises EventError; ``doc`` may then be
-    partly modified, so callers keep a snapshot (see :func:`apply_events`)."""
+    partly modified, so callers keep a snapshot (see :func:`apply_user`)."""
     if ev.set:
         _merge(doc, ev.set)
     if ev.unset:
@@ -231,7 +452,7 @@ def apply_event(doc: dict[str, Any], ev: Event) -> None:
             cur.append(op.value)
             if len(cur) > op.cap:
                 del cur[: len(cur) - op.cap]
-    for name, ops, keep_new in (("max", ev.max, lambda a, b: b > a), ("min", ev.min, lambda a, b: b < a)):
+    for name, ops, keep_new in (("max", ev.max, _keep_larger), ("min", ev.min, _keep_smaller)):
         if not ops:
             continue
         for path, value in ops.items():
@@ -250,45 +471,93 @@ def apply_event(doc: dict[str, Any], ev: Event) -> None:
                 if isinstance(cur, bool) or not isinstance(cur, int | float):
                     raise EventError(f"{name} {path}: stored value is not a number")
                 a, b = cur, value
-            if keep_new(a, b):
+            try:
+                newer = keep_new(a, b)
+            except TypeError:  # an aware and a naive datetime
+                raise EventError(f"{name} {path}: cannot compare {cur!r} with {value!r}") from None
+            if newer:
                 parent[leaf] = value
+
+
+@dataclass(slots=True)
+class UserUpdate:
+    """What applying a user's events gave (see :func:`apply_user`)."""
+
+    doc: dict[str, Any]
+    seen: list[str]
+    rejected: list[tuple[AnyEvent, str]]
+    applied: int
+    changed: bool  # the document differs from the one given (not just ``seen``)
+    encoded: bytes  # ``orjson.dumps(doc)``, ready to store
+
+
+def apply_user(
+    doc: dict[str, Any] | bytes | str | None,
+    seen: list[str] | None,
+    events: Sequence[AnyEvent],
+    *,
+    max_bytes: int,
+    seen_cap: int = DEFAULT_SEEN_CAP,
+) -> UserUpdate:
+    """Apply one user's events in order, skipping ids in ``seen``.
+
+    ``doc`` is the stored document: a dict (changed in place), its JSON text, or
+    orjson bytes (as :attr:`UserUpdate.encoded`; no re-serialisation needed).
+    Equal to applying the events one at a time: a refused event (wrong type, path
+    into a non-object, result over ``max_bytes``) leaves no trace. One
+    serialisation per event serves as the size check, the rollback snapshot and,
+    for the last one, the bytes to store.
+    """
+    if doc is None:
+        doc, before = {}, b"{}"
+    elif isinstance(doc, dict):
+        before = orjson.dumps(doc)
+    elif isinstance(doc, bytes):
+        before, doc = doc, orjson.loads(doc)
+    else:
+        doc = orjson.loads(doc)
+        before = orjson.dumps(doc)
+    snapshot = before
+    seen = list(seen) if seen else []
+    seen_set = set(seen)
+    rejected: list[tuple[AnyEvent, str]] = []
+    applied = 0
+    for ev in events:
+        eid = ev.event_id
+        if eid in seen_set:
+            continue
+        try:
+            apply_event(doc, ev)
+            encoded = orjson.dumps(doc)
+            if len(encoded) > max_bytes:
+                raise EventError(
+                    f"profile would be {len(encoded)} bytes, over the {max_bytes}-byte limit"
+                )
+        except EventError as exc:
+            rejected.append((ev, exc.reason))
+            doc = orjson.loads(snapshot)
+            continue
+        except Exception as exc:  # noqa: BLE001 - an event that breaks the applier fails alone
+            rejected.append((ev, f"cannot apply: {type(exc).__name__}: {exc}"))
+            doc = orjson.loads(snapshot)
+            continue
+        snapshot = encoded
+        seen_set.add(eid)
+        seen.append(eid)
+        applied += 1
+    if len(seen) > seen_cap:
+        del seen[: len(seen) - seen_cap]
+    return UserUpdate(doc, seen, rejected, applied, snapshot != before, snapshot)
 
 
 def apply_events(
     doc: dict[str, Any] | None,
     seen: list[str],
-    events: list[Event],
+    events: list[AnyEvent],
     *,
     max_bytes: int,
-    seen_cap: int = 64,
-) -> tuple[dict[str, Any], list[str], list[tuple[Event, str]], int]:
-    """Apply a user's events in order, skipping ids in ``seen``.
-
-    Returns ``(doc, seen, rejected, applied)``: the new document, the updated list of
-    recent event ids, the events refused with their reason, and how many applied.
-    A refused event leaves no trace: the document is as if it never arrived.
-    """
-    doc = {} if doc is None else doc
-    seen_set = set(seen)
-    rejected: list[tuple[Event, str]] = []
-    applied = 0
-    snapshot = orjson.dumps(doc)
-    for ev in events:
-        if ev.event_id in seen_set:
-            continue
-        try:
-            apply_event(doc, ev)
-            size = len(orjson.dumps(doc))
-            if size > max_bytes:
-                raise EventError(f"profile would be {size} bytes, over the {max_bytes}-byte limit")
-        except EventError as exc:
-            rejected.append((ev, exc.reason))
-            doc = orjson.loads(snapshot)
-            continue
-        snapshot = orjson.dumps(doc)
-        seen_set.add(ev.event_id)
-        seen.append(ev.event_id)
-        applied += 1
-    if len(seen) > seen_cap:
-        seen = seen[-seen_cap:]
-    return doc, seen, rejected, applied
+    seen_cap: int = DEFAULT_SEEN_CAP,
+) -> tuple[dict[str, Any], list[str], list[tuple[AnyEvent, str]], int]:
+    """:func:`apply_user` as ``(doc, seen, rejected, applied)``."""
+    u = apply_user(doc, seen, events, max_bytes=max_bytes, seen_cap=seen_cap)
+    return u.doc, u.seen, u.rejected, u.applied

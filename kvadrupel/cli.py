@@ -3,8 +3,10 @@
     kvadrupel demo [--users N] [--host H] [--port P] [--no-serve]
     kvadrupel migrate
     kvadrupel api | ingest | evaluate | deliver | scheduler
-    kvadrupel run-nightly [--as-of DATE] [--wait]
-    kvadrupel run status RUN_ID
+    kvadrupel run-nightly [--as-of DATE] [--rules a,b] [--wait]
+    kvadrupel run status RUN_ID [--follow] [--json] | run list
+    kvadrupel campaign add --at TIME [--rules a,b] | campaign list | campaign cancel ID
+    kvadrupel user add NAME --role ROLE | passwd | role | disable | enable | list
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import threading
 from datetime import date
 
+from kvadrupel import runs_cli, users_cli
 from kvadrupel.errors import ConfigError, KvadrupelError
 
 log = logging.getLogger("kvadrupel")
@@ -41,18 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("api", help="serve the REST API")
     a.add_argument("--host", default="127.0.0.1")
     a.add_argument("--port", type=int, default=8000)
-    a.add_argument("--workers", type=int, default=1)
+    a.add_argument("--workers", type=int, default=None, help="default: KVADRUPEL_API_WORKERS")
+    a.add_argument("--server", choices=["granian", "uvicorn"], default=None,
+                   help="default: KVADRUPEL_API_SERVER (docs/api.md)")
     for name, text in (("ingest", "consume profile events"), ("evaluate", "evaluate range and user jobs"),
                        ("deliver", "store banners and send e-mails"),
-                       ("scheduler", "publish the nightly run on its cron")):
+                       ("scheduler", "fire the nightly run and scheduled campaigns")):
         sub.add_parser(name, help=text)
-    r = sub.add_parser("run-nightly", help="start a run over every user now")
-    r.add_argument("--as-of", type=_date, default=None)
-    r.add_argument("--wait", action="store_true", help="wait for the run to finish")
-    rs = sub.add_parser("run", help="runs")
-    rs_sub = rs.add_subparsers(dest="run_cmd", required=True)
-    st = rs_sub.add_parser("status", help="show a run's progress")
-    st.add_argument("run_id", type=int)
+    runs_cli.add_parsers(sub)  # run-nightly, run status|list, campaign
+    users_cli.add_parser(sub)
     return p
 
 
@@ -101,17 +101,17 @@ def _dispatch(args: argparse.Namespace, settings) -> int:  # noqa: ANN001
                         serve=not args.no_serve, as_of=args.as_of)
     container = Container(settings)
     try:
+        if args.cmd == "user":
+            return users_cli.run_user(args, container)
         if args.cmd == "migrate":
             container.migrate()
             print(f"migrated control DB and {len(settings.shard_urls())} shard(s)")
             return 0
         if args.cmd == "api":
-            import uvicorn
+            from api.serve import run  # each worker process builds its own container
 
-            from api.app import create_app
-
-            uvicorn.run(create_app(container), host=args.host, port=args.port,
-                        log_config=None, access_log=False)
+            run(args.server or settings.api_server, args.host, args.port,
+                args.workers or settings.api_workers)
             return 0
         if args.cmd in ("ingest", "evaluate", "deliver"):
             stop = _stop_on_signals()
@@ -125,23 +125,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:  # noqa: ANN001
             from scheduler.service import run_scheduler
 
             return run_scheduler(container, _stop_on_signals())
-        if args.cmd == "run-nightly":
-            from scheduler.planner import start_run
-            from scheduler.service import today_in
-
-            as_of = args.as_of or today_in(settings.timezone)
-            run_id = start_run(container.shards, container.runs, container.bus, as_of,
-                               settings.range_target_users)
-            print(f"run {run_id} started as of {as_of}")
-            if args.wait:
-                info = container.runs.wait(run_id, timeout=24 * 3600)
-                print(info)
-            return 0
-        if args.cmd == "run":
-            import json
-
-            print(json.dumps(container.runs.get(args.run_id), indent=2))
-            return 0
+        if args.cmd in runs_cli.CMDS:
+            return runs_cli.dispatch(args, container)
     finally:
         container.close()
     return 1

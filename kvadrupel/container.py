@@ -73,7 +73,7 @@ class Container:
 
     @cached_property
     def runs(self) -> RunService:
-        return RunService(self.control)
+        return RunService(self.control, self.settings.range_max_attempts)
 
     @cached_property
     def ledger(self) -> Ledger:
@@ -105,7 +105,9 @@ class Container:
         s = self.settings
         consumer = self.bus.consumer(self.group("ingest"), [self.bus.topic("events")])
         return IngestWorker(consumer, self.bus, self.shards, max_bytes=s.profile_max_bytes,
-                            batch_max=s.ingest_batch_max, batch_ms=s.ingest_batch_ms, **kw)
+                            batch_max=s.ingest_batch_max, batch_ms=s.ingest_batch_ms,
+                            pipeline=s.ingest_pipeline, seen_cap=s.ingest_dedupe_ids,
+                            cache_users=s.ingest_cache_users, **kw)
 
     def evaluator_worker(self, **kw) -> EvaluatorWorker:  # noqa: ANN003
         s = self.settings

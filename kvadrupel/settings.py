@@ -67,10 +67,16 @@ class Settings(BaseSettings):
     # Ingest.
     ingest_batch_max: int = 5000
     ingest_batch_ms: int = 50
+    ingest_pipeline: int = 2  # batches in flight per ingest worker (parse N+1 while N is written)
+    ingest_dedupe_ids: int = 64  # event ids remembered per user (the duplicate window)
+    ingest_cache_users: int = 100_000  # profiles an ingest process keeps (PostgreSQL; 0: off)
     profile_max_bytes: int = 64 * 1024
 
-    # Scheduler.
+    # Scheduler (docs/scheduling.md). The cron takes 5 fields, or 6 with seconds first.
     nightly_cron: str = "0 2 * * *"
+    scheduler_catchup_s: int = 6 * 3600  # a run missed by at most this long is run on start
+    scheduler_poll_s: float = 5.0  # campaign sync, and a standby replica's leadership check
+    range_max_attempts: int = 3  # a range started this often without finishing is parked
 
     # API.
     banner_max_age_s: int = 30

@@ -17,8 +17,9 @@ function entries, returns from C calls), i.e. inside the rule.
 
 Why the rule cannot swallow it: ``BudgetExceeded`` derives from
 ``BaseException``, not ``Exception``, and the sandbox policy (rules/policy.py)
-refuses bare ``except:``, ``except BaseException`` (only a fixed list of
-``Exception`` subclasses may be named, and those names cannot be rebound),
+refuses bare ``except:``, ``except BaseException`` and ``except Exception`` (only
+a fixed list of specific exceptions may be named, and the names cannot be
+rebound; see "Races" for why not even ``Exception``),
 ``try/finally`` (a ``finally`` could loop or ``return`` after the interrupt) and
 ``with``. The evaluator translates it into a timeout (``Outcome.timeouts`` /
 :class:`~kvadrupel.errors.RuleTimeout`).
@@ -29,13 +30,21 @@ Races, and why they are harmless
   function with no bytecode boundary in between that could hand the GIL to the
   evaluator (``_fire``), so nothing is ever injected after the evaluator moved
   ``box[0]`` on: never after a profile is done, never into the caller.
+* An interrupt can be lost: raising it inside an ``except`` handler instantiates
+  the exception at once, and at the recursion limit that fails with a
+  RecursionError (MemoryError when memory is exhausted) instead. Rules cannot
+  catch those (no ``except Exception``), so the rule still stops, with an error.
+  The watchdog also injects again at every tick for as long as the same rule
+  keeps running.
 * It records ``slot.fired_seq`` before injecting, so the evaluator knows which
   rule ran out of time even when the exception lands a few bytecodes later (in
   the next rule or in bookkeeping); the evaluator then marks that rule as timed
   out and re-runs the rules after it (rules are pure functions of the profile).
-* When a profile is done and ``fired_seq`` belongs to it, the evaluator clears a
-  possibly still pending injection (``SetAsyncExc(tid, NULL)``) inside its own
-  ``try`` before returning.
+* Every handler of ``BudgetExceeded`` in the evaluator starts with
+  ``box[0] = 0`` then ``clear_async_exc(tid, None)`` (``SetAsyncExc(tid, NULL)``),
+  with no bytecode boundary before the C call: once it ran, nothing is pending
+  and nothing more can be injected. A profile that is done clears the same way
+  when ``fired_seq`` belongs to it.
 
 Guarantees and limits
 ---------------------
@@ -70,7 +79,7 @@ __all__ = [
     "BatchBudget",
     "BudgetExceeded",
     "Slot",
-    "clear_pending",
+    "clear_async_exc",
     "current_slot",
     "wake_watchdog",
 ]
@@ -122,13 +131,10 @@ class Slot:
         self.owned: set[int] | None = None
 
 
-def clear_pending(slot: Slot) -> None:
-    """Drop an injected-but-not-yet-raised interrupt for ``slot``'s thread.
-
-    Must be called from that thread (inside a ``try`` that handles
-    :class:`BudgetExceeded`, since the interrupt may still land just before).
-    """
-    _clear_async_exc(slot.tid, None)
+# ``clear_async_exc(tid, None)`` drops a pending interrupt of thread ``tid``. It is
+# the C function itself, not a Python wrapper: calling it opens no Python frame,
+# so no interrupt can be raised between the call site and the clearing.
+clear_async_exc = _clear_async_exc
 
 
 def _fire(slot: Slot, seq: int) -> None:
@@ -175,7 +181,9 @@ class _Watchdog:
                 if seq != slot.seen_seq:
                     slot.seen_seq = seq
                     slot.seen_at = now
-                elif now - slot.seen_at >= budget and slot.fired_seq != seq:
+                elif now - slot.seen_at >= budget:
+                    # Again at every tick until the rule is gone: an interrupt can be
+                    # lost (see "Races" in the module docstring).
                     _fire(slot, seq)
             if active:
                 quiet_since = now
@@ -249,11 +257,13 @@ def call_with_budget(fn, profile, ctx, budget_s: float | None, what: str = "rule
         if not budget_s:
             return fn(profile, ctx)
         seq = slot.seq = slot.seq + 1
+        tid = slot.tid
         box[1] = budget_s
         error: BaseException | None = None
         result = None
         # The interrupt may land anywhere in the outer ``try`` (see the module
-        # docstring); after it, nothing can be injected any more.
+        # docstring). Its handler disarms, then clears, before any bytecode that
+        # could let another one in.
         try:
             box[0] = seq
             wake_watchdog()
@@ -265,9 +275,10 @@ def call_with_budget(fn, profile, ctx, budget_s: float | None, what: str = "rule
                 error = exc
             box[0] = 0
             if slot.fired_seq == seq:
-                clear_pending(slot)
+                _clear_async_exc(tid, None)
         except BudgetExceeded:
             box[0] = 0
+            _clear_async_exc(tid, None)
             raise RuleTimeout(f"{what} exceeded its {budget_s * 1000:g} ms budget") from None
         if error is not None:
             raise error

@@ -224,8 +224,11 @@ def safe_round(number: Any, ndigits: Any = None) -> Any:
     return round(number, ndigits)
 
 
+# Exceptions a rule may name in ``except``. Not ``Exception``: when the time-budget
+# interrupt lands at the recursion limit inside an ``except`` block, CPython fails
+# to instantiate it and raises RecursionError instead, which ``except Exception``
+# would swallow (tests/rules/test_escapes.py, "catch-all-at-recursion-limit").
 CATCHABLE = {
-    "Exception": Exception,
     "ArithmeticError": ArithmeticError,
     "AttributeError": AttributeError,
     "IndexError": IndexError,
@@ -245,8 +248,10 @@ SAFE_BUILTINS: dict[str, Any] = {
     "bool": bool, "list": list, "dict": dict, "set": set, "tuple": tuple,
     "range": safe_range, "enumerate": enumerate, "zip": zip, "isinstance": isinstance,
     "True": True, "False": False, "None": None,
+    "Exception": Exception,  # to raise, not to catch
     **CATCHABLE,
 }
+EXCEPTION_NAMES = frozenset(CATCHABLE) | {"Exception"}
 
 # -- the profile is read-only --------------------------------------------------
 

@@ -4,25 +4,83 @@ from __future__ import annotations
 
 import re
 from datetime import date
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 KEY_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
-class BannerSpec(BaseModel):
+# -- channel options (docs/channels.md): all optional, and left out of the stored
+# JSON when unset, so a rule that does not use them is stored as before.
+Lang = Annotated[str, Field(pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8}){0,3}$")]
+Category = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,62}$")]
+Importance = Literal["normal", "critical"]  # critical: exempt from the frequency cap
+
+
+class _Optional(BaseModel):
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for name in ("translations", "expires_at", "push", "category"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        if data.get("importance") == "normal":
+            data.pop("importance")
+        return data
+
+
+class BannerText(BaseModel):
+    """A translation of a banner (or push): the texts it replaces."""
+
+    model_config = ConfigDict(extra="forbid")
+    title: str | None = Field(default=None, min_length=1, max_length=2000)
+    body: str | None = Field(default=None, max_length=20000)
+    link: str | None = Field(default=None, max_length=2000)
+
+
+class PushSpec(_Optional):
+    """Also send the banner as a mobile push, once per episode (texts default to the banner's)."""
+
+    model_config = ConfigDict(extra="forbid")
+    title: str | None = Field(default=None, max_length=2000)
+    body: str | None = Field(default=None, max_length=4000)
+    link: str | None = Field(default=None, max_length=2000)
+    translations: dict[Lang, BannerText] | None = Field(default=None, max_length=50)
+    category: Category | None = None
+    importance: Importance = "normal"
+
+
+class BannerSpec(_Optional):
     model_config = ConfigDict(extra="forbid")
     title: str = Field(min_length=1, max_length=2000)
     body: str = Field(default="", max_length=20000)
     link: str = Field(default="", max_length=2000)
+    translations: dict[Lang, BannerText] | None = Field(default=None, max_length=50)
+    # A template giving an ISO date (end of that day) or datetime; the banner hides then.
+    expires_at: str | None = Field(default=None, max_length=2000)
+    push: PushSpec | None = None
+    category: Category | None = None
+    importance: Importance = "normal"
 
 
-class EmailSpec(BaseModel):
+class EmailText(BaseModel):
+    """A translation of an e-mail: the texts it replaces."""
+
+    model_config = ConfigDict(extra="forbid")
+    subject: str | None = Field(default=None, min_length=1, max_length=2000)
+    text: str | None = Field(default=None, min_length=1, max_length=100_000)
+    html: str | None = Field(default=None, max_length=200_000)
+
+
+class EmailSpec(_Optional):
     model_config = ConfigDict(extra="forbid")
     subject: str = Field(min_length=1, max_length=2000)
     text: str = Field(min_length=1, max_length=100_000)
     html: str | None = Field(default=None, max_length=200_000)
+    translations: dict[Lang, EmailText] | None = Field(default=None, max_length=50)
+    category: Category | None = None
+    importance: Importance = "normal"
 
 
 class Example(BaseModel):

@@ -4,7 +4,7 @@ On top of RestrictedPython's checks (no names or attributes starting with ``_``,
 no frame/generator/traceback attributes, no ``exec``/``eval``, no async, no
 ``except*``) it refuses: imports, classes, decorators, ``yield``, ``global``,
 ``nonlocal``, ``with``, ``try/finally``, bare ``except`` and exception names other
-than :data:`~rules.guards.CATCHABLE`, rebinding those names, attribute writes,
+than :data:`~rules.guards.CATCHABLE` (so not ``Exception``), rebinding exception names, attribute writes,
 slice assignment, mutable default arguments, dynamic or huge f-string format
 specs, forbidden builtins (:data:`FORBIDDEN_NAMES`) and attributes
 (:data:`FORBIDDEN_ATTRS`), and top-level code other than ``def`` and constant
@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES, RestrictingNodeTransformer, copy_locations
 
-from rules.guards import CATCHABLE, GUARDED_ATTRS
+from rules.guards import CATCHABLE, EXCEPTION_NAMES, GUARDED_ATTRS
 
 __all__ = ["FORBIDDEN_ATTRS", "FORBIDDEN_NAMES", "RulePolicy"]
 
@@ -155,7 +155,7 @@ class RulePolicy(RestrictingNodeTransformer):
                 self.error(node, "default values must be constants (numbers, strings, tuples)")
 
     def _check_binding(self, node: ast.AST, name: str) -> None:
-        if name in CATCHABLE:
+        if name in EXCEPTION_NAMES:
             self.error(node, f'"{name}" cannot be rebound')
         elif name in FORBIDDEN_NAMES:
             self.error(node, f'"{name}" is not allowed in rules')
@@ -178,7 +178,7 @@ class RulePolicy(RestrictingNodeTransformer):
         if node.id in FORBIDDEN_NAMES:
             self.error(node, f'"{node.id}" is not allowed in rules')
             return node
-        if not isinstance(node.ctx, ast.Load) and node.id in CATCHABLE:
+        if not isinstance(node.ctx, ast.Load) and node.id in EXCEPTION_NAMES:
             self.error(node, f'"{node.id}" cannot be rebound')
         return super().visit_Name(node)
 

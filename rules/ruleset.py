@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvadrupel.errors import RuleCompileError
-from rules.budget import WATCHDOG, BatchBudget, BudgetExceeded, Slot, clear_pending, current_slot
+from rules.budget import WATCHDOG, BatchBudget, BudgetExceeded, Slot, clear_async_exc, current_slot
 from rules.context import Context
 from rules.sandbox import compile_rule, describe_error
 
@@ -77,13 +77,16 @@ def _generate(n: int, budgeted: bool) -> Any:
         f"    {ks}= keys",
         "    def run(p, cs, m, errs, box, seq, slot):",
         f"        {cs}= cs",
+        "        tid = slot.tid",
     ]
     if budgeted:
         lines += ["        try:", *body,
                   "            box[0] = 0",
                   "            if slot.fired_seq >= seq:",
-                  "                clear(slot)",
+                  "                clear(tid, None)",
                   "        except BudgetExceeded:",
+                  "            box[0] = 0",  # these two first: see rules/budget.py, "Races"
+                  "            clear(tid, None)",
                   "            return False",
                   "        return True"]
     else:
@@ -124,7 +127,7 @@ class RuleSet:
         self._index = {k: i for i, k in enumerate(self.keys)}
         self._budget_s = self.budget_ms / 1000.0
         factory = _generate(self._n, bool(self._budget_s))
-        self._run = factory(self._fns, self.keys, describe_error, BudgetExceeded, clear_pending)
+        self._run = factory(self._fns, self.keys, describe_error, BudgetExceeded, clear_async_exc)
         self._cc: tuple[Any, tuple[Context, ...]] = (None, ())
 
     def __len__(self) -> int:
@@ -168,6 +171,7 @@ class RuleSet:
         (budget.py), so results of later rules are dropped and recomputed.
         """
         fns, keys, index, n = self._fns, self.keys, self._index, self._n
+        tid = slot.tid
         timeouts: list[str] = []
         while True:
             k = slot.fired_seq - seq
@@ -187,10 +191,11 @@ class RuleSet:
                         errs[keys[i]] = describe_error(e)
                 box[0] = 0
                 if slot.fired_seq >= seq:
-                    clear_pending(slot)
+                    clear_async_exc(tid, None)
                 return timeouts
             except BudgetExceeded:
-                continue
+                box[0] = 0  # these two first: see rules/budget.py, "Races"
+                clear_async_exc(tid, None)
 
     def evaluate_many(
         self,

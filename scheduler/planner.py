@@ -1,29 +1,78 @@
-"""Plan a run: split every shard into user ranges and publish one job per range."""
+"""Plan a run: split every shard into user ranges and publish one job per range.
+
+Ranges come from each shard's own statistics (``ShardStore.plan_ranges``: on
+PostgreSQL the planner's histogram of ``user_id``, no count), are interleaved
+across shards (consecutive jobs hit different databases) and are published with
+keys that spread them evenly over the jobs topic's partitions
+(:mod:`scheduler.placement`). A job is ``{"type": "range", "run_id", "range_no",
+"shard", "lo", "hi", "as_of", "rules"}`` (``rules``: the keys a campaign is
+restricted to, or null).
+
+The run is recorded before its jobs are published; a planner that dies in between
+leaves a run with ``published_at`` unset, which the scheduler re-publishes
+(:func:`republish`): jobs are idempotent, so publishing twice is harmless.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date
 
 import orjson
 
 from engine.bus import Bus
-from scheduler.runs import RunService
+from scheduler.placement import spread_keys
+from scheduler.runs import PlannedRange, RunService
 from shards.shardset import ShardSet
 
-__all__ = ["start_run"]
+__all__ = ["plan", "publish_jobs", "republish", "start_run"]
+
+
+def plan(shards: ShardSet, target_users: int) -> list[PlannedRange]:
+    """Every shard's ranges of about ``target_users`` users, interleaved by shard."""
+    per_shard: list[list[PlannedRange]] = []
+    for store in shards.stores:
+        bounds = store.plan_ranges(target_users)
+        estimate = getattr(store, "estimate_users", store.count)()
+        each = round(estimate / len(bounds)) if bounds else 0
+        per_shard.append([PlannedRange(store.index, lo, hi, each) for lo, hi in bounds])
+    out: list[PlannedRange] = []
+    for i in range(max((len(p) for p in per_shard), default=0)):
+        out += [p[i] for p in per_shard if i < len(p)]
+    return out
+
+
+def publish_jobs(bus: Bus, runs: RunService, run_id: int) -> int:
+    """Publish the jobs of the run's unfinished ranges; returns how many."""
+    jobs = runs.jobs(run_id)
+    topic = bus.topic("jobs")
+    keys = spread_keys(bus, topic, [f"{run_id}:{j['range_no']}" for j in jobs])
+    for job, key in zip(jobs, keys, strict=True):
+        bus.publish(topic, orjson.dumps(job), key=key)
+    bus.flush()
+    runs.mark_published(run_id)
+    return len(jobs)
 
 
 def start_run(shards: ShardSet, runs: RunService, bus: Bus, as_of: date,
-              target_users: int = 50_000) -> int:
-    """Record a run with its ranges and publish them to the jobs topic."""
-    ranges: list[tuple[int, int, int]] = []
-    for store in shards.stores:
-        ranges += [(store.index, lo, hi) for lo, hi in store.plan_ranges(target_users)]
-    run_id = runs.create(as_of, ranges)
-    topic = bus.topic("jobs")
-    for no, (shard, lo, hi) in enumerate(ranges):
-        job = {"type": "range", "run_id": run_id, "range_no": no, "shard": shard,
-               "lo": lo, "hi": hi, "as_of": as_of.isoformat()}
-        bus.publish(topic, orjson.dumps(job), key=f"{run_id}:{no}".encode())
-    bus.flush()
+              target_users: int = 50_000, *, rules: Sequence[str] | None = None,
+              kind: str = "manual", fire_key: str | None = None) -> int:
+    """Record a run with its ranges and publish them to the jobs topic.
+
+    ``rules``: restrict the run to these rule keys (a campaign); ``fire_key``: the
+    scheduler's firing, which makes the run at most once (a second call returns
+    the first run's id and publishes nothing).
+    """
+    ranges = plan(shards, target_users)
+    run_id, created = runs.create(as_of, ranges, kind=kind, rules=rules, fire_key=fire_key)
+    if created and ranges:
+        publish_jobs(bus, runs, run_id)
     return run_id
+
+
+def republish(bus: Bus, runs: RunService, older_than_s: float = 60.0) -> list[int]:
+    """Publish the jobs of runs whose planner died before publishing them."""
+    ids = runs.unpublished(older_than_s)
+    for run_id in ids:
+        publish_jobs(bus, runs, run_id)
+    return ids

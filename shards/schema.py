@@ -22,12 +22,15 @@ from sqlalchemy import (
     Column,
     Date,
     DateTime,
+    Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     Table,
     Text,
+    Unicode,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
@@ -101,6 +104,39 @@ banner_sets = Table(
     Column("version", BigInteger, nullable=False),
 )
 
+# One row per (user, rule): the rule's latest episode as the delivery worker saw it
+# (channels/episodes.py): what the user was shown and why — the rule version, the
+# as-of date, the profile fields the rule read with their values — and when the
+# episode's banner expires.
+episodes = Table(
+    "episodes",
+    shard_metadata,
+    Column("user_id", BigInteger, nullable=False),
+    Column("rule_key", Text, nullable=False),
+    Column("episode", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("as_of", Date, nullable=False),
+    Column("status", Text, nullable=False),  # active | ended | expired
+    Column("lang", Text, nullable=True),
+    Column("why", Json, nullable=True),
+    Column("expires_at", UtcDateTime(), nullable=True),
+    Column("run_id", Integer, nullable=True),
+    Column("started_at", UtcDateTime(), nullable=False),
+    Column("ended_at", UtcDateTime(), nullable=True),
+    PrimaryKeyConstraint("user_id", "rule_key"),
+)
+Index("episodes_expiry", episodes.c.status, episodes.c.expires_at)
+
+# Per-user channel preferences (channels/preferences.py): opt-outs per channel and
+# per rule category, set through the API and the unsubscribe link.
+preferences = Table(
+    "preferences",
+    shard_metadata,
+    Column("user_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("prefs", Json, nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+)
+
 ingest_marks = Table(
     "ingest_marks",
     shard_metadata,
@@ -153,7 +189,17 @@ runs = Table(
     Column("ranges_total", Integer, nullable=False),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("finished_at", UtcDateTime(), nullable=True),
+    # Scheduling (scheduler/): nightly | manual | campaign; the rule keys a run is
+    # restricted to (None: every active rule); the scheduler's firing key (unique:
+    # a firing seen twice, by two replicas or after a restart, makes one run);
+    # when its range jobs were handed to the bus (None: to be re-published).
+    Column("kind", Text, nullable=False, server_default="manual"),
+    Column("rules", Json, nullable=True),
+    Column("fire_key", Text, nullable=True),
+    Column("published_at", UtcDateTime(), nullable=True),
+    Column("users_est", BigInteger, nullable=False, server_default="0"),
 )
+Index("runs_fire_key", runs.c.fire_key, unique=True)
 
 run_ranges = Table(
     "run_ranges",
@@ -170,6 +216,15 @@ run_ranges = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("error", Text, nullable=True),
     Column("updated_at", UtcDateTime(), nullable=False),
+    # Progress: the planner's estimate of the users in the range; the worker
+    # (host:pid) on it and since when (status "running"); changes emitted and the
+    # seconds the finishing attempt took (per-worker throughput).
+    Column("est_users", BigInteger, nullable=False, server_default="0"),
+    Column("worker", Text, nullable=True),
+    Column("started_at", UtcDateTime(), nullable=True),
+    Column("enters", Integer, nullable=False, server_default="0"),
+    Column("exits", Integer, nullable=False, server_default="0"),
+    Column("seconds", Float, nullable=False, server_default="0"),
     PrimaryKeyConstraint("run_id", "range_no"),
 )
 
@@ -191,15 +246,63 @@ ledger = Table(
     Column("next_attempt_at", UtcDateTime(), nullable=True),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("sent_at", UtcDateTime(), nullable=True),
+    # Channels (channels/ledger.py, docs/channels.md): the message's category and
+    # cap exemption, why it is held/closed unsent (quiet hours, cap, opted out, the
+    # dead letter's cause), and when it reached a final status.
+    Column("category", Text, nullable=True),
+    Column("critical", Boolean, nullable=False, server_default="0"),
+    Column("reason", Text, nullable=True),
+    Column("finished_at", UtcDateTime(), nullable=True),
     PrimaryKeyConstraint("user_id", "rule_key", "episode", "channel"),
 )
 Index("ledger_due", ledger.c.status, ledger.c.next_attempt_at)
+Index("ledger_rule", ledger.c.rule_key, ledger.c.status)
+Index("ledger_run", ledger.c.run_id)
+
+# Banner impressions and clicks per rule per day (channels/engagement.py): counted
+# in memory by each API process and added here periodically.
+banner_stats = Table(
+    "banner_stats",
+    control_metadata,
+    Column("rule_key", Text, nullable=False),
+    Column("day", Date, nullable=False),
+    Column("impressions", BigInteger, nullable=False, server_default="0"),
+    Column("clicks", BigInteger, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("rule_key", "day"),
+)
 
 shard_map = Table(
     "shard_map",
     control_metadata,
     Column("bucket", Integer, primary_key=True, autoincrement=False),
     Column("shard", Integer, nullable=False),
+)
+
+# Scheduled campaigns (scheduler/campaigns.py): a run of chosen rules at a chosen time.
+campaigns = Table(
+    "campaigns",
+    control_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", Text, nullable=False),
+    Column("rules", Json, nullable=True),  # rule keys; None: every active rule
+    Column("at", UtcDateTime(), nullable=False),
+    Column("as_of", Date, nullable=True),  # None: the date of ``at`` in the time zone
+    Column("status", Text, nullable=False),  # scheduled | started | cancelled | missed
+    Column("run_id", Integer, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+)
+Index("campaigns_status_at", campaigns.c.status, campaigns.c.at)
+
+# APScheduler 3's job store (SQLAlchemyJobStore, scheduler/service.py), created by
+# the migration like every other table; APScheduler's own create is then a no-op.
+apscheduler_jobs = Table(
+    "apscheduler_jobs",
+    control_metadata,
+    Column("id", Unicode(191), primary_key=True),
+    Column("next_run_time", Float(25), index=True),
+    Column("job_state", LargeBinary, nullable=False),
 )
 
 # Admin UI (api/admin/): accounts, the audit log, activation requests.

@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
+from kvadrupel.errors import StorageError
+
 __all__ = [
     "ApplyFn",
     "BannerChange",
+    "IngestDataError",
     "IngestItem",
     "IngestOutcome",
     "ProfileRow",
@@ -24,8 +27,10 @@ __all__ = [
 ]
 
 Doc = dict[str, Any]
-# (doc or None, seen ids, events) -> (doc, seen ids, rejected [(event, reason)], applied count)
-ApplyFn = Callable[[Doc | None, list[str], list[Any]], tuple[Doc, list[str], list[tuple[Any, str]], int]]
+# (doc or None, seen ids, events) -> either (doc, seen ids, rejected [(event, reason)],
+# applied count), or an object with those attributes plus ``changed`` (the document
+# differs) and ``encoded`` (its JSON bytes), like engine.events.apply_user's result.
+ApplyFn = Callable[[Doc | None, list[str], list[Any]], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,13 @@ class IngestItem:
     topic: str = ""
     partition: int = -1
     offset: int = -1
+
+
+class IngestDataError(StorageError):
+    """The shard refused the data of an ingest batch (a constraint, a value it
+    cannot store), not a connectivity problem: retrying the same batch cannot
+    succeed. The ingest worker then bisects the batch down to the message and
+    dead-letters it."""
 
 
 @dataclass(slots=True)
@@ -76,10 +88,15 @@ class ShardStore(ABC):
 
     # -- ingest ---------------------------------------------------------------
     @abstractmethod
-    def ingest(self, items: Sequence[IngestItem], apply: ApplyFn) -> IngestOutcome:
+    def ingest(self, items: Sequence[IngestItem], apply: ApplyFn,
+               before_commit: Callable[[IngestOutcome], None] | None = None) -> IngestOutcome:
         """Apply events per user in order, in one transaction with the shard's
         high-water marks: items at or below the stored mark of their (topic,
-        partition) are skipped, and the marks advance with the write."""
+        partition) are skipped, and the marks advance with the write.
+
+        ``before_commit(outcome)`` runs inside the transaction, after the writes
+        and before the commit (the ingest worker dead-letters the rejected events
+        there: once the marks commit, a replay would skip them)."""
 
     # -- profiles -------------------------------------------------------------
     @abstractmethod

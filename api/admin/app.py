@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -36,13 +37,29 @@ __all__ = ["create_admin_app", "mount_admin", "render"]
 HERE = Path(__file__).parent
 PREFIX = "/admin"
 
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-       "img-src 'self' data:; font-src 'self'; connect-src 'self'; object-src 'none'; "
-       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self'; connect-src 'self'; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 
-_ENV = Environment(loader=FileSystemLoader(HERE / "templates"),
-                   autoescape=select_autoescape(default=True, default_for_string=True),
-                   trim_blocks=True, lstrip_blocks=True)
+_ENV = Environment(
+    loader=FileSystemLoader(HERE / "templates"),
+    autoescape=select_autoescape(default=True, default_for_string=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_ENV.filters["pretty"] = lambda v: orjson.dumps(
+    v, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str
+).decode()
+_ENV.filters["num"] = lambda v: (
+    "–" if v is None else (f"{v:,.0f}" if isinstance(v, int | float) else v)
+)
+_ENV.filters["ts"] = lambda v: (
+    v.strftime("%Y-%m-%d %H:%M:%S UTC")
+    if isinstance(v, datetime)
+    else str(v or "")[:19].replace("T", " ")
+)
 
 
 class _SecurityHeaders:
@@ -87,10 +104,18 @@ def render(request: Request, template: str, status: int = 200, **context: Any) -
     user = getattr(request.state, "user", None)
     flashes = request.session.pop("flash", []) if not template.startswith("_") else []
     html = _ENV.get_template(template).render(
-        request=request, base=base_url(request), user=user, csrf=security.csrf_token(request),
-        flashes=flashes, role=(user or {}).get("role"), settings=request.app.state.settings,
-        APPROVERS=security.APPROVERS, EDITORS=security.EDITORS, ADMINS=security.ADMINS,
-        **context)
+        request=request,
+        base=base_url(request),
+        user=user,
+        csrf=security.csrf_token(request),
+        flashes=flashes,
+        role=(user or {}).get("role"),
+        settings=request.app.state.settings,
+        APPROVERS=security.APPROVERS,
+        EDITORS=security.EDITORS,
+        ADMINS=security.ADMINS,
+        **context,
+    )
     return HTMLResponse(html, status_code=status)
 
 
@@ -141,12 +166,15 @@ def create_admin_app(container: Container, today: Callable[[], date] | None = No
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         titles = {403: "Not allowed", 404: "Not found", 405: "Method not allowed"}
-        return _error(request, exc.status_code, titles.get(exc.status_code, "Error"), str(exc.detail))
+        return _error(
+            request, exc.status_code, titles.get(exc.status_code, "Error"), str(exc.detail)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
-                           for e in exc.errors())
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+        )
         return _error(request, 422, "Invalid request", detail)
 
     @app.exception_handler(NotFound)
@@ -158,9 +186,15 @@ def create_admin_app(container: Container, today: Callable[[], date] | None = No
         return _error(request, 409, "Conflict", str(exc))
 
     secret = s.admin_session_secret or secrets.token_urlsafe(32)
-    app.add_middleware(SessionMiddleware, secret_key=secret, session_cookie="kvadrupel_admin",
-                       max_age=s.admin_session_max_age_s, path=PREFIX, same_site="lax",
-                       https_only=s.admin_cookie_secure)
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=secret,
+        session_cookie="kvadrupel_admin",
+        max_age=s.admin_session_max_age_s,
+        path=PREFIX,
+        same_site="lax",
+        https_only=s.admin_cookie_secure,
+    )
     app.add_middleware(_SecurityHeaders)
     return app
 

@@ -22,18 +22,26 @@ def sparkline(values: Sequence[float | None], width: int = 120, height: int = 24
     top = max(vals, default=0.0) or 1.0
     n = len(vals)
     step = width / max(n - 1, 1)
-    pts = [(i * step if n > 1 else width / 2, height - 2 - (v / top) * (height - 4))
-           for i, v in enumerate(vals)]
+    pts = [
+        (i * step if n > 1 else width / 2, height - 2 - (v / top) * (height - 4))
+        for i, v in enumerate(vals)
+    ]
     return {
-        "width": width, "height": height, "n": n,
+        "width": width,
+        "height": height,
+        "n": n,
         "points": " ".join(f"{_fmt(x)},{_fmt(y)}" for x, y in pts),
-        "last": pts[-1] if pts else None, "max": max(vals, default=0.0),
+        "last": pts[-1] if pts else None,
+        "max": max(vals, default=0.0),
         "last_value": vals[-1] if vals else None,
     }
 
 
-def bars(items: Sequence[tuple[str, float, float | None, float | None]], width: int = 720,
-         height: int = 220) -> dict[str, Any]:
+def bars(
+    items: Sequence[tuple[str, float, float | None, float | None]],
+    width: int = 720,
+    height: int = 220,
+) -> dict[str, Any]:
     """Bars for ``(label, value, low, high)`` items (low/high: an interval, drawn as a whisker)."""
     pad_l, pad_b, pad_t = 48, 28, 10
     inner_w, inner_h = width - pad_l - 8, height - pad_b - pad_t
@@ -44,22 +52,44 @@ def bars(items: Sequence[tuple[str, float, float | None, float | None]], width: 
     for i, (label, v, lo, hi) in enumerate(items):
         h = v / top * inner_h
         x = pad_l + i * slot + slot * 0.1
-        bar = {"label": label, "value": v, "x": _fmt(x), "w": _fmt(slot * 0.8),
-               "y": _fmt(pad_t + inner_h - h), "h": _fmt(h), "low": lo, "high": hi}
+        bar = {
+            "label": label,
+            "value": v,
+            "x": _fmt(x),
+            "w": _fmt(slot * 0.8),
+            "y": _fmt(pad_t + inner_h - h),
+            "h": _fmt(h),
+            "low": lo,
+            "high": hi,
+        }
         if lo is not None and hi is not None and hi > lo:
             bar["wx"] = _fmt(x + slot * 0.4)
             bar["wy1"] = _fmt(pad_t + inner_h - lo / top * inner_h)
             bar["wy2"] = _fmt(pad_t + inner_h - hi / top * inner_h)
         out.append(bar)
-    return {"width": width, "height": height, "bars": out, "max": top,
-            "base_y": _fmt(pad_t + inner_h), "top_y": _fmt(pad_t), "left": pad_l,
-            "right": _fmt(width - 8), "first": items[0][0] if items else "",
-            "last": items[-1][0] if items else "", "label_y": _fmt(height - 8),
-            "total": sum(v for _, v, _, _ in items)}
+    return {
+        "width": width,
+        "height": height,
+        "bars": out,
+        "max": top,
+        "base_y": _fmt(pad_t + inner_h),
+        "top_y": _fmt(pad_t),
+        "left": pad_l,
+        "right": _fmt(width - 8),
+        "first": items[0][0] if items else "",
+        "last": items[-1][0] if items else "",
+        "label_y": _fmt(height - 8),
+        "total": sum(v for _, v, _, _ in items),
+    }
 
 
-def lines(labels: Sequence[str], series: dict[str, Sequence[float]], width: int = 720,
-          height: int = 220, max_series: int = 8) -> dict[str, Any]:
+def lines(
+    labels: Sequence[str],
+    series: dict[str, Sequence[float]],
+    width: int = 720,
+    height: int = 220,
+    max_series: int = 8,
+) -> dict[str, Any]:
     """One polyline per series over shared x ``labels`` (the ``max_series`` largest kept)."""
     pad_l, pad_b, pad_t = 48, 28, 10
     inner_w, inner_h = width - pad_l - 8, height - pad_b - pad_t
@@ -69,12 +99,30 @@ def lines(labels: Sequence[str], series: dict[str, Sequence[float]], width: int 
     step = inner_w / max(n - 1, 1)
     out = []
     for idx, (name, vs) in enumerate(ranked):
-        pts = " ".join(f"{_fmt(pad_l + i * step)},{_fmt(pad_t + inner_h - v / top * inner_h)}"
-                       for i, v in enumerate(vs))
-        out.append({"name": name, "points": pts, "cls": f"c{idx % 8}", "last": vs[-1] if vs else 0,
-                    "total": sum(vs)})
-    return {"width": width, "height": height, "series": out, "max": top,
-            "base_y": _fmt(pad_t + inner_h), "top_y": _fmt(pad_t), "left": pad_l,
-            "right": _fmt(width - 8), "first": labels[0] if labels else "",
-            "last": labels[-1] if labels else "", "label_y": _fmt(height - 8),
-            "single": n == 1}
+        pts = " ".join(
+            f"{_fmt(pad_l + i * step)},{_fmt(pad_t + inner_h - v / top * inner_h)}"
+            for i, v in enumerate(vs)
+        )
+        out.append(
+            {
+                "name": name,
+                "points": pts,
+                "cls": f"c{idx % 8}",
+                "last": vs[-1] if vs else 0,
+                "total": sum(vs),
+            }
+        )
+    return {
+        "width": width,
+        "height": height,
+        "series": out,
+        "max": top,
+        "base_y": _fmt(pad_t + inner_h),
+        "top_y": _fmt(pad_t),
+        "left": pad_l,
+        "right": _fmt(width - 8),
+        "first": labels[0] if labels else "",
+        "last": labels[-1] if labels else "",
+        "label_y": _fmt(height - 8),
+        "single": n == 1,
+    }

@@ -50,8 +50,9 @@ def _spec(form: FormData, prefix: str, fields: tuple[str, ...]) -> dict[str, str
     return values if any(v.strip() for v in values.values()) else None
 
 
-def rule_from_form(form: FormData, key: str | None = None
-                   ) -> tuple[dict[str, Any], RuleIn | None, list[dict[str, Any]]]:
+def rule_from_form(
+    form: FormData, key: str | None = None
+) -> tuple[dict[str, Any], RuleIn | None, list[dict[str, Any]]]:
     """``(values for re-display, RuleIn or None, problems)``. The rule is saved disabled:
     going live is a separate step (activation)."""
     problems: list[dict[str, Any]] = []
@@ -75,7 +76,9 @@ def rule_from_form(form: FormData, key: str | None = None
         as_of = str(as_ofs[i]).strip() if i < len(as_ofs) else ""
         expect = (str(expects[i]) if i < len(expects) else "true") == "true"
         ptext = str(profiles[i]) if i < len(profiles) else ""
-        examples_view.append({"name": name, "as_of": as_of, "expect": expect, "profile_json": ptext})
+        examples_view.append(
+            {"name": name, "as_of": as_of, "expect": expect, "profile_json": ptext}
+        )
         if not (name or ptext.strip()):
             continue  # an empty row added and left blank
         label = f"example {i + 1}" + (f" ({name})" if name else "")
@@ -86,10 +89,18 @@ def rule_from_form(form: FormData, key: str | None = None
         try:
             day = date.fromisoformat(as_of)
         except ValueError:
-            problems.append(_problem(f"examples.{i}", f"{label}: as-of must be a date (YYYY-MM-DD)"))
+            problems.append(
+                _problem(f"examples.{i}", f"{label}: as-of must be a date (YYYY-MM-DD)")
+            )
             continue
-        examples.append({"name": name or f"example {i + 1}", "profile": profile,
-                         "as_of": day.isoformat(), "expect": expect})
+        examples.append(
+            {
+                "name": name or f"example {i + 1}",
+                "profile": profile,
+                "as_of": day.isoformat(),
+                "expect": expect,
+            }
+        )
     values["examples"] = examples_view
     try:
         priority = int(values["priority"])
@@ -111,17 +122,33 @@ def rule_from_form(form: FormData, key: str | None = None
 def editor_values(rule: dict[str, Any] | None) -> dict[str, Any]:
     """A saved rule (``RuleService.get``) as the editor's form values."""
     if rule is None:
-        return {"key": "", "name": "", "group": None, "priority": 100,
-                "source": 'def match(profile, ctx):\n    return False\n',
-                "banner": None, "email": None, "examples": []}
+        return {
+            "key": "",
+            "name": "",
+            "group": None,
+            "priority": 100,
+            "source": "def match(profile, ctx):\n    return False\n",
+            "banner": None,
+            "email": None,
+            "examples": [],
+        }
     return {
-        "key": rule["key"], "name": rule["name"], "group": rule.get("group"),
-        "priority": rule.get("priority", 100), "source": rule["source"],
-        "banner": rule.get("banner"), "email": rule.get("email"),
+        "key": rule["key"],
+        "name": rule["name"],
+        "group": rule.get("group"),
+        "priority": rule.get("priority", 100),
+        "source": rule["source"],
+        "banner": rule.get("banner"),
+        "email": rule.get("email"),
         "examples": [
-            {"name": e.get("name", ""), "as_of": str(e.get("as_of", "")),
-             "expect": bool(e.get("expect")),
-             "profile_json": orjson.dumps(e.get("profile", {}), option=orjson.OPT_INDENT_2).decode()}
+            {
+                "name": e.get("name", ""),
+                "as_of": str(e.get("as_of", "")),
+                "expect": bool(e.get("expect")),
+                "profile_json": orjson.dumps(
+                    e.get("profile", {}), option=orjson.OPT_INDENT_2
+                ).decode(),
+            }
             for e in rule.get("examples") or []
         ],
     }

@@ -9,6 +9,7 @@ rendered with markdown-it (raw HTML disabled, unsafe link schemes refused).
 from __future__ import annotations
 
 import inspect
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,27 @@ def helper_reference() -> list[dict[str, Any]]:
     out = []
     for name, fn in HELPERS.items():
         try:
-            sig = str(inspect.signature(fn))
+            sig = inspect.signature(fn)
+            sig = str(
+                sig.replace(
+                    parameters=[
+                        p.replace(annotation=inspect.Parameter.empty)
+                        for p in sig.parameters.values()
+                    ],
+                    return_annotation=inspect.Signature.empty,
+                )
+            )
         except (TypeError, ValueError):
             sig = "(...)"
         doc = inspect.getdoc(fn) or ""
-        first = doc.split("\n\n", 1)[0].replace("\n", " ")
-        out.append({"name": name, "signature": f"{name}{sig}", "doc": first})
+        first = _ROLE.sub(r"\1", doc.split("\n\n", 1)[0].replace("\n", " "))
+        # ``code`` spans become (is_code, text) parts: the template marks them up, escaped.
+        parts = [(i % 2 == 1, text) for i, text in enumerate(first.split("``")) if text]
+        out.append({"name": name, "signature": f"{name}{sig}", "doc": first, "parts": parts})
     return out
+
+
+_ROLE = re.compile(r":[a-z]+:`([^`]*)`")
 
 
 _MD = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")

@@ -20,13 +20,19 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from starlette.datastructures import FormData
 
 __all__ = [
     "ANY_ROLE",
+    "Admin",
+    "AnyUser",
+    "Approver",
+    "CsrfForm",
+    "Editor",
+    "SignedIn",
     "EDITORS",
     "APPROVERS",
     "ADMINS",
@@ -77,8 +83,11 @@ async def csrf_form(request: Request) -> FormData:
         raise HTTPException(403, "cross-site request refused")
     expected = request.session.get("csrf")
     given = request.headers.get("x-csrf-token") or form.get("csrf_token")
-    if (not isinstance(expected, str) or not isinstance(given, str)
-            or not hmac.compare_digest(given.encode(), expected.encode())):
+    if (
+        not isinstance(expected, str)
+        or not isinstance(given, str)
+        or not hmac.compare_digest(given.encode(), expected.encode())
+    ):
         raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
     return form
 
@@ -103,7 +112,7 @@ def current_user(request: Request) -> dict[str, Any]:
 def require(*roles: str) -> Callable[..., dict[str, Any]]:
     """A dependency: the signed-in user, who must have one of ``roles`` (else 403)."""
 
-    def check(user: dict[str, Any] = Depends(current_user)) -> dict[str, Any]:  # noqa: B008
+    def check(user: Annotated[dict[str, Any], Depends(current_user)]) -> dict[str, Any]:
         if user["role"] not in roles:
             raise HTTPException(403, f"your role ({user['role']}) may not do this")
         return user
@@ -140,10 +149,19 @@ class LoginThrottle:
     def failed(self, name: str) -> None:
         now = time.monotonic()
         with self._lock:
-            self._fails[name] = [*self._recent(name, now), now][-self.limit:]
+            self._fails[name] = [*self._recent(name, now), now][-self.limit :]
             if len(self._fails) > 10_000:  # bound memory under a spray of names
                 self._fails.clear()
 
     def succeeded(self, name: str) -> None:
         with self._lock:
             self._fails.pop(name, None)
+
+
+# Route parameter types: ``form: CsrfForm`` checks the token; ``user: Editor`` the role.
+CsrfForm = Annotated[FormData, Depends(csrf_form)]
+SignedIn = Annotated[dict[str, Any], Depends(current_user)]
+AnyUser = Annotated[dict[str, Any], Depends(require(*ANY_ROLE))]
+Editor = Annotated[dict[str, Any], Depends(require(*EDITORS))]
+Approver = Annotated[dict[str, Any], Depends(require(*APPROVERS))]
+Admin = Annotated[dict[str, Any], Depends(require(*ADMINS))]

@@ -61,12 +61,21 @@ class AccountStore:
         check_password(password)
         ts = _now()
         with self.control.begin() as conn:
-            if conn.execute(select(admin_users.c.username)
-                            .where(admin_users.c.username == username)).first():
+            if conn.execute(
+                select(admin_users.c.username).where(admin_users.c.username == username)
+            ).first():
                 raise Conflict(f"user {username!r} exists")
-            conn.execute(admin_users.insert().values(
-                username=username, password_hash=hash_password(password), role=role,
-                active=True, session_gen=1, created_at=ts, updated_at=ts))
+            conn.execute(
+                admin_users.insert().values(
+                    username=username,
+                    password_hash=hash_password(password),
+                    role=role,
+                    active=True,
+                    session_gen=1,
+                    created_at=ts,
+                    updated_at=ts,
+                )
+            )
         return self.get(username)
 
     def get(self, username: str) -> dict[str, Any]:
@@ -109,14 +118,21 @@ class AccountStore:
             return None
         if needs_rehash(r.password_hash):
             with self.control.begin() as conn:
-                conn.execute(update(admin_users).where(admin_users.c.username == username)
-                             .values(password_hash=hash_password(password)))
+                conn.execute(
+                    update(admin_users)
+                    .where(admin_users.c.username == username)
+                    .values(password_hash=hash_password(password))
+                )
         return self._row(r)
 
     def _set(self, username: str, **values: Any) -> dict[str, Any]:
         with self.control.begin() as conn:
-            res = conn.execute(update(admin_users).where(admin_users.c.username == username)
-                               .values(updated_at=_now(), **values).returning(admin_users.c.username))
+            res = conn.execute(
+                update(admin_users)
+                .where(admin_users.c.username == username)
+                .values(updated_at=_now(), **values)
+                .returning(admin_users.c.username)
+            )
             if res.first() is None:
                 raise NotFound(f"no user {username!r}")
         return self.get(username)
@@ -124,8 +140,11 @@ class AccountStore:
     def set_password(self, username: str, password: str) -> dict[str, Any]:
         check_password(password)
         # A new password signs every existing session out.
-        return self._set(username, password_hash=hash_password(password),
-                         session_gen=admin_users.c.session_gen + 1)
+        return self._set(
+            username,
+            password_hash=hash_password(password),
+            session_gen=admin_users.c.session_gen + 1,
+        )
 
     def set_role(self, username: str, role: str) -> dict[str, Any]:
         return self._set(username, role=check_role(role))
@@ -140,11 +159,19 @@ class AuditLog:
     def __init__(self, control: Engine) -> None:
         self.control = control
 
-    def record(self, actor: str, action: str, target: str | None = None,
-               detail: dict[str, Any] | None = None) -> None:
+    def record(
+        self,
+        actor: str,
+        action: str,
+        target: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
         with self.control.begin() as conn:
-            conn.execute(admin_audit.insert().values(
-                at=_now(), actor=actor, action=action, target=target, detail=detail or {}))
+            conn.execute(
+                admin_audit.insert().values(
+                    at=_now(), actor=actor, action=action, target=target, detail=detail or {}
+                )
+            )
 
     def list(self, target: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         q = select(admin_audit).order_by(admin_audit.c.id.desc()).limit(limit)
@@ -155,9 +182,14 @@ class AuditLog:
 
     def ever(self, action: str, target: str) -> bool:
         with self.control.connect() as conn:
-            return conn.execute(select(admin_audit.c.id).where(
-                (admin_audit.c.action == action) & (admin_audit.c.target == target)).limit(1)
-            ).first() is not None
+            return (
+                conn.execute(
+                    select(admin_audit.c.id)
+                    .where((admin_audit.c.action == action) & (admin_audit.c.target == target))
+                    .limit(1)
+                ).first()
+                is not None
+            )
 
 
 class ActivationStore:
@@ -166,25 +198,48 @@ class ActivationStore:
     def __init__(self, control: Engine) -> None:
         self.control = control
 
-    def create(self, key: str, version: int, requested_by: str, audience: int | None,
-               note: str | None, status: str = "pending") -> dict[str, Any]:
+    def create(
+        self,
+        key: str,
+        version: int,
+        requested_by: str,
+        audience: int | None,
+        note: str | None,
+        status: str = "pending",
+    ) -> dict[str, Any]:
         ts = _now()
         with self.control.begin() as conn:
             # One open request per rule: a newer one replaces the older.
-            conn.execute(update(activation_requests).where(
-                (activation_requests.c.rule_key == key) & (activation_requests.c.status == "pending")
-            ).values(status="withdrawn", decided_by=requested_by, decided_at=ts))
-            rid = conn.execute(activation_requests.insert().values(
-                rule_key=key, version=version, status=status, requested_by=requested_by,
-                requested_at=ts, audience=audience, note=note,
-                decided_by=requested_by if status != "pending" else None,
-                decided_at=ts if status != "pending" else None,
-            ).returning(activation_requests.c.id)).scalar_one()
+            conn.execute(
+                update(activation_requests)
+                .where(
+                    (activation_requests.c.rule_key == key)
+                    & (activation_requests.c.status == "pending")
+                )
+                .values(status="withdrawn", decided_by=requested_by, decided_at=ts)
+            )
+            rid = conn.execute(
+                activation_requests.insert()
+                .values(
+                    rule_key=key,
+                    version=version,
+                    status=status,
+                    requested_by=requested_by,
+                    requested_at=ts,
+                    audience=audience,
+                    note=note,
+                    decided_by=requested_by if status != "pending" else None,
+                    decided_at=ts if status != "pending" else None,
+                )
+                .returning(activation_requests.c.id)
+            ).scalar_one()
         return self.get(int(rid))
 
     def get(self, rid: int) -> dict[str, Any]:
         with self.control.connect() as conn:
-            r = conn.execute(select(activation_requests).where(activation_requests.c.id == rid)).first()
+            r = conn.execute(
+                select(activation_requests).where(activation_requests.c.id == rid)
+            ).first()
         if r is None:
             raise NotFound(f"no activation request {rid}")
         return dict(r._mapping)
@@ -192,33 +247,48 @@ class ActivationStore:
     def decide(self, rid: int, status: str, by: str, expect: str = "pending") -> bool:
         """Move a request from ``expect`` to ``status``; False if someone was first."""
         with self.control.begin() as conn:
-            res = conn.execute(update(activation_requests).where(
-                (activation_requests.c.id == rid) & (activation_requests.c.status == expect)
-            ).values(status=status, decided_by=by, decided_at=_now())
-                .returning(activation_requests.c.id))
+            res = conn.execute(
+                update(activation_requests)
+                .where((activation_requests.c.id == rid) & (activation_requests.c.status == expect))
+                .values(status=status, decided_by=by, decided_at=_now())
+                .returning(activation_requests.c.id)
+            )
             return res.first() is not None
 
     def reopen(self, rid: int) -> None:
         with self.control.begin() as conn:
-            conn.execute(update(activation_requests).where(activation_requests.c.id == rid)
-                         .values(status="pending", decided_by=None, decided_at=None))
+            conn.execute(
+                update(activation_requests)
+                .where(activation_requests.c.id == rid)
+                .values(status="pending", decided_by=None, decided_at=None)
+            )
 
     def pending(self, key: str | None = None) -> list[dict[str, Any]]:
         q = select(activation_requests).where(activation_requests.c.status == "pending")
         if key:
             q = q.where(activation_requests.c.rule_key == key)
         with self.control.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(q.order_by(activation_requests.c.id)).all()]
+            return [
+                dict(r._mapping) for r in conn.execute(q.order_by(activation_requests.c.id)).all()
+            ]
 
     def history(self, key: str, limit: int = 20) -> list[dict[str, Any]]:
         with self.control.connect() as conn:
-            rows = conn.execute(select(activation_requests).where(
-                activation_requests.c.rule_key == key).order_by(activation_requests.c.id.desc())
-                .limit(limit)).all()
+            rows = conn.execute(
+                select(activation_requests)
+                .where(activation_requests.c.rule_key == key)
+                .order_by(activation_requests.c.id.desc())
+                .limit(limit)
+            ).all()
         return [dict(r._mapping) for r in rows]
 
     def ever_approved(self) -> set[str]:
         """Keys of rules that went live through the UI at least once."""
         with self.control.connect() as conn:
-            return set(conn.execute(select(activation_requests.c.rule_key).where(
-                activation_requests.c.status.in_(("approved", "auto-approved"))).distinct()).scalars())
+            return set(
+                conn.execute(
+                    select(activation_requests.c.rule_key)
+                    .where(activation_requests.c.status.in_(("approved", "auto-approved")))
+                    .distinct()
+                ).scalars()
+            )

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
-from sqlalchemy import BigInteger, Engine, and_, case, func, literal, select, tablesample, text, update
+from sqlalchemy import (
+    BigInteger, Engine, and_, bindparam, case, func, literal, select, tablesample, text, update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from kvadrupel.errors import ShardUnavailable
 from shards.replica import BANNER_CHANNEL, notify_payloads, replica_reads
@@ -20,6 +24,7 @@ from shards.schema import banner_sets, banners, ingest_marks, profiles, user_sta
 from shards.store import (
     ApplyFn,
     BannerChange,
+    IngestDataError,
     IngestItem,
     IngestOutcome,
     ProfileRow,
@@ -39,6 +44,97 @@ def now() -> datetime:
 
 def banner_id(rule_key: str, episode: int) -> str:
     return f"{rule_key}.{episode}"
+
+
+class ProfileWrite(NamedTuple):
+    """One profile to store after ingest: ``version`` is the one read (0: new user)."""
+
+    user_id: int
+    doc: dict[str, Any]
+    encoded: bytes  # orjson of doc
+    seen: list[str]
+    version: int
+
+
+class ProfileCache:
+    """LRU of ``user_id -> (doc JSON, seen ids, version)`` as last committed by ingest."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._d: OrderedDict[int, tuple[Any, list[str], int]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def lookup(self, user_ids: Iterable[int]) -> tuple[dict[int, tuple[Any, list[str], int]], list[int]]:
+        found: dict[int, tuple[Any, list[str], int]] = {}
+        missing: list[int] = []
+        d = self._d
+        for uid in user_ids:
+            entry = d.get(uid)
+            if entry is None:
+                missing.append(uid)
+            else:
+                found[uid] = entry
+        self.hits += len(found)
+        self.misses += len(missing)
+        return found, missing
+
+    def update(self, entries: dict[int, tuple[Any, list[str], int]]) -> None:
+        d = self._d
+        for uid, entry in entries.items():
+            d[uid] = entry
+            d.move_to_end(uid)
+        while len(d) > self.capacity:
+            d.popitem(last=False)
+
+    def discard(self, user_ids: Iterable[int]) -> None:
+        for uid in user_ids:
+            self._d.pop(uid, None)
+
+
+@dataclass(slots=True)
+class _Update:
+    doc: dict[str, Any]
+    seen: list[str]
+    rejected: list[tuple[Any, str]]
+    applied: int
+    changed: bool
+    encoded: bytes
+
+
+def _as_update(result: Any) -> Any:
+    """An ApplyFn result as an object with ``changed`` and ``encoded``."""
+    if isinstance(result, tuple):  # the short form: (doc, seen, rejected, applied)
+        doc, seen, rejected, applied = result
+        return _Update(doc, seen, rejected, applied, applied > 0, orjson.dumps(doc))
+    return result
+
+
+def _split_by_marks(
+    items: Sequence[IngestItem], marks: dict[tuple[str, int], int], out: IngestOutcome
+) -> tuple[dict[int, list[Any]], dict[tuple[str, int], int]]:
+    """Events per user (arrival order) not yet applied, and the marks to store.
+
+    An item at or below its partition's mark was applied by an earlier
+    transaction (or belonged to another shard, or was invalid): skip it.
+    """
+    per_user: dict[int, list[Any]] = {}
+    new_marks: dict[tuple[str, int], int] = {}
+    touched: dict[int, None] = {}
+    for it in items:
+        touched[it.user_id] = None
+        if it.offset >= 0:
+            key = (it.topic, it.partition)
+            if it.offset <= marks.get(key, -1):
+                out.skipped += 1
+                continue
+            if it.offset > new_marks.get(key, -1):
+                new_marks[key] = it.offset
+        per_user.setdefault(it.user_id, []).append(it.event)
+    out.touched = list(touched)
+    return per_user, new_marks
 
 
 class SqlShardStore(ShardStore):
@@ -62,71 +158,132 @@ class SqlShardStore(ShardStore):
         return ShardUnavailable(self.index, str(exc).splitlines()[0])
 
     # -- ingest -----------------------------------------------------------------
-    def ingest(self, items: Sequence[IngestItem], apply: ApplyFn) -> IngestOutcome:
+    # Errors meaning "this shard cannot do it now": the batch is retried later.
+    _transient_errors: tuple[type[BaseException], ...] = (OperationalError,)
+    # Errors meaning "this shard refuses this data": retrying cannot help.
+    _data_errors: tuple[type[BaseException], ...] = (DataError, IntegrityError)
+    # True where _write_profiles refuses to overwrite a version other than the one
+    # read (PostgreSQL): only then may profiles be served from the ingest cache.
+    _checks_versions = False
+    _ingest_cache: ProfileCache | None = None
+
+    def set_ingest_cache(self, users: int) -> None:
+        """Keep up to ``users`` profiles that ingest read or wrote in memory, so the
+        next batch for them skips the read. Safe because every write is conditional
+        on the version it started from: a profile changed by anyone else fails the
+        write, leaves the cache and the batch is retried. No-op where writes do
+        not check versions."""
+        self._ingest_cache = ProfileCache(users) if users > 0 and self._checks_versions else None
+
+    def ingest(self, items: Sequence[IngestItem], apply: ApplyFn,
+               before_commit: Callable[[IngestOutcome], None] | None = None) -> IngestOutcome:
         out = IngestOutcome()
         if not items:
             return out
+        cache = self._ingest_cache
+        fresh: dict[int, tuple[Any, list[str], int]] = {}  # cached once committed
+        per_user: dict[int, list[Any]] = {}
         try:
             with self.engine.begin() as conn:
-                topics = {it.topic for it in items if it.offset >= 0}
-                marks: dict[tuple[str, int], int] = {}
-                if topics:
-                    stmt = self._for_update(
-                        select(ingest_marks).where(ingest_marks.c.topic.in_(topics))
-                    )
-                    marks = {(r.topic, r.partition): r.offset for r in conn.execute(stmt)}
-                per_user: dict[int, list[Any]] = {}
-                new_marks: dict[tuple[str, int], int] = {}
-                touched: dict[int, None] = {}
-                for it in items:
-                    touched[it.user_id] = None
-                    if it.offset >= 0:
-                        key = (it.topic, it.partition)
-                        if it.offset <= marks.get(key, -1):
-                            out.skipped += 1
-                            continue
-                        if it.offset > new_marks.get(key, -1):
-                            new_marks[key] = it.offset
-                    per_user.setdefault(it.user_id, []).append(it.event)
-                out.touched = list(touched)
+                keys = {(it.topic, it.partition) for it in items if it.offset >= 0}
+                marks = self._lock_marks(conn, keys) if keys else {}
+                per_user, new_marks = _split_by_marks(items, marks, out)
                 if per_user:
-                    self._apply_users(conn, per_user, apply, out)
+                    self._apply_users(conn, per_user, apply, out, fresh)
                 if new_marks:
-                    ins = self._insert(ingest_marks)
-                    conn.execute(
-                        ins.on_conflict_do_update(
-                            index_elements=["topic", "partition"],
-                            set_={"offset": ins.excluded.offset},
-                        ),
-                        [{"topic": t, "partition": p, "offset": o} for (t, p), o in new_marks.items()],
-                    )
-        except OperationalError as exc:
-            raise self._unavailable(exc) from exc
+                    self._save_marks(conn, new_marks)
+                if before_commit is not None:
+                    before_commit(out)
+        except BaseException as exc:
+            if cache is not None:  # the outcome may be unknown (commit lost): forget them
+                cache.discard(per_user)
+            if isinstance(exc, self._transient_errors):
+                raise self._unavailable(exc) from exc
+            if isinstance(exc, self._data_errors):
+                raise IngestDataError(f"shard {self.index}: {str(exc).splitlines()[0]}") from exc
+            raise
+        if cache is not None:
+            cache.update(fresh)
         return out
 
-    def _load_for_update(self, conn: Any, user_ids: list[int]) -> dict[int, tuple[Any, list[str]]]:
+    def _lock_marks(self, conn: Any, keys: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The shard's marks for ``keys``, locked until the transaction ends.
+
+        The rows are created first (at -1) so that there is always a row to lock:
+        two workers replaying the same partition after a rebalance then queue on
+        it instead of both applying the same offsets. (SQLite: ``BEGIN IMMEDIATE``
+        already serialises writers.)
+        """
+        ins = self._insert(ingest_marks)
+        conn.execute(ins.on_conflict_do_nothing(index_elements=["topic", "partition"]),
+                     [{"topic": t, "partition": p, "offset": -1} for t, p in keys])
         stmt = self._for_update(
-            select(profiles.c.user_id, profiles.c.doc, profiles.c.seen).where(
+            select(ingest_marks).where(ingest_marks.c.topic.in_({t for t, _ in keys}))
+        )
+        return {(r.topic, r.partition): r.offset for r in conn.execute(stmt)}
+
+    def _save_marks(self, conn: Any, marks: dict[tuple[str, int], int]) -> None:
+        conn.execute(
+            update(ingest_marks)
+            .where((ingest_marks.c.topic == bindparam("t")) & (ingest_marks.c.partition == bindparam("p")))
+            .values(offset=bindparam("o")),
+            [{"t": t, "p": p, "o": o} for (t, p), o in marks.items()],
+        )
+
+    def _load_for_update(self, conn: Any, user_ids: list[int]) -> dict[int, tuple[Any, Any, int]]:
+        """``{user_id: (doc, seen, version)}`` of the users that have a profile."""
+        stmt = self._for_update(
+            select(profiles.c.user_id, profiles.c.doc, profiles.c.seen, profiles.c.version).where(
                 profiles.c.user_id.in_(user_ids)
             )
         )
-        return {r.user_id: (r.doc, r.seen) for r in conn.execute(stmt)}
+        return {r.user_id: (r.doc, r.seen, r.version) for r in conn.execute(stmt)}
 
     def _apply_users(
-        self, conn: Any, per_user: dict[int, list[Any]], apply: ApplyFn, out: IngestOutcome
+        self, conn: Any, per_user: dict[int, list[Any]], apply: ApplyFn, out: IngestOutcome,
+        fresh: dict[int, tuple[Any, list[str], int]],
     ) -> None:
-        current = self._load_for_update(conn, list(per_user))
-        rows = []
+        """Apply each user's events to their stored profile and write the changed
+        ones; ``fresh`` receives every profile's state after the write (for the
+        cache)."""
+        cache = self._ingest_cache
+        if cache is None:
+            current = self._load_for_update(conn, list(per_user))
+        else:
+            current, missing = cache.lookup(per_user)
+            if missing:
+                current.update(self._load_for_update(conn, missing))
+        rows: list[ProfileWrite] = []
         for uid, events in per_user.items():
-            doc, seen = current.get(uid, (None, []))
-            new_doc, new_seen, rejected, applied = apply(doc, list(seen or []), events)
-            out.rejected += rejected
-            if applied:
-                out.applied += applied
-                out.changed.append(uid)
-                rows.append((uid, new_doc, new_seen))
+            state = current.get(uid)
+            doc, seen, version = state if state is not None else (None, None, 0)
+            upd = _as_update(apply(doc, seen or [], events))
+            if upd.rejected:
+                out.rejected += upd.rejected
+            if upd.applied:
+                out.applied += upd.applied
+                if upd.changed:
+                    out.changed.append(uid)
+                rows.append(ProfileWrite(uid, upd.doc, upd.encoded, upd.seen, version))
+                fresh[uid] = (upd.encoded, upd.seen, version + 1)
+            elif state is not None:
+                fresh[uid] = state
         if rows:
-            self._upsert_profiles(conn, rows)
+            self._write_profiles(conn, rows)
+
+    def _write_profiles(self, conn: Any, rows: list[ProfileWrite]) -> None:
+        """Store the new documents (``version`` is the one loaded, 0: none)."""
+        ts = now()
+        ins = self._insert(profiles)
+        conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=["user_id"],
+                set_={"doc": ins.excluded.doc, "seen": ins.excluded.seen,
+                      "version": ins.excluded.version, "updated_at": ins.excluded.updated_at},
+            ),
+            [{"user_id": r.user_id, "doc": r.doc, "seen": r.seen, "version": r.version + 1,
+              "updated_at": ts} for r in rows],
+        )
 
     def _upsert_profiles(self, conn: Any, rows: list[tuple[int, Any, list[str]]]) -> None:
         ts = now()
@@ -167,35 +324,56 @@ class SqlShardStore(ShardStore):
             profiles.outerjoin(user_state, profiles.c.user_id == user_state.c.user_id)
         )
 
-    def stream_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[ProfileRow]]:
+    # The evaluator's reads. ``scan_*`` yield plain ``(user_id, doc, state or None)``
+    # tuples (no object per row: the nightly run reads every profile);
+    # ``stream_*`` wrap them in ProfileRow for everyone else.
+    def scan_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[Sequence[tuple[int, Any, Any]]]:
+        """``lo <= user_id <= hi`` in id order, in lists of up to ``batch``: keyset
+        pages, one short query each (SQLite keeps no long read open)."""
         last = lo - 1
-        while True:
-            with self.read_engine.connect() as conn:
-                rows = conn.execute(
-                    self._rows_query()
-                    .where(and_(profiles.c.user_id > last, profiles.c.user_id <= hi))
-                    .order_by(profiles.c.user_id)
-                    .limit(batch)
-                ).all()
-            if not rows:
-                return
-            yield [ProfileRow(r[0], r[1], r[2] or {}) for r in rows]
-            if len(rows) < batch:
-                return
-            last = rows[-1][0]
+        try:
+            while True:
+                with self.read_engine.connect() as conn:
+                    rows = conn.execute(
+                        self._rows_query()
+                        .where(and_(profiles.c.user_id > last, profiles.c.user_id <= hi))
+                        .order_by(profiles.c.user_id)
+                        .limit(batch)
+                    ).all()
+                if not rows:
+                    return
+                yield rows
+                if len(rows) < batch:
+                    return
+                last = rows[-1][0]
+        except OperationalError as exc:
+            raise self._unavailable(exc) from exc
+
+    def scan_users(self, user_ids: Sequence[int]) -> Iterator[Sequence[tuple[int, Any, Any]]]:
+        ids = sorted(set(user_ids))
+        try:
+            for i in range(0, len(ids), 1000):
+                chunk = ids[i : i + 1000]
+                with self.read_engine.connect() as conn:
+                    rows = conn.execute(
+                        self._rows_query().where(profiles.c.user_id.in_(chunk)).order_by(profiles.c.user_id)
+                    ).all()
+                if rows:
+                    yield rows
+        except OperationalError as exc:
+            raise self._unavailable(exc) from exc
+
+    def stream_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[ProfileRow]]:
+        for rows in self.scan_range(lo, hi, batch):
+            yield [ProfileRow(u, d, s or {}) for u, d, s in rows]
 
     def stream_users(self, user_ids: Sequence[int]) -> Iterator[list[ProfileRow]]:
-        ids = sorted(set(user_ids))
-        for i in range(0, len(ids), 1000):
-            chunk = ids[i : i + 1000]
-            with self.read_engine.connect() as conn:
-                rows = conn.execute(
-                    self._rows_query().where(profiles.c.user_id.in_(chunk)).order_by(profiles.c.user_id)
-                ).all()
-            if rows:
-                yield [ProfileRow(r[0], r[1], r[2] or {}) for r in rows]
+        for rows in self.scan_users(user_ids):
+            yield [ProfileRow(u, d, s or {}) for u, d, s in rows]
 
     def plan_ranges(self, target_users: int) -> list[tuple[int, int]]:
+        """Portable: count, then one OFFSET probe per boundary (fine for embedded
+        shards; PostgreSQL overrides this with its statistics)."""
         n = self.count()
         k = max(1, math.ceil(n / max(1, target_users)))
         bounds: list[int] = []

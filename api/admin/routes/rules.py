@@ -11,14 +11,14 @@ from datetime import date, timedelta
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import FormData
 
 from api.admin import charts, helpdocs
 from api.admin.app import flash, redirect, render
 from api.admin.forms import editor_values, parse_profile, rule_from_form
-from api.admin.security import ANY_ROLE, APPROVERS, EDITORS, csrf_form, require
+from api.admin.security import APPROVERS, AnyUser, Approver, CsrfForm, Editor
 from channels.templates import render_content
 from kvadrupel.errors import Conflict, KvadrupelError, NotFound, RuleValidationError
 from rules.context import make_context
@@ -40,8 +40,9 @@ def _today(request: Request) -> date:
 
 
 def _audit(request: Request, user: dict[str, Any], action: str, key: str, **detail: Any) -> None:
-    request.app.state.audit.record(user["username"], action, f"rule:{key}",
-                                   orjson.loads(orjson.dumps(detail, default=str)))
+    request.app.state.audit.record(
+        user["username"], action, f"rule:{key}", orjson.loads(orjson.dumps(detail, default=str))
+    )
 
 
 def _rule_in(rule: dict[str, Any], **overrides: Any) -> RuleIn:
@@ -63,8 +64,11 @@ def _status(rule: dict[str, Any], ever_live: set[str]) -> str:
 def _ever_live(request: Request) -> set[str]:
     st = request.app.state
     keys = st.activations.ever_approved()
-    keys |= {e["target"].split(":", 1)[1] for e in st.audit.list(limit=1000)
-             if e["action"] == "rule.pause" and e["target"]}
+    keys |= {
+        e["target"].split(":", 1)[1]
+        for e in st.audit.list(limit=1000)
+        if e["action"] == "rule.pause" and e["target"]
+    }
     return keys
 
 
@@ -104,21 +108,41 @@ def _runs_oldest_first(request: Request, n: int = SPARK_RUNS) -> list[dict[str, 
 
 def _with_key(form: FormData, key: str) -> FormData:
     items = [(k, v) for k, v in form.multi_items() if k not in ("key", "name")]
-    return FormData([*items, ("key", key), ("name", str(form.get("name") or "").strip() or "draft")])
+    return FormData(
+        [*items, ("key", key), ("name", str(form.get("name") or "").strip() or "draft")]
+    )
 
 
-def _editor(request: Request, status: int = 200, *, rule: dict[str, Any] | None,
-            values: dict[str, Any], problems: list[dict[str, Any]] | None = None,
-            results: list[dict[str, Any]] | None = None) -> Response:
+def _editor(
+    request: Request,
+    status: int = 200,
+    *,
+    rule: dict[str, Any] | None,
+    values: dict[str, Any],
+    problems: list[dict[str, Any]] | None = None,
+    results: list[dict[str, Any]] | None = None,
+) -> Response:
     pending = request.app.state.activations.pending(rule["key"]) if rule else []
-    return render(request, "rule_edit.html", status, rule=rule, v=values, problems=problems or [],
-                  results=results, helpers=helpdocs.helper_reference(),
-                  has_guide=helpdocs.guide_html() is not None, today=_today(request),
-                  tab="edit", pending=pending, live=bool(rule and _is_live(rule)))
+    return render(
+        request,
+        "rule_edit.html",
+        status,
+        rule=rule,
+        v=values,
+        problems=problems or [],
+        results=results,
+        helpers=helpdocs.helper_reference(),
+        has_guide=helpdocs.guide_html() is not None,
+        today=_today(request),
+        tab="edit",
+        pending=pending,
+        live=bool(rule and _is_live(rule)),
+    )
 
 
-def _load_profile(request: Request, user_id: str, profile_text: str
-                  ) -> tuple[dict[str, Any] | None, str, str | None]:
+def _load_profile(
+    request: Request, user_id: str, profile_text: str
+) -> tuple[dict[str, Any] | None, str, str | None]:
     """A profile from a user id (read from its shard) or pasted JSON."""
     user_id = user_id.strip()
     if user_id:
@@ -135,7 +159,10 @@ def _load_profile(request: Request, user_id: str, profile_text: str
 
 # -- list -------------------------------------------------------------------------
 @router.get("/")
-def rules_list(request: Request, user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
+def rules_list(
+    request: Request,
+    user: AnyUser,
+) -> Response:
     all_rules = _svc(request).list()
     runs = _runs_oldest_first(request)
     last = runs[-1] if runs else None
@@ -144,26 +171,38 @@ def rules_list(request: Request, user: dict = Depends(require(*ANY_ROLE))) -> Re
     rows = []
     for r in all_rules:
         series = [run["matches"].get(r["key"], 0) for run in runs]
-        rows.append({
-            "key": r["key"], "name": r["name"], "group": r["group"], "version": r["version"],
-            "status": _status(r, ever_live), "quarantine": r["quarantine"],
-            "pending": r["key"] in pending,
-            "last_matches": last["matches"].get(r["key"], 0) if last else None,
-            "last_errors": last["errors"].get(r["key"], 0) if last else None,
-            "spark": charts.sparkline(series) if series else None,
-        })
+        rows.append(
+            {
+                "key": r["key"],
+                "name": r["name"],
+                "group": r["group"],
+                "version": r["version"],
+                "status": _status(r, ever_live),
+                "quarantine": r["quarantine"],
+                "pending": r["key"] in pending,
+                "last_matches": last["matches"].get(r["key"], 0) if last else None,
+                "last_errors": last["errors"].get(r["key"], 0) if last else None,
+                "spark": charts.sparkline(series) if series else None,
+            }
+        )
     return render(request, "rules.html", rows=rows, last=last, n_runs=len(runs))
 
 
 # -- editor -----------------------------------------------------------------------
 @router.get("/new")
-def new_rule(request: Request, user: dict = Depends(require(*EDITORS))) -> Response:  # noqa: B008
+def new_rule(
+    request: Request,
+    user: Editor,
+) -> Response:
     return _editor(request, rule=None, values=editor_values(None))
 
 
 @router.post("/rules")
-def create_rule(request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-                user: dict = Depends(require(*EDITORS))) -> Response:  # noqa: B008
+def create_rule(
+    request: Request,
+    form: CsrfForm,
+    user: Editor,
+) -> Response:
     svc = _svc(request)
     values, rule, problems = rule_from_form(form)
     if rule is not None:
@@ -175,11 +214,22 @@ def create_rule(request: Request, form: FormData = Depends(csrf_form),  # noqa: 
     except RuleValidationError as exc:
         return _editor(request, 422, rule=None, values=values, problems=exc.problems)
     except Conflict as exc:
-        return _editor(request, 409, rule=None, values=values,
-                       problems=[{"field": "key", "line": None, "message": str(exc)}])
+        return _editor(
+            request,
+            409,
+            rule=None,
+            values=values,
+            problems=[{"field": "key", "line": None, "message": str(exc)}],
+        )
     results = svc.run_examples(rule)
-    _audit(request, user, "rule.create", rule.key, version=saved["version"],
-           rule=rule.model_dump(mode="json", exclude={"enabled"}))
+    _audit(
+        request,
+        user,
+        "rule.create",
+        rule.key,
+        version=saved["version"],
+        rule=rule.model_dump(mode="json", exclude={"enabled"}),
+    )
     _flash_saved(request, saved, results)
     return redirect(request, f"/rules/{rule.key}")
 
@@ -193,7 +243,11 @@ def _flash_saved(request: Request, saved: dict[str, Any], results: list[dict[str
 
 
 @router.get("/rules/{key}")
-def edit_rule(key: str, request: Request, user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
+def edit_rule(
+    key: str,
+    request: Request,
+    user: AnyUser,
+) -> Response:
     svc = _svc(request)
     rule = svc.get(key)
     results = svc.run_examples(_rule_in(rule, enabled=False))
@@ -201,8 +255,12 @@ def edit_rule(key: str, request: Request, user: dict = Depends(require(*ANY_ROLE
 
 
 @router.post("/rules/{key}")
-def save_rule(key: str, request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-              user: dict = Depends(require(*EDITORS))) -> Response:  # noqa: B008
+def save_rule(
+    key: str,
+    request: Request,
+    form: CsrfForm,
+    user: Editor,
+) -> Response:
     svc = _svc(request)
     before = svc.get(key)
     values, rule, problems = rule_from_form(form, key=key)
@@ -210,7 +268,9 @@ def save_rule(key: str, request: Request, form: FormData = Depends(csrf_form),  
         problems = svc.validate(rule)
     if rule is None or problems:
         return _editor(request, 422, rule=before, values=values, problems=problems)
-    unchanged = _rule_in(before, enabled=False).model_dump(mode="json") == rule.model_dump(mode="json")
+    unchanged = _rule_in(before, enabled=False).model_dump(mode="json") == rule.model_dump(
+        mode="json"
+    )
     if unchanged:
         flash(request, f"No changes: {key} stays at version {before['version']}", "info")
         return redirect(request, f"/rules/{key}")
@@ -220,8 +280,16 @@ def save_rule(key: str, request: Request, form: FormData = Depends(csrf_form),  
         return _editor(request, 422, rule=before, values=values, problems=exc.problems)
     results = svc.run_examples(rule)
     diff, _ = _call(request, "diff", key, before["version"], saved["version"])
-    _audit(request, user, "rule.save", key, version=saved["version"], previous=before["version"],
-           was_live=_is_live(before), diff=diff)
+    _audit(
+        request,
+        user,
+        "rule.save",
+        key,
+        version=saved["version"],
+        previous=before["version"],
+        was_live=_is_live(before),
+        diff=diff,
+    )
     # A pending request was for the old version: it no longer applies.
     for p in request.app.state.activations.pending(key):
         request.app.state.activations.decide(p["id"], "withdrawn", user["username"])
@@ -232,8 +300,11 @@ def save_rule(key: str, request: Request, form: FormData = Depends(csrf_form),  
 
 
 @router.post("/api/validate")
-def validate(request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-             user: dict = Depends(require(*EDITORS))) -> JSONResponse:  # noqa: B008
+def validate(
+    request: Request,
+    form: CsrfForm,
+    user: Editor,
+) -> JSONResponse:
     """Live validation for the editor: sandbox and template problems with their lines."""
     key = str(form.get("key") or "").strip()
     from rules.models import KEY_RE
@@ -246,8 +317,11 @@ def validate(request: Request, form: FormData = Depends(csrf_form),  # noqa: B00
 
 
 @router.post("/api/examples")
-def run_examples(request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-                 user: dict = Depends(require(*EDITORS))) -> Response:  # noqa: B008
+def run_examples(
+    request: Request,
+    form: CsrfForm,
+    user: Editor,
+) -> Response:
     """Run the examples in the editor (unsaved) through RuleService.run_examples."""
     _, rule, problems = rule_from_form(_with_key(form, "draft"))
     results = None
@@ -259,12 +333,16 @@ def run_examples(request: Request, form: FormData = Depends(csrf_form),  # noqa:
 
 
 @router.post("/api/render")
-def render_templates(request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-                     user: dict = Depends(require(*EDITORS))) -> Response:  # noqa: B008
+def render_templates(
+    request: Request,
+    form: CsrfForm,
+    user: Editor,
+) -> Response:
     """The banner/e-mail templates in the editor rendered for a chosen profile."""
     values, _, _ = rule_from_form(_with_key(form, "draft"))
-    profile, label, err = _load_profile(request, str(form.get("preview_user") or ""),
-                                        str(form.get("preview_profile") or ""))
+    profile, label, err = _load_profile(
+        request, str(form.get("preview_user") or ""), str(form.get("preview_profile") or "")
+    )
     as_of = _date(form.get("preview_as_of"), _today(request))
     out: dict[str, Any] = {"label": label, "error": err, "as_of": as_of}
     if profile is not None:
@@ -279,10 +357,15 @@ def render_templates(request: Request, form: FormData = Depends(csrf_form),  # n
 
 # -- test panel -------------------------------------------------------------------
 @router.post("/rules/{key}/test")
-def test_rule(key: str, request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-              user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
-    profile, label, err = _load_profile(request, str(form.get("user_id") or ""),
-                                        str(form.get("profile") or ""))
+def test_rule(
+    key: str,
+    request: Request,
+    form: CsrfForm,
+    user: AnyUser,
+) -> Response:
+    profile, label, err = _load_profile(
+        request, str(form.get("user_id") or ""), str(form.get("profile") or "")
+    )
     as_of = _date(form.get("as_of"), _today(request))
     result = None
     if profile is not None:
@@ -291,13 +374,25 @@ def test_rule(key: str, request: Request, form: FormData = Depends(csrf_form),  
         except KvadrupelError as exc:
             err = str(exc)
     why = (result or {}).get("why") or (result or {}).get("reads")
-    return render(request, "_test_result.html", result=result, error=err, label=label, as_of=as_of,
-                  why=why, version=_svc(request).get(key)["version"])
+    return render(
+        request,
+        "_test_result.html",
+        result=result,
+        error=err,
+        label=label,
+        as_of=as_of,
+        why=why,
+        version=_svc(request).get(key)["version"],
+    )
 
 
 # -- preview, forecast, diff, shadow ----------------------------------------------
 @router.get("/rules/{key}/launch")
-def launch_page(key: str, request: Request, user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
+def launch_page(
+    key: str,
+    request: Request,
+    user: AnyUser,
+) -> Response:
     svc = _svc(request)
     rule = svc.get(key)
     st = request.app.state
@@ -305,53 +400,91 @@ def launch_page(key: str, request: Request, user: dict = Depends(require(*ANY_RO
     results = svc.run_examples(_rule_in(rule, enabled=False))
     history = st.activations.history(key)
     live_versions = [h["version"] for h in history if h["status"] in ("approved", "auto-approved")]
-    compare_to = next((v for v in live_versions if v != rule["version"]),
-                      rule["version"] - 1 if rule["version"] > 1 else rule["version"])
-    return render(request, "rule_launch.html", rule=rule, tab="launch", versions=versions,
-                  results=results, pending=st.activations.pending(key), history=history,
-                  today=_today(request), compare_to=compare_to, live=_is_live(rule),
-                  status=_status(rule, _ever_live(request)),
-                  threshold=st.settings.admin_approval_audience,
-                  default_sample=_sample(request, None))
+    compare_to = next(
+        (v for v in live_versions if v != rule["version"]),
+        rule["version"] - 1 if rule["version"] > 1 else rule["version"],
+    )
+    return render(
+        request,
+        "rule_launch.html",
+        rule=rule,
+        tab="launch",
+        versions=versions,
+        results=results,
+        pending=st.activations.pending(key),
+        history=history,
+        today=_today(request),
+        compare_to=compare_to,
+        live=_is_live(rule),
+        rule_status=_status(rule, _ever_live(request)),
+        threshold=st.settings.admin_approval_audience,
+        default_sample=_sample(request, None),
+    )
 
 
 @router.post("/rules/{key}/preview")
-def preview(key: str, request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-            user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
+def preview(
+    key: str,
+    request: Request,
+    form: CsrfForm,
+    user: AnyUser,
+) -> Response:
     as_of = _date(form.get("as_of"), _today(request))
-    result, err = _call(request, "preview", key, as_of, _sample(request, str(form.get("sample") or "")))
+    result, err = _call(
+        request, "preview", key, as_of, _sample(request, str(form.get("sample") or ""))
+    )
     return render(request, "_preview.html", p=result, error=err, key=key)
 
 
 @router.post("/rules/{key}/forecast")
-def forecast(key: str, request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-             user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
+def forecast(
+    key: str,
+    request: Request,
+    form: CsrfForm,
+    user: AnyUser,
+) -> Response:
     start = _date(form.get("from"), _today(request) + timedelta(days=1))
     try:
         days = max(1, min(int(str(form.get("days") or 30)), MAX_FORECAST_DAYS))
     except ValueError:
         days = 30
-    result, err = _call(request, "forecast", key, start, days,
-                        _sample(request, str(form.get("sample") or "")))
+    result, err = _call(
+        request, "forecast", key, start, days, _sample(request, str(form.get("sample") or ""))
+    )
     chart = None
     if result is not None:
-        items = [(d["date"], float(d.get("estimate", d.get("sampled", 0))),
-                  None if d.get("exact") else d.get("low"), None if d.get("exact") else d.get("high"))
-                 for d in result.get("days", [])]
+        items = [
+            (
+                d["date"],
+                float(d.get("estimate", d.get("sampled", 0))),
+                None if d.get("exact") else d.get("low"),
+                None if d.get("exact") else d.get("high"),
+            )
+            for d in result.get("days", [])
+        ]
         chart = charts.bars(items)
     return render(request, "_forecast.html", f=result, chart=chart, error=err)
 
 
 @router.get("/rules/{key}/diff")
-def diff(key: str, request: Request, a: int, b: int,
-         user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
+def diff(
+    key: str,
+    request: Request,
+    a: int,
+    b: int,
+    user: AnyUser,
+) -> Response:
     result, err = _call(request, "diff", key, a, b)
     return render(request, "_diff.html", d=result, error=err)
 
 
 @router.post("/rules/{key}/shadow")
-def shadow(key: str, request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-           user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
+def shadow(
+    key: str,
+    request: Request,
+    form: CsrfForm,
+    user: AnyUser,
+) -> Response:
     """The current version against another one: who would gain or lose the match.
     RuleService.shadow compares its ``active`` (the current version) with a candidate,
     so "current gains" is the candidate's "lose" and the other way round."""
@@ -361,13 +494,21 @@ def shadow(key: str, request: Request, form: FormData = Depends(csrf_form),  # n
     except ValueError:
         raise HTTPException(422, "choose a version to compare with") from None
     current = _svc(request).get(key)["version"]
-    result, err = _call(request, "shadow", key, as_of, _sample(request, str(form.get("sample") or "")),
-                        version=other)
+    result, err = _call(
+        request,
+        "shadow",
+        key,
+        as_of,
+        _sample(request, str(form.get("sample") or "")),
+        version=other,
+    )
     return render(request, "_shadow.html", s=result, error=err, other=other, current=current)
 
 
 # -- activation -------------------------------------------------------------------
-def _blast_radius(request: Request, key: str) -> tuple[int | None, dict[str, Any] | None, str | None]:
+def _blast_radius(
+    request: Request, key: str
+) -> tuple[int | None, dict[str, Any] | None, str | None]:
     """Users who would match today: (upper bound used for the approval rule, preview, error)."""
     result, err = _call(request, "preview", key, _today(request), _sample(request, None))
     if result is None:
@@ -378,16 +519,31 @@ def _blast_radius(request: Request, key: str) -> tuple[int | None, dict[str, Any
 
 
 @router.get("/rules/{key}/blast")
-def blast(key: str, request: Request, user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
+def blast(
+    key: str,
+    request: Request,
+    user: AnyUser,
+) -> Response:
     high, result, err = _blast_radius(request, key)
     threshold = request.app.state.settings.admin_approval_audience
-    return render(request, "_blast.html", p=result, high=high, error=err, threshold=threshold,
-                  needs_approver=high is None or high > threshold)
+    return render(
+        request,
+        "_blast.html",
+        p=result,
+        high=high,
+        error=err,
+        threshold=threshold,
+        needs_approver=high is None or high > threshold,
+    )
 
 
 @router.post("/rules/{key}/activation")
-def request_activation(key: str, request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-                       user: dict = Depends(require(*EDITORS))) -> Response:  # noqa: B008
+def request_activation(
+    key: str,
+    request: Request,
+    form: CsrfForm,
+    user: Editor,
+) -> Response:
     svc, st = _svc(request), request.app.state
     rule = svc.get(key)
     if _is_live(rule):
@@ -395,8 +551,11 @@ def request_activation(key: str, request: Request, form: FormData = Depends(csrf
         return redirect(request, f"/rules/{key}/launch")
     failed = [r for r in svc.run_examples(_rule_in(rule, enabled=False)) if not r["ok"]]
     if failed:
-        flash(request, "Examples must pass before activation: "
-              + ", ".join(r["name"] for r in failed), "error")
+        flash(
+            request,
+            "Examples must pass before activation: " + ", ".join(r["name"] for r in failed),
+            "error",
+        )
         return redirect(request, f"/rules/{key}/launch")
     high, _, err = _blast_radius(request, key)
     note = str(form.get("note") or "").strip()[:2000] or None
@@ -407,26 +566,60 @@ def request_activation(key: str, request: Request, form: FormData = Depends(csrf
         except RuleValidationError as exc:
             flash(request, "Cannot activate: " + str(exc), "error")
             return redirect(request, f"/rules/{key}/launch")
-        req = st.activations.create(key, rule["version"], user["username"], high, note,
-                                    status="auto-approved")
-        _audit(request, user, "activation.auto", key, request=req["id"], version=rule["version"],
-               audience=high, threshold=threshold)
-        flash(request, f"{key} v{rule['version']} is live (blast radius {high} ≤ {threshold}: "
-              "no approval needed).")
+        req = st.activations.create(
+            key, rule["version"], user["username"], high, note, status="auto-approved"
+        )
+        _audit(
+            request,
+            user,
+            "activation.auto",
+            key,
+            request_id=req["id"],
+            version=rule["version"],
+            audience=high,
+            threshold=threshold,
+        )
+        flash(
+            request,
+            f"{key} v{rule['version']} is live (blast radius {high} ≤ {threshold}: "
+            "no approval needed).",
+        )
     else:
         req = st.activations.create(key, rule["version"], user["username"], high, note)
-        _audit(request, user, "activation.request", key, request=req["id"], version=rule["version"],
-               audience=high, threshold=threshold, note=note, audience_error=err)
-        why = f"blast radius up to {high} users > {threshold}" if high is not None else \
-            f"blast radius unknown ({err})"
-        flash(request, f"Activation of {key} v{rule['version']} requested: {why}, "
-              "so an approver (not you) must approve it.", "info")
+        _audit(
+            request,
+            user,
+            "activation.request",
+            key,
+            request_id=req["id"],
+            version=rule["version"],
+            audience=high,
+            threshold=threshold,
+            note=note,
+            audience_error=err,
+        )
+        why = (
+            f"blast radius up to {high} users > {threshold}"
+            if high is not None
+            else f"blast radius unknown ({err})"
+        )
+        flash(
+            request,
+            f"Activation of {key} v{rule['version']} requested: {why}, "
+            "so an approver (not you) must approve it.",
+            "info",
+        )
     return redirect(request, f"/rules/{key}/launch")
 
 
 @router.post("/rules/{key}/activation/{rid}/approve")
-def approve(key: str, rid: int, request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-            user: dict = Depends(require(*APPROVERS))) -> Response:  # noqa: B008
+def approve(
+    key: str,
+    rid: int,
+    request: Request,
+    form: CsrfForm,
+    user: Approver,
+) -> Response:
     svc, st = _svc(request), request.app.state
     req = st.activations.get(rid)
     if req["rule_key"] != key:
@@ -438,11 +631,16 @@ def approve(key: str, rid: int, request: Request, form: FormData = Depends(csrf_
     rule = svc.get(key)
     if rule["version"] != req["version"]:
         st.activations.decide(rid, "withdrawn", user["username"])
-        raise HTTPException(409, f"{key} changed since the request (v{req['version']} → "
-                                 f"v{rule['version']}): the request is withdrawn; ask for a new one")
+        raise HTTPException(
+            409,
+            f"{key} changed since the request (v{req['version']} → "
+            f"v{rule['version']}): the request is withdrawn; ask for a new one",
+        )
     author = _version_author(request, key, req["version"])
     if author == user["username"]:
-        raise HTTPException(403, f"you wrote version {req['version']}: another approver must approve it")
+        raise HTTPException(
+            403, f"you wrote version {req['version']}: another approver must approve it"
+        )
     if not st.activations.decide(rid, "approved", user["username"]):
         raise HTTPException(409, "someone else decided this request first")
     try:
@@ -455,8 +653,16 @@ def approve(key: str, rid: int, request: Request, form: FormData = Depends(csrf_
         svc.set_enabled(key, False)
         st.activations.decide(rid, "withdrawn", user["username"], expect="approved")
         raise HTTPException(409, f"{key} changed while approving: left paused")
-    _audit(request, user, "activation.approve", key, request=rid, version=req["version"],
-           requested_by=req["requested_by"], audience=req["audience"])
+    _audit(
+        request,
+        user,
+        "activation.approve",
+        key,
+        request_id=rid,
+        version=req["version"],
+        requested_by=req["requested_by"],
+        audience=req["audience"],
+    )
     flash(request, f"Approved: {key} v{req['version']} is live.")
     return redirect(request, f"/rules/{key}/launch")
 
@@ -469,8 +675,13 @@ def _version_author(request: Request, key: str, version: int) -> str | None:
 
 
 @router.post("/rules/{key}/activation/{rid}/decline")
-def decline(key: str, rid: int, request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-            user: dict = Depends(require(*EDITORS))) -> Response:  # noqa: B008
+def decline(
+    key: str,
+    rid: int,
+    request: Request,
+    form: CsrfForm,
+    user: Editor,
+) -> Response:
     """The requester withdraws their request; an approver rejects someone else's."""
     st = request.app.state
     req = st.activations.get(rid)
@@ -485,15 +696,26 @@ def decline(key: str, rid: int, request: Request, form: FormData = Depends(csrf_
     if not st.activations.decide(rid, status, user["username"]):
         raise HTTPException(409, f"request {rid} is no longer pending")
     action = "activation.withdraw" if status == "withdrawn" else "activation.reject"
-    _audit(request, user, action, key,
-           request=rid, version=req["version"], note=str(form.get("note") or "")[:2000] or None)
+    _audit(
+        request,
+        user,
+        action,
+        key,
+        request_id=rid,
+        version=req["version"],
+        note=str(form.get("note") or "")[:2000] or None,
+    )
     flash(request, f"Request {rid} {status}.", "info")
     return redirect(request, f"/rules/{key}/launch")
 
 
 @router.post("/rules/{key}/pause")
-def pause(key: str, request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-          user: dict = Depends(require(*APPROVERS))) -> Response:  # noqa: B008
+def pause(
+    key: str,
+    request: Request,
+    form: CsrfForm,
+    user: Approver,
+) -> Response:
     svc = _svc(request)
     before = svc.get(key)
     svc.set_enabled(key, False)
@@ -503,25 +725,44 @@ def pause(key: str, request: Request, form: FormData = Depends(csrf_form),  # no
 
 
 @router.get("/approvals")
-def approvals(request: Request, user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
+def approvals(
+    request: Request,
+    user: AnyUser,
+) -> Response:
     return render(request, "approvals.html", pending=request.app.state.activations.pending())
 
 
 # -- history and docs -------------------------------------------------------------
 @router.get("/rules/{key}/history")
-def history(key: str, request: Request, user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
+def history(
+    key: str,
+    request: Request,
+    user: AnyUser,
+) -> Response:
     svc, st = _svc(request), request.app.state
     rule = svc.get(key)
-    return render(request, "rule_history.html", rule=rule, tab="history",
-                  versions=list(reversed(svc.versions(key))),
-                  requests=st.activations.history(key, limit=50),
-                  audit=st.audit.list(target=f"rule:{key}", limit=100))
+    return render(
+        request,
+        "rule_history.html",
+        rule=rule,
+        tab="history",
+        versions=list(reversed(svc.versions(key))),
+        requests=st.activations.history(key, limit=50),
+        audit=st.audit.list(target=f"rule:{key}", limit=100),
+    )
 
 
 @router.get("/guide")
-def guide(request: Request, user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
+def guide(
+    request: Request,
+    user: AnyUser,
+) -> Response:
     from markupsafe import Markup
 
     html = helpdocs.guide_html()
-    return render(request, "guide.html", guide=Markup(html) if html else None,  # noqa: S704 - markdown-it output, raw HTML disabled
-                  helpers=helpdocs.helper_reference())
+    return render(
+        request,
+        "guide.html",
+        guide=Markup(html) if html else None,  # noqa: S704 - markdown-it output, raw HTML disabled
+        helpers=helpdocs.helper_reference(),
+    )

@@ -9,14 +9,13 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData
 
 from api.admin import charts
 from api.admin.app import redirect, render
-from api.admin.security import ANY_ROLE, APPROVERS, csrf_form, require
+from api.admin.security import AnyUser, Approver, CsrfForm
 from scheduler.planner import start_run
 
 router = APIRouter()
@@ -32,33 +31,47 @@ def _chart(runs_newest_first: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 @router.get("/runs")
-def runs_list(request: Request, user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
+def runs_list(
+    request: Request,
+    user: AnyUser,
+) -> Response:
     runs = request.app.state.container.runs.list(limit=50)
-    return render(request, "runs.html", runs=runs, chart=_chart(runs[:30]),
-                  today=request.app.state.today())
+    return render(
+        request, "runs.html", runs=runs, chart=_chart(runs[:30]), today=request.app.state.today()
+    )
 
 
 @router.post("/runs")
-async def start(request: Request, form: FormData = Depends(csrf_form),  # noqa: B008
-                user: dict = Depends(require(*APPROVERS))) -> Response:  # noqa: B008
+async def start(
+    request: Request,
+    form: CsrfForm,
+    user: Approver,
+) -> Response:
     c = request.app.state.container
     text = str(form.get("as_of") or "")
     try:
         as_of = date.fromisoformat(text) if text else request.app.state.today()
     except ValueError:
         raise HTTPException(422, f"not a date (YYYY-MM-DD): {text[:40]!r}") from None
-    run_id = await run_in_threadpool(start_run, c.shards, c.runs, c.bus, as_of,
-                                     c.settings.range_target_users)
-    await run_in_threadpool(request.app.state.audit.record, user["username"], "run.start",
-                            f"run:{run_id}", {"as_of": as_of.isoformat()})
+    run_id = await run_in_threadpool(
+        start_run, c.shards, c.runs, c.bus, as_of, c.settings.range_target_users
+    )
+    await run_in_threadpool(
+        request.app.state.audit.record,
+        user["username"],
+        "run.start",
+        f"run:{run_id}",
+        {"as_of": as_of.isoformat()},
+    )
     return redirect(request, f"/runs/{run_id}")
 
 
 @router.get("/runs/{run_id}")
-def run_detail(run_id: int, request: Request, partial: int = 0,
-               user: dict = Depends(require(*ANY_ROLE))) -> Response:  # noqa: B008
+def run_detail(run_id: int, request: Request, user: AnyUser, partial: int = 0) -> Response:
     run = request.app.state.container.runs.get(run_id)
     keys = sorted(set(run["matches"]) | set(run["errors"]))
-    per_rule = [{"key": k, "matches": run["matches"].get(k, 0), "errors": run["errors"].get(k, 0)}
-                for k in keys]
+    per_rule = [
+        {"key": k, "matches": run["matches"].get(k, 0), "errors": run["errors"].get(k, 0)}
+        for k in keys
+    ]
     return render(request, "_run.html" if partial else "run.html", run=run, per_rule=per_rule)

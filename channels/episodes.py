@@ -1,0 +1,130 @@
+"""Episodes as the delivery side sees them: what was shown, why, and until when.
+
+A rule's episode for a user starts with an *enter* (the evaluator numbers it in
+``user_state``) and ends with an *exit*; a later enter is a new episode. The
+delivery worker records each in the user's shard (``episodes``: one row per
+user and rule, the latest episode): the rule version, the as-of date, the
+language used, the why-data (the profile fields the rule read, with their
+values) and the banner's expiry. ``GET /v1/users/{id}/banners/{banner_id}/why``
+reads it back.
+
+Writes are idempotent: a redelivered enter of the same episode changes nothing
+(an episode's facts are fixed when it starts), an older episode never replaces
+a newer one, and an exit only ends the episode it names.
+
+Expiry: a banner whose ``expires_at`` passed is removed by :func:`expire_due`
+(the delivery worker's periodic chore) through the shard store, so the user's
+banner-set version moves and caches notice; the episode is marked ``expired``,
+and a redelivered enter of it does not bring the banner back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import and_, bindparam, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from shards.schema import banners, episodes
+from shards.store import BannerChange
+
+__all__ = ["EpisodeStart", "end_episodes", "expire_due", "expired_episodes", "read_episode",
+           "start_episodes"]
+
+
+@dataclass(frozen=True, slots=True)
+class EpisodeStart:
+    user_id: int
+    rule_key: str
+    episode: int
+    version: int
+    as_of: date
+    lang: str | None
+    why: dict[str, Any] | None
+    expires_at: datetime | None
+    run_id: int | None
+
+
+def start_episodes(store: Any, starts: Sequence[EpisodeStart], now: datetime) -> None:
+    if not starts:
+        return
+    pg = store.engine.dialect.name == "postgresql"
+    ins = (postgresql.insert if pg else sqlite.insert)(episodes)
+    stmt = ins.on_conflict_do_update(
+        index_elements=["user_id", "rule_key"],
+        set_={k: ins.excluded[k] for k in ("episode", "version", "as_of", "status", "lang", "why",
+                                           "expires_at", "run_id", "started_at", "ended_at")},
+        where=episodes.c.episode < ins.excluded.episode,
+    )
+    rows = [{"user_id": s.user_id, "rule_key": s.rule_key, "episode": s.episode, "version": s.version,
+             "as_of": s.as_of, "status": "active", "lang": s.lang, "why": s.why,
+             "expires_at": s.expires_at, "run_id": s.run_id, "started_at": now, "ended_at": None}
+            for s in starts]
+    with store.engine.begin() as conn:
+        conn.execute(stmt, rows)
+
+
+def end_episodes(store: Any, ends: Sequence[tuple[int, str, int]], now: datetime) -> None:
+    if not ends:
+        return
+    with store.engine.begin() as conn:
+        conn.execute(update(episodes).where(and_(
+            episodes.c.user_id == bindparam("u"), episodes.c.rule_key == bindparam("r"),
+            episodes.c.episode == bindparam("e"), episodes.c.status != "ended",
+        )).values(status="ended", ended_at=now), [{"u": u, "r": r, "e": e} for u, r, e in ends])
+
+
+def expired_episodes(store: Any, keys: Sequence[tuple[int, str, int]]) -> set[tuple[int, str, int]]:
+    """Which of these (user, rule, episode) are marked expired (for redelivered enters)."""
+    if not keys:
+        return set()
+    users = sorted({k[0] for k in keys})
+    out: set[tuple[int, str, int]] = set()
+    with store.engine.connect() as conn:
+        for i in range(0, len(users), 1000):
+            for r in conn.execute(select(episodes.c.user_id, episodes.c.rule_key, episodes.c.episode)
+                                  .where(episodes.c.user_id.in_(users[i:i + 1000])
+                                         & (episodes.c.status == "expired"))):
+                out.add((int(r[0]), r[1], int(r[2])))
+    return out & set(keys)
+
+
+def expire_due(store: Any, now: datetime, limit: int = 1000) -> list[int]:
+    """Remove banners whose episode expired; return the users whose banners changed."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            select(episodes.c.user_id, episodes.c.rule_key, episodes.c.episode, episodes.c.version,
+                   episodes.c.as_of)
+            .where((episodes.c.status == "active") & (episodes.c.expires_at <= now))
+            .limit(limit)).all()
+    if not rows:
+        return []
+    changes = [BannerChange(int(r.user_id), r.rule_key, int(r.episode), int(r.version), 0, r.as_of, None)
+               for r in rows]
+    changed = store.apply_banner_changes(changes)
+    with store.engine.begin() as conn:
+        conn.execute(update(episodes).where(and_(
+            episodes.c.user_id == bindparam("u"), episodes.c.rule_key == bindparam("r"),
+            episodes.c.episode == bindparam("e"), episodes.c.status == "active",
+        )).values(status="expired", ended_at=now),
+            [{"u": c.user_id, "r": c.rule_key, "e": c.episode} for c in changes])
+    return changed
+
+
+def read_episode(store: Any, user_id: int, rule_key: str) -> dict[str, Any] | None:
+    """The user's latest episode of a rule, with the banner as stored (if any)."""
+    with store.engine.connect() as conn:
+        ep = conn.execute(select(episodes).where(
+            (episodes.c.user_id == user_id) & (episodes.c.rule_key == rule_key))).first()
+        if ep is None:
+            return None
+        b = conn.execute(select(banners.c.id, banners.c.episode, banners.c.title, banners.c.body,
+                                banners.c.link, banners.c.priority, banners.c.created_at,
+                                banners.c.dismissed_at).where(
+            (banners.c.user_id == user_id) & (banners.c.rule_key == rule_key))).first()
+    out = dict(ep._mapping)
+    out["banner"] = dict(b._mapping) if b is not None else None
+    return out

@@ -1,0 +1,1 @@
+"""Push providers (see :mod:`channels.push`): ``fcm`` and ``webhook``."""

@@ -1,0 +1,141 @@
+"""Unsubscribe links: signed tokens, the link and headers added to every e-mail.
+
+A token names a user, a channel and optionally a rule category, signed with
+HMAC-SHA256 (128-bit tag) under the deployment's unsubscribe secret::
+
+    <base64url("v1.<user id>.<channel>.<category or empty>")>.<base64url(tag)>
+
+``GET`` (or RFC 8058 one-click ``POST``) ``/v1/unsubscribe/{token}`` needs no login:
+the token is the authority. It opts the user out of that category on that
+channel (or of the whole channel when the category is empty). Tokens do not
+expire: an unsubscribe link in an old e-mail must keep working.
+
+The secret: ``KVADRUPEL_UNSUBSCRIBE_SECRET``; if unset, derived from the admin
+token; if that is unset too (a bare embedded setup), a random key kept in
+``data_dir/unsubscribe.key``. Every process of a deployment must see the same one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import html
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["UnsubscribeScope", "Unsubscriber", "secret_from_settings"]
+
+_TAG_BYTES = 16
+_BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
+LABELS = {
+    "ru": ("Отписаться от этих писем", "Отписаться"),
+    "en": ("Unsubscribe from these e-mails", "Unsubscribe"),
+}
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class UnsubscribeScope:
+    user_id: int
+    channel: str
+    category: str | None  # None: the whole channel
+
+
+def secret_from_settings(settings: Any) -> bytes:
+    if settings.unsubscribe_secret:
+        return settings.unsubscribe_secret.encode()
+    if settings.admin_token:
+        return hmac.new(settings.admin_token.encode(), b"kvadrupel-unsubscribe", hashlib.sha256).digest()
+    path = Path(settings.data_dir) / "unsubscribe.key"
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, key.hex().encode())
+    finally:
+        os.close(fd)
+    return key
+
+
+class Unsubscriber:
+    """Makes and checks tokens; builds the link, the headers and the footer."""
+
+    def __init__(self, secret: bytes, public_url: str, default_language: str = "ru") -> None:
+        if not secret:
+            raise ValueError("empty unsubscribe secret")
+        self._secret = secret
+        self.base = public_url.rstrip("/")
+        self.default_language = default_language
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Unsubscriber:
+        return cls(secret_from_settings(settings), settings.public_url, settings.default_language)
+
+    def _tag(self, body: bytes) -> bytes:
+        return hmac.new(self._secret, body, hashlib.sha256).digest()[:_TAG_BYTES]
+
+    def token(self, user_id: int, channel: str, category: str | None) -> str:
+        body = f"v1.{int(user_id)}.{channel}.{category or ''}".encode()
+        return f"{_b64(body)}.{_b64(self._tag(body))}"
+
+    def verify(self, token: str) -> UnsubscribeScope | None:
+        """The scope of a valid token, else None (bad signature, malformed)."""
+        try:
+            body_b64, tag_b64 = token.split(".")
+            body = _unb64(body_b64)
+            tag = _unb64(tag_b64)
+        except (ValueError, TypeError):
+            return None
+        if not hmac.compare_digest(tag, self._tag(body)):
+            return None
+        try:
+            version, uid, channel, category = body.decode("ascii").split(".")
+            user_id = int(uid)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if version != "v1" or user_id <= 0 or not channel:
+            return None
+        return UnsubscribeScope(user_id, channel, category or None)
+
+    def url(self, user_id: int, channel: str, category: str | None) -> str:
+        return f"{self.base}/v1/unsubscribe/{self.token(user_id, channel, category)}"
+
+    def headers(self, url: str) -> dict[str, str]:
+        """RFC 2369 + RFC 8058 (one-click: the POST goes to the same URL)."""
+        return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+
+    def labels(self, lang: str | None) -> tuple[str, str]:
+        for tag in (lang or "", (lang or "").split("-")[0], self.default_language, "en"):
+            if tag in LABELS:
+                return LABELS[tag]
+        return LABELS["en"]
+
+    def add_footer(self, text: str, html_body: str | None, url: str,
+                   lang: str | None) -> tuple[str, str | None]:
+        """The text and HTML parts with the unsubscribe link at the end."""
+        long_label, short_label = self.labels(lang)
+        text = f"{text.rstrip()}\n\n--\n{long_label}: {url}\n"
+        if html_body is not None:
+            link = (f'<p style="font-size:12px;color:#777">'
+                    f'<a href="{html.escape(url)}">{html.escape(short_label)}</a></p>')
+            m = None
+            for m in _BODY_END.finditer(html_body):
+                pass
+            html_body = (html_body[:m.start()] + link + html_body[m.start():]) if m else html_body + link
+        return text, html_body

@@ -1,0 +1,202 @@
+"""The per-rule time budget (rules/budget.py) and the batch budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from kvadrupel.errors import RuleTimeout
+from rules import budget
+from rules.budget import BatchBudget, BudgetExceeded
+from rules.context import make_context
+from rules.ruleset import RuleSet, RuleSpec
+from rules.sandbox import CompiledRule, compile_rule
+
+BUDGET_MS = 30
+CTX = make_context("2024-05-10")
+LOOP = "def match(profile, ctx):\n    while True:\n        pass\n"
+SWALLOW = (
+    "def match(profile, ctx):\n"
+    "    n = 0\n"
+    "    while True:\n"
+    "        try:\n"
+    "            n = n + 1 / 0\n"
+    "        except (ZeroDivisionError, KeyError, TypeError, ValueError):\n"
+    "            n = n + 1\n"
+)
+TRUE = "def match(profile, ctx):\n    return True\n"
+EMAIL = "def match(profile, ctx):\n    return profile['email'].endswith('.org')\n"
+
+
+def _spin(seconds: float) -> None:
+    # Pure-Python work: a stray interrupt would be raised in here.
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_infinite_loop_is_stopped_within_a_few_budgets_and_the_others_still_run() -> None:
+    # Given an endless rule between two good ones
+    rules = RuleSet([RuleSpec("first", 1, TRUE, priority=300), RuleSpec("loop", 1, LOOP, priority=200),
+                     RuleSpec("last", 1, EMAIL, priority=100)], budget_ms=BUDGET_MS)
+
+    # When a profile is evaluated
+    t0 = time.perf_counter()
+    outcome = rules.evaluate({"email": "a@b.org"}, CTX)
+    elapsed = time.perf_counter() - t0
+
+    # Then the loop is stopped after its budget (plus the watchdog's tick and the GIL
+    # switch interval), and both good rules matched
+    assert outcome.timeouts == ["loop"]
+    assert outcome.matched == ["first", "last"]
+    assert outcome.errors == {}
+    assert BUDGET_MS / 1000 <= elapsed < BUDGET_MS / 1000 * 8
+
+
+def test_a_rule_that_catches_exceptions_in_its_loop_is_still_stopped() -> None:
+    # Given a rule that swallows every exception it may name, in an endless loop
+    rules = RuleSet([RuleSpec("swallow", 1, SWALLOW), RuleSpec("ok", 1, TRUE)], budget_ms=BUDGET_MS)
+
+    # When it runs / Then the interrupt goes through its handlers
+    outcome = rules.evaluate({}, CTX)
+    assert outcome.timeouts == ["swallow"]
+    assert outcome.matched == ["ok"]
+
+
+def test_the_interrupt_is_not_an_exception_rules_could_catch() -> None:
+    # Given the interrupt class / Then no `except <name>` allowed in rules matches it
+    from rules.guards import CATCHABLE
+
+    assert not issubclass(BudgetExceeded, Exception)
+    assert not any(issubclass(BudgetExceeded, exc) for exc in CATCHABLE.values())
+
+
+def test_timeouts_on_many_profiles_leave_nothing_pending_for_the_caller() -> None:
+    # Given a rule set where one rule always loops
+    rules = RuleSet([RuleSpec("loop", 1, LOOP), RuleSpec("ok", 1, EMAIL)], budget_ms=15)
+
+    # When it runs over several profiles, then the caller keeps computing
+    outcomes = [rules.evaluate({"email": f"u{i}@x.org"}, CTX) for i in range(6)]
+    _spin(0.1)
+
+    # Then every profile records the timeout and the good rule, and no interrupt
+    # reached the caller after the evaluation returned
+    assert all(o.timeouts == ["loop"] and o.matched == ["ok"] for o in outcomes)
+
+
+def test_threads_evaluating_at_once_are_stopped_independently() -> None:
+    # Given one rule set shared by three threads, one rule of which loops
+    rules = RuleSet([RuleSpec("loop", 1, LOOP), RuleSpec("ok", 1, EMAIL)], budget_ms=BUDGET_MS)
+    results: dict[int, list] = {}
+
+    def work(n: int) -> None:
+        results[n] = [rules.evaluate({"email": f"{n}@x.org"}, CTX) for _ in range(2)]
+        _spin(0.05)
+
+    # When they evaluate concurrently
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+
+    # Then each thread saw its own timeouts and good results
+    assert sorted(results) == [0, 1, 2]
+    for outcomes in results.values():
+        assert [(o.timeouts, o.matched) for o in outcomes] == [(["loop"], ["ok"])] * 2
+
+
+def test_a_sleeping_watchdog_is_woken_by_the_next_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a watchdog that parks itself after 50 ms without work
+    monkeypatch.setattr(budget, "IDLE_AFTER_S", 0.05)
+    rules = RuleSet([RuleSpec("loop", 1, LOOP)], budget_ms=BUDGET_MS)
+    rules.evaluate({}, CTX)
+    deadline = time.monotonic() + 2
+    while not budget.WATCHDOG.idle and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert budget.WATCHDOG.idle
+
+    # When an endless rule is evaluated
+    outcome = rules.evaluate({}, CTX)
+
+    # Then it is still stopped
+    assert outcome.timeouts == ["loop"]
+
+
+def test_compiled_rule_match_raises_rule_timeout() -> None:
+    # Given a compiled endless rule with a 20 ms budget
+    rule = compile_rule(LOOP, key="loop", budget_ms=20)
+
+    # When it is called standalone / Then it raises RuleTimeout naming the rule
+    with pytest.raises(RuleTimeout, match="'loop' exceeded its 20 ms budget"):
+        rule.match({}, CTX)
+    _spin(0.05)
+
+
+def test_no_budget_lets_a_long_rule_finish() -> None:
+    # Given a rule that runs ~0.1 s and a rule set without a budget
+    slow = "def match(profile, ctx):\n    n = 0\n    for i in range(300000):\n        n += 1\n    return n > 0\n"
+    rules = RuleSet([RuleSpec("slow", 1, slow)], budget_ms=0)
+
+    # When it runs / Then it completes and matches
+    assert rules.evaluate({}, CTX).matched == ["slow"]
+
+
+def test_an_interrupt_landing_in_the_next_rule_blames_the_right_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given three rules, where the watchdog's interrupt for the first one lands
+    # only once the second has started (simulated: the second raises it itself)
+    slot = budget.current_slot()
+    calls = {"second": 0}
+
+    def first(profile, ctx):
+        return True
+
+    def second(profile, ctx):
+        calls["second"] += 1
+        if calls["second"] == 1:
+            slot.fired_seq = slot.box[0] - 1  # the interrupt was meant for "first"
+            raise BudgetExceeded
+        return True
+
+    def third(profile, ctx):
+        return True
+
+    fns = {"a-first": first, "b-second": second, "c-third": third}
+    monkeypatch.setattr("rules.ruleset.compile_rule",
+                        lambda source, key, budget_ms: CompiledRule(key, source, fns[key], budget_ms))
+    rules = RuleSet([RuleSpec(k, 1, "") for k in fns], budget_ms=1000)
+
+    # When a profile is evaluated
+    outcome = rules.evaluate({}, CTX)
+
+    # Then the first rule counts as timed out, the second was re-run and matched
+    assert outcome.timeouts == ["a-first"]
+    assert outcome.matched == ["b-second", "c-third"]
+    assert calls["second"] == 2
+
+
+def test_batch_budget_stops_evaluate_many_once_spent() -> None:
+    # Given a batch budget of 60 ms and rules that take ~25 ms per profile
+    slow = "def match(profile, ctx):\n    while True:\n        pass\n"
+    rules = RuleSet([RuleSpec("slow", 1, slow)], budget_ms=25)
+    batch = BatchBudget(60)
+    done = []
+
+    # When many profiles are evaluated under it
+    with pytest.raises(RuleTimeout, match="batch exceeded its 60 ms budget"):
+        for uid, _ in rules.evaluate_many(((i, {}) for i in range(100)), CTX, batch_budget=batch):
+            done.append(uid)
+
+    # Then it stopped after a few profiles, and says it is spent
+    assert 1 <= len(done) < 100
+    assert batch.exceeded and batch.remaining_ms == 0
+
+
+def test_batch_budget_reports_time_left() -> None:
+    # Given a fresh one-minute batch budget / Then it is not spent and check() passes
+    batch = BatchBudget(60_000)
+    assert not batch.exceeded
+    assert 59_000 < batch.remaining_ms <= 60_000
+    batch.check()
