@@ -12,15 +12,18 @@ from zoneinfo import ZoneInfo
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 
 import orjson
 
 from api import fast, problems
+from api.observability import MetricsMiddleware, register_control_collector
 from api.admin import mount_admin
-from api.routes import banners, events, rules, runs
+from api.routes import banners, engagement, events, rules, runs
 from kvadrupel import __version__
 from kvadrupel.container import Container
+from kvadrupel.ops import metrics_payload, readiness
 
 __all__ = ["create_app"]
 
@@ -35,7 +38,9 @@ def create_app(container: Container, *, today: Callable[[], date] | None = None)
     tz = ZoneInfo(s.timezone)
     app.state.today = today or (lambda: datetime.now(tz).date())
     problems.install(app)
-    for module in (events, rules, runs, banners):
+    app.add_middleware(MetricsMiddleware)
+    register_control_collector(container.control)
+    for module in (events, rules, runs, banners, engagement):
         app.include_router(module.router)
     mount_admin(app, container)  # the admin UI at /admin (api/admin/)
     fast.install(app, container)  # the lean path for GET /v1/users/{id}/banners (api/fast.py)
@@ -44,8 +49,15 @@ def create_app(container: Container, *, today: Callable[[], date] | None = None)
     def healthz() -> Response:
         return Response(orjson.dumps({"status": "ok"}), media_type="application/json")
 
+    @app.get("/readyz", tags=["ops"], summary="Readiness: control DB, shards and bus reachable",
+             responses={503: {"description": "A dependency is unreachable"}})
+    async def readyz() -> Response:
+        ok, checks = await run_in_threadpool(readiness, container)
+        return Response(orjson.dumps({"ready": ok, "checks": checks}), status_code=200 if ok else 503,
+                        media_type="application/json")
+
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(metrics_payload().decode(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -26,7 +26,6 @@ import operator
 import sys
 import time
 from datetime import date as _date
-from datetime import datetime as _datetime
 from pathlib import Path
 from types import MappingProxyType
 
@@ -150,11 +149,22 @@ def stock_rp_functions(specs: list[RuleSpec]) -> list[tuple[str, object]]:
         result = compile_restricted_exec(s.source, f"<rp:{s.key}>")
         assert not result.errors, result.errors
         ns = {
-            "__builtins__": {**safe_builtins, "isinstance": isinstance, "len": len, "any": any,
-                             "all": all, "sum": sum, "min": min, "max": max},
+            "__builtins__": {
+                **safe_builtins,
+                "isinstance": isinstance,
+                "len": len,
+                "any": any,
+                "all": all,
+                "sum": sum,
+                "min": min,
+                "max": max,
+            },
             **helpers.HELPERS,
-            "_getattr_": safer_getattr, "_getitem_": default_guarded_getitem, "_getiter_": iter,
-            "_write_": full_write_guard, "_unpack_sequence_": guarded_unpack_sequence,
+            "_getattr_": safer_getattr,
+            "_getitem_": default_guarded_getitem,
+            "_getiter_": iter,
+            "_write_": full_write_guard,
+            "_unpack_sequence_": guarded_unpack_sequence,
             "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
             "_inplacevar_": lambda op, x, y: {"+=": operator.add}[op](x, y),
         }
@@ -177,12 +187,15 @@ def loop_evaluator(fns: list[tuple[str, object]]):
     return evaluate
 
 
-def best_of(repeat: int, fn, *args) -> float:
-    best = float("inf")
+def interleaved(repeat: int, variants: dict) -> dict[str, float]:
+    """Best time of each zero-argument callable, the variants taking turns so that
+    load from other processes on the machine hits all of them alike."""
+    best = dict.fromkeys(variants, float("inf"))
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - t0)
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -192,6 +205,7 @@ def run_all(evaluate, profiles, ctx) -> None:
 
 
 # -- alternatives for the design choices --------------------------------------
+
 
 def date_nocache(x):
     if type(x) is str:
@@ -210,28 +224,42 @@ def date_lru(x):
     return helpers.date(x)
 
 
+READS_PER_DATE = 3  # several rules read the same date of a profile
+
+
 def bench_dates(profiles, repeat: int) -> dict[str, float]:
-    strings = []
-    for p in profiles:
-        strings += [p["birth_date"], p["driver_license"]["expires_on"], p["passport"]["issued_on"],
-                    p["orders"]["last_at"]]
-    per_profile: dict = {}
+    """ns per date read: each profile's 4 dates read READS_PER_DATE times each."""
+    per_profile = [
+        [
+            p["birth_date"],
+            p["driver_license"]["expires_on"],
+            p["passport"]["issued_on"],
+            p["orders"]["last_at"],
+        ]
+        * READS_PER_DATE
+        for p in profiles
+    ]
+    reads = sum(len(x) for x in per_profile)
+    cache: dict = {}
 
-    def with_profile_dict():
-        # per-profile dict: cleared for each profile (4 strings = one profile here)
-        for i in range(0, len(strings), 4):
-            per_profile.clear()
-            for s in strings[i:i + 4]:
-                d = per_profile.get(s)
+    def each(fn):
+        return lambda: [fn(s) for strings in per_profile for s in strings]
+
+    def with_profile_dict():  # a dict cleared for each profile
+        for strings in per_profile:
+            cache.clear()
+            for s in strings:
+                d = cache.get(s)
                 if d is None:
-                    d = per_profile[s] = helpers._parse_date(s)
+                    d = cache[s] = date_nocache(s)
 
-    out = {}
-    for name, fn in (("no cache", date_nocache), ("module dict (chosen)", helpers.date),
-                     ("functools.lru_cache", date_lru)):
-        out[name] = best_of(repeat, lambda f=fn: [f(s) for s in strings]) / len(strings)
-    out["per-profile dict"] = best_of(repeat, with_profile_dict) / len(strings)
-    return out
+    variants = {
+        "no cache": each(date_nocache),
+        "module dict (chosen)": each(helpers.date),
+        "functools.lru_cache": each(date_lru),
+        "per-profile dict": with_profile_dict,
+    }
+    return {k: v / reads for k, v in interleaved(repeat, variants).items()}
 
 
 def deep_freeze(x):
@@ -264,29 +292,46 @@ def main() -> None:
     for p in profiles[:2000]:
         expect = plain(p, ctx)
         for got in (sandboxed(p, ctx), budgeted(p, ctx)):
-            assert (got.matched, got.errors, got.timeouts) == (expect[0], expect[1], []), (p, got, expect)
+            assert (got.matched, got.errors, got.timeouts) == (expect[0], expect[1], []), (
+                p,
+                got,
+                expect,
+            )
 
-    print(f"{n_rules} rules x {len(profiles):,} profiles = {calls:,} rule calls; "
-          f"best of {args.repeat}; Python {sys.version.split()[0]}")
-    results = {}
-    for name, fn in (("plain", plain), ("sandboxed", sandboxed), ("sandboxed+budget", budgeted),
-                     ("stock RestrictedPython", stock)):
-        results[name] = best_of(args.repeat, run_all, fn, profiles, ctx)
+    print(
+        f"{n_rules} rules x {len(profiles):,} profiles = {calls:,} rule calls; "
+        f"best of {args.repeat}; Python {sys.version.split()[0]}"
+    )
+    evaluators = {
+        "plain": plain,
+        "sandboxed": sandboxed,
+        "sandboxed+budget": budgeted,
+        "stock RestrictedPython": stock,
+    }
+    results = interleaved(
+        args.repeat,
+        {name: (lambda fn=fn: run_all(fn, profiles, ctx)) for name, fn in evaluators.items()},
+    )
     base = results["plain"]
     print(f"{'variant':<24}{'us/rule':>9}{'us/profile':>12}{'ratio':>8}")
     for name, t in results.items():
         print(f"{name:<24}{t / calls * 1e6:>9.3f}{t / len(profiles) * 1e6:>12.2f}{t / base:>8.2f}x")
 
-    print("\ndate(x) per call, over the profiles' date strings:")
+    print(f"\ndate(x), per read (each date of a profile read {READS_PER_DATE} times):")
     for name, t in bench_dates(profiles, args.repeat).items():
         print(f"  {name:<24}{t * 1e9:>8.0f} ns")
 
-    freeze = best_of(args.repeat, lambda: [deep_freeze(p) for p in profiles]) / len(profiles)
+    freeze = interleaved(args.repeat, {"f": lambda: [deep_freeze(p) for p in profiles]})["f"]
+    freeze /= len(profiles)
     print("\nread-only profile, per profile:")
-    print(f"  deep-freeze (MappingProxyType + tuples)  {freeze * 1e6:.2f} us "
-          f"({freeze / (base / len(profiles)):.0%} of a plain evaluation of all rules)")
-    print("  write guard (chosen)                       0 us unless a rule writes; then one walk "
-          "of the profile per profile")
+    print(
+        f"  deep-freeze (MappingProxyType + tuples)  {freeze * 1e6:.2f} us "
+        f"({freeze / (base / len(profiles)):.0%} of a plain evaluation of all rules)"
+    )
+    print(
+        "  write guard (chosen)                       0 us unless a rule writes; then one walk "
+        "of the profile per profile"
+    )
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ class Ledger:
     # -- claiming -----------------------------------------------------------------
     def claim(self, claims: Sequence[Claim]) -> list[Claim]:
         """Insert new rows; return the claims this call won (to be handled now)."""
+        claims = list({c.key: c for c in reversed(claims)}.values())[::-1]  # first of each key
         if not claims:
             return []
         ts = self.clock()

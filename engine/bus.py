@@ -110,6 +110,10 @@ class Bus(ABC):
                  on_revoke: RevokeCallback | None = None) -> Consumer:
         """Join ``group`` as a new member consuming ``topics``."""
 
+    def ping(self, timeout: float = 2.0) -> None:
+        """Raise BusError when the bus cannot be reached (readiness checks)."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Flush and release connections."""

@@ -1,24 +1,49 @@
-"""The delivery worker: rule results → banner storage and the e-mail channel.
+"""The delivery worker: rule results → banners, e-mail and push.
 
-Banners are level-triggered: ``enter`` stores the user's banner for the rule's
-episode, ``exit`` removes it; both are idempotent, so a redelivered result changes
-nothing. E-mails are edge-triggered: an ``enter`` with an e-mail claims the
-ledger row for (user, rule, episode, "email") and only the claimer sends.
-Transient send failures stay in the ledger and are retried from it with backoff.
+Per batch of results (keyed by user, so one user's results arrive in order):
+
+* **Banners** are level-triggered: an ``enter`` stores the banner of the rule's
+  episode, an ``exit`` removes it; both idempotent. A banner whose ``expires_at``
+  has passed, or that the user opted out of (channel ``banner`` or the rule's
+  category), is not shown. Expired banners are removed by a periodic chore.
+* **Episodes** are recorded in the user's shard (channels/episodes.py) with the
+  why-data: rule version, as-of date, the profile fields the rule read.
+* **E-mail and push** are edge-triggered: an ``enter`` claims the ledger row
+  (user, rule, episode, channel) and only the claimer goes on. Before every send
+  attempt the channel policy (channels/policy.py) applies the user's
+  preferences, quiet hours and the frequency cap: the message is sent, held
+  (quiet hours, deferred by the cap), or closed unsent (opted out, dropped by
+  the cap). An ``exit`` cancels its episode's unsent messages.
+* Transient failures stay in the ledger and are retried from it with backoff
+  and jitter; permanent ones and the ``max_attempts``-th are the dead letter.
+  Push tokens the provider calls unregistered are removed from the profile by
+  an ordinary ingest event (``unset devices.<id>.push_token``).
+
+Due ledger rows (retries, held messages, claims of a crashed worker) and banner
+expiries are handled every ``chore_interval_s`` — between batches under load,
+and when the topic is idle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections.abc import Callable
-from datetime import date
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime
 from typing import Any
 
 import orjson
 
-from channels.ledger import Claim, Ledger
+from channels.episodes import EpisodeStart, end_episodes, expire_due, start_episodes
+from channels.ledger import Claim, Ledger, Outcome
 from channels.mail import Email, Mailer
+from channels.policy import ChannelPolicy, Decision
+from channels.preferences import ALLOW_ALL, Preferences, load_preferences
+from channels.push import Push, Pusher
+from channels.unsubscribe import Unsubscriber
 from engine.bus import Bus, Consumer, Message
 from engine.worker import BatchWorker
 from kvadrupel import metrics
@@ -29,90 +54,310 @@ __all__ = ["DeliveryWorker"]
 
 log = logging.getLogger("kvadrupel.deliver")
 
+_FINAL = {"suppress": "suppressed", "drop": "dropped"}
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _parse_ts(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
 
 class DeliveryWorker(BatchWorker):
     name = "deliver"
     poll_max = 1000
 
     def __init__(self, consumer: Consumer, bus: Bus, shards: ShardSet, ledger: Ledger,
-                 mailer: Mailer, *, on_banners: Callable[[list[int]], None] | None = None) -> None:
+                 mailer: Mailer, *, pusher: Pusher | None = None,
+                 policy: ChannelPolicy | None = None, unsubscriber: Unsubscriber | None = None,
+                 clock: Callable[[], datetime] | None = None,
+                 on_banners: Callable[[list[int]], None] | None = None,
+                 chore_interval_s: float = 1.0, due_batch: int = 500) -> None:
         super().__init__(consumer)
         self.bus = bus
         self.shards = shards
         self.ledger = ledger
         self.mailer = mailer
+        self.pusher = pusher
+        self.policy = policy or ChannelPolicy(caps={}, quiet=None)
+        self.unsubscriber = unsubscriber
+        self.clock = clock or _utcnow
         self.on_banners = on_banners
+        self.chore_interval_s = chore_interval_s
+        self.due_batch = due_batch
         self.loop = asyncio.new_event_loop()
         self.sent = 0
         self.failed = 0
+        self.outcomes: Counter[tuple[str, str]] = Counter()  # (channel, outcome) -> n
+        self._last_chores = 0.0
 
+    # -- results ----------------------------------------------------------------------
     def process(self, batch: list[Message]) -> None:
-        per_shard: dict[int, list[BannerChange]] = {}
-        claims: list[Claim] = []
+        now = self.clock()
+        shows: list[tuple[int, BannerChange, str | None]] = []  # (shard, change, category)
+        changes: dict[int, list[BannerChange]] = {}
+        starts: dict[int, list[EpisodeStart]] = {}
+        ends: dict[int, list[tuple[int, str, int]]] = {}
+        candidates: list[Claim] = []
+        ended: set[tuple[int, str, int]] = set()
         for msg in batch:
             try:
                 r = orjson.loads(msg.value)
+                kind = r["kind"]
                 uid = int(r["user_id"])
-                change = BannerChange(
-                    user_id=uid, rule_key=r["rule"], episode=int(r["episode"]),
-                    version=int(r["version"]), priority=int(r.get("priority", 0)),
-                    as_of=date.fromisoformat(r["as_of"]),
-                    content=r.get("banner") if r["kind"] == "enter" else None,
-                )
+                rule, episode, version = r["rule"], int(r["episode"]), int(r["version"])
+                as_of = date.fromisoformat(r["as_of"])
+                priority = int(r.get("priority", 0))
+                if kind not in ("enter", "exit"):
+                    raise ValueError(f"unknown kind {kind!r}")
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 log.error("dead-lettering malformed result at %s/%d@%d: %s",
                           msg.topic, msg.partition, msg.offset, exc)
                 self.bus.publish(self.bus.topic("results.dlq"), msg.value, key=msg.key)
                 continue
-            if r["kind"] == "enter" and change.content is None:
-                # An e-mail-only rule: nothing to show, but an older episode's banner
-                # (if the rule had one then) must not linger.
-                change = BannerChange(uid, change.rule_key, change.episode - 1, change.version,
-                                      change.priority, change.as_of, None)
-            per_shard.setdefault(self.shards.router.shard_of(uid), []).append(change)
-            if r["kind"] == "enter" and r.get("email"):
-                claims.append(Claim(uid, r["rule"], int(r["episode"]), "email", int(r["version"]),
-                                    r.get("run_id"), r["email"]))
+            shard = self.shards.router.shard_of(uid)
+            if kind == "exit":
+                changes.setdefault(shard, []).append(
+                    BannerChange(uid, rule, episode, version, priority, as_of, None))
+                ends.setdefault(shard, []).append((uid, rule, episode))
+                ended.add((uid, rule, episode))
+                continue
+            banner = r.get("banner") if isinstance(r.get("banner"), dict) else None
+            expires = _parse_ts(banner.get("expires_at")) if banner else None
+            if banner is not None and (expires is None or expires > now):
+                shows.append((shard, BannerChange(uid, rule, episode, version, priority, as_of, banner),
+                              banner.get("category")))
+            elif episode > 1 or banner is not None:
+                # Nothing to show (an e-mail-only rule, or already expired): an older
+                # episode's banner must not linger either.
+                changes.setdefault(shard, []).append(BannerChange(
+                    uid, rule, episode if banner is not None else episode - 1, version, priority,
+                    as_of, None))
+            starts.setdefault(shard, []).append(EpisodeStart(
+                uid, rule, episode, version, as_of, r.get("lang"), _why(r), expires, r.get("run_id")))
+            base = {"as_of": r["as_of"], "tz": r.get("tz"), "lang": r.get("lang"),
+                    "user_lang": r.get("user_lang"), "why": r.get("why")}
+            email = r.get("email")
+            if isinstance(email, dict) and email.get("to"):
+                candidates.append(Claim(uid, rule, episode, "email", version, r.get("run_id"),
+                                        {**email, **base}))
+            push = r.get("push")
+            if self.pusher is not None and isinstance(push, dict) and push.get("tokens"):
+                candidates.append(Claim(uid, rule, episode, "push", version, r.get("run_id"),
+                                        {**push, **base}))
+
+        users = {c.user_id for c in candidates} | {ch.user_id for _, ch, _ in shows}
+        prefs = load_preferences(self.shards, users) if users else {}
+        for shard, ch, category in shows:
+            ok, _ = prefs.get(ch.user_id, ALLOW_ALL).allows("banner", category)
+            if not ok:
+                self._count("banner", "suppressed")
+                ch = BannerChange(ch.user_id, ch.rule_key, ch.episode, ch.version, ch.priority,
+                                  ch.as_of, None)
+            changes.setdefault(shard, []).append(ch)
         changed: list[int] = []
-        for shard, changes in per_shard.items():
-            changed += self.shards.stores[shard].apply_banner_changes(changes)
+        for shard, chs in changes.items():
+            changed += self.shards.stores[shard].apply_banner_changes(chs)
         if changed and self.on_banners:
             self.on_banners(changed)
-        won = self.ledger.claim(claims)
-        self._send(won)
+        for shard, items in starts.items():
+            start_episodes(self.shards.stores[shard], items, now)
+        for shard, items in ends.items():
+            end_episodes(self.shards.stores[shard], items, now)
+
+        won = self.ledger.claim([c for c in candidates if (c.user_id, c.rule_key, c.episode) not in ended])
+        if ended:
+            n = self.ledger.cancel_episodes(ended)
+            if n:
+                self._count("any", "cancelled", n)
+        self._dispatch(won, prefs, now)
         self.bus.flush()
+        self._chores()
 
     def idle(self) -> None:
-        self._send(self.ledger.due())
+        self._chores()
+
+    # -- periodic chores --------------------------------------------------------------
+    def _chores(self, force: bool = False) -> None:
+        mono = time.monotonic()
+        if not force and mono - self._last_chores < self.chore_interval_s:
+            return
+        self._last_chores = mono
+        for _ in range(10):  # bounded: results must keep flowing
+            due = self.ledger.due(self.due_batch)
+            if not due:
+                break
+            prefs = load_preferences(self.shards, {c.user_id for c in due})
+            self._dispatch(due, prefs, self.clock())
+            self.bus.flush()
+            if len(due) < self.due_batch:
+                break
+        now = self.clock()
+        for store in self.shards.stores:
+            changed = expire_due(store, now)
+            if changed:
+                self._count("banner", "expired", len(changed))
+                if self.on_banners:
+                    self.on_banners(changed)
+
+    def run_chores(self) -> None:
+        """Handle what is due now (tests, and a worker's last act before stopping)."""
+        self._chores(force=True)
+
+    # -- the policy and sending ---------------------------------------------------------
+    def _dispatch(self, claims: Sequence[Claim], prefs: dict[int, Preferences], now: datetime) -> None:
+        if not claims:
+            return
+        decisions = self.policy.decide(claims, now, prefs, self.ledger.recent_sends)
+        hold: list[tuple[Claim, datetime, str]] = []
+        close: list[tuple[Claim, str, str]] = []
+        send: list[Claim] = []
+        for d in decisions:
+            if d.action == "send":
+                send.append(d.claim)
+            elif d.action == "hold":
+                assert d.until is not None
+                hold.append((d.claim, d.until, d.reason or "held"))
+                self._count(d.claim.channel, _held_label(d))
+            else:
+                close.append((d.claim, _FINAL[d.action], d.reason or d.action))
+                self._count(d.claim.channel, _FINAL[d.action])
+        self.ledger.hold(hold)
+        self.ledger.finish(close)
+        self._send(send)
 
     def _send(self, claims: list[Claim]) -> None:
         if not claims:
             return
-        emails = [_email(c) for c in claims]
-        results = self.loop.run_until_complete(self.mailer.send_many(emails))
-        outcomes: list[tuple[Claim, bool, bool, str | None]] = []
-        for c, res in zip(claims, results, strict=True):
-            outcomes.append((c, res.ok, res.permanent, res.error))
-            if res.ok:
+        emails = [c for c in claims if c.channel == "email"]
+        pushes = [c for c in claims if c.channel == "push"]
+        other = [c for c in claims if c.channel not in ("email", "push")]
+        outcomes: list[Outcome] = [Outcome(c, ok=False, permanent=True, error=f"no channel {c.channel!r}")
+                                   for c in other]
+        built: list[tuple[Claim, Email | str]] = [(c, self._email(c)) for c in emails]
+        mails = [m for _, m in built if isinstance(m, Email)]
+        push_msgs: list[tuple[Claim, str, Push]] = []
+        for c in pushes:
+            push_msgs += [(c, dev, p) for dev, p in self._pushes(c)]
+
+        async def both() -> tuple[list[Any], list[Any]]:
+            mail_task = self.mailer.send_many(mails) if mails else _none()
+            push_task = (self.pusher.send_many([p for _, _, p in push_msgs])
+                         if push_msgs and self.pusher is not None else _none())
+            return await asyncio.gather(mail_task, push_task)
+
+        mail_results, push_results = self.loop.run_until_complete(both())
+        it = iter(mail_results)
+        for c, m in built:
+            if isinstance(m, str):  # the message could not be built: permanent
+                outcomes.append(Outcome(c, ok=False, permanent=True, error=m))
+                continue
+            res = next(it)
+            outcomes.append(Outcome(c, res.ok, res.permanent, res.error))
+        outcomes += self._push_outcomes(pushes, push_msgs, push_results)
+        for o in outcomes:
+            if o.ok:
                 self.sent += 1
+                label = "sent"
             else:
                 self.failed += 1
-            outcome = "sent" if res.ok else ("permanent_failure" if res.permanent else "transient_failure")
-            metrics.DELIVERIES.labels("email", outcome).inc()
+                attempts = o.claim.attempts + 1
+                final = o.permanent or attempts >= self.ledger.max_attempts
+                label = ("permanent_failure" if o.permanent else
+                         "dead_letter" if final else "transient_failure")
+            self._count(o.claim.channel, label)
         self.ledger.record(outcomes)
+
+    def _email(self, c: Claim) -> Email | str:
+        p: dict[str, Any] = c.payload
+        text, html = p.get("text", ""), p.get("html")
+        headers = {"X-Kvadrupel-Rule": f"{c.rule_key}/v{c.version}",
+                   "X-Kvadrupel-Episode": str(c.episode)}
+        if self.unsubscriber is not None:
+            url = self.unsubscriber.url(c.user_id, "email", c.category)
+            headers |= self.unsubscriber.headers(url)
+            if isinstance(text, str) and (html is None or isinstance(html, str)):
+                text, html = self.unsubscriber.add_footer(text, html, url,
+                                                          p.get("user_lang") or p.get("lang"))
+        try:
+            return Email(to=p["to"], subject=p.get("subject", ""), text=text, html=html,
+                         headers=headers, message_id=f"<{c.user_id}.{c.rule_key}.{c.episode}@kvadrupel>")
+        except (KeyError, TypeError) as exc:
+            return f"cannot build the e-mail: {exc}"
+
+    @staticmethod
+    def _pushes(c: Claim) -> list[tuple[str, Push]]:
+        p = c.payload
+        tokens = p.get("tokens") or {}
+        mid = f"{c.user_id}.{c.rule_key}.{c.episode}"
+        data = {"rule": c.rule_key, "banner_id": f"{c.rule_key}.{c.episode}", "user_id": str(c.user_id)}
+        return [(dev, Push(token=tok, title=str(p.get("title", "")), body=str(p.get("body", "")),
+                           link=str(p.get("link") or ""), data=data, message_id=mid))
+                for dev, tok in tokens.items() if isinstance(tok, str)]
+
+    def _push_outcomes(self, claims: list[Claim], msgs: list[tuple[Claim, str, Push]],
+                       results: list[Any]) -> list[Outcome]:
+        per: dict[tuple[int, str, int, str], list[tuple[str, Any]]] = {}
+        for (c, dev, _), res in zip(msgs, results, strict=True):
+            per.setdefault(c.key, []).append((dev, res))
+        out: list[Outcome] = []
+        for c in claims:
+            rs = per.get(c.key, [])
+            dead = [(dev, r) for dev, r in rs if r.unregistered]
+            for dev, r in dead:
+                self._unregister(c.user_id, dev, r.push.token)
+            if any(r.ok for _, r in rs):
+                out.append(Outcome(c, ok=True))
+                continue
+            retry = {dev: r.push.token for dev, r in rs if not r.ok and not r.permanent}
+            errors = "; ".join(sorted({str(r.error) for _, r in rs if r.error}))[:1000]
+            if retry:
+                out.append(Outcome(c, ok=False, permanent=False, error=errors,
+                                   payload={**c.payload, "tokens": retry}))
+            else:
+                out.append(Outcome(c, ok=False, permanent=True,
+                                   error=errors or "no registered device"))
+        return out
+
+    def _unregister(self, user_id: int, device: str, token: str) -> None:
+        digest = hashlib.sha256(token.encode()).hexdigest()[:24]
+        event = {"event_id": f"kvd-push-unregistered-{digest}", "user_id": user_id,
+                 "unset": [f"devices.{device}.push_token"]}
+        self.bus.publish(self.bus.topic("events"), orjson.dumps(event), key=str(user_id).encode())
+        self._count("push", "unregistered")
+
+    def _count(self, channel: str, outcome: str, n: int = 1) -> None:
+        self.outcomes[(channel, outcome)] += n
+        metrics.DELIVERIES.labels(channel, outcome).inc(n)
 
     def close(self) -> None:
         super().close()
         try:
             self.loop.run_until_complete(self.mailer.aclose())
+            if self.pusher is not None:
+                self.loop.run_until_complete(self.pusher.aclose())
         finally:
             self.loop.close()
 
 
-def _email(c: Claim) -> Email:
-    p: dict[str, Any] = c.payload
-    return Email(
-        to=p["to"], subject=p.get("subject", ""), text=p.get("text", ""), html=p.get("html"),
-        headers={"X-Kvadrupel-Rule": f"{c.rule_key}/v{c.version}"},
-        message_id=f"<{c.user_id}.{c.rule_key}.{c.episode}@kvadrupel>",
-    )
+async def _none() -> list[Any]:
+    return []
+
+
+def _held_label(d: Decision) -> str:
+    return "held_quiet_hours" if d.reason == "quiet hours" else "deferred_cap"
+
+
+def _why(r: dict[str, Any]) -> dict[str, Any] | None:
+    why = r.get("why")
+    if not isinstance(why, dict):
+        return None
+    return {"rule": r["rule"], "version": r["version"], "as_of": r["as_of"], **why}

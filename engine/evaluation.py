@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-from channels.templates import render_content
+from channels.compose import compose
 from kvadrupel.errors import ChannelError
 from rules.context import Context
 from rules.ruleset import RuleSet
 from rules.service import ActiveRule
+from shards.store import ProfileRow
 
 __all__ = ["CompiledPack", "RangeStats", "as_of_date", "evaluate_rows"]
 
@@ -117,8 +118,8 @@ def evaluate_rows(
 ) -> tuple[list[dict[str, Any]], list[tuple[int, dict[str, list[Any]]]]]:
     """Evaluate a batch of users. Returns (result messages, new states to save).
 
-    ``rows``: ``(user_id, doc, state)`` tuples, or objects with those attributes
-    (:class:`shards.store.ProfileRow`).
+    ``rows``: ``(user_id, doc, state)`` tuples (or rows that unpack like them), or
+    :class:`shards.store.ProfileRow`.
     """
     results: list[dict[str, Any]] = []
     states: list[tuple[int, dict[str, list[Any]]]] = []
@@ -131,10 +132,10 @@ def evaluate_rows(
     combos: dict[tuple[str, ...], int] = {}
     n = 0
     for row in rows:
-        if type(row) is tuple:
-            uid, doc, prev = row
-        else:
+        if type(row) is ProfileRow:
             uid, doc, prev = row.user_id, row.doc, row.state
+        else:
+            uid, doc, prev = row
         n += 1
         outcome = evaluate(doc, ctx)
         matched = outcome.matched
@@ -203,9 +204,9 @@ def _enter(uid: int, doc: Any, rule: ActiveRule, episode: int, ctx: Context, run
            stats: RangeStats) -> dict[str, Any]:
     stats.enters += 1
     banner = email = None
+    extra: dict[str, Any] = {}  # language, time zone, push, why-data (channels/compose.py)
     try:
-        banner = render_content(rule.banner, doc, ctx)
-        email = render_content(rule.email, doc, ctx)
+        banner, email, extra = compose(rule, doc, ctx)
     except ChannelError as exc:
         stats.errors[rule.key] += 1
         stats.error_samples.setdefault(rule.key, f"user {uid}: template: {exc}")
@@ -215,7 +216,7 @@ def _enter(uid: int, doc: Any, rule: ActiveRule, episode: int, ctx: Context, run
         "version": rule.version, "priority": rule.priority, "as_of": ctx.today.isoformat(),
         "run_id": run_id, "banner": banner,
         "email": (email | {"to": to}) if email and isinstance(to, str) and "@" in to else None,
-    }
+    } | extra
 
 
 def as_of_date(value: str | None, default: date) -> date:

@@ -198,7 +198,7 @@ class EvaluatorWorker(BatchWorker):
         except Exception as exc:  # noqa: BLE001 - the range fails, the worker goes on
             error = f"{type(exc).__name__}: {exc}"
             log.warning("range %d/%d attempt %d failed: %s", run_id, no, attempt, error,
-                        exc_info=not isinstance(exc, ShardUnavailable))
+                        exc_info=attempt == 1 and not isinstance(exc, ShardUnavailable))
             if self.runs.range_failed(run_id, no, error):
                 # Retry through the bus (another worker may take it) after a pause,
                 # so a shard that blinks is not burnt through all attempts at once.

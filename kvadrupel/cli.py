@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -79,12 +80,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _stop_on_signals() -> threading.Event:
+def _stop_on_signals(grace_s: float = 30.0) -> threading.Event:
+    """SIGTERM/SIGINT set the returned event: workers finish the batch in hand,
+    commit it and leave their group. If that takes longer than ``grace_s`` the
+    process exits anyway (uncommitted work is redelivered to the group)."""
     stop = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping", signum)
+        log.info("signal %d: stopping (grace %.0fs)", signum, grace_s)
         stop.set()
+        timer = threading.Timer(grace_s, lambda: os._exit(3))
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -107,6 +114,11 @@ def _dispatch(args: argparse.Namespace, settings) -> int:  # noqa: ANN001
             container.migrate()
             print(f"migrated control DB and {len(settings.shard_urls())} shard(s)")
             return 0
+        if args.cmd in ("api", "ingest", "evaluate", "deliver", "scheduler"):
+            from kvadrupel.preflight import check_reachable, check_settings
+
+            check_settings(settings, args.cmd)
+            check_reachable(container)
         if args.cmd == "api":
             from api.serve import run  # each worker process builds its own container
 
@@ -114,9 +126,12 @@ def _dispatch(args: argparse.Namespace, settings) -> int:  # noqa: ANN001
                 args.workers or settings.api_workers)
             return 0
         if args.cmd in ("ingest", "evaluate", "deliver"):
-            stop = _stop_on_signals()
+            from kvadrupel.ops import serve_ops
+
+            stop = _stop_on_signals(settings.shutdown_grace_s)
             worker = {"ingest": container.ingest_worker, "evaluate": container.evaluator_worker,
                       "deliver": container.delivery_worker}[args.cmd]()
+            serve_ops(container, settings.ops_port)
             log.info("%s worker started", args.cmd)
             worker.run(stop)
             log.info("%s worker stopped", args.cmd)

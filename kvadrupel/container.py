@@ -77,7 +77,9 @@ class Container:
 
     @cached_property
     def ledger(self) -> Ledger:
-        return Ledger(self.control)
+        s = self.settings
+        return Ledger(self.control, s.delivery_max_attempts, s.delivery_retry_base_s,
+                      s.delivery_retry_max_s, claim_timeout_s=s.delivery_claim_timeout_s)
 
     @cached_property
     def bus(self) -> Bus:
@@ -119,7 +121,10 @@ class Container:
 
     def delivery_worker(self, **kw) -> DeliveryWorker:  # noqa: ANN003
         consumer = self.bus.consumer(self.group("deliver"), [self.bus.topic("results")])
-        return DeliveryWorker(consumer, self.bus, self.shards, self.ledger, self.mailer(), **kw)
+        from channels.delivery_setup import channel_parts  # policy, push, unsubscribe links
+
+        return DeliveryWorker(consumer, self.bus, self.shards, self.ledger, self.mailer(),
+                              **(channel_parts(self.settings) | kw))
 
     def start_workers(self, stop: threading.Event, kinds: tuple[str, ...] = ("ingest", "evaluate", "deliver"),
                       ) -> list[threading.Thread]:
@@ -128,6 +133,8 @@ class Container:
         return [makers[k]().start_thread(stop) for k in kinds]
 
     def close(self) -> None:
+        for fn in reversed(self._closers):  # parts built on top of the container's
+            fn()
         if "bus" in self.__dict__ and self.bus_override is None:
             self.bus.close()
         if "shards" in self.__dict__:

@@ -14,3 +14,6 @@ EVAL_CHANGES = Counter("kvadrupel_rule_changes_total", "Rule state changes emitt
 EVAL_ERRORS = Counter("kvadrupel_rule_errors_total", "Rule errors and timeouts", ["rule"])
 DELIVERIES = Counter("kvadrupel_deliveries_total", "Deliveries per channel and outcome",
                      ["channel", "outcome"])
+HTTP_REQUESTS = Counter("kvadrupel_http_requests_total", "API requests", ["route", "method", "status"])
+HTTP_LATENCY = Histogram("kvadrupel_http_request_seconds", "API request latency", ["route"],
+                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5))

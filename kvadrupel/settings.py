@@ -52,6 +52,29 @@ class Settings(BaseSettings):
     # the rest of a demo run, and the ledger (not the outbox) is the durable record.
     outbox_fsync: bool = False
 
+    # Channels (docs/channels.md): retries, caps, quiet hours, push, unsubscribe links.
+    delivery_max_attempts: int = 8  # then the message is failed (the dead letter)
+    delivery_retry_base_s: float = 2.0  # exponential backoff with jitter from here
+    delivery_retry_max_s: float = 900.0
+    delivery_claim_timeout_s: float = 300.0  # a claim a crashed worker left is retried after this
+    channel_caps: dict[str, int] = Field(default_factory=lambda: {"email": 3, "push": 5})
+    channel_cap_window_s: float = 86400.0  # rolling window of the caps
+    channel_cap_policy: str = "defer"  # over the cap: defer | drop
+    quiet_hours: str = ""  # e.g. "22:00-08:00" in the user's time zone; empty: none
+    quiet_hours_channels: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["email", "push"])
+    quiet_hours_spread_s: int = 900  # held messages go out over this long after the window
+    public_url: str = "http://127.0.0.1:8000"  # base of unsubscribe links
+    unsubscribe_secret: str = ""  # empty: derived from the admin token
+    default_language: str = "ru"  # of the unsubscribe footer when the user's is unknown
+    push_provider: str = ""  # fcm | webhook; empty: no push
+    push_fcm_credentials: str = ""  # service-account JSON, or the path of the file
+    push_fcm_url: str = ""  # empty: https://fcm.googleapis.com
+    push_webhook_url: str = ""
+    push_webhook_secret: str = ""
+    push_concurrency: int = 32
+    push_timeout_s: float = 10.0
+    engagement_flush_s: float = 5.0  # impressions/clicks: in memory, written this often
+
     # Auth. Missing tokens are generated (and printed) by the embedded demo.
     admin_token: str = ""
     ingest_token: str = ""
@@ -80,6 +103,8 @@ class Settings(BaseSettings):
 
     # API.
     banner_max_age_s: int = 30
+    ops_port: int = 0  # workers: /healthz, /readyz, /metrics on this port (0: off)
+    shutdown_grace_s: float = 30.0
     log_level: str = "INFO"
 
     # Banner API (docs/api.md): mobile JWTs, version cache, long-poll, replicas, server.
@@ -107,6 +132,7 @@ class Settings(BaseSettings):
 
     _csv = field_validator("shards", "shard_replicas", mode="before")(_split_csv)
     _csv_jwt = field_validator("jwt_algorithms", mode="before")(_split_csv)
+    _csv_quiet = field_validator("quiet_hours_channels", mode="before")(_split_csv)
 
     @property
     def embedded_storage(self) -> bool:

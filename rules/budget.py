@@ -48,18 +48,19 @@ Races, and why they are harmless
 
 Guarantees and limits
 ---------------------
-* A rule is stopped between ``budget`` and ``budget + tick + 5 ms`` (the GIL
-  switch interval the watchdog may wait for) after it started, later when the
-  machine is overloaded.
+* A rule is stopped between ``budget`` and about ``budget + 2 ticks + 10 ms``
+  (each look may wait for the 5 ms GIL switch interval) after it started: 40-70 ms
+  for a 30 ms budget in tests/rules/test_budget.py; later on an overloaded machine.
 * Asynchronous exceptions are only delivered between bytecodes: one long C call
   is not interrupted. The sandbox bounds those (rules/guards.py: ``*``, ``**``,
   ``<<``, ``%``, ``+``, ``range``, ``sum``, ``str``, ``join``, ``replace``,
   ``round`` ...); what remains is a C call over data the rule could build within
   the limits (e.g. ``sorted`` of 10**5 equal 64 KB strings, well under a second).
   Run nightly evaluators as worker processes that a supervisor restarts.
-* Costs (bench/bench_sandbox.py): ~10 ns per rule call for the sequence
-  number, ~0.1 us per profile for the bookkeeping, plus the watchdog waking
-  100-500 times a second while rules run (it sleeps on an event when idle).
+* Cost (bench/bench_sandbox.py, budget vs no budget): about 25 ns per rule call
+  all told: the sequence-number store, a little per-profile bookkeeping, and the
+  watchdog taking the GIL 100-500 times a second while rules run (it parks on an
+  event when idle) - 3-5 % on top of sandboxed evaluation.
 
 :class:`BatchBudget` is the wall-clock budget for a batch of profiles that the
 engine can use (``RuleSet.evaluate_many(..., batch_budget=...)``).
@@ -88,8 +89,8 @@ __all__ = [
 class BudgetExceeded(BaseException):  # noqa: N818 - it is a signal, not an error
     """Injected into a rule that exceeded its budget.
 
-    A ``BaseException`` on purpose: rule code may only catch ``Exception``
-    subclasses (see rules/policy.py), so it cannot swallow the interrupt.
+    A ``BaseException`` on purpose: rule code may only catch a fixed list of
+    ``Exception`` subclasses (rules/guards.py ``CATCHABLE``), so it cannot swallow it.
     """
 
 
@@ -117,8 +118,17 @@ class Slot:
     attempt only, the ids of its containers.
     """
 
-    __slots__ = ("box", "tid", "seq", "fired_seq", "seen_seq", "seen_at", "profile", "owned",
-                 "__weakref__")
+    __slots__ = (
+        "box",
+        "tid",
+        "seq",
+        "fired_seq",
+        "seen_seq",
+        "seen_at",
+        "profile",
+        "owned",
+        "__weakref__",
+    )
 
     def __init__(self, tid: int) -> None:
         self.box: list = [0, 0.05]

@@ -60,6 +60,7 @@ def _check_len(n: int, seq: Any, what: str) -> None:
 
 # -- arithmetic (wired in by the policy for *, **, <<, %, and + of two non-constants) --
 
+
 def guarded_mul(a: Any, b: Any) -> Any:
     """``a * b``, refusing sequence repetitions and int products over the limits."""
     ta, tb = type(a), type(b)
@@ -113,11 +114,10 @@ def guarded_mod(a: Any, b: Any) -> Any:
     and checks the size of the arguments' text."""
     if not isinstance(a, (str, bytes)):
         return a % b
-    if isinstance(a, str):
-        for m in _PERCENT.finditer(a):
-            for part in m.groups():
-                if part and (part == "*" or len(part) > 3):
-                    raise _refuse("%-format width/precision must be a number up to 999")
+    for m in _PERCENT.finditer(a if isinstance(a, str) else a.decode("latin-1")):
+        for part in m.groups():
+            if part and (part == "*" or len(part) > 3):
+                raise _refuse("%-format width/precision must be a number up to 999")
     render_guard(b)
     out = a % b
     _check_len(len(out), out, "'%' result")
@@ -125,6 +125,7 @@ def guarded_mod(a: Any, b: Any) -> Any:
 
 
 # -- text rendering (f-string values, str(), %-format arguments) -------------
+
 
 def _render_size(x: Any, limit: int) -> None:
     """Refuse when the text of ``x`` (str/repr) would exceed ``limit`` characters.
@@ -196,6 +197,7 @@ class SafeStr(str, metaclass=_StrMeta):
 
 # -- builtins ------------------------------------------------------------------
 
+
 def safe_range(*args: Any) -> range:
     """``range`` refusing more than :data:`MAX_RANGE` items (``sum(range(10**12))`` runs in C)."""
     r = range(*args)
@@ -242,6 +244,7 @@ CATCHABLE = {
 # ``isinstance`` is the real builtin: the only type objects a rule can reach are
 # the ones below (``type``, ``__class__``, ``mro`` are refused by the policy), so a
 # wrapper checking its second argument would add cost, not safety.
+# fmt: off
 SAFE_BUILTINS: dict[str, Any] = {
     "len": len, "min": min, "max": max, "sum": safe_sum, "abs": abs, "any": any, "all": all,
     "sorted": sorted, "round": safe_round, "int": int, "float": float, "str": SafeStr,
@@ -251,17 +254,20 @@ SAFE_BUILTINS: dict[str, Any] = {
     "Exception": Exception,  # to raise, not to catch
     **CATCHABLE,
 }
+# fmt: on
 EXCEPTION_NAMES = frozenset(CATCHABLE) | {"Exception"}
 
 # -- the profile is read-only --------------------------------------------------
 
 # Methods that mutate their object; the policy routes attribute loads of these names
 # (and of the size-sensitive ones) through ``_getattr_``.
+# fmt: off
 MUTATORS = frozenset({
     "append", "extend", "insert", "pop", "popitem", "remove", "clear", "update",
     "setdefault", "sort", "reverse", "add", "discard", "difference_update",
     "intersection_update", "symmetric_difference_update",
 })
+# fmt: on
 GUARDED_ATTRS = MUTATORS | {"join", "replace"}
 
 
@@ -282,9 +288,18 @@ def container_ids(root: Any) -> set[int]:
 
 
 _INPLACE = {
-    "+=": guarded_add, "-=": operator.isub, "*=": guarded_mul, "/=": operator.itruediv,
-    "//=": operator.ifloordiv, "%=": guarded_mod, "**=": guarded_pow, "<<=": guarded_lshift,
-    ">>=": operator.irshift, "&=": operator.iand, "|=": operator.ior, "^=": operator.ixor,
+    "+=": guarded_add,
+    "-=": operator.isub,
+    "*=": guarded_mul,
+    "/=": operator.itruediv,
+    "//=": operator.ifloordiv,
+    "%=": guarded_mod,
+    "**=": guarded_pow,
+    "<<=": guarded_lshift,
+    ">>=": operator.irshift,
+    "&=": operator.iand,
+    "|=": operator.ior,
+    "^=": operator.ixor,
     "@=": operator.imatmul,
 }
 
@@ -325,9 +340,9 @@ def make_rule_guards(protected: set[int]) -> dict[str, Any]:
             raise _refuse(f"the profile is read-only: .{name}() refused (copy it first)")
         if name == "extend" and isinstance(obj, list):
             return _bounded_extend(obj)
-        if name == "join" and isinstance(obj, str):
+        if name == "join" and isinstance(obj, (str, bytes)):
             return _bounded_join(obj)
-        if name == "replace" and isinstance(obj, str):
+        if name == "replace" and isinstance(obj, (str, bytes)):
             return _bounded_replace(obj)
         return attr
 
@@ -335,11 +350,16 @@ def make_rule_guards(protected: set[int]) -> dict[str, Any]:
         """``name op= value`` (RestrictedPython's ``_inplacevar_``)."""
         if isinstance(x, (dict, list, set)) and is_locked(x):
             raise _refuse(f"the profile is read-only: '{op}' refused (copy it first)")
-        if op == "+=" and type(x) is list:
-            items = y if type(y) in (list, tuple) else list(y)
-            _check_len(len(x) + len(items), x, "'+=' result")
-            x += items
-            return x
+        if type(x) is list:  # in place, as in Python, once the size is known to be fine
+            if op == "+=":
+                items = y if type(y) in (list, tuple) else list(y)
+                _check_len(len(x) + len(items), x, "'+=' result")
+                x += items
+                return x
+            if op == "*=" and isinstance(y, int):
+                _check_len(len(x) * y, x, "'*=' result")
+                x *= y
+                return x
         return _INPLACE[op](x, y)
 
     return {
@@ -364,8 +384,8 @@ def _bounded_extend(lst: list) -> Any:
     return extend
 
 
-def _bounded_join(sep: str) -> Any:
-    def join(iterable: Any, /) -> str:
+def _bounded_join(sep: str | bytes) -> Any:
+    def join(iterable: Any, /) -> Any:
         items = iterable if type(iterable) in (list, tuple) else list(iterable)
         try:
             total = sum(map(len, items)) + len(sep) * max(len(items) - 1, 0)
@@ -377,9 +397,9 @@ def _bounded_join(sep: str) -> Any:
     return join
 
 
-def _bounded_replace(s: str) -> Any:
-    def replace(old: Any, new: Any, count: Any = -1, /) -> str:
-        if type(old) is str and type(new) is str and len(new) > len(old):
+def _bounded_replace(s: str | bytes) -> Any:
+    def replace(old: Any, new: Any, count: Any = -1, /) -> Any:
+        if type(old) is type(s) and type(new) is type(s) and len(new) > len(old):
             n = s.count(old) if old else len(s) + 1
             if isinstance(count, int) and count >= 0:
                 n = min(n, count)

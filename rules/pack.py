@@ -27,7 +27,11 @@ def _profile(**overrides: Any) -> dict[str, Any]:
         "email": "anna.ivanova@example.org",
         "birth_date": "1990-07-15",
         "language": "en",
-        "driver_license": {"number": "77 12 345678", "expires_on": "2030-01-01", "renewed_on": None},
+        "driver_license": {
+            "number": "77 12 345678",
+            "expires_on": "2030-01-01",
+            "renewed_on": None,
+        },
         "passport": {"number": "4510 123456", "issued_on": "2010-08-01"},
         "orders": {"total": 3, "last_at": "2024-04-20"},
     }
@@ -113,21 +117,39 @@ BUILTIN_RULES: list[dict[str, Any]] = [
         "priority": 130,
         "source": DL_RENEWED,
         "banner": {
-            "title": _ru_en("Водительское удостоверение обновлено", "Your driving licence has been renewed"),
-            "body": _ru_en("Новое удостоверение действует до {{ profile.driver_license.expires_on }}.",
-                           "The new licence is valid until {{ profile.driver_license.expires_on }}."),
+            "title": _ru_en(
+                "Водительское удостоверение обновлено", "Your driving licence has been renewed"
+            ),
+            "body": _ru_en(
+                "Новое удостоверение действует до {{ profile.driver_license.expires_on }}.",
+                "The new licence is valid until {{ profile.driver_license.expires_on }}.",
+            ),
             "link": _LINK_DL,
         },
         "email": None,
         "examples": [
-            _ex("renewed a week ago", "2024-05-10", True,
-                driver_license=_dl("2034-05-03", "2024-05-03")),
-            _ex("renewed today", "2024-05-10", True, driver_license=_dl("2034-05-10", "2024-05-10")),
-            _ex("renewed a month ago", "2024-05-10", False,
-                driver_license=_dl("2034-04-10", "2024-04-10")),
+            _ex(
+                "renewed a week ago",
+                "2024-05-10",
+                True,
+                driver_license=_dl("2034-05-03", "2024-05-03"),
+            ),
+            _ex(
+                "renewed today", "2024-05-10", True, driver_license=_dl("2034-05-10", "2024-05-10")
+            ),
+            _ex(
+                "renewed a month ago",
+                "2024-05-10",
+                False,
+                driver_license=_dl("2034-04-10", "2024-04-10"),
+            ),
             _ex("never renewed", "2024-05-10", False, driver_license=_dl("2030-01-01")),
-            _ex("renewed but expired", "2024-05-10", False,
-                driver_license=_dl("2024-05-01", "2024-05-03")),
+            _ex(
+                "renewed but expired",
+                "2024-05-10",
+                False,
+                driver_license=_dl("2024-05-01", "2024-05-03"),
+            ),
         ],
     },
     {
@@ -137,24 +159,30 @@ BUILTIN_RULES: list[dict[str, Any]] = [
         "priority": 120,
         "source": DL_EXPIRED,
         "banner": {
-            "title": _ru_en("Срок действия водительского удостоверения истёк",
-                            "Your driving licence has expired"),
-            "body": _ru_en("Удостоверение действовало до {{ profile.driver_license.expires_on }}.",
-                           "It was valid until {{ profile.driver_license.expires_on }}. Driving without "
-                           "a valid licence is an offence."),
+            "title": _ru_en(
+                "Срок действия водительского удостоверения истёк",
+                "Your driving licence has expired",
+            ),
+            "body": _ru_en(
+                "Удостоверение действовало до {{ profile.driver_license.expires_on }}.",
+                "It was valid until {{ profile.driver_license.expires_on }}. Driving without "
+                "a valid licence is an offence.",
+            ),
             "link": _LINK_DL,
         },
         "email": {
             "subject": "{{ profile.name }}, your driving licence has expired",
             "text": "Hello {{ profile.name }},\n\nyour driving licence expired on "
-                    "{{ profile.driver_license.expires_on }}. Book a renewal: " + _LINK_DL + "\n",
+            "{{ profile.driver_license.expires_on }}. Book a renewal: " + _LINK_DL + "\n",
             "html": "<p>Hello {{ profile.name }},</p><p>your driving licence expired on "
-                    "<b>{{ profile.driver_license.expires_on }}</b>. "
-                    '<a href="' + _LINK_DL + '">Book a renewal</a>.</p>',
+            "<b>{{ profile.driver_license.expires_on }}</b>. "
+            '<a href="' + _LINK_DL + '">Book a renewal</a>.</p>',
         },
         "examples": [
             _ex("expired yesterday", "2024-05-10", True, driver_license=_dl("2024-05-09")),
-            _ex("expires today (still valid)", "2024-05-10", False, driver_license=_dl("2024-05-10")),
+            _ex(
+                "expires today (still valid)", "2024-05-10", False, driver_license=_dl("2024-05-10")
+            ),
             _ex("valid for years", "2024-05-10", False, driver_license=_dl("2031-02-01")),
             _ex("no licence", "2024-05-10", False, driver_license=None),
         ],
@@ -166,26 +194,34 @@ BUILTIN_RULES: list[dict[str, Any]] = [
         "priority": 110,
         "source": DL_EXPIRING,
         "banner": {
-            "title": _ru_en("Водительское удостоверение скоро истекает",
-                            "Your driving licence expires soon"),
-            "body": _ru_en("Срок действия истекает {{ profile.driver_license.expires_on }}.",
-                           "Your licence expires on {{ profile.driver_license.expires_on }}."),
+            "title": _ru_en(
+                "Водительское удостоверение скоро истекает", "Your driving licence expires soon"
+            ),
+            "body": _ru_en(
+                "Срок действия истекает {{ profile.driver_license.expires_on }}.",
+                "Your licence expires on {{ profile.driver_license.expires_on }}.",
+            ),
             "link": _LINK_DL,
         },
         "email": {
             "subject": "Your driving licence expires on {{ profile.driver_license.expires_on }}",
             "text": "Hello {{ profile.name }},\n\nyour driving licence expires on "
-                    "{{ profile.driver_license.expires_on }}. Renew it online: " + _LINK_DL + "\n",
+            "{{ profile.driver_license.expires_on }}. Renew it online: " + _LINK_DL + "\n",
             "html": "<p>Hello {{ profile.name }},</p><p>your driving licence expires on "
-                    "<b>{{ profile.driver_license.expires_on }}</b>. "
-                    '<a href="' + _LINK_DL + '">Renew it online</a>.</p>',
+            "<b>{{ profile.driver_license.expires_on }}</b>. "
+            '<a href="' + _LINK_DL + '">Renew it online</a>.</p>',
         },
         "examples": [
             _ex("expires in 20 days", "2024-05-10", True, driver_license=_dl("2024-05-30")),
             _ex("expires today", "2024-05-10", True, driver_license=_dl("2024-05-10")),
             _ex("expires in 31 days", "2024-05-10", False, driver_license=_dl("2024-06-10")),
             _ex("already expired", "2024-05-10", False, driver_license=_dl("2024-05-01")),
-            _ex("expiry date missing", "2024-05-10", False, driver_license={"number": "77 12 345678"}),
+            _ex(
+                "expiry date missing",
+                "2024-05-10",
+                False,
+                driver_license={"number": "77 12 345678"},
+            ),
         ],
     },
     {
@@ -195,7 +231,9 @@ BUILTIN_RULES: list[dict[str, Any]] = [
         "priority": 90,
         "source": BIRTHDAY,
         "banner": {
-            "title": _ru_en("С днём рождения, {{ profile.name }}!", "Happy birthday, {{ profile.name }}!"),
+            "title": _ru_en(
+                "С днём рождения, {{ profile.name }}!", "Happy birthday, {{ profile.name }}!"
+            ),
             "body": "",
             "link": "",
         },
@@ -203,8 +241,18 @@ BUILTIN_RULES: list[dict[str, Any]] = [
         "examples": [
             _ex("birthday today", "2024-07-15", True),
             _ex("the day after", "2024-07-16", False),
-            _ex("29 Feb birthday on 28 Feb of a common year", "2023-02-28", True, birth_date="2000-02-29"),
-            _ex("29 Feb birthday on 28 Feb of a leap year", "2024-02-28", False, birth_date="2000-02-29"),
+            _ex(
+                "29 Feb birthday on 28 Feb of a common year",
+                "2023-02-28",
+                True,
+                birth_date="2000-02-29",
+            ),
+            _ex(
+                "29 Feb birthday on 28 Feb of a leap year",
+                "2024-02-28",
+                False,
+                birth_date="2000-02-29",
+            ),
             _ex("no birth date", "2024-07-15", False, birth_date=None),
         ],
     },
@@ -216,26 +264,50 @@ BUILTIN_RULES: list[dict[str, Any]] = [
         "source": PASSPORT_REPLACE,
         "banner": {
             "title": _ru_en("Пора заменить паспорт", "Time to replace your passport"),
-            "body": _ru_en("Паспорт нужно заменить в 20 и в 45 лет, в течение 90 дней после дня рождения.",
-                           "Passports must be replaced at 20 and at 45, within 90 days of the birthday."),
+            "body": _ru_en(
+                "Паспорт нужно заменить в 20 и в 45 лет, в течение 90 дней после дня рождения.",
+                "Passports must be replaced at 20 and at 45, within 90 days of the birthday.",
+            ),
             "link": "https://gosuslugi.example/passport",
         },
         "email": {
             "subject": "Your passport must be replaced",
             "text": "Hello {{ profile.name }},\n\npassports must be replaced at 20 and at 45. "
-                    "Yours was issued on {{ profile.passport.issued_on }}.\n",
-            "html": "<p>Hello {{ profile.name }},</p><p>passports must be replaced at 20 and at 45. "
-                    "Yours was issued on {{ profile.passport.issued_on }}.</p>",
+            "Yours was issued on {{ profile.passport.issued_on }}.\n",
+            "html": "<p>Hello {{ profile.name }},</p>"
+            "<p>passports must be replaced at 20 and at 45. "
+            "Yours was issued on {{ profile.passport.issued_on }}.</p>",
         },
         "examples": [
-            _ex("turned 20 last week, old passport", "2024-05-10", True, birth_date="2004-05-03",
-                passport={"number": "4518 111111", "issued_on": "2018-06-01"}),
-            _ex("turned 45, replaced after the birthday", "2024-05-10", False, birth_date="1979-03-01",
-                passport={"number": "4524 222222", "issued_on": "2024-03-20"}),
-            _ex("turned 45, passport from age 20", "2024-05-10", True, birth_date="1979-03-01",
-                passport={"number": "4599 333333", "issued_on": "1999-04-01"}),
+            _ex(
+                "turned 20 last week, old passport",
+                "2024-05-10",
+                True,
+                birth_date="2004-05-03",
+                passport={"number": "4518 111111", "issued_on": "2018-06-01"},
+            ),
+            _ex(
+                "turned 45, replaced after the birthday",
+                "2024-05-10",
+                False,
+                birth_date="1979-03-01",
+                passport={"number": "4524 222222", "issued_on": "2024-03-20"},
+            ),
+            _ex(
+                "turned 45, passport from age 20",
+                "2024-05-10",
+                True,
+                birth_date="1979-03-01",
+                passport={"number": "4599 333333", "issued_on": "1999-04-01"},
+            ),
             _ex("aged 30", "2024-05-10", False, birth_date="1994-01-01"),
-            _ex("aged 20, no passport data", "2024-05-10", False, birth_date="2004-01-01", passport=None),
+            _ex(
+                "aged 20, no passport data",
+                "2024-05-10",
+                False,
+                birth_date="2004-01-01",
+                passport=None,
+            ),
         ],
     },
     {
@@ -245,17 +317,27 @@ BUILTIN_RULES: list[dict[str, Any]] = [
         "priority": 100,
         "source": VEHICLE_REGISTRATION_EXPIRING,
         "banner": {
-            "title": _ru_en("Регистрация автомобиля {{ profile.vehicle.plate }} скоро истекает",
-                            "The registration of {{ profile.vehicle.plate }} expires soon"),
+            "title": _ru_en(
+                "Регистрация автомобиля {{ profile.vehicle.plate }} скоро истекает",
+                "The registration of {{ profile.vehicle.plate }} expires soon",
+            ),
             "body": "{{ profile.vehicle.registration_expires_on }}",
             "link": "https://gosuslugi.example/vehicle",
         },
         "email": None,
         "examples": [
-            _ex("expires in 10 days", "2024-05-10", True,
-                vehicle={"plate": "A123BC 77", "registration_expires_on": "2024-05-20"}),
-            _ex("expires in 15 days", "2024-05-10", False,
-                vehicle={"plate": "A123BC 77", "registration_expires_on": "2024-05-25"}),
+            _ex(
+                "expires in 10 days",
+                "2024-05-10",
+                True,
+                vehicle={"plate": "A123BC 77", "registration_expires_on": "2024-05-20"},
+            ),
+            _ex(
+                "expires in 15 days",
+                "2024-05-10",
+                False,
+                vehicle={"plate": "A123BC 77", "registration_expires_on": "2024-05-25"},
+            ),
             _ex("no vehicle", "2024-05-10", False),
         ],
     },

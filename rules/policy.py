@@ -4,7 +4,8 @@ On top of RestrictedPython's checks (no names or attributes starting with ``_``,
 no frame/generator/traceback attributes, no ``exec``/``eval``, no async, no
 ``except*``) it refuses: imports, classes, decorators, ``yield``, ``global``,
 ``nonlocal``, ``with``, ``try/finally``, bare ``except`` and exception names other
-than :data:`~rules.guards.CATCHABLE` (so not ``Exception``), rebinding exception names, attribute writes,
+than :data:`~rules.guards.CATCHABLE` (so not ``Exception``), rebinding exception
+names, attribute writes,
 slice assignment, mutable default arguments, dynamic or huge f-string format
 specs, forbidden builtins (:data:`FORBIDDEN_NAMES`) and attributes
 (:data:`FORBIDDEN_ATTRS`), and top-level code other than ``def`` and constant
@@ -27,12 +28,17 @@ import ast
 import re
 from types import SimpleNamespace
 
-from RestrictedPython.transformer import INSPECT_ATTRIBUTES, RestrictingNodeTransformer, copy_locations
+from RestrictedPython.transformer import (
+    INSPECT_ATTRIBUTES,
+    RestrictingNodeTransformer,
+    copy_locations,
+)
 
 from rules.guards import CATCHABLE, EXCEPTION_NAMES, GUARDED_ATTRS
 
 __all__ = ["FORBIDDEN_ATTRS", "FORBIDDEN_NAMES", "RulePolicy"]
 
+# fmt: off
 FORBIDDEN_NAMES = frozenset({
     "exec", "eval", "compile", "open", "globals", "locals", "vars", "getattr", "setattr",
     "delattr", "hasattr", "type", "dir", "help", "breakpoint", "input", "print", "printed",
@@ -48,10 +54,11 @@ FORBIDDEN_ATTRS = frozenset({
     "format", "format_map",  # '{0.__class__}'.format(x) walks attributes
     "mro",  # KeyError.mro() -> BaseException, object
     "ljust", "rjust", "center", "zfill", "expandtabs", "translate", "maketrans",  # sizes
-    "to_bytes",  # (1).to_bytes(10**10)
+    "to_bytes", "from_bytes",  # (1).to_bytes(10**10); ints past MAX_INT_BITS
     "clear_cache", "no_cache", "from_file",  # ZoneInfo (ctx.now.tzinfo) class methods
     "with_traceback",
 }) | INSPECT_ATTRIBUTES
+# fmt: on
 FORBIDDEN_ATTR_PREFIXES = ("gi_", "cr_", "ag_", "tb_", "f_", "co_")
 
 _BINOP_GUARDS = {ast.Mult: "_mul_", ast.Pow: "_pow_", ast.LShift: "_lshift_", ast.Mod: "_mod_"}
@@ -72,7 +79,8 @@ def _is_literal(node: ast.AST, mutable_ok: bool = True) -> bool:
         return all(_is_literal(e) for e in node.elts)
     if isinstance(node, ast.Dict):
         return all(k is not None and _is_literal(k) for k in node.keys) and all(
-            _is_literal(v) for v in node.values)
+            _is_literal(v) for v in node.values
+        )
     return False
 
 
@@ -87,7 +95,9 @@ class RulePolicy(RestrictingNodeTransformer):
                 if stmt.name == "match":
                     matches.append(stmt)
             elif isinstance(stmt, ast.Assign):
-                if not all(isinstance(t, ast.Name) for t in stmt.targets) or not _is_literal(stmt.value):
+                if not all(isinstance(t, ast.Name) for t in stmt.targets) or not _is_literal(
+                    stmt.value
+                ):
                     self.error(stmt, _TOP)
                 elif any(t.id == "match" for t in stmt.targets):
                     self.error(stmt, "`match` must be a function: def match(profile, ctx):")
@@ -102,7 +112,9 @@ class RulePolicy(RestrictingNodeTransformer):
         if matches:
             a = matches[0].args
             if a.vararg or a.kwarg or a.kwonlyargs or len(a.posonlyargs) + len(a.args) != 2:
-                self.error(matches[0], "`match` must take exactly two arguments: def match(profile, ctx):")
+                self.error(
+                    matches[0], "`match` must take exactly two arguments: def match(profile, ctx):"
+                )
         return super().visit_Module(node)
 
     # -- statements refused ----------------------------------------------------
@@ -135,7 +147,11 @@ class RulePolicy(RestrictingNodeTransformer):
             self.error(node, "`try/finally` is not allowed in rules")
         for h in node.handlers:
             if h.type is None:
-                self.error(h, "bare `except:` is not allowed; name the exceptions, e.g. except (KeyError, TypeError):")
+                self.error(
+                    h,
+                    "bare `except:` is not allowed; name the exceptions, "
+                    "e.g. except (KeyError, TypeError):",
+                )
                 continue
             names = h.type.elts if isinstance(h.type, ast.Tuple) else [h.type]
             for n in names:
@@ -223,10 +239,14 @@ class RulePolicy(RestrictingNodeTransformer):
         node = self.node_contents_visit(node)
         guard = _BINOP_GUARDS.get(type(node.op))
         if isinstance(node.op, ast.Add) and not (
-                isinstance(node.left, ast.Constant) or isinstance(node.right, ast.Constant)):
+            isinstance(node.left, ast.Constant) or isinstance(node.right, ast.Constant)
+        ):
             guard = "_add_"  # x + 1, s + "!" grow by a constant; x + y may double
-        if isinstance(node.op, ast.Mod) and isinstance(node.left, ast.Constant) and isinstance(
-                node.left.value, (int, float)):
+        if (
+            isinstance(node.op, ast.Mod)
+            and isinstance(node.left, ast.Constant)
+            and isinstance(node.left.value, (int, float))
+        ):
             guard = None  # 7 % x is arithmetic, never formatting
         if guard is None:
             return node
@@ -237,7 +257,10 @@ class RulePolicy(RestrictingNodeTransformer):
     def visit_FormattedValue(self, node: ast.FormattedValue) -> ast.AST:
         spec = node.format_spec
         if spec is not None:
-            if not (isinstance(spec, ast.JoinedStr) and all(isinstance(v, ast.Constant) for v in spec.values)):
+            if not (
+                isinstance(spec, ast.JoinedStr)
+                and all(isinstance(v, ast.Constant) for v in spec.values)
+            ):
                 self.error(node, "f-string format specs must be constant")
             elif _BIG_NUMBER.search("".join(str(v.value) for v in spec.values)):
                 self.error(node, "f-string width/precision must be a number up to 999")

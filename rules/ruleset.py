@@ -80,15 +80,18 @@ def _generate(n: int, budgeted: bool) -> Any:
         "        tid = slot.tid",
     ]
     if budgeted:
-        lines += ["        try:", *body,
-                  "            box[0] = 0",
-                  "            if slot.fired_seq >= seq:",
-                  "                clear(tid, None)",
-                  "        except BudgetExceeded:",
-                  "            box[0] = 0",  # these two first: see rules/budget.py, "Races"
-                  "            clear(tid, None)",
-                  "            return False",
-                  "        return True"]
+        lines += [
+            "        try:",
+            *body,
+            "            box[0] = 0",
+            "            if slot.fired_seq >= seq:",
+            "                clear(tid, None)",
+            "        except BudgetExceeded:",
+            "            box[0] = 0",  # these two first: see rules/budget.py, "Races"
+            "            clear(tid, None)",
+            "            return False",
+            "        return True",
+        ]
     else:
         lines += [*body, "        return True"]
     lines.append("    return run")
@@ -109,7 +112,9 @@ class RuleSet:
         specs = list(specs)
         keys = [s.key for s in specs]
         if len(set(keys)) != len(keys):
-            raise ValueError("duplicate rule keys: " + ", ".join(sorted({k for k in keys if keys.count(k) > 1})))
+            raise ValueError(
+                "duplicate rule keys: " + ", ".join(sorted({k for k in keys if keys.count(k) > 1}))
+            )
         self.budget_ms = float(budget_ms or 0.0)
         compiled = {}
         for s in specs:
@@ -156,15 +161,24 @@ class RuleSet:
             box[0] = seq  # armed before looking at ``idle``: see _Watchdog._run
             if WATCHDOG.idle:
                 WATCHDOG.wake()
-        if self._run(profile, cs, m, errs, box, seq, slot):
-            timeouts: list[str] = []
-        else:
-            timeouts = self._resume(profile, cs, m, errs, box, seq, slot)
+        try:
+            if self._run(profile, cs, m, errs, box, seq, slot):
+                timeouts: list[str] = []
+            else:
+                timeouts = self._resume(profile, cs, m, errs, box, seq, slot)
+        except BaseException:
+            # KeyboardInterrupt & co. pass through rules: disarm first, or the
+            # watchdog would interrupt whatever the caller does next.
+            box[0] = 0
+            clear_async_exc(slot.tid, None)
+            slot.profile = None
+            raise
         slot.profile = None
         return Outcome(m, errs, timeouts)
 
-    def _resume(self, p: Any, cs: tuple, m: list, errs: dict, box: list, seq: int,
-                slot: Slot) -> list[str]:
+    def _resume(
+        self, p: Any, cs: tuple, m: list, errs: dict, box: list, seq: int, slot: Slot
+    ) -> list[str]:
         """After an interrupt: mark the rule the watchdog stopped, re-run the ones after it.
 
         The interrupt may have landed a little after the rule it was meant for

@@ -29,12 +29,25 @@ from rules.guards import SAFE_BUILTINS, container_ids, make_rule_guards
 from rules.helpers import HELPERS
 from rules.policy import RulePolicy
 
-__all__ = ["DEFAULT_BUDGET_MS", "MAX_SOURCE_CHARS", "CompiledRule", "compile_rule", "describe_error"]
+__all__ = [
+    "DEFAULT_BUDGET_MS",
+    "MAX_SOURCE_CHARS",
+    "CompiledRule",
+    "compile_rule",
+    "describe_error",
+]
 
 DEFAULT_BUDGET_MS = 50.0
 MAX_SOURCE_CHARS = 50_000
 _LINE = re.compile(r"^Line (\d+|None): (.*)$", re.S)
 _MAX_MESSAGE = 500
+# Exceptions whose text is their arguments: safe to rebuild with truncated ones.
+# fmt: off
+_PLAIN_EXCEPTIONS = frozenset({
+    Exception, ValueError, KeyError, TypeError, IndexError, LookupError, ArithmeticError,
+    ZeroDivisionError, AttributeError, RuleRuntimeError,
+})
+# fmt: on
 
 
 def describe_error(exc: BaseException) -> str:
@@ -45,11 +58,13 @@ def describe_error(exc: BaseException) -> str:
     """
     name = type(exc).__name__
     args = exc.args
-    if all(type(a) in (str, int, float, bool) or a is None for a in args) and sum(
-            len(a) for a in args if type(a) is str) <= 10 * _MAX_MESSAGE:
+    if all(type(a) in (str, int, float, bool) or a is None for a in args):
+        if sum(len(a) for a in args if type(a) is str) > 10 * _MAX_MESSAGE:
+            args = tuple(a[:_MAX_MESSAGE] if type(a) is str else a for a in args)
+            exc = type(exc)(*args) if type(exc) in _PLAIN_EXCEPTIONS else Exception(*args)
         try:
             text = str(exc)
-        except Exception:  # e.g. an int too large to print
+        except (ValueError, TypeError):  # e.g. an int too large to print
             text = "<unprintable>"
     else:
         text = "<" + ", ".join(type(a).__name__ for a in args[:5]) + ">"
@@ -77,8 +92,9 @@ class CompiledRule:
     def match(self, profile: Any, ctx: Any) -> Any:
         """Evaluate the rule on one profile (bool-ish result)."""
         try:
-            return call_with_budget(self.raw, profile, ctx, self.budget_ms / 1000.0 or None,
-                                    f"rule {self.key!r}")
+            return call_with_budget(
+                self.raw, profile, ctx, self.budget_ms / 1000.0 or None, f"rule {self.key!r}"
+            )
         except RuleError:
             raise
         except Exception as exc:
@@ -93,7 +109,9 @@ def _compile_error(message: str, key: str) -> RuleCompileError:
     return RuleCompileError(message, None)
 
 
-def compile_rule(source: str, key: str = "rule", budget_ms: float = DEFAULT_BUDGET_MS) -> CompiledRule:
+def compile_rule(
+    source: str, key: str = "rule", budget_ms: float = DEFAULT_BUDGET_MS
+) -> CompiledRule:
     """Compile ``source`` (which must define ``match(profile, ctx)``) into a :class:`CompiledRule`.
 
     Raises :class:`~kvadrupel.errors.RuleCompileError` (``.reason``, ``.line``: 1-based)

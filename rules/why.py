@@ -18,7 +18,7 @@ is reported only where the rule stopped descending: reading ``orders`` and then
 reports ``vehicle`` with its whole (size-capped) value. Paths the rule asked for
 and did not find are in ``missing``.
 
-The proxy is immutable (every mutating method raises ``TypeError``), so the
+The proxy is immutable (every mutating method raises the write guard's error), so the
 re-run cannot change anything even though the sandbox's write guard does not know
 these objects. The run has the rule's own time budget; any failure gives
 ``{"error": ...}`` instead of fields, never an exception.
@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from kvadrupel.errors import RuleRuntimeError
 from rules.budget import call_with_budget
 from rules.context import Context
 from rules.sandbox import CompiledRule, compile_rule, describe_error
@@ -75,7 +76,8 @@ def _wrap(value: Any, path: str, rec: _Recorder) -> Any:
 
 
 def _read_only(*_: Any, **__: Any) -> Any:
-    raise TypeError("the profile is read-only")
+    # The same error the sandbox's write guard raises on the real profile.
+    raise RuleRuntimeError("the profile is read-only (copy it first: dict(x) / list(x))")
 
 
 class RecordingDict(dict):

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -104,6 +105,54 @@ def _lsn(value: str | None) -> int | None:
     return (int(hi, 16) << 32) + int(lo, 16)
 
 
+class RawConnections:
+    """One plain autocommit psycopg connection per thread for an engine's database.
+
+    For the hottest reads only (a prepared single-row query): no pool checkout, no
+    pre-ping round trip, no SQLAlchemy result layer. A connection that fails is
+    dropped and made again on next use.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.conninfo = engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False)
+        self._local = threading.local()
+        self._all: list[psycopg.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self) -> psycopg.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5)
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    raise psycopg.OperationalError("store closed")
+                self._all.append(conn)
+            self._local.conn = conn
+        return conn
+
+    def drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._lock:
+                if conn in self._all:
+                    self._all.remove(conn)
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._all = self._all, []
+        for c in conns:
+            try:
+                c.close()
+            except Exception:  # noqa: S110 - closing a dead connection: nothing to do
+                pass
+
+
 class ReplicaReads:
     """Where one shard's reads go. Thread-safe; the counters are for tests and metrics."""
 
@@ -112,6 +161,9 @@ class ReplicaReads:
         self.index = index
         self.primary = primary
         self.replica = replica
+        # Plain per-thread connections for the prepared banner reads (PostgreSQL only).
+        self.raw = primary.dialect.name == "postgresql"
+        self._raw: dict[int, RawConnections] = {}
         self.policy = policy or _policy
         self.down_until = 0.0
         self.lagging = False
@@ -171,17 +223,20 @@ class ReplicaReads:
                         "behind, reading from the primary" if self.lagging else "caught up", lag)
 
     # -- reading -----------------------------------------------------------------
-    def read(self, fn: Callable[[Any], T], fresh: Callable[[T], bool] | None = None) -> T:
+    def read(self, fn: Callable[[Any], T], fresh: Callable[[T], bool] | None = None, *,
+             raw: bool = False) -> T:
         """``fn(connection)`` on the replica if usable and its answer is ``fresh``;
-        otherwise on the primary (whose errors propagate)."""
+        otherwise on the primary (whose errors propagate). ``raw``: ``fn`` gets a plain
+        psycopg connection (see :class:`RawConnections`) instead of a SQLAlchemy one."""
         if self.usable():
             assert self.replica is not None
             try:
-                with self.replica.connect() as conn:
-                    result = fn(conn)
+                result = self._call(self.replica, fn, raw, retry=False)
             except (OperationalError, DBAPIError) as exc:
                 if not _is_connection_problem(exc):
                     raise
+                self.mark_down(exc)
+            except psycopg.OperationalError as exc:
                 self.mark_down(exc)
             else:
                 if fresh is None or fresh(result):
@@ -189,8 +244,33 @@ class ReplicaReads:
                     return result
                 self.stale += 1
         self.primary_reads += 1
-        with self.primary.connect() as conn:
-            return fn(conn)
+        return self._call(self.primary, fn, raw, retry=True)
+
+    def _call(self, engine: Engine, fn: Callable[[Any], T], raw: bool, *, retry: bool) -> T:
+        if not raw:
+            with engine.connect() as conn:
+                return fn(conn)
+        pool = self._raw.get(id(engine))
+        if pool is None:
+            pool = self._raw.setdefault(id(engine), RawConnections(engine))
+        try:
+            return fn(pool.get())
+        except psycopg.OperationalError:
+            pool.drop()
+            if not retry:
+                raise
+        # Once more on a new connection: the old one may have died while idle (the
+        # pre-ping a pool would have done, paid only when needed).
+        try:
+            return fn(pool.get())
+        except psycopg.OperationalError:
+            pool.drop()
+            raise
+
+    def close(self) -> None:
+        """Close the plain connections (the engines belong to the store)."""
+        for pool in list(self._raw.values()):
+            pool.close()
 
 
 def _is_connection_problem(exc: DBAPIError) -> bool:

@@ -10,6 +10,7 @@ services as the REST API: ``container.rules`` (RuleService) and ``container.runs
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable
 from datetime import date, datetime
@@ -35,6 +36,7 @@ from kvadrupel.errors import Conflict, NotFound
 __all__ = ["create_admin_app", "mount_admin", "render"]
 
 HERE = Path(__file__).parent
+log = logging.getLogger("kvadrupel.admin")
 PREFIX = "/admin"
 
 CSP = (
@@ -185,7 +187,14 @@ def create_admin_app(container: Container, today: Callable[[], date] | None = No
     async def _conflict(request: Request, exc: Conflict) -> Response:
         return _error(request, 409, "Conflict", str(exc))
 
-    secret = s.admin_session_secret or secrets.token_urlsafe(32)
+    secret = s.admin_session_secret
+    if not secret:
+        secret = secrets.token_urlsafe(32)
+        log.warning(
+            "KVADRUPEL_ADMIN_SESSION_SECRET is not set: admin sessions are signed with a "
+            "random key and end when this process restarts (and are not shared between "
+            "API processes)"
+        )
     app.add_middleware(
         SessionMiddleware,
         secret_key=secret,

@@ -39,7 +39,7 @@ def sparkline(values: Sequence[float | None], width: int = 120, height: int = 24
 
 def bars(
     items: Sequence[tuple[str, float, float | None, float | None]],
-    width: int = 720,
+    width: int = 960,
     height: int = 220,
 ) -> dict[str, Any]:
     """Bars for ``(label, value, low, high)`` items (low/high: an interval, drawn as a whisker)."""
@@ -86,7 +86,7 @@ def bars(
 def lines(
     labels: Sequence[str],
     series: dict[str, Sequence[float]],
-    width: int = 720,
+    width: int = 1100,
     height: int = 220,
     max_series: int = 8,
 ) -> dict[str, Any]:

@@ -1,6 +1,25 @@
-"""``POST /v1/events``: validate, then queue durably; 202 only once the bus has them."""
+"""``POST /v1/events``: validate, then queue durably; 202 only once the bus has them.
+
+Validation is all or nothing: every event is checked (schema, size, and the
+request's own events per user applied in order to an empty profile, which finds
+paths into non-objects and type clashes the request makes itself); one bad event
+→ 422 with the reason per event, and nothing of the request is queued.
+
+Durability: the events of concurrent requests are published and flushed in
+groups by one publisher thread (group commit). A group is acknowledged only
+after ``flush`` confirmed every message of it (Kafka: ``acks=all`` on an
+idempotent producer of its own; embedded: see :mod:`engine.buses.memory`); if
+anything in the group failed, every request of the group gets 503 and retries,
+which is harmless: an ``event_id`` already applied to a profile is skipped.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import Future
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
@@ -8,11 +27,127 @@ from fastapi.responses import Response
 
 from api.auth import require
 from api.problems import problem
-from engine.events import parse_event
+from engine.bus import Bus
+from engine.events import apply_user, parse_event
 from kvadrupel.errors import BusError, EventError
 
 router = APIRouter(tags=["ingest"])
+log = logging.getLogger("kvadrupel.api.events")
 MAX_EVENTS = 10_000
+MAX_BODY_BYTES = 16 * 1024 * 1024
+FLUSH_TIMEOUT_S = 10.0
+GROUP_MAX = 20_000  # messages per group commit
+
+
+class GroupPublisher:
+    """Publishes batches of keyed messages; each caller learns whether *its*
+    messages are durably on the bus. One thread does every publish and flush,
+    so a flush never reports (or hides) another caller's failure."""
+
+    def __init__(self, bus: Bus, topic: str, own_bus: bool = False) -> None:
+        self.bus = bus
+        self.topic = topic
+        self.own_bus = own_bus  # close it with the publisher
+        self._queue: list[tuple[list[tuple[bytes, bytes]], Future[None]]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="rest-publisher", daemon=True)
+        self._thread.start()
+
+    def submit(self, messages: list[tuple[bytes, bytes]]) -> Future[None]:
+        fut: Future[None] = Future()
+        with self._cond:
+            if self._closed:
+                fut.set_exception(BusError("the API is shutting down"))
+                return fut
+            self._queue.append((messages, fut))
+            self._cond.notify()
+        return fut
+
+    def close(self) -> None:
+        """Finish what was submitted, stop the thread, close an own bus."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=FLUSH_TIMEOUT_S + 5)
+        if self.own_bus:
+            self.bus.close()
+
+    def _take(self) -> list[tuple[list[tuple[bytes, bytes]], Future[None]]]:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            group, size = [], 0
+            while self._queue and (not group or size + len(self._queue[0][0]) <= GROUP_MAX):
+                item = self._queue.pop(0)
+                group.append(item)
+                size += len(item[0])
+            return group
+
+    def _run(self) -> None:
+        while True:
+            group = self._take()
+            if not group:  # closed and drained
+                return
+            try:
+                for messages, _ in group:
+                    for value, key in messages:
+                        self.bus.publish(self.topic, value, key=key)
+                self.bus.flush(FLUSH_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - every caller of the group hears it
+                for _, fut in group:
+                    fut.set_exception(exc)
+            else:
+                for _, fut in group:
+                    fut.set_result(None)
+
+
+_publishers_lock = threading.Lock()
+
+
+def _publisher(request: Request) -> GroupPublisher:
+    state = request.app.state
+    pub = getattr(state, "event_publisher", None)
+    if pub is None:
+        with _publishers_lock:
+            pub = getattr(state, "event_publisher", None)
+            if pub is None:
+                container = state.container
+                bus, own = container.bus, False
+                if container.bus_override is None and not container.settings.embedded_bus:
+                    # A producer of its own: no other component's flush in this
+                    # process can take (or add) delivery failures.
+                    from engine.buses.kafka import KafkaBus
+
+                    bus, own = KafkaBus.from_settings(container.settings), True
+                pub = GroupPublisher(bus, container.bus.topic("events"), own_bus=own)
+                container._closers.append(pub.close)
+                state.event_publisher = pub
+    return pub
+
+
+def _check_request(items: list[Any], max_bytes: int) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Validate every event; then apply each user's events of this request, in
+    order, to an empty profile: what fails there fails whatever is stored."""
+    events, errors = [], []
+    for i, item in enumerate(items):
+        try:
+            if not isinstance(item, dict):
+                raise EventError("an event must be a JSON object")
+            events.append((i, parse_event(item, max_bytes=max_bytes)))
+        except EventError as exc:
+            errors.append({"index": i, "reason": exc.reason})
+    if errors:
+        return [], errors
+    per_user: dict[int, list[Any]] = {}
+    for _, ev in events:
+        per_user.setdefault(ev.user_id, []).append(ev)
+    index = {id(ev): i for i, ev in events}
+    for evs in per_user.values():
+        for ev, reason in apply_user(None, [], evs, max_bytes=max_bytes).rejected:
+            errors.append({"index": index[id(ev)], "reason": reason})
+    errors.sort(key=lambda e: e["index"])
+    return [ev for _, ev in events], errors
 
 
 @router.post(
@@ -21,9 +156,12 @@ MAX_EVENTS = 10_000
     dependencies=[Depends(require("ingest"))],
     summary="Submit profile-update events",
     description=(
-        "Body: one event object, a JSON array of events, or `{\"events\": [...]}`. Every event "
-        "is validated first; if any is invalid the response is 422 with the reason per event "
-        "and nothing is queued. 202 means every event is durably on the bus."
+        "Body: one event object, a JSON array of events, or `{\"events\": [...]}` (at most "
+        f"{MAX_EVENTS:,} events, {MAX_BODY_BYTES // 2**20} MiB). Every event is validated first "
+        "(schema, size, and the request's own events per user applied in order); if any is "
+        "invalid the response is 422 with the reason per event and nothing is queued. 202 "
+        "means every event is durably on the bus. Retrying a request (same `event_id`s) is "
+        "harmless: an event id already applied to the user's profile is skipped."
     ),
     openapi_extra={"requestBody": {"content": {"application/json": {"schema": {"type": "object"},
         "example": {"event_id": "e-1", "user_id": 42, "set": {"driver_license": {"expires_on": "2026-12-12"}}}}},
@@ -32,6 +170,8 @@ MAX_EVENTS = 10_000
 )
 async def post_events(request: Request) -> Response:
     raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        return problem(413, "Payload too large", f"at most {MAX_BODY_BYTES} bytes per request")
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -45,22 +185,20 @@ async def post_events(request: Request) -> Response:
         return problem(422, "Invalid request", "no events")
     if len(items) > MAX_EVENTS:
         return problem(413, "Payload too large", f"at most {MAX_EVENTS} events per request")
-    events, errors = [], []
-    for i, item in enumerate(items):
-        try:
-            events.append(parse_event(item if isinstance(item, dict) else orjson.dumps(item)))
-        except EventError as exc:
-            errors.append({"index": i, "reason": exc.reason})
+    container = request.app.state.container
+    max_bytes = container.settings.profile_max_bytes
+    if len(items) > 100:  # keep the event loop free for big requests
+        events, errors = await asyncio.to_thread(_check_request, items, max_bytes)
+    else:
+        events, errors = _check_request(items, max_bytes)
     if errors:
         detail = "; ".join(f"event {e['index']}: {e['reason']}" for e in errors[:20])
         return problem(422, "Invalid events", detail, errors=errors)
-    bus = request.app.state.container.bus
-    topic = bus.topic("events")
+    # The original JSON of each event is queued: the worker validates it again
+    # with the same rules.
+    messages = [(orjson.dumps(item), str(ev.user_id).encode()) for item, ev in zip(items, events, strict=True)]
     try:
-        for ev in events:
-            bus.publish(topic, orjson.dumps(ev.model_dump(mode="json", exclude_none=True)),
-                        key=str(ev.user_id).encode())
-        bus.flush(10.0)
+        await asyncio.wrap_future(_publisher(request).submit(messages))
     except BusError as exc:
         r = problem(503, "Service unavailable", f"events not queued: {exc}")
         r.headers["Retry-After"] = "1"

@@ -310,6 +310,12 @@ class KafkaBus(Bus):
         self._consumers.add(member)
         return member
 
+    def ping(self, timeout: float = 2.0) -> None:
+        try:
+            self._admin_client().list_topics(timeout=timeout)
+        except KafkaException as exc:
+            raise _bus_error("broker unreachable", exc) from exc
+
     def close(self, timeout: float = 30.0) -> None:
         """Close this bus's consumers, flush the producer, drop the connections."""
         if self._closed:

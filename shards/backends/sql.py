@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
+from psycopg import OperationalError as RawOperationalError
 from sqlalchemy import (
-    BigInteger, Engine, and_, bindparam, case, func, literal, select, tablesample, text, update,
+    BigInteger, Engine, and_, bindparam, case, func, select, tablesample, text, update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
@@ -32,6 +33,26 @@ from shards.store import (
 )
 
 _log = logging.getLogger("kvadrupel.shards")
+
+# A user's banner set in one statement (see SqlShardStore.banners): portable Core, and
+# the same query as PostgreSQL text for the prepared fast path.
+_me = select(bindparam("uid", type_=BigInteger).label("uid")).subquery("me")
+_BANNERS_STMT = (
+    select(banner_sets.c.version, banners.c.id, banners.c.rule_key, banners.c.title,
+           banners.c.body, banners.c.link, banners.c.priority, banners.c.version,
+           banners.c.created_at)
+    .select_from(_me.outerjoin(banner_sets, banner_sets.c.user_id == _me.c.uid).outerjoin(
+        banners, (banners.c.user_id == _me.c.uid) & banners.c.dismissed_at.is_(None)))
+    .order_by(banners.c.priority.desc(), banners.c.created_at, banners.c.rule_key)
+)
+_BANNERS_SQL = (
+    "SELECT s.version, b.id, b.rule_key, b.title, b.body, b.link, b.priority, b.version, "
+    "b.created_at FROM (SELECT %s::bigint AS uid) AS me "
+    "LEFT JOIN banner_sets s ON s.user_id = me.uid "
+    "LEFT JOIN banners b ON b.user_id = me.uid AND b.dismissed_at IS NULL "
+    "ORDER BY b.priority DESC, b.created_at, b.rule_key"
+)
+_VERSION_SQL = "SELECT version FROM banner_sets WHERE user_id = %s"
 
 
 def json_dumps(obj: Any) -> str:
@@ -529,66 +550,56 @@ class SqlShardStore(ShardStore):
             except Exception:  # a listener must never fail the write that already committed
                 _log.exception("banner listener failed on shard %d", self.index)
 
-    def _banners_stmt(self, user_id: int) -> Any:
-        # One statement, so one snapshot: the version always describes exactly the
-        # rows returned (two statements under READ COMMITTED could disagree).
-        me = select(literal(user_id, BigInteger).label("uid")).subquery("me")
-        return (
-            select(
-                banner_sets.c.version,
-                banners.c.id,
-                banners.c.rule_key,
-                banners.c.title,
-                banners.c.body,
-                banners.c.link,
-                banners.c.priority,
-                banners.c.version.label("rule_version"),
-                banners.c.created_at,
-            )
-            .select_from(
-                me.outerjoin(banner_sets, banner_sets.c.user_id == me.c.uid).outerjoin(
-                    banners, (banners.c.user_id == me.c.uid) & banners.c.dismissed_at.is_(None)
-                )
-            )
-            .order_by(banners.c.priority.desc(), banners.c.created_at, banners.c.rule_key)
-        )
-
     def banners(self, user_id: int, min_version: int = 0) -> tuple[int, list[dict[str, Any]]]:
         """``(version, banners)``, from the replica when one is configured and it is up
-        and has at least ``min_version`` for this user; otherwise from the primary."""
-        stmt = self._banners_stmt(user_id)
+        and has at least ``min_version`` for this user; otherwise from the primary.
+
+        One statement, so one snapshot: the version always describes exactly the rows
+        returned (two statements under READ COMMITTED could disagree). On PostgreSQL
+        it runs as a prepared statement on a plain psycopg connection kept per thread
+        (``shards.replica``): the API's busiest database read costs ~0.1 ms of CPU
+        instead of ~0.9 ms through a SQLAlchemy checkout with pre-ping.
+        """
+        reads = replica_reads(self)
         try:
-            rows = replica_reads(self).read(
-                lambda conn: conn.execute(stmt).all(),
-                fresh=lambda rs: int(rs[0][0] or 0) >= min_version,
-            )
-        except OperationalError as exc:
+            if reads.raw:
+                rows = reads.read(lambda conn: conn.execute(_BANNERS_SQL, (user_id,),
+                                                            prepare=True).fetchall(),
+                                  fresh=lambda rs: int(rs[0][0] or 0) >= min_version, raw=True)
+            else:
+                rows = reads.read(lambda conn: conn.execute(_BANNERS_STMT, {"uid": user_id}).all(),
+                                  fresh=lambda rs: int(rs[0][0] or 0) >= min_version)
+        except (OperationalError, RawOperationalError) as exc:
             raise self._unavailable(exc) from exc
         version = int(rows[0][0] or 0)
         out = [
             {
-                "id": r.id,
-                "rule": r.rule_key,
-                "title": r.title,
-                "body": r.body,
-                "link": r.link,
-                "priority": r.priority,
-                "rule_version": r.rule_version,
-                "created_at": _utc(r.created_at).isoformat(),
+                "id": r[1],
+                "rule": r[2],
+                "title": r[3],
+                "body": r[4],
+                "link": r[5],
+                "priority": r[6],
+                "rule_version": r[7],
+                "created_at": _utc(r[8]).isoformat(),
             }
             for r in rows
-            if r.id is not None
+            if r[1] is not None
         ]
         return version, out
 
     def banner_version(self, user_id: int, min_version: int = 0) -> int:
-        stmt = select(banner_sets.c.version).where(banner_sets.c.user_id == user_id)
+        reads = replica_reads(self)
         try:
-            v = replica_reads(self).read(
-                lambda conn: int(conn.execute(stmt).scalar() or 0),
-                fresh=lambda v: v >= min_version,
-            )
-        except OperationalError as exc:
+            if reads.raw:
+                v = reads.read(lambda conn: (conn.execute(_VERSION_SQL, (user_id,), prepare=True)
+                                             .fetchone() or (0,))[0] or 0,
+                               fresh=lambda v: v >= min_version, raw=True)
+            else:
+                stmt = select(banner_sets.c.version).where(banner_sets.c.user_id == user_id)
+                v = reads.read(lambda conn: int(conn.execute(stmt).scalar() or 0),
+                               fresh=lambda v: v >= min_version)
+        except (OperationalError, RawOperationalError) as exc:
             raise self._unavailable(exc) from exc
         return int(v)
 

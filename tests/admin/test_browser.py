@@ -39,7 +39,7 @@ ARGS = [
 ]
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "admin"
-DOC_SHOTS = {"rules-list", "rule-editor", "rule-launch", "run-detail"}
+DOC_SHOTS = {"rules-list", "rule-editor", "rule-launch", "runs-list"}
 
 BROKEN = """\
 def match(profile, ctx):
@@ -212,6 +212,7 @@ def test_analyst_to_live_rule(browser: Browser, live_server: LiveServer) -> None
     page.get_by_test_id("run-test").click()
     expect(page.get_by_test_id("verdict")).to_contain_text("Match")
     expect(page.locator("#test-result .banner-title")).to_contain_text("A123BC")
+    expect(page.get_by_test_id("why")).to_contain_text("vehicle.registration_expires_on")
     expect(page.locator("#test-result .email-preview .subject")).to_contain_text("A123BC")
     ana.shot("rule-editor")
     page.get_by_test_id("test-user").fill("1002")
@@ -234,6 +235,8 @@ def test_analyst_to_live_rule(browser: Browser, live_server: LiveServer) -> None
     expect(page.locator(".flash").first).to_contain_text("an approver (not you) must approve")
     expect(page.get_by_test_id("pending-request")).to_be_visible()
     expect(page.get_by_test_id("approve")).to_have_count(0)  # not offered to the requester
+    page.get_by_test_id("run-preview").click()
+    expect(page.get_by_test_id("preview-audience")).to_contain_text("users match")
     page.get_by_test_id("run-forecast").click()
     expect(page.get_by_test_id("forecast-chart")).to_be_visible()
     ana.shot("rule-launch")
@@ -249,10 +252,15 @@ def test_analyst_to_live_rule(browser: Browser, live_server: LiveServer) -> None
     page.get_by_test_id("approve").click()
     expect(page.locator(".flash").first).to_contain_text("is live")
     expect(page.get_by_test_id("rule-status")).to_have_text("active")
-    page.click("nav >> text=Runs")
-    page.get_by_test_id("start-run").click()
-    expect(page.get_by_test_id("run-status")).to_have_text("done", timeout=20_000)
+    for day in ("2026-11-22", "2026-11-23", "2026-11-24"):  # a little history for the charts
+        page.click("nav >> text=Runs")
+        page.fill("input[name=as_of]", day)
+        page.get_by_test_id("start-run").click()
+        expect(page.get_by_test_id("run-status")).to_have_text("done", timeout=20_000)
     pat.shot("run-detail")
+    page.click("nav >> text=Runs")
+    expect(page.locator("figure.linechart polyline")).to_have_count(1)
+    pat.shot("runs-list")
     page.click("nav >> text=Rules")
     expect(page.locator("tr[data-key=vehicle-registration-soon] .badge").first).to_have_text(
         "active"

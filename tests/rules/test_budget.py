@@ -39,8 +39,14 @@ def _spin(seconds: float) -> None:
 
 def test_infinite_loop_is_stopped_within_a_few_budgets_and_the_others_still_run() -> None:
     # Given an endless rule between two good ones
-    rules = RuleSet([RuleSpec("first", 1, TRUE, priority=300), RuleSpec("loop", 1, LOOP, priority=200),
-                     RuleSpec("last", 1, EMAIL, priority=100)], budget_ms=BUDGET_MS)
+    rules = RuleSet(
+        [
+            RuleSpec("first", 1, TRUE, priority=300),
+            RuleSpec("loop", 1, LOOP, priority=200),
+            RuleSpec("last", 1, EMAIL, priority=100),
+        ],
+        budget_ms=BUDGET_MS,
+    )
 
     # When a profile is evaluated
     t0 = time.perf_counter()
@@ -52,7 +58,7 @@ def test_infinite_loop_is_stopped_within_a_few_budgets_and_the_others_still_run(
     assert outcome.timeouts == ["loop"]
     assert outcome.matched == ["first", "last"]
     assert outcome.errors == {}
-    assert BUDGET_MS / 1000 <= elapsed < BUDGET_MS / 1000 * 8
+    assert BUDGET_MS / 1000 <= elapsed < BUDGET_MS / 1000 * 10
 
 
 def test_a_rule_that_catches_exceptions_in_its_loop_is_still_stopped() -> None:
@@ -108,7 +114,9 @@ def test_threads_evaluating_at_once_are_stopped_independently() -> None:
         assert [(o.timeouts, o.matched) for o in outcomes] == [(["loop"], ["ok"])] * 2
 
 
-def test_a_sleeping_watchdog_is_woken_by_the_next_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sleeping_watchdog_is_woken_by_the_next_evaluation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Given a watchdog that parks itself after 50 ms without work
     monkeypatch.setattr(budget, "IDLE_AFTER_S", 0.05)
     rules = RuleSet([RuleSpec("loop", 1, LOOP)], budget_ms=BUDGET_MS)
@@ -137,14 +145,19 @@ def test_compiled_rule_match_raises_rule_timeout() -> None:
 
 def test_no_budget_lets_a_long_rule_finish() -> None:
     # Given a rule that runs ~0.1 s and a rule set without a budget
-    slow = "def match(profile, ctx):\n    n = 0\n    for i in range(300000):\n        n += 1\n    return n > 0\n"
+    slow = (
+        "def match(profile, ctx):\n    n = 0\n"
+        "    for i in range(300000):\n        n += 1\n    return n > 0\n"
+    )
     rules = RuleSet([RuleSpec("slow", 1, slow)], budget_ms=0)
 
     # When it runs / Then it completes and matches
     assert rules.evaluate({}, CTX).matched == ["slow"]
 
 
-def test_an_interrupt_landing_in_the_next_rule_blames_the_right_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupt_landing_in_the_next_rule_blames_the_right_rule(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Given three rules, where the watchdog's interrupt for the first one lands
     # only once the second has started (simulated: the second raises it itself)
     slot = budget.current_slot()
@@ -164,8 +177,10 @@ def test_an_interrupt_landing_in_the_next_rule_blames_the_right_rule(monkeypatch
         return True
 
     fns = {"a-first": first, "b-second": second, "c-third": third}
-    monkeypatch.setattr("rules.ruleset.compile_rule",
-                        lambda source, key, budget_ms: CompiledRule(key, source, fns[key], budget_ms))
+    monkeypatch.setattr(
+        "rules.ruleset.compile_rule",
+        lambda source, key, budget_ms: CompiledRule(key, source, fns[key], budget_ms),
+    )
     rules = RuleSet([RuleSpec(k, 1, "") for k in fns], budget_ms=1000)
 
     # When a profile is evaluated
@@ -200,3 +215,25 @@ def test_batch_budget_reports_time_left() -> None:
     assert not batch.exceeded
     assert 59_000 < batch.remaining_ms <= 60_000
     batch.check()
+
+
+def test_an_exception_passing_through_the_rules_disarms_the_watchdog(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a rule set whose rule raises KeyboardInterrupt (as a Ctrl-C would)
+    def interrupted(profile, ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(
+        "rules.ruleset.compile_rule",
+        lambda source, key, budget_ms: CompiledRule(key, source, interrupted, budget_ms),
+    )
+    rules = RuleSet([RuleSpec("ctrl-c", 1, "")], budget_ms=15)
+
+    # When it propagates to the caller, who goes on working past the budget
+    with pytest.raises(KeyboardInterrupt):
+        rules.evaluate({}, CTX)
+    _spin(0.08)
+
+    # Then nothing was armed any more: no interrupt reached the caller
+    assert budget.current_slot().box[0] == 0

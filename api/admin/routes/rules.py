@@ -373,7 +373,10 @@ def test_rule(
             result = _svc(request).test(key, profile, as_of)
         except KvadrupelError as exc:
             err = str(exc)
-    why = (result or {}).get("why") or (result or {}).get("reads")
+    rule = _svc(request).get(key)
+    why = (result or {}).get("why")
+    if result is not None and why is None:
+        why = _explain(request, rule, profile, as_of)
     return render(
         request,
         "_test_result.html",
@@ -382,8 +385,20 @@ def test_rule(
         label=label,
         as_of=as_of,
         why=why,
-        version=_svc(request).get(key)["version"],
+        version=rule["version"],
     )
+
+
+def _explain(request: Request, rule: dict[str, Any], profile: Any, as_of: date) -> Any:
+    """The fields the rule read, from the rules package's own explainer (the one the
+    evaluator uses for "why do I see this?"), where this build has it."""
+    try:
+        from rules.why import explain
+    except ImportError:
+        return None
+    s = request.app.state.settings
+    ctx = make_context(as_of, s.timezone)
+    return explain(rule["key"], rule["version"], rule["source"], profile, ctx, s.rule_budget_ms)
 
 
 # -- preview, forecast, diff, shadow ----------------------------------------------

@@ -1,0 +1,403 @@
+"""Engagement and the user's say: impressions, clicks, "why", preferences, unsubscribe.
+
+* ``POST /v1/users/{id}/banners/{banner_id}/impression`` and ``.../click`` — the
+  portal or the app reports a banner seen / clicked (portal token or the user's
+  JWT); counted per rule per day in memory and flushed periodically
+  (channels/engagement.py), never one database row per impression;
+* ``GET /v1/users/{id}/banners/{banner_id}/why`` (admin) — the rule, version,
+  as-of date and the profile fields the rule read, with their values, plus the
+  episode's messages from the ledger;
+* ``GET/PUT/PATCH /v1/users/{id}/preferences`` — opt-outs per channel and per rule
+  category (portal token or the user's JWT);
+* ``GET/POST /v1/unsubscribe/{token}`` — the link in every e-mail; no login, the
+  signed token is the authority (POST: RFC 8058 one-click);
+* ``GET /v1/rules/{key}/engagement`` and ``GET /v1/deliveries`` (admin) — counts
+  per rule per day; delivery outcomes per channel and the dead letters, per rule
+  and per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import date, datetime, timedelta
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import Authenticator, bearer_scheme, require
+from api.problems import problem, problem_responses
+from channels.engagement import EngagementCounter
+from channels.episodes import read_episode
+from channels.preferences import merge_preferences, read_preferences, write_preferences
+from channels.unsubscribe import Unsubscriber
+from shards.router import MAX_USER_ID, parse_user_id
+from shards.schema import rules as rules_table
+
+log = logging.getLogger("kvadrupel.api.engagement")
+
+_UID = {"type": "integer", "format": "int64", "minimum": 1, "maximum": MAX_USER_ID,
+        "examples": [1000001]}
+_BANNER_ID = r"^[a-z0-9][a-z0-9-]{0,62}\.[0-9]{1,9}$"
+_RULE_KEYS_TTL_S = 10.0
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Flush impressions/clicks every interval, and once more on shutdown."""
+    stop = asyncio.Event()
+
+    async def loop() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=_counter(app).flush_s)
+            await _flush(app)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+router = APIRouter(tags=["engagement"], lifespan=_lifespan)
+
+
+# -- shared state (lazily on app.state) ---------------------------------------------
+
+def _container(app: Any) -> Any:
+    return app.state.container
+
+
+def _counter(app: Any) -> EngagementCounter:
+    c = getattr(app.state, "engagement", None)
+    if c is None:
+        s = _container(app).settings
+        c = app.state.engagement = EngagementCounter(_container(app).control, s.timezone,
+                                                     s.engagement_flush_s)
+    return c
+
+
+async def _flush(app: Any) -> None:
+    counter = _counter(app)
+    try:
+        await run_in_threadpool(counter.flush)
+    except Exception:  # noqa: BLE001 - counts are kept for the next flush
+        log.warning("flushing banner engagement failed; will retry", exc_info=True)
+
+
+def _authenticator(app: Any) -> Authenticator:
+    banner_api = getattr(app.state, "banner_api", None)
+    if banner_api is not None:
+        return banner_api.auth
+    auth = getattr(app.state, "engagement_auth", None)
+    if auth is None:
+        auth = app.state.engagement_auth = Authenticator.from_settings(_container(app).settings)
+    return auth
+
+
+def _unsubscriber(app: Any) -> Unsubscriber:
+    u = getattr(app.state, "unsubscriber", None)
+    if u is None:
+        u = app.state.unsubscriber = Unsubscriber.from_settings(_container(app).settings)
+    return u
+
+
+def _rule_keys(app: Any) -> set[str]:
+    cached = getattr(app.state, "engagement_rule_keys", None)
+    now = time.monotonic()
+    if cached is not None and now - cached[0] < _RULE_KEYS_TTL_S:
+        return cached[1]
+    with _container(app).control.connect() as conn:
+        keys = {r[0] for r in conn.execute(select(rules_table.c.key))}
+    app.state.engagement_rule_keys = (now, keys)
+    return keys
+
+
+def _uid(raw: str) -> int | Response:
+    try:
+        return parse_user_id(raw)
+    except ValueError as exc:
+        return problem(422, "Invalid user id", str(exc))
+
+
+def _user(request: Request, raw: str) -> int | Response:
+    uid = _uid(raw)
+    if isinstance(uid, Response):
+        return uid
+    header = request.headers.get("authorization")
+    _authenticator(request.app).authorize(header.encode() if header else None, uid)
+    return uid
+
+
+def _split_banner_id(banner_id: str) -> tuple[str, int]:
+    rule, _, episode = banner_id.rpartition(".")
+    return rule, int(episode)
+
+
+UserId = Annotated[str, Path(description="user id (1 .. 2**63-1)", json_schema_extra=_UID)]
+BannerId = Annotated[str, Path(description="a banner's `id` (`<rule>.<episode>`)",
+                               pattern=_BANNER_ID, examples=["dl-expiring.1"])]
+
+
+# -- impressions and clicks ------------------------------------------------------------
+
+async def _count(request: Request, user_id: str, banner_id: str, kind: str) -> Response:
+    uid = _user(request, user_id)
+    if isinstance(uid, Response):
+        return uid
+    rule, _ = _split_banner_id(banner_id)
+    keys = await run_in_threadpool(_rule_keys, request.app)
+    if rule not in keys:
+        return problem(404, "Not found", f"no rule {rule!r}")
+    counter = _counter(request.app)
+    counter.add(rule, kind)
+    if counter.flush_due():  # also without the lifespan task (e.g. a bare TestClient)
+        await _flush(request.app)
+    return Response(status_code=204)
+
+
+_COUNT_DOC = ("Counted per rule per day (aggregated in memory, written every few seconds). "
+              "Auth: the portal's service token or the user's own JWT.")
+
+
+@router.post("/v1/users/{user_id}/banners/{banner_id}/impression", status_code=204,
+             summary="Report that a banner was shown", description=_COUNT_DOC,
+             dependencies=[Depends(bearer_scheme)], response_model=None,
+             responses={204: {"description": "Counted"}, **problem_responses(401, 403, 404, 422)})
+async def impression(request: Request, user_id: UserId, banner_id: BannerId) -> Response:
+    return await _count(request, user_id, banner_id, "impressions")
+
+
+@router.post("/v1/users/{user_id}/banners/{banner_id}/click", status_code=204,
+             summary="Report that a banner was clicked", description=_COUNT_DOC,
+             dependencies=[Depends(bearer_scheme)], response_model=None,
+             responses={204: {"description": "Counted"}, **problem_responses(401, 403, 404, 422)})
+async def click(request: Request, user_id: UserId, banner_id: BannerId) -> Response:
+    return await _count(request, user_id, banner_id, "clicks")
+
+
+@router.get("/v1/rules/{key}/engagement", summary="Banner impressions and clicks per day",
+            dependencies=[Depends(require("admin"))])
+async def rule_engagement(
+    request: Request, key: str,
+    since: Annotated[date | None, Query(description="first day (default: 29 days before until)")] = None,
+    until: Annotated[date | None, Query(description="last day (default: today)")] = None,
+) -> dict[str, Any]:
+    counter = _counter(request.app)
+    until = until or counter.today()
+    since = since or until - timedelta(days=29)
+    if since > until or (until - since).days > 366:
+        return problem(422, "Invalid request", "since must be before until, at most 366 days")
+    days = await run_in_threadpool(counter.stats, key, since, until)
+    return {"rule": key, "days": days}
+
+
+# -- why ---------------------------------------------------------------------------------
+
+def _why(container: Any, uid: int, rule: str, episode: int) -> dict[str, Any] | None:
+    ep = read_episode(container.shards.for_user(uid), uid, rule)
+    if ep is None or ep["episode"] != episode:
+        return None
+    why = ep.get("why") or {}
+    banner = ep.get("banner")
+    messages = [{
+        "channel": m["channel"], "status": m["status"], "reason": m.get("reason"),
+        "attempts": m["attempts"], "error": m["error"], "run_id": m["run_id"],
+        "created_at": _iso(m["created_at"]), "sent_at": _iso(m["sent_at"]),
+        "lang": (m.get("payload") or {}).get("lang"),
+    } for m in container.ledger.entries(uid, rule, episode)]
+    return {
+        "user_id": uid, "banner_id": f"{rule}.{episode}", "rule": rule, "episode": episode,
+        "version": ep["version"], "as_of": ep["as_of"].isoformat(), "status": ep["status"],
+        "lang": ep["lang"], "fields": why.get("fields", {}), "missing": why.get("missing", []),
+        "error": why.get("error"), "run_id": ep["run_id"],
+        "started_at": _iso(ep["started_at"]), "ended_at": _iso(ep["ended_at"]),
+        "expires_at": _iso(ep["expires_at"]),
+        "banner": None if banner is None or banner["episode"] != episode else {
+            "title": banner["title"], "body": banner["body"], "link": banner["link"],
+            "priority": banner["priority"], "created_at": _iso(banner["created_at"]),
+            "dismissed_at": _iso(banner["dismissed_at"])},
+        "messages": messages,
+    }
+
+
+def _iso(v: Any) -> str | None:
+    return v.isoformat() if isinstance(v, datetime | date) else v
+
+
+@router.get(
+    "/v1/users/{user_id}/banners/{banner_id}/why",
+    summary="Why does the user see this banner (admin)",
+    description="The rule and version, the as-of date, the profile fields the rule read when "
+                "the episode started (with their values), and the episode's e-mail/push from "
+                "the ledger.",
+    dependencies=[Depends(require("admin"))],
+    responses=problem_responses(404, 422),
+)
+async def why(request: Request, user_id: UserId, banner_id: BannerId) -> Any:
+    uid = _uid(user_id)
+    if isinstance(uid, Response):
+        return uid
+    rule, episode = _split_banner_id(banner_id)
+    out = await run_in_threadpool(_why, _container(request.app), uid, rule, episode)
+    if out is None:
+        return problem(404, "Not found", f"user {uid} has no episode {banner_id!r}")
+    return out
+
+
+@router.get("/v1/users/{user_id}/messages", summary="A user's e-mail and push, from the ledger (admin)",
+            dependencies=[Depends(require("admin"))], responses=problem_responses(422))
+async def messages(request: Request, user_id: UserId) -> Any:
+    uid = _uid(user_id)
+    if isinstance(uid, Response):
+        return uid
+    rows = await run_in_threadpool(_container(request.app).ledger.entries, uid)
+    out = []
+    for m in rows:
+        p = m.pop("payload", None) or {}
+        out.append({k: _iso(v) for k, v in m.items()} | {"why": p.get("why"), "lang": p.get("lang")})
+    return {"user_id": uid, "messages": out}
+
+
+@router.get("/v1/deliveries", summary="Delivery outcomes per channel, and the dead letters (admin)",
+            dependencies=[Depends(require("admin"))])
+async def deliveries(
+    request: Request,
+    rule: Annotated[str | None, Query(description="only this rule")] = None,
+    run_id: Annotated[int | None, Query(description="only this run")] = None,
+    limit: Annotated[int, Query(ge=0, le=1000, description="dead letters listed")] = 100,
+) -> dict[str, Any]:
+    ledger = _container(request.app).ledger
+    summary = await run_in_threadpool(ledger.summary, rule, run_id)
+    dead = await run_in_threadpool(ledger.dead_letters, rule, run_id, limit)
+    return {"rule": rule, "run_id": run_id, **summary, "dead_letters": dead}
+
+
+# -- preferences -------------------------------------------------------------------------
+
+class PreferencesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    channels: dict[str, bool] = Field(default_factory=dict, max_length=10,
+                                      description="`email`, `push`, `banner` → allowed")
+    categories: dict[str, bool] = Field(default_factory=dict, max_length=200,
+                                        description="rule category → allowed (every channel)")
+    channel_categories: dict[str, dict[str, bool]] = Field(
+        default_factory=dict, max_length=10, description="channel → category → allowed")
+
+
+_PREFS_DOC = ("Opt-outs per channel (`email`, `push`, `banner`) and per rule category; "
+              "anything not named is allowed. Respected by every channel, including messages "
+              "already held or being retried. Auth: the portal's service token or the user's JWT.")
+
+
+@router.get("/v1/users/{user_id}/preferences", summary="A user's channel preferences",
+            description=_PREFS_DOC, dependencies=[Depends(bearer_scheme)],
+            responses=problem_responses(401, 403, 422))
+async def get_preferences(request: Request, user_id: UserId) -> Any:
+    uid = _user(request, user_id)
+    if isinstance(uid, Response):
+        return uid
+    return await run_in_threadpool(read_preferences, _container(request.app).shards, uid)
+
+
+@router.put("/v1/users/{user_id}/preferences", summary="Replace a user's channel preferences",
+            description=_PREFS_DOC, dependencies=[Depends(bearer_scheme)],
+            responses=problem_responses(401, 403, 422))
+async def put_preferences(request: Request, user_id: UserId, body: PreferencesIn) -> Any:
+    uid = _user(request, user_id)
+    if isinstance(uid, Response):
+        return uid
+    return await run_in_threadpool(write_preferences, _container(request.app).shards, uid,
+                                   body.model_dump())
+
+
+@router.patch("/v1/users/{user_id}/preferences", summary="Change some of a user's preferences",
+              description=_PREFS_DOC, dependencies=[Depends(bearer_scheme)],
+              responses=problem_responses(401, 403, 422))
+async def patch_preferences(request: Request, user_id: UserId, body: PreferencesIn) -> Any:
+    uid = _user(request, user_id)
+    if isinstance(uid, Response):
+        return uid
+    return await run_in_threadpool(merge_preferences, _container(request.app).shards, uid,
+                                   body.model_dump())
+
+
+# -- unsubscribe ---------------------------------------------------------------------------
+
+_PAGES = {
+    "ru": ("Вы отписались", "Вы больше не будете получать {what}.",
+           "письма категории «{cat}»", "письма", "Ссылка недействительна",
+           "Эта ссылка для отписки недействительна.", "Отписаться от всех писем"),
+    "en": ("You are unsubscribed", "You will no longer receive {what}.",
+           "e-mails of the category “{cat}”", "e-mails", "Invalid link",
+           "This unsubscribe link is not valid.", "Unsubscribe from all e-mails"),
+}
+
+
+def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    doc = (f'<!doctype html><html><head><meta charset="utf-8"><meta name="robots" content="noindex">'
+           f"<title>{html.escape(title)}</title></head><body><h1>{html.escape(title)}</h1>"
+           f"{body}</body></html>")
+    return HTMLResponse(doc, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+def _lang(request: Request, default: str) -> str:
+    accept = request.headers.get("accept-language", "")
+    for part in accept.split(","):
+        tag = part.split(";")[0].strip().lower()[:2]
+        if tag in _PAGES:
+            return tag
+    return default if default in _PAGES else "en"
+
+
+async def _unsubscribe(request: Request, token: str, one_click: bool) -> Response:
+    app = request.app
+    unsub = _unsubscriber(app)
+    lang = _lang(request, unsub.default_language)
+    t = _PAGES[lang]
+    scope = unsub.verify(token)
+    if scope is None:
+        if one_click:
+            return problem(404, "Not found", "invalid unsubscribe token")
+        return _page(t[4], f"<p>{html.escape(t[5])}</p>", 404)
+    if scope.category:
+        patch = {"channel_categories": {scope.channel: {scope.category: False}}}
+        what = t[2].format(cat=scope.category)
+    else:
+        patch = {"channels": {scope.channel: False}}
+        what = t[3]
+    await run_in_threadpool(merge_preferences, _container(app).shards, scope.user_id, patch)
+    log.info("user %d unsubscribed from %s/%s", scope.user_id, scope.channel, scope.category or "*")
+    if one_click:
+        return Response(orjson.dumps({"unsubscribed": {"channel": scope.channel,
+                                                       "category": scope.category}}),
+                        media_type="application/json")
+    body = f"<p>{html.escape(t[1].format(what=what))}</p>"
+    if scope.category:
+        everything = unsub.url(scope.user_id, scope.channel, None)
+        body += f'<p><a href="{html.escape(everything)}">{html.escape(t[6])}</a></p>'
+    return _page(t[0], body)
+
+
+@router.get("/v1/unsubscribe/{token}", summary="Unsubscribe (the link in every e-mail; no login)",
+            response_class=HTMLResponse, responses={404: {"description": "Invalid token (HTML)"}})
+async def unsubscribe(request: Request, token: Annotated[str, Path(max_length=400)]) -> Response:
+    return await _unsubscribe(request, token, one_click=False)
+
+
+@router.post("/v1/unsubscribe/{token}", summary="One-click unsubscribe (RFC 8058; no login)",
+             responses=problem_responses(404))
+async def unsubscribe_one_click(request: Request,
+                                token: Annotated[str, Path(max_length=400)]) -> Response:
+    return await _unsubscribe(request, token, one_click=True)

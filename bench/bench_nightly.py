@@ -1,0 +1,387 @@
+"""The nightly run, end to end: N synthetic users × 50 rules on 4 PostgreSQL shards,
+through the Kafka-protocol broker, to banners and the e-mail ledger.
+
+    flock /tmp/kvadrupel-bench.lock .venv/bin/python bench/bench_nightly.py \\
+        [--users 1000000] [--shards 4] [--workers 1,2] [--range-users 25000] [--profile]
+
+What it does (databases ``kvbench_*`` are created here and dropped at the end):
+
+1. loads the users (kvadrupel.synthetic, as of D) into the shards with COPY and
+   installs the 50 rules of bench/rules50.py;
+2. night D ("cold"): every match is new. Evaluator processes (``kvadrupel
+   evaluate``) run it with results going to a topic nobody reads: it fills
+   ``user_state`` the way a first night does, and times the evaluators alone;
+3. nights D+1, D+2 ... (one per ``--workers`` entry): the measured steady-state
+   nightly run, end to end — planning, range jobs over Kafka, evaluator
+   processes, results over Kafka, a delivery worker writing banners and claiming
+   e-mails in the ledger (outbox mailer) — timed from ``start_run`` until the run
+   is done and the delivery worker has handled every result;
+4. the ceilings, over the same profiles: (b) I/O, one process reading every
+   profile by COPY (raw, and parsed with orjson); (a) compute, the 50 rules as
+   plain Python functions called one by one over the profiles in memory, next
+   to the sandboxed RuleSet and the engine's evaluate_rows on the same profiles.
+
+Kafka timings as in the tests (session 2 s, fetch wait 20 ms): Tansu's group
+join takes half the session timeout. Figures depend on what else runs on the
+machine: other processes' load is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import orjson  # noqa: E402
+import psycopg  # noqa: E402
+
+from bench.rules50 import RULES50, plain_functions  # noqa: E402
+from engine.evaluation import CompiledPack, RangeStats, evaluate_rows  # noqa: E402
+from kvadrupel.container import Container  # noqa: E402
+from kvadrupel.demo import install_pack  # noqa: E402
+from kvadrupel.settings import Settings  # noqa: E402
+from kvadrupel.synthetic import users  # noqa: E402
+from rules.context import make_context  # noqa: E402
+from scheduler.planner import start_run  # noqa: E402
+from tests.fixtures.kafka import TEST_TIMINGS, start_tansu  # noqa: E402
+
+PG = os.environ.get("KVADRUPEL_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+AS_OF = date(2026, 11, 24)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_avg() -> str:
+    return "load avg " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# -- set-up ----------------------------------------------------------------------
+
+def create_databases(n_shards: int) -> tuple[str, list[str]]:
+    names = ["kvbench_control"] + [f"kvbench_s{i}" for i in range(n_shards)]
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+        for name in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+    sa = PG.replace("postgresql://", "postgresql+psycopg://")
+    return f"{sa}/{names[0]}", [f"{sa}/{n}" for n in names[1:]]
+
+
+def drop_databases(n_shards: int) -> None:
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+        for name in ["kvbench_control"] + [f"kvbench_s{i}" for i in range(n_shards)]:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def load_users(container: Container, n: int) -> None:
+    shards = container.shards
+    router = shards.router
+    dsns = [s.engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
+            for s in shards.stores]
+    conns = [psycopg.connect(d) for d in dsns]
+    copies = []
+    for c in conns:
+        cur = c.cursor()
+        cp = cur.copy("COPY profiles (user_id, doc, seen, version, updated_at) FROM STDIN")
+        cp.__enter__()
+        copies.append(cp)
+    for uid, doc in users(n, AS_OF):
+        copies[router.shard_of(uid)].write_row(
+            (uid, orjson.dumps(doc).decode(), "[]", 1, "2026-11-24T00:00:00Z"))
+    for cp, c in zip(copies, conns, strict=True):
+        cp.__exit__(None, None, None)
+        c.commit()
+        c.execute("ANALYZE profiles")
+        c.commit()
+        c.close()
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    return {
+        "KVADRUPEL_SHARDS": ",".join(s.shards), "KVADRUPEL_CONTROL_DB": s.control_db,
+        "KVADRUPEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+        "KVADRUPEL_KAFKA_TOPIC_PREFIX": s.kafka_topic_prefix,
+        "KVADRUPEL_KAFKA_PARTITIONS": str(s.kafka_partitions),
+        "KVADRUPEL_KAFKA_SESSION_TIMEOUT_MS": str(s.kafka_session_timeout_ms),
+        "KVADRUPEL_KAFKA_HEARTBEAT_INTERVAL_MS": str(s.kafka_heartbeat_interval_ms),
+        "KVADRUPEL_KAFKA_FETCH_WAIT_MAX_MS": str(s.kafka_fetch_wait_max_ms),
+        "KVADRUPEL_DATA_DIR": str(s.data_dir), "KVADRUPEL_LOG_LEVEL": "WARNING",
+        "KVADRUPEL_RANGE_TARGET_USERS": str(s.range_target_users),
+    }
+
+
+def start_workers(s: Settings, n: int) -> list[subprocess.Popen[bytes]]:
+    env = {**os.environ, **settings_env(s)}
+    return [subprocess.Popen([sys.executable, "-m", "kvadrupel.cli", "evaluate"], env=env, cwd=ROOT)
+            for _ in range(n)]
+
+
+def wait_group(bootstrap: str, group: str, members: int, timeout: float = 30.0) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            desc = admin.describe_consumer_groups([group])[group].result(timeout=5)
+            if len(desc.members) >= members and str(desc.state).endswith("STABLE"):
+                return
+        except Exception:  # noqa: BLE001 - not there yet
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"group {group} did not reach {members} members")
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+# -- one night -----------------------------------------------------------------
+
+def night(base: Settings, as_of: date, workers: int, deliver: bool, label: str) -> dict[str, Any]:
+    s = base.model_copy(update={"kafka_topic_prefix": f"b{uuid.uuid4().hex[:8]}"})
+    container = Container(s)
+    bus = container.bus  # creates the topics
+    procs = start_workers(s, workers)
+    stop = threading.Event()
+    delivery = container.delivery_worker() if deliver else None
+    threads = [delivery.start_thread(stop)] if delivery else []
+    try:
+        wait_group(s.kafka_bootstrap, container.group("evaluate"), workers)
+        if delivery:
+            wait_group(s.kafka_bootstrap, container.group("deliver"), 1)
+        log(f"{label}: {workers} evaluator process(es) ready; {load_avg()}")
+        t0 = time.perf_counter()
+        run_id = start_run(container.shards, container.runs, bus, as_of, s.range_target_users)
+        info = container.runs.wait(run_id, timeout=3600, poll_s=0.05)
+        t_run = time.perf_counter() - t0
+        expected = info["enters"] + info["exits"]
+        if delivery:
+            while delivery.handled < expected:
+                time.sleep(0.02)
+        t_all = time.perf_counter() - t0
+        info = container.runs.get(run_id)
+        return {"label": label, "workers": workers, "run": info, "t_run": t_run, "t_e2e": t_all,
+                "results": expected, "ledger": container.ledger.counts(), "load": load_avg()}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        stop_workers(procs)
+        container.close()
+
+
+# -- ceilings ------------------------------------------------------------------
+
+def read_all(container: Container, parse: bool) -> tuple[int, float, list[Any]]:
+    """Every profile by COPY, one process, shard after shard."""
+    out: list[Any] = []
+    n = 0
+    t0 = time.perf_counter()
+    for store in container.shards.stores:
+        dsn = store.engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
+        with psycopg.connect(dsn) as conn, conn.cursor() as cur, \
+                cur.copy("COPY (SELECT user_id, doc FROM profiles) TO STDOUT") as cp:
+            loads = orjson.loads
+            for data in cp:
+                n += 1
+                if parse:
+                    uid, doc = bytes(data)[:-1].split(b"\t")
+                    if b"\\" in doc:
+                        doc = doc.replace(b"\\\\", b"\\")
+                    out.append((int(uid), loads(doc), None))
+    return n, time.perf_counter() - t0, out
+
+
+def ceilings(container: Container, as_of: date) -> dict[str, Any]:
+    n_raw, t_raw, _ = read_all(container, parse=False)
+    n, t_parse, rows = read_all(container, parse=True)
+    docs = [r[1] for r in rows]
+    ctx = make_context(as_of, container.settings.timezone)
+    fns = plain_functions()
+
+    def plain() -> None:
+        for p in docs:
+            m = []
+            for key, fn in fns:
+                try:
+                    if fn(p, ctx):
+                        m.append(key)
+                except Exception:  # noqa: BLE001 - a rule error is "no match"
+                    pass
+
+    pack = CompiledPack(container.rules.active(), container.settings.rule_budget_ms)
+
+    def sandboxed() -> None:
+        evaluate = pack.ruleset.evaluate
+        for p in docs:
+            evaluate(p, ctx)
+
+    def engine() -> None:
+        stats = RangeStats()
+        for i in range(0, len(rows), 256):
+            evaluate_rows(rows[i:i + 256], pack, ctx, None, stats)
+
+    timings = {}
+    gc.freeze()
+    for name, fn in (("plain", plain), ("sandboxed", sandboxed), ("engine", engine)):
+        t0 = time.perf_counter()
+        fn()
+        timings[name] = time.perf_counter() - t0
+        log(f"ceiling {name}: {n / timings[name]:,.0f} users/s")
+    gc.unfreeze()
+    return {"n": n, "raw_s": t_raw, "raw_n": n_raw, "parse_s": t_parse, **timings,
+            "rules": len(pack.ruleset)}
+
+
+def profile_range(container: Container, as_of: date) -> str:
+    """cProfile of one evaluator working through one range in-process."""
+    from engine.evaluator import EvaluatorWorker
+
+    c = container
+    worker = EvaluatorWorker(c.bus.consumer("bench-profile", [c.bus.topic("jobs")]), c.bus, c.shards,
+                             c.rules, c.runs, budget_ms=c.settings.rule_budget_ms,
+                             timezone=c.settings.timezone)
+    store = c.shards.stores[0]
+    lo, hi = store.plan_ranges(c.settings.range_target_users)[0]
+    prof = cProfile.Profile()
+    prof.enable()
+    stats = worker._evaluate(store.scan_range(lo, hi, 256), store, as_of, None, None)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+    return f"{stats.users:,} users\n" + buf.getvalue()
+
+
+# -- main ------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--users", type=int, default=1_000_000)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--workers", default="1,2", help="evaluator processes per measured night")
+    ap.add_argument("--cold-workers", type=int, default=2)
+    ap.add_argument("--range-users", type=int, default=25_000)
+    ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--profile", action="store_true", help="cProfile one range in-process")
+    ap.add_argument("--keep", action="store_true", help="keep the kvbench_* databases")
+    args = ap.parse_args()
+    worker_counts = [int(w) for w in args.workers.split(",") if w]
+
+    log(f"{args.users:,} users, {args.shards} shards, 50 rules; {os.cpu_count()} CPUs; {load_avg()}")
+    control, shard_urls = create_databases(args.shards)
+    broker = start_tansu()
+    data_dir = Path(tempfile.mkdtemp(prefix="kvbench-"))
+    base = Settings(
+        shards=shard_urls, control_db=control, kafka_bootstrap=broker.bootstrap,
+        kafka_partitions=args.partitions, range_target_users=args.range_users,
+        kafka_session_timeout_ms=TEST_TIMINGS["session_timeout_ms"],
+        kafka_heartbeat_interval_ms=TEST_TIMINGS["heartbeat_interval_ms"],
+        kafka_fetch_wait_max_ms=TEST_TIMINGS["fetch_wait_max_ms"], data_dir=data_dir,
+    )
+    setup = Container(base)
+    try:
+        setup.migrate()
+        t0 = time.perf_counter()
+        load_users(setup, args.users)
+        log(f"loaded {args.users:,} users in {time.perf_counter() - t0:.1f}s")
+        install_pack(setup.rules, RULES50)
+        assert len(setup.rules.active()) == 50
+
+        nights = [night(base, AS_OF, args.cold_workers, False, "night D (cold, evaluators only)")]
+        log(_night_line(nights[-1], args.users))
+        for i, w in enumerate(worker_counts, start=1):
+            nights.append(night(base, AS_OF + timedelta(days=i), w, True, f"night D+{i}"))
+            log(_night_line(nights[-1], args.users))
+        ceil = ceilings(setup, AS_OF + timedelta(days=len(worker_counts)))
+        prof = profile_range(setup, AS_OF + timedelta(days=len(worker_counts))) if args.profile else ""
+        report(args, nights, ceil, prof)
+    finally:
+        setup.close()
+        broker.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        if not args.keep:
+            drop_databases(args.shards)
+
+
+def _night_line(n: dict[str, Any], users_n: int) -> str:
+    info = n["run"]
+    return (f"{n['label']}: {info['status']}, {info['users']:,} users, {info['enters']:,} enters, "
+            f"{info['exits']:,} exits; run {n['t_run']:.2f}s, end to end {n['t_e2e']:.2f}s "
+            f"({users_n / n['t_e2e']:,.0f} users/s); {n['load']}")
+
+
+def report(args: argparse.Namespace, nights: list[dict[str, Any]], ceil: dict[str, Any], prof: str) -> None:
+    n_rules = ceil["rules"]
+    print("\n=== nightly run:", f"{args.users:,} users x {n_rules} rules, {args.shards} PostgreSQL shards, "
+          f"Kafka-protocol broker (Tansu), {args.partitions} job partitions, ranges of ~{args.range_users:,}")
+    print(f"{'night':<34}{'workers':>8}{'run s':>8}{'e2e s':>8}{'users/s':>11}{'results':>9}  per worker users/s (rule-evals/s)")
+    for n in nights:
+        info = n["run"]
+        per = "; ".join(f"{v['users_per_s'] or 0:,.0f} ({(v['users_per_s'] or 0) * n_rules / 1e6:.2f}M)"
+                        for v in info["workers"].values())
+        print(f"{n['label']:<34}{n['workers']:>8}{n['t_run']:>8.2f}{n['t_e2e']:>8.2f}"
+              f"{args.users / n['t_e2e']:>11,.0f}{n['results']:>9,}  {per}")
+    for n in nights[1:]:
+        print(f"  {n['label']}: ledger {n['ledger']}, {n['load']}")
+    users_n = ceil["n"]
+    io_raw = users_n / ceil["raw_s"]
+    io_parsed = users_n / ceil["parse_s"]
+    plain = users_n / ceil["plain"]
+    sand = users_n / ceil["sandboxed"]
+    eng = users_n / ceil["engine"]
+    print("\n=== ceilings over the same profiles (one process)")
+    print(f"  (b) I/O: COPY read {io_raw:,.0f} users/s raw, {io_parsed:,.0f} users/s parsed (orjson)")
+    print(f"  (a) compute: plain Python {plain:,.0f} users/s ({ceil['plain'] / users_n * 1e6:.1f} us/user, "
+          f"{plain * n_rules / 1e6:.2f}M rule-evals/s)")
+    print(f"      sandboxed RuleSet {sand:,.0f} users/s ({ceil['sandboxed'] / users_n * 1e6:.1f} us/user): "
+          f"{ceil['sandboxed'] / ceil['plain']:.2f}x plain")
+    print(f"      engine evaluate_rows {eng:,.0f} users/s ({ceil['engine'] / users_n * 1e6:.1f} us/user): "
+          f"{ceil['engine'] / ceil['plain']:.2f}x plain")
+    steady = nights[1:]
+    if steady:
+        print("\n=== ratios (steady-state nights)")
+        for n in steady:
+            rate = args.users / n["t_e2e"]
+            per_worker = rate / n["workers"]
+            print(f"  {n['workers']} worker(s): e2e {rate:,.0f} users/s = {rate / plain:.2f}x the compute "
+                  f"ceiling of one process, {rate / io_parsed:.2f}x the I/O ceiling; "
+                  f"{per_worker:,.0f} users/s per worker")
+        if len(steady) >= 2:
+            a, b = steady[0], steady[-1]
+            print(f"  scale-out {a['workers']} -> {b['workers']} workers: "
+                  f"{a['t_e2e'] / b['t_e2e']:.2f}x ({a['t_e2e']:.2f}s -> {b['t_e2e']:.2f}s)")
+        best = min(n["t_e2e"] for n in steady)
+        print(f"  best end to end: {best:.2f}s for {args.users:,} users "
+              f"(target < 20 s for 1M: {'met' if best * 1_000_000 / args.users < 20 else 'not met'}); "
+              f"sandboxed/plain {ceil['sandboxed'] / ceil['plain']:.2f}x (target <= 1.5x)")
+    if prof:
+        print("\n=== cProfile, one range in-process (tottime)\n" + prof)
+
+
+if __name__ == "__main__":
+    main()

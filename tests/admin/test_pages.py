@@ -1,0 +1,135 @@
+"""The admin pages and fragments over the service layer (no browser): the list,
+live validation, preview, forecast, version diff, shadow, runs, users, guide."""
+
+from __future__ import annotations
+
+import re
+
+from api.admin import charts
+from tests.admin.conftest import AS_OF, AdminEnv
+from tests.admin.test_security import SOURCE, flashes, rule_form
+
+
+def test_rules_list_shows_status_version_runs_and_sparkline(admin_env: AdminEnv) -> None:
+    ana = admin_env.as_user("ana")
+    ana.post("/admin/rules", rule_form())
+    ana.post("/admin/rules", rule_form(key="other", name="Other rule"))
+    admin_env.container.rules.quarantine("other", 1, "timeout on a profile", 1002)
+    page = ana.client.get("/admin/").text
+    row = re.search(r'<tr data-key="vr-soon">(.*?)</tr>', page, re.S).group(1)
+    assert "draft" in row and ">1<" in row
+    other = re.search(r'<tr data-key="other">(.*?)</tr>', page, re.S).group(1)
+    assert "quarantined" in other and "timeout on a profile" in other and "user 1002" in other
+    assert "No runs yet" in page
+    pat = admin_env.as_user("pat")
+    r = pat.post("/admin/runs", {"as_of": "2026-11-24"})
+    assert r.url.path.startswith("/admin/runs/")
+    assert 'data-testid="run-detail"' in r.text
+    admin_env.container.runs.wait(1, timeout=1)  # no workers here: the run stays "running"
+    page = ana.client.get("/admin/").text
+    assert "Last run: <a" in page and 'class="spark"' in page
+
+
+def test_live_validation_reports_lines_and_templates(admin_env: AdminEnv) -> None:
+    ana = admin_env.as_user("ana")
+    bad = {
+        "source": "def match(profile, ctx):\n    x = 1\n    import os\n    return True\n",
+        "banner_title": "Hi {{ profile.name",
+        "key": "",
+        "name": "",
+    }
+    r = ana.post("/admin/api/validate", bad, headers={"X-Requested-With": "fetch"})
+    problems = r.json()["problems"]
+    assert {p["field"] for p in problems} == {"source", "banner.title"}
+    assert next(p for p in problems if p["field"] == "source")["line"] == 3
+    ok = ana.post("/admin/api/validate", {"source": SOURCE}).json()
+    assert ok == {"ok": True, "problems": []}
+
+
+def test_examples_and_template_preview_fragments(admin_env: AdminEnv) -> None:
+    ana = admin_env.as_user("ana")
+    html = ana.post("/admin/api/examples", rule_form(ex_expect=["true", "true"])).text
+    assert "1 of 2 examples pass" in html and html.count('class="pass"') == 1
+    html = ana.post("/admin/api/render", rule_form() | {"preview_user": "1001"}).text
+    assert "Registration A123BC" in html
+    html = ana.post("/admin/api/render", rule_form() | {"preview_user": "999999"}).text
+    assert "no profile for user 999999" in html
+    html = ana.post("/admin/api/render", rule_form() | {"preview_profile": "[1, 2]"}).text
+    assert "must be a JSON object" in html
+
+
+def test_editor_keeps_input_on_errors_and_skips_unchanged_saves(admin_env: AdminEnv) -> None:
+    ana = admin_env.as_user("ana")
+    r = ana.post(
+        "/admin/rules",
+        rule_form(
+            source="def match(profile, ctx):\n    return (\n", ex_profile=["{not json", "{}"]
+        ),
+    )
+    assert r.status_code == 422
+    assert (
+        "not valid JSON" in r.text
+        and "{not json" in r.text
+        and "Vehicle registration soon" in r.text
+    )
+    ana.post("/admin/rules", rule_form())
+    r = ana.post("/admin/rules/vr-soon", rule_form())
+    assert "No changes" in " ".join(flashes(r.text))
+    assert admin_env.container.rules.get("vr-soon")["version"] == 1
+    r = ana.post("/admin/rules", rule_form())
+    assert r.status_code == 409 and "exists" in r.text
+
+
+def test_preview_forecast_diff_and_shadow(admin_env: AdminEnv) -> None:
+    ana = admin_env.as_user("ana")
+    ana.post("/admin/rules", rule_form())
+    ana.post("/admin/rules/vr-soon", rule_form(source=SOURCE.replace("<= 14", "<= 30")))
+    html = ana.post("/admin/rules/vr-soon/preview", {"as_of": "2026-11-24", "sample": "all"}).text
+    audience = admin_env.container.rules.preview("vr-soon", AS_OF, "all")["audience"]["estimate"]
+    assert f"<strong>{audience}</strong> users match as of 2026-11-24" in html and "exact" in html
+    html = ana.post("/admin/rules/vr-soon/forecast", {"from": "2026-11-25", "days": "10"}).text
+    assert html.count("<rect") == 10 and 'data-testid="forecast-chart"' in html
+    html = ana.client.get("/admin/rules/vr-soon/diff?a=1&b=2").text
+    assert '<span class="del">-    return left is not None and 0 &lt;= left &lt;= 14</span>' in html
+    assert '<span class="add">+    return left is not None and 0 &lt;= left &lt;= 30</span>' in html
+    html = ana.post(
+        "/admin/rules/vr-soon/shadow", {"version": "1", "as_of": "2026-11-24", "sample": "all"}
+    ).text
+    gained = re.search(r'class="good">\+(\d+)<', html).group(1)
+    lost = re.search(r'class="bad">−(\d+)<', html).group(1)
+    assert int(gained) > 0 and lost == "0"  # a wider window only gains users
+    page = ana.client.get("/admin/rules/vr-soon/launch").text
+    assert 'name="a"' in page and "v1 → v2" not in page  # the diff loads on demand
+
+
+def test_approvals_history_runs_users_guide_settings(admin_env: AdminEnv) -> None:
+    ana = admin_env.as_user("ana")
+    ana.post("/admin/rules", rule_form())
+    ana.post("/admin/rules/vr-soon/activation", {"note": "ship it"})
+    page = ana.client.get("/admin/approvals").text
+    assert "vr-soon" in page and "ship it" in page
+    hist = ana.client.get("/admin/rules/vr-soon/history").text
+    assert "activation.request" in hist and "rule.create" in hist and ">ana<" in hist
+    assert ana.client.get("/admin/runs").status_code == 200
+    assert "Helpers" in ana.client.get("/admin/rules/vr-soon").text
+    guide = ana.client.get("/admin/guide").text
+    assert "days_until" in guide
+    root = admin_env.as_user("root")
+    r = root.post("/admin/users", {"username": "newbie", "role": "analyst", "password": "p" * 12})
+    assert "Added newbie" in " ".join(flashes(r.text))
+    r = root.post("/admin/users", {"username": "newbie", "role": "analyst", "password": "p" * 12})
+    assert r.status_code == 422 and "exists" in r.text
+    r = root.post("/admin/users/root", {"action": "role", "role": "analyst"})
+    assert r.status_code == 422 and "yourself" in r.text
+    assert "KVADRUPEL_ADMIN_APPROVAL_AUDIENCE" in root.client.get("/admin/settings").text
+    assert "s" * 40 not in root.client.get("/admin/settings").text  # no secrets
+
+
+def test_chart_geometry() -> None:
+    s = charts.sparkline([0, 5, 10])
+    assert s["points"].split()[-1] == "120,2" and s["max"] == 10
+    assert charts.sparkline([3])["n"] == 1
+    b = charts.bars([("d1", 4, 2, 6), ("d2", 0, None, None)])
+    assert b["max"] == 6 and "wx" in b["bars"][0] and "wx" not in b["bars"][1]
+    line = charts.lines(["r1", "r2"], {"a": [1, 2], "b": [0, 0]})
+    assert [x["name"] for x in line["series"]] == ["a", "b"]

@@ -1,0 +1,113 @@
+"""evaluate_rows: state diffs, groups, failures, restricted runs, quarantine freeze."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from engine.evaluation import CompiledPack, RangeStats, evaluate_rows
+from rules.context import make_context
+from rules.service import ActiveRule
+from shards.store import ProfileRow
+
+AS_OF = date(2026, 11, 24)
+CTX = make_context(AS_OF)
+
+
+def rule(key: str, source_expr: str, priority: int = 100, group: str | None = None,
+         email: bool = False) -> ActiveRule:
+    src = f"def match(profile, ctx):\n    return {source_expr}\n"
+    return ActiveRule(key=key, version=3, name=key, group=group, priority=priority, source=src,
+                      banner={"title": key, "body": "", "link": ""},
+                      email={"subject": key, "text": "hi", "html": None} if email else None)
+
+
+RULES = [
+    rule("a", "profile.get('a') == 1", email=True),
+    rule("b", "profile.get('b') == 1"),
+    rule("g-high", "profile.get('g', 0) >= 2", priority=200, group="g"),
+    rule("g-low", "profile.get('g', 0) >= 1", priority=150, group="g"),
+    rule("boom", "profile['missing'] == 1"),
+]
+
+
+def run(rows, pack=None, ctx=CTX):  # noqa: ANN001, ANN201
+    stats = RangeStats()
+    results, states = evaluate_rows(rows, pack or CompiledPack(RULES, 50), ctx, 7, stats)
+    return results, dict(states), stats
+
+
+def kinds(results) -> list[tuple[int, str, str, int]]:  # noqa: ANN001
+    return sorted((r["user_id"], r["kind"], r["rule"], r["episode"]) for r in results)
+
+
+def test_new_match_enters_with_episode_one_and_state() -> None:
+    # Given a user who matched nothing before
+    results, states, stats = run([(1, {"a": 1, "email": "x@example.org"}, None)])
+    # Then one enter with banner and e-mail, and the state records episode 1
+    assert kinds(results) == [(1, "enter", "a", 1)]
+    enter = results[0]
+    assert enter["banner"]["title"] == "a" and enter["email"]["to"] == "x@example.org"
+    assert enter["run_id"] == 7 and enter["version"] == 3 and enter["as_of"] == "2026-11-24"
+    assert states == {1: {"a": [1, 1, 3, "2026-11-24"]}}
+    assert stats.users == 1 and stats.matches == {"a": 1} and stats.enters == 1
+    # "boom" raised on the profile: counted, no match
+    assert stats.errors == {"boom": 1} and "KeyError" in stats.error_samples["boom"]
+
+
+def test_unchanged_users_emit_and_write_nothing() -> None:
+    prev = {"a": [1, 1, 3, "2026-11-01"]}
+    results, states, stats = run([(1, {"a": 1}, prev), (2, {}, None), (3, {}, {})])
+    assert results == [] and states == {}
+    assert stats.users == 3 and stats.matches == {"a": 1}
+
+
+def test_stop_matching_exits_and_rematch_is_a_new_episode() -> None:
+    results, states, stats = run([(1, {}, {"a": [4, 1, 2, "2026-11-01"]})])
+    assert kinds(results) == [(1, "exit", "a", 4)]
+    assert states == {1: {"a": [4, 0, 2, "2026-11-01"]}}
+    results, states, _ = run([(1, {"a": 1}, states[1])])
+    assert kinds(results) == [(1, "enter", "a", 5)]
+    assert states[1]["a"][:2] == [5, 1]
+
+
+def test_error_keeps_the_state_of_the_failing_rule() -> None:
+    # "boom" was active; now it raises on the profile: no exit (no flicker, no re-mail)
+    results, states, stats = run([(1, {}, {"boom": [1, 1, 3, "2026-11-01"]})])
+    assert results == [] and states == {}
+    assert stats.errors == {"boom": 1}
+
+
+def test_group_keeps_only_the_highest_priority_match() -> None:
+    results, states, stats = run([(1, {"g": 2}, None)])
+    assert kinds(results) == [(1, "enter", "g-high", 1)]
+    assert stats.matches == {"g-high": 1}
+    # Then the high one stops matching: it exits and the low one enters
+    results, states, _ = run([(1, {"g": 1}, states[1])])
+    assert kinds(results) == [(1, "enter", "g-low", 1), (1, "exit", "g-high", 1)]
+
+
+def test_restricted_run_evaluates_and_exits_only_its_rules() -> None:
+    pack = CompiledPack(RULES, 50, only=["b", "g-low"])
+    prev = {"a": [1, 1, 3, "2026-11-01"], "g-high": [1, 1, 3, "2026-11-01"]}
+    # a is active but does not match any more; b matches; g-low matches but g-high
+    # (same group, higher priority, outside the run) is active: it still wins
+    results, states, stats = run([(1, {"b": 1, "g": 1}, prev)], pack)
+    assert kinds(results) == [(1, "enter", "b", 1)]
+    assert states[1]["a"] == prev["a"] and states[1]["g-high"] == prev["g-high"]
+    assert stats.matches == {"b": 1}
+    assert len(pack.ruleset) == 2
+
+
+def test_disabled_rule_exits_but_quarantined_rule_is_frozen() -> None:
+    prev = {"gone": [2, 1, 1, "2026-11-01"], "sick": [1, 1, 1, "2026-11-01"]}
+    pack = CompiledPack(RULES, 50, frozen=["sick"])
+    results, states, _ = run([(1, {}, prev)], pack)
+    assert kinds(results) == [(1, "exit", "gone", 2)]
+    assert states[1]["sick"] == prev["sick"]
+
+
+def test_profile_rows_and_tuples_give_the_same_result() -> None:
+    doc = {"a": 1, "b": 1}
+    r1, s1, _ = run([(5, doc, None)])
+    r2, s2, _ = run([ProfileRow(5, doc, {})])
+    assert r1 == r2 and s1 == s2
