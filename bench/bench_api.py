@@ -17,8 +17,9 @@ endpoint returning a constant small JSON — and drives it with wrk (Debian pack
 * trivial: the constant-JSON FastAPI endpoint, same server process, same settings.
 
 Prints requests/s, p50 and p99 latency of both and the ratio mix / trivial. The
-caches are warmed first (``--warmup`` seconds of the mix); ``--no-cache`` turns the
-version and body caches off (every request reads the database) for comparison.
+caches are warmed first (``--warmup`` seconds of full fetches sweeping all users);
+``--no-cache`` turns the version and body caches off (every request reads the
+database) for comparison.
 Not a test; figures depend on the machine and on what else runs on it (wrk shares
 the 2 cores with the server and PostgreSQL). The databases are dropped at the end.
 """
@@ -174,6 +175,20 @@ request = function()
 end
 """
 
+# Warm-up: every thread walks all users in order from its own start, full fetches,
+# so each worker process's version and body caches get (nearly) every user.
+SWEEP_LUA = """
+local users, base, token = %d, %d, "Bearer %s"
+local i = 0
+setup = function(thread) thread:set("id", math.random(1, 1000000)) end
+init = function(args) i = id %% users end
+request = function()
+  i = (i + 1) %% users
+  local uid = base + 1 + i
+  return wrk.format("GET", "/v1/users/" .. uid .. "/banners", {["Authorization"] = token})
+end
+"""
+
 
 def wrk(url: str, seconds: int, connections: int, script: str | None = None) -> dict[str, float]:
     cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s"]
@@ -233,7 +248,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--seconds", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--revalidate", type=float, default=0.9)
     ap.add_argument("--no-cache", action="store_true")
     args = ap.parse_args()
@@ -261,7 +276,10 @@ def main() -> int:
                 base = f"http://127.0.0.1:{port}"
                 print(f"{server}: mix check {check_mix(port, args.users)}", flush=True)
                 if args.warmup:
-                    wrk(base + "/", args.warmup, args.connections, mix_lua)
+                    w = wrk(base + "/", args.warmup, args.connections,
+                            SWEEP_LUA % (args.users, BASE_UID, TOKEN))
+                    print(f"{server}: warm-up {w['requests']:,} full fetches "
+                          f"({w['rps']:,.0f}/s)", flush=True)
                 mix = wrk(base + "/", args.seconds, args.connections, mix_lua)
                 triv = wrk(base + "/bench/trivial", args.seconds, args.connections)
             finally:

@@ -29,6 +29,7 @@ machine: other processes' load is printed with them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
 import io
@@ -96,22 +97,16 @@ def load_users(container: Container, n: int) -> None:
     router = shards.router
     dsns = [s.engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
             for s in shards.stores]
-    conns = [psycopg.connect(d) for d in dsns]
-    copies = []
-    for c in conns:
-        cur = c.cursor()
-        cp = cur.copy("COPY profiles (user_id, doc, seen, version, updated_at) FROM STDIN")
-        cp.__enter__()
-        copies.append(cp)
-    for uid, doc in users(n, AS_OF):
-        copies[router.shard_of(uid)].write_row(
-            (uid, orjson.dumps(doc).decode(), "[]", 1, "2026-11-24T00:00:00Z"))
-    for cp, c in zip(copies, conns, strict=True):
-        cp.__exit__(None, None, None)
-        c.commit()
-        c.execute("ANALYZE profiles")
-        c.commit()
-        c.close()
+    with contextlib.ExitStack() as stack:
+        conns = [stack.enter_context(psycopg.connect(d)) for d in dsns]
+        copies = [stack.enter_context(c.cursor().copy(
+            "COPY profiles (user_id, doc, seen, version, updated_at) FROM STDIN")) for c in conns]
+        for uid, doc in users(n, AS_OF):
+            copies[router.shard_of(uid)].write_row(
+                (uid, orjson.dumps(doc).decode(), "[]", 1, "2026-11-24T00:00:00Z"))
+    for d in dsns:
+        with psycopg.connect(d, autocommit=True) as c:
+            c.execute("ANALYZE profiles")
 
 
 def settings_env(s: Settings) -> dict[str, str]:
@@ -134,20 +129,31 @@ def start_workers(s: Settings, n: int) -> list[subprocess.Popen[bytes]]:
             for _ in range(n)]
 
 
-def wait_group(bootstrap: str, group: str, members: int, timeout: float = 30.0) -> None:
+def wait_group(bootstrap: str, group: str, timeout: float = 60.0) -> None:
+    """Until the group is stable, and still stable a session timeout later (Tansu
+    does not list members, so a late joiner shows only as a new rebalance)."""
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def stable() -> bool:
         try:
             desc = admin.describe_consumer_groups([group])[group].result(timeout=5)
-            if len(desc.members) >= members and str(desc.state).endswith("STABLE"):
-                return
         except Exception:  # noqa: BLE001 - not there yet
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"group {group} did not reach {members} members")
+            return False
+        return str(desc.state).endswith("STABLE")
+
+    deadline = time.monotonic() + timeout
+    streak = 0.0
+    while time.monotonic() < deadline:
+        if stable():
+            streak += 0.25
+            if streak >= TEST_TIMINGS["session_timeout_ms"] / 1000 + 1:
+                return
+        else:
+            streak = 0.0
+        time.sleep(0.25)
+    raise RuntimeError(f"group {group} did not settle")
 
 
 def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -171,9 +177,9 @@ def night(base: Settings, as_of: date, workers: int, deliver: bool, label: str) 
     delivery = container.delivery_worker() if deliver else None
     threads = [delivery.start_thread(stop)] if delivery else []
     try:
-        wait_group(s.kafka_bootstrap, container.group("evaluate"), workers)
+        wait_group(s.kafka_bootstrap, container.group("evaluate"))
         if delivery:
-            wait_group(s.kafka_bootstrap, container.group("deliver"), 1)
+            wait_group(s.kafka_bootstrap, container.group("deliver"))
         log(f"{label}: {workers} evaluator process(es) ready; {load_avg()}")
         t0 = time.perf_counter()
         run_id = start_run(container.shards, container.runs, bus, as_of, s.range_target_users)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, func, select, tuple_, update
+from sqlalchemy import Engine, and_, bindparam, func, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from shards.schema import ledger
@@ -95,6 +95,8 @@ def _key_clause(c: Claim) -> Any:
                 ledger.c.episode == c.episode, ledger.c.channel == c.channel)
 
 
+# status IN (pending, held), without an expanding parameter (usable with executemany)
+_IS_OPEN = or_(ledger.c.status == "pending", ledger.c.status == "held")
 _KEY_PARAMS = and_(ledger.c.user_id == bindparam("k_user"), ledger.c.rule_key == bindparam("k_rule"),
                    ledger.c.episode == bindparam("k_episode"), ledger.c.channel == bindparam("k_channel"))
 
@@ -170,7 +172,7 @@ class Ledger:
         if not params:
             return
         with self.control.begin() as conn:
-            conn.execute(update(ledger).where(_KEY_PARAMS & ledger.c.status.in_(OPEN)).values(
+            conn.execute(update(ledger).where(_KEY_PARAMS & _IS_OPEN).values(
                 status="held", next_attempt_at=bindparam("until"), reason=bindparam("reason")),
                 params)
 
@@ -182,7 +184,7 @@ class Ledger:
         if not params:
             return
         with self.control.begin() as conn:
-            conn.execute(update(ledger).where(_KEY_PARAMS & ledger.c.status.in_(OPEN)).values(
+            conn.execute(update(ledger).where(_KEY_PARAMS & _IS_OPEN).values(
                 status=bindparam("st"), reason=bindparam("reason"), next_attempt_at=None,
                 finished_at=ts), params)
 
@@ -264,7 +266,7 @@ class Ledger:
                     status="sent", sent_at=ts, finished_at=ts, attempts=ledger.c.attempts + 1,
                     error=None, reason=None, next_attempt_at=None), sent)
             if failed:
-                conn.execute(update(ledger).where(_KEY_PARAMS & ledger.c.status.in_(OPEN)).values(
+                conn.execute(update(ledger).where(_KEY_PARAMS & _IS_OPEN).values(
                     status=bindparam("st"), attempts=bindparam("att"), error=bindparam("err"),
                     next_attempt_at=bindparam("nxt"), finished_at=bindparam("fin"),
                     reason=bindparam("reason"), payload=bindparam("pl", type_=ledger.c.payload.type)),

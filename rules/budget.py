@@ -49,8 +49,9 @@ Races, and why they are harmless
 Guarantees and limits
 ---------------------
 * A rule is stopped between ``budget`` and about ``budget + 2 ticks + 10 ms``
-  (each look may wait for the 5 ms GIL switch interval) after it started: 40-70 ms
-  for a 30 ms budget in tests/rules/test_budget.py; later on an overloaded machine.
+  (each look may wait for the 5 ms GIL switch interval) after it started,
+  later on an overloaded machine: measured 69-93 ms for the default 50 ms budget
+  (40-70 ms for 30 ms) on a shared 2-core machine.
 * Asynchronous exceptions are only delivered between bytecodes: one long C call
   is not interrupted. The sandbox bounds those (rules/guards.py: ``*``, ``**``,
   ``<<``, ``%``, ``+``, ``range``, ``sum``, ``str``, ``join``, ``replace``,

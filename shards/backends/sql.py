@@ -660,6 +660,9 @@ class SqlShardStore(ShardStore):
         return self.count()
 
     def close(self) -> None:
+        reads = self.__dict__.get("_replica_reads")
+        if reads is not None:  # the banner reads' own connections (shards.replica)
+            reads.close()
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()

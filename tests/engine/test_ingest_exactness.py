@@ -62,7 +62,7 @@ ops = st.fixed_dictionaries({}, optional={
     "set": st.dictionaries(st.one_of(keys, paths), values, min_size=1, max_size=2),
     "unset": st.lists(paths, min_size=1, max_size=1),
     "inc": st.dictionaries(paths, st.integers(-3, 3), min_size=1, max_size=2),
-    "append": st.dictionaries(paths, st.fixed_dictionaries({"value": st.text(max_size=40), "cap": st.integers(1, 4)}),
+    "append": st.dictionaries(paths, st.fixed_dictionaries({"value": st.text(st.characters(blacklist_characters="\x00"), max_size=40), "cap": st.integers(1, 4)}),
                               min_size=1, max_size=1),
     "max": st.dictionaries(paths, st.integers(-9, 9), min_size=1, max_size=1),
 }).filter(bool)
