@@ -156,14 +156,24 @@ def wait_group(bootstrap: str, group: str, timeout: float = 60.0) -> None:
     raise RuntimeError(f"group {group} did not settle")
 
 
-def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> list[float]:
+    """Stop the worker processes; return the CPU seconds each used (user + system)."""
     for p in procs:
         p.terminate()
+    cpu = []
     for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        deadline = time.monotonic() + 20
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                p.returncode = status
+                cpu.append(usage.ru_utime + usage.ru_stime)
+                break
+            if time.monotonic() > deadline:
+                p.kill()
+                deadline = time.monotonic() + 20
+            time.sleep(0.05)
+    return cpu
 
 
 # -- one night -----------------------------------------------------------------
@@ -191,41 +201,48 @@ def night(base: Settings, as_of: date, workers: int, deliver: bool, label: str) 
                 time.sleep(0.02)
         t_all = time.perf_counter() - t0
         info = container.runs.get(run_id)
-        return {"label": label, "workers": workers, "run": info, "t_run": t_run, "t_e2e": t_all,
-                "results": expected, "ledger": container.ledger.counts(), "load": load_avg()}
+        out = {"label": label, "workers": workers, "run": info, "t_run": t_run, "t_e2e": t_all,
+               "results": expected, "ledger": container.ledger.counts(), "load": load_avg()}
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=30)
-        stop_workers(procs)
+        cpu = stop_workers(procs)
         container.close()
+    out["cpu"] = cpu  # includes each process's start-up (~1 s of imports)
+    return out
 
 
 # -- ceilings ------------------------------------------------------------------
 
-def read_all(container: Container, parse: bool) -> tuple[int, float, list[Any]]:
-    """Every profile by COPY, one process, shard after shard."""
-    out: list[Any] = []
+def read_raw(container: Container) -> tuple[int, float]:
+    """Every profile's bytes by COPY, one process, shard after shard (no parsing)."""
     n = 0
     t0 = time.perf_counter()
     for store in container.shards.stores:
         dsn = store.engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
         with psycopg.connect(dsn) as conn, conn.cursor() as cur, \
                 cur.copy("COPY (SELECT user_id, doc FROM profiles) TO STDOUT") as cp:
-            loads = orjson.loads
-            for data in cp:
+            for _ in cp:
                 n += 1
-                if parse:
-                    uid, doc = bytes(data)[:-1].split(b"\t")
-                    if b"\\" in doc:
-                        doc = doc.replace(b"\\\\", b"\\")
-                    out.append((int(uid), loads(doc), None))
-    return n, time.perf_counter() - t0, out
+    return n, time.perf_counter() - t0
+
+
+def read_all(container: Container) -> tuple[int, float, list[Any]]:
+    """Every user as the evaluator reads it (profile and state, parsed), one process."""
+    from shards.router import MAX_USER_ID
+
+    out: list[Any] = []
+    t0 = time.perf_counter()
+    for store in container.shards.stores:
+        for rows in store.scan_range(1, MAX_USER_ID, 256):
+            out += rows
+    return len(out), time.perf_counter() - t0, out
 
 
 def ceilings(container: Container, as_of: date) -> dict[str, Any]:
-    n_raw, t_raw, _ = read_all(container, parse=False)
-    n, t_parse, rows = read_all(container, parse=True)
+    n_raw, t_raw = read_raw(container)
+    n, t_parse, rows = read_all(container)
     docs = [r[1] for r in rows]
     ctx = make_context(as_of, container.settings.timezone)
     fns = plain_functions()
@@ -350,6 +367,7 @@ def report(args: argparse.Namespace, nights: list[dict[str, Any]], ceil: dict[st
         info = n["run"]
         per = "; ".join(f"{v['users_per_s'] or 0:,.0f} ({(v['users_per_s'] or 0) * n_rules / 1e6:.2f}M)"
                         for v in info["workers"].values())
+        per += f"  | worker CPU {sum(n['cpu']) / max(1, info['users']) * 1e6:.0f} us/user"
         print(f"{n['label']:<34}{n['workers']:>8}{n['t_run']:>8.2f}{n['t_e2e']:>8.2f}"
               f"{args.users / n['t_e2e']:>11,.0f}{n['results']:>9,}  {per}")
     for n in nights[1:]:
@@ -361,7 +379,8 @@ def report(args: argparse.Namespace, nights: list[dict[str, Any]], ceil: dict[st
     sand = users_n / ceil["sandboxed"]
     eng = users_n / ceil["engine"]
     print("\n=== ceilings over the same profiles (one process)")
-    print(f"  (b) I/O: COPY read {io_raw:,.0f} users/s raw, {io_parsed:,.0f} users/s parsed (orjson)")
+    print(f"  (b) I/O: COPY read {io_raw:,.0f} users/s raw; {io_parsed:,.0f} users/s as the evaluator "
+          f"reads them (profile + state, parsed)")
     print(f"  (a) compute: plain Python {plain:,.0f} users/s ({ceil['plain'] / users_n * 1e6:.1f} us/user, "
           f"{plain * n_rules / 1e6:.2f}M rule-evals/s)")
     print(f"      sandboxed RuleSet {sand:,.0f} users/s ({ceil['sandboxed'] / users_n * 1e6:.1f} us/user): "

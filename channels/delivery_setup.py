@@ -12,9 +12,10 @@ __all__ = ["channel_parts"]
 
 
 def channel_parts(settings: Any) -> dict[str, Any]:
-    """``pusher``, ``policy`` and ``unsubscriber`` keyword arguments of DeliveryWorker."""
+    """``pusher``, ``policy``, ``unsubscriber`` and ``send_chunk`` keyword arguments of DeliveryWorker."""
     return {
         "pusher": pusher_from_settings(settings),
         "policy": ChannelPolicy.from_settings(settings),
         "unsubscriber": Unsubscriber.from_settings(settings),
+        "send_chunk": settings.delivery_send_chunk,
     }

@@ -80,7 +80,8 @@ class DeliveryWorker(BatchWorker):
                  policy: ChannelPolicy | None = None, unsubscriber: Unsubscriber | None = None,
                  clock: Callable[[], datetime] | None = None,
                  on_banners: Callable[[list[int]], None] | None = None,
-                 chore_interval_s: float = 1.0, due_batch: int = 500) -> None:
+                 chore_interval_s: float = 1.0, due_batch: int = 500,
+                 send_chunk: int = 200) -> None:
         super().__init__(consumer)
         self.bus = bus
         self.shards = shards
@@ -93,6 +94,9 @@ class DeliveryWorker(BatchWorker):
         self.on_banners = on_banners
         self.chore_interval_s = chore_interval_s
         self.due_batch = due_batch
+        # Sent messages are recorded per chunk: a crash resends at most one chunk
+        # (with the same Message-ID / collapse key), not a whole batch.
+        self.send_chunk = max(1, send_chunk)
         self.loop = asyncio.new_event_loop()
         self.sent = 0
         self.failed = 0
@@ -235,6 +239,10 @@ class DeliveryWorker(BatchWorker):
         self._send(send)
 
     def _send(self, claims: list[Claim]) -> None:
+        for i in range(0, len(claims), self.send_chunk):
+            self._send_chunk(claims[i:i + self.send_chunk])
+
+    def _send_chunk(self, claims: list[Claim]) -> None:
         if not claims:
             return
         emails = [c for c in claims if c.channel == "email"]

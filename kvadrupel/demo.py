@@ -58,6 +58,7 @@ def run_demo(settings: Settings, *, users: int, host: str, port: int, serve: boo
     try:
         container.migrate()
         install_pack(container.rules, BUILTIN_RULES)
+        admin_password = _demo_admin(container)
         shards = container.shards
         batch: dict[int, list] = {}
         for uid, doc in synthetic_users(users, as_of):
@@ -77,6 +78,9 @@ def run_demo(settings: Settings, *, users: int, host: str, port: int, serve: boo
         _print_summary(settings, info, users, len(container.rules.active()), sent,
                        t_load - t0, t_run - t_load, generated)
         if serve:
+            print(f"  admin UI       http://{host}:{port}/admin/  user 'admin', password {admin_password}",
+                  flush=True)
+        if serve:
             _serve(container, settings, host, port)
         stop.set()
         for t in threads:
@@ -85,6 +89,15 @@ def run_demo(settings: Settings, *, users: int, host: str, port: int, serve: boo
     finally:
         stop.set()
         container.close()
+
+
+def _demo_admin(container: Container) -> str:
+    """An admin account for the demo's admin UI, with a fresh password each run."""
+    from api.admin.store import AccountStore
+
+    password = secrets.token_urlsafe(12)
+    AccountStore(container.control).add("admin", password, "admin")
+    return password
 
 
 def _print_summary(settings: Settings, info: dict, users: int, n_rules: int, sent: int,

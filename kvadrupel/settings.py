@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     delivery_retry_base_s: float = 2.0  # exponential backoff with jitter from here
     delivery_retry_max_s: float = 900.0
     delivery_claim_timeout_s: float = 300.0  # a claim a crashed worker left is retried after this
+    delivery_send_chunk: int = 200  # sends recorded per chunk: at most this many resent after a crash
     channel_caps: dict[str, int] = Field(default_factory=lambda: {"email": 3, "push": 5})
     channel_cap_window_s: float = 86400.0  # rolling window of the caps
     channel_cap_policy: str = "defer"  # over the cap: defer | drop

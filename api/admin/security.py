@@ -70,8 +70,9 @@ def _same_origin(request: Request) -> bool:
         # Browsers send Origin on every cross-site POST; a missing one is a
         # same-origin navigation or a non-browser client (which still needs the token).
         return origin is None
-    host = request.headers.get("host", "")
-    return origin.split("://", 1)[-1] == host
+    # Behind a proxy that rewrites Host, the public name arrives as X-Forwarded-Host.
+    hosts = {request.headers.get("host", ""), request.headers.get("x-forwarded-host", "")}
+    return origin.split("://", 1)[-1] in hosts - {""}
 
 
 async def csrf_form(request: Request) -> FormData:

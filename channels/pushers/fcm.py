@@ -95,11 +95,13 @@ class FcmPusher(Pusher):
         headers = {"kid": self.account["private_key_id"]} if self.account.get("private_key_id") else None
         return jwt.encode(claims, self.account["private_key"], algorithm="RS256", headers=headers)
 
-    async def _access_token(self, client: httpx.AsyncClient, force: bool = False) -> str:
+    async def _access_token(self, client: httpx.AsyncClient, stale: str | None = None) -> str:
+        """The current access token; a new one when it is expiring or is ``stale``
+        (refused by FCM: concurrent requests that saw the same 401 renew it once)."""
         if self._token_lock is None:
             self._token_lock = asyncio.Lock()
         async with self._token_lock:
-            if not force and self._token and time.time() < self._token_expires:
+            if self._token and self._token != stale and time.time() < self._token_expires:
                 return self._token
             resp = await client.post(self.account["token_uri"],
                                      data={"grant_type": GRANT_TYPE, "assertion": self.assertion()})
@@ -159,9 +161,10 @@ class FcmPusher(Pusher):
 
     async def _send(self, client: httpx.AsyncClient, push: Push) -> PushResult:
         payload = self.body(push)
+        token: str | None = None
         for attempt in (1, 2):
             try:
-                token = await self._access_token(client, force=attempt == 2)
+                token = await self._access_token(client, stale=token)
                 resp = await client.post(self.url, json=payload,
                                          headers={"Authorization": f"Bearer {token}"})
             except (_TokenError, httpx.HTTPError) as exc:

@@ -239,9 +239,9 @@ ops = st.fixed_dictionaries({}, optional={
 }).filter(bool)
 
 
-def oracle(events: list, max_bytes: int = BIG) -> dict:
-    """One event at a time, each on its own; a refused one leaves no trace; an
-    id applied before is skipped."""
+def oracle(events: list, max_bytes: int = BIG, rejected: list | None = None) -> dict:
+    """One event at a time, each on its own; a refused one leaves no trace (and
+    goes to ``rejected``); an id applied before is skipped."""
     doc: dict = {}
     applied: set[str] = set()
     for e in events:
@@ -251,8 +251,12 @@ def oracle(events: list, max_bytes: int = BIG) -> dict:
         try:
             apply_event(trial, e)
         except EventError:
+            if rejected is not None:
+                rejected.append(e)
             continue
         if len(orjson.dumps(trial)) > max_bytes:
+            if rejected is not None:
+                rejected.append(e)
             continue
         doc = trial
         applied.add(e.event_id)

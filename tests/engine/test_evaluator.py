@@ -1,0 +1,143 @@
+"""The evaluator worker on both setups: runs, redelivery, restricted runs, parked ranges."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import orjson
+import psycopg
+import pytest
+
+from kvadrupel.container import Container
+from kvadrupel.demo import install_pack
+from rules.context import make_context
+from rules.pack import BUILTIN_RULES
+from scheduler.planner import start_run
+from tests.scheduler.helpers import AS_OF, KINDS, drain_results, load_users, make_settings
+
+N = 1_500
+
+
+@pytest.fixture(params=KINDS)
+def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Container]:
+    c = Container(make_settings(request.param, request, tmp_path, range_target_users=300))
+    c.migrate()
+    install_pack(c.rules, BUILTIN_RULES)
+    c.kind = request.param  # type: ignore[attr-defined]
+    yield c
+    c.close()
+
+
+def start_evaluators(c: Container, n: int = 2) -> tuple[threading.Event, list[threading.Thread]]:
+    stop = threading.Event()
+    threads = [c.evaluator_worker(retry_backoff_s=0.05).start_thread(stop) for _ in range(n)]
+    return stop, threads
+
+
+def expected_matches(c: Container, docs: dict, as_of) -> Counter[str]:  # noqa: ANN001
+    from engine.evaluation import CompiledPack
+
+    pack = CompiledPack(c.rules.active(), 50)
+    ctx = make_context(as_of, c.settings.timezone)
+    out: Counter[str] = Counter()
+    for doc in docs.values():
+        out.update(pack.resolve_groups(pack.ruleset.evaluate(doc, ctx).matched))
+    return out
+
+
+def test_a_run_evaluates_every_user_once_and_a_rerun_changes_nothing(deployment: Container) -> None:
+    c = deployment
+    docs = load_users(c, N)
+    stop, threads = start_evaluators(c)
+    try:
+        # When a run is started
+        run_id = start_run(c.shards, c.runs, c.bus, AS_OF, c.settings.range_target_users)
+        info = c.runs.wait(run_id, timeout=60)
+        # Then every user was evaluated once, with the reference matches
+        want = expected_matches(c, docs, AS_OF)
+        assert info["status"] == "done" and info["users"] == N
+        assert info["matches"] == dict(sorted(want.items()))
+        assert info["ranges"]["done"] == info["ranges"]["total"] >= 4
+        assert sum(v["users"] for v in info["workers"].values()) == N
+        results = drain_results(c, info["enters"])
+        assert len(results) == info["enters"] == sum(want.values()) and info["exits"] == 0
+        assert Counter(r["rule"] for r in results) == want
+        assert {r["run_id"] for r in results} == {run_id}
+
+        # When the same day runs again, nothing changes
+        again = c.runs.wait(start_run(c.shards, c.runs, c.bus, AS_OF, 300), timeout=60)
+        assert again["users"] == N and again["enters"] == again["exits"] == 0
+        assert again["matches"] == info["matches"]
+
+        # And a redelivered job of a finished range is skipped
+        job = c.runs.jobs(run_id)  # none left to do
+        assert job == []
+        c.bus.publish(c.bus.topic("jobs"), orjson.dumps(
+            {"type": "range", "run_id": run_id, "range_no": 0, "shard": 0, "lo": 1,
+             "hi": 2**63 - 1, "as_of": AS_OF.isoformat(), "rules": None}))
+        c.bus.flush()
+        later = c.runs.wait(start_run(c.shards, c.runs, c.bus, AS_OF, 300), timeout=60)
+        assert later["status"] == "done"
+        assert len(drain_results(c, len(results))) == len(results)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)
+
+
+def test_a_restricted_run_speaks_only_for_its_rules(deployment: Container) -> None:
+    c = deployment
+    load_users(c, N)
+    stop, threads = start_evaluators(c, 1)
+    try:
+        first = c.runs.wait(start_run(c.shards, c.runs, c.bus, AS_OF, 300), timeout=60)
+        # A year later most rules changed their mind; the campaign evaluates one rule
+        later = AS_OF + timedelta(days=400)
+        camp = c.runs.wait(start_run(c.shards, c.runs, c.bus, later, 300, rules=["birthday"],
+                                     kind="campaign"), timeout=60)
+        assert camp["status"] == "done" and camp["users"] == N and camp["kind"] == "campaign"
+        assert set(camp["matches"]) <= {"birthday"}
+        results = drain_results(c, first["enters"] + camp["enters"] + camp["exits"])
+        mine = [r for r in results if r["run_id"] == camp["id"]]
+        assert mine and {r["rule"] for r in mine} == {"birthday"}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)
+
+
+def test_a_range_that_keeps_failing_is_parked(deployment: Container, request: pytest.FixtureRequest) -> None:
+    c = deployment
+    load_users(c, N)
+    run_id = start_run(c.shards, c.runs, c.bus, AS_OF, 300)
+    # Given shard 1 is gone after planning (its database dropped / its file deleted)
+    store = c.shards.stores[1]
+    if c.kind == "embedded":  # type: ignore[attr-defined]
+        store.close()
+        Path(store.engine.url.database).unlink()
+        Path(store.engine.url.database).mkdir()  # not even openable
+    else:
+        name = store.engine.url.database
+        store.engine.dispose()
+        dsn = store.engine.url.set(database="postgres").render_as_string(hide_password=False)
+        with psycopg.connect(dsn.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    stop, threads = start_evaluators(c)
+    try:
+        # Then the run ends "done with errors", its shard-1 ranges parked with the cause
+        info = c.runs.wait(run_id, timeout=60)
+        assert info["status"] == "done_with_errors"
+        parked = info["parked"]
+        assert parked and {p["shard"] for p in parked} == {1}
+        assert info["ranges"]["parked"] == len(parked)
+        assert info["ranges"]["done"] + len(parked) == info["ranges"]["total"]
+        assert all(p["attempts"] == 3 and p["error"] for p in parked)
+        assert 0 < info["users"] < N  # shard 0's users
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)
