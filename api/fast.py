@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from api.auth import AuthError, Authenticator
+from api.auth import Authenticator, AuthError
 from api.versions import ShardVersions, VersionHub
 from kvadrupel.errors import ShardUnavailable
 from shards import replica
@@ -314,7 +314,8 @@ class BannerFastPath:
 
 
 def install(app: Any, container: Any) -> BannerApi:
-    """Put the fast path in front of ``app``'s routing; the route module uses ``app.state.banner_api``."""
+    """Put the fast path in front of ``app``'s routing (the route module uses
+    ``app.state.banner_api``)."""
     api = BannerApi(container)
     app.state.banner_api = api
     app.add_middleware(BannerFastPath, api=api)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-import orjson
 
 from api.auth import AuthError
 from kvadrupel.errors import Conflict, NotFound, RuleValidationError, ShardUnavailable
@@ -103,7 +102,8 @@ _titles = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not 
            405: "Method not allowed", 409: "Conflict", 413: "Payload too large",
            422: "Invalid request", 500: "Internal server error", 503: "Service unavailable"}
 
-_details = {400: "There was an error parsing the body", 401: "missing bearer token", 403: "a user token may only access its own banners",
+_details = {400: "There was an error parsing the body", 401: "missing bearer token",
+            403: "a user token may only access its own banners",
             404: "not found", 409: "already exists", 413: "too large",
             422: "user_id: user id must be between 1 and 2**63-1",
             503: "storage temporarily unavailable"}
@@ -156,7 +156,8 @@ def document_problems(schema: dict[str, Any]) -> None:
     FastAPI documents its validation errors as ``application/json``
     ``HTTPValidationError``; here they become problem+json, and every operation that
     needs a bearer token also lists its 401 and 503 (storage or bus unavailable),
-    every operation with input its 422 (and with a body its 400), one with a path parameter its 404, and
+    every operation with input its 422 (and with a body its 400), one with a path
+    parameter its 404, and
     every operation 500.
     """
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -170,7 +171,8 @@ def document_problems(schema: dict[str, Any]) -> None:
                 if code.startswith(("4", "5")):
                     content = resp.get("content") or {}
                     if PROBLEM not in content or "application/json" in content:
-                        ex = (content.get(PROBLEM) or {}).get("example") or _problem_example(int(code))
+                        ex = ((content.get(PROBLEM) or {}).get("example")
+                              or _problem_example(int(code)))
                         resp["content"] = {PROBLEM: {"schema": _REF, "example": ex}}
             if op.get("security") and "401" not in responses:
                 responses["401"] = _problem_response(401)

@@ -131,9 +131,9 @@ def free_port() -> int:
 
 
 def start_server(server: str, workers: int, port: int, env: dict[str, str]) -> subprocess.Popen:
-    code = ("import sys; sys.path.insert(0, %r); from api.serve import run; "
-            "run(%r, '127.0.0.1', %d, %d, target='bench.bench_api:trivial_app')"
-            % (str(ROOT), server, port, workers))
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from api.serve import run; "
+            f"run({server!r}, '127.0.0.1', {port}, {workers}, "
+            "target='bench.bench_api:trivial_app')")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -144,7 +144,8 @@ def start_server(server: str, workers: int, port: int, env: dict[str, str]) -> s
                 return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"{server} exited: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(
+                    f"{server} exited: {proc.stderr.read().decode()[-2000:]}") from None
             time.sleep(0.2)
     stop_server(proc)
     raise RuntimeError(f"{server} did not start")
@@ -248,7 +249,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--seconds", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--revalidate", type=float, default=0.9)
     ap.add_argument("--no-cache", action="store_true")
     args = ap.parse_args()

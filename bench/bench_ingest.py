@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import random
 import subprocess
@@ -58,18 +59,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def preload(shard_urls: list[str], n_users: int) -> None:
-    router = ShardRouter.uniform(len(shard_urls))
+    router = ShardRouter.uniform(len(shard_urls))  # = the default bucket map the workers load
     conns = [psycopg.connect(dsn(u)) for u in shard_urls]
-    cps = []
-    curs = [c.cursor() for c in conns]
-    for cur in curs:
-        cp = cur.copy("COPY profiles (user_id, doc, seen, version, updated_at) FROM STDIN")
-        cps.append(cp)
-        cp.__enter__()
-    for uid, doc in profiles(n_users):
-        cps[router.shard_of(uid)].write_row((uid, orjson.dumps(doc).decode(), "[]", 1, "2026-11-24T00:00:00Z"))
-    for cp, conn in zip(cps, conns, strict=True):
-        cp.__exit__(None, None, None)
+    with contextlib.ExitStack() as stack:
+        cps = [stack.enter_context(c.cursor().copy(
+            "COPY profiles (user_id, doc, seen, version, updated_at) FROM STDIN")) for c in conns]
+        for uid, doc in profiles(n_users):
+            cps[router.shard_of(uid)].write_row(
+                (uid, orjson.dumps(doc).decode(), "[]", 1, "2026-11-24T00:00:00Z"))
+    for conn in conns:
         conn.commit()
         conn.autocommit = True
         conn.execute("VACUUM ANALYZE profiles")
@@ -180,6 +178,31 @@ def check_sample(shard_urls: list[str], sample: list, preloaded: bool) -> int:
     return bad
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (and their threads), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def postgres_pids() -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().strip() in ("postgres", "postmaster"):
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
 def py_spy_summary(path: Path, top: int = 22) -> str:
     """Self and inclusive shares per function from py-spy's collapsed stacks."""
     own: collections.Counter[str] = collections.Counter()
@@ -261,6 +284,8 @@ def main() -> None:
             now = time.perf_counter()
             if started and t_first is None:
                 t_first = now
+                cpu0 = (cpu_seconds([p.pid for p in procs]), cpu_seconds(postgres_pids()),
+                        cpu_seconds([broker.process.pid]))
                 if args.py_spy:
                     spy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "--pid",
                                             str(procs[0].pid), "--format", "raw", "--threads", "--rate",
@@ -268,6 +293,8 @@ def main() -> None:
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if done:
                 t_end = now
+                cpu1 = (cpu_seconds([p.pid for p in procs]), cpu_seconds(postgres_pids()),
+                        cpu_seconds([broker.process.pid]))
                 break
             if any(p.poll() is not None for p in procs):
                 raise SystemExit(f"a worker exited:\n{(tmp / 'worker0.log').read_text()[-3000:]}")
@@ -303,6 +330,11 @@ def main() -> None:
         print(f"                      {(writes / steady) / copy_rows_s:>10.1%}      profile rows/s written by ingest ÷ "
               f"COPY rows/s")
         print(f"  check               {len(sample) - bad}/{len(sample)} sampled users equal the one-by-one result")
+        w_cpu, pg_cpu, k_cpu = (b - a for a, b in zip(cpu0, cpu1, strict=True))
+        print(f"  CPU in the window   workers {w_cpu:.1f}s ({w_cpu / steady:.0%} of a core, "
+              f"{w_cpu / args.events * 1e6:.1f} µs/event), PostgreSQL {pg_cpu:.1f}s "
+              f"({pg_cpu / args.events * 1e6:.1f} µs/event, all backends on the server), "
+              f"broker {k_cpu:.1f}s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         if spy is not None and (tmp / "spy.txt").exists():
             print("\nwhere worker 0 spends its time (py-spy, all threads; idle = waiting on PostgreSQL/Kafka):")
             print(py_spy_summary(tmp / "spy.txt"))

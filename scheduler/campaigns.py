@@ -92,8 +92,10 @@ class CampaignService:
                 (campaigns.c.id == cid) & (campaigns.c.status == "scheduled")
             ).values(status="cancelled", updated_at=_now()).returning(campaigns.c.id))
             if res.first() is None:
-                current = self.get(cid)  # NotFound when there is none
-                raise Conflict(f"campaign {cid} is {current['status']}; only a scheduled one can be cancelled")
+                status = conn.execute(select(campaigns.c.status).where(campaigns.c.id == cid)).scalar()
+                if status is None:
+                    raise NotFound(f"no campaign {cid}")
+                raise Conflict(f"campaign {cid} is {status}; only a scheduled one can be cancelled")
         return self.get(cid)
 
     # -- the scheduler's side -------------------------------------------------

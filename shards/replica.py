@@ -194,7 +194,8 @@ class ReplicaReads:
         self.down_until = time.monotonic() + self.policy.retry_s
         if first:
             log.warning("shard %d: replica unavailable, reading from the primary for %.0fs: %s",
-                        self.index, self.policy.retry_s, str(exc).splitlines()[0] if str(exc) else exc)
+                        self.index, self.policy.retry_s,
+                        str(exc).splitlines()[0] if str(exc) else exc)
 
     def _probe(self, now: float) -> None:
         self._next_probe = now + self.policy.probe_every_s

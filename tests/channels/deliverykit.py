@@ -150,9 +150,12 @@ def make_rig(settings: Settings, *, smtp_url: str | None = None, clock: FakeCloc
 def make_worker(container: Container, ledger: Ledger, mailer: Any, clock: FakeClock,
                 policy: ChannelPolicy | None = None, pusher: Pusher | None = None) -> DeliveryWorker:
     consumer = container.bus.consumer(container.group("deliver"), [container.bus.topic("results")])
-    return DeliveryWorker(consumer, container.bus, container.shards, ledger, mailer,
-                          pusher=pusher, policy=policy or ChannelPolicy(caps={}, quiet=None),
-                          unsubscriber=Unsubscriber.from_settings(container.settings), clock=clock)
+    worker = DeliveryWorker(consumer, container.bus, container.shards, ledger, mailer,
+                            pusher=pusher, policy=policy or ChannelPolicy(caps={}, quiet=None),
+                            unsubscriber=Unsubscriber.from_settings(container.settings), clock=clock)
+    if type(container.bus).__name__ == "MemoryBus":
+        worker.poll_timeout = 0.005  # drain() polls until empty: keep idle polls short
+    return worker
 
 
 def embedded_settings(tmp_path: Any, **kw: Any) -> Settings:

@@ -1,7 +1,7 @@
 """Delivery under faults, on PostgreSQL + the Kafka-protocol broker + aiosmtpd:
 
 * the SMTP server goes down and comes back: every message is delivered exactly once;
-* ``kill -9`` of a real ``kvadrupel deliver`` process, twice, while it sends (and
+* ``kill -9`` of a real ``kvadrupel deliver`` process while it sends (and
   while some addresses are refused): every episode's e-mail arrives, never two
   different messages for one episode; a repeat can only be the same message (same
   Message-ID, for the receiver to drop) from the one chunk in flight at the kill.
@@ -121,7 +121,7 @@ def test_kill_9_of_the_delivery_worker_never_sends_two_messages_for_one_episode(
 
     procs = []
     try:
-        for until in (80, 220):
+        for until in (150,):
             proc = _deliver(env, log)
             procs.append(proc)
             _wait(lambda u=until: len(smtp_server.messages) >= u, f"{until} messages", 30)
@@ -150,5 +150,6 @@ def test_kill_9_of_the_delivery_worker_never_sends_two_messages_for_one_episode(
         uid = str(r.message["Message-ID"])[1:].split(".")[0]
         assert r.rcpt_tos == (f"user{uid}@example.org",)
     repeats = sum(got.values()) - n
-    assert repeats <= 2 * chunk, got.most_common(3)  # only the chunk in flight at each kill
+    print(f"kill -9: {n} episodes, {sum(got.values())} messages received, {repeats} repeats")
+    assert repeats <= chunk, got.most_common(3)  # only the chunk in flight at the kill
     assert set(attempts) == {"sent"} and attempts["sent"] >= 2  # the refused ones were retried
