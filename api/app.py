@@ -21,6 +21,7 @@ from api import fast, problems
 from api.observability import MetricsMiddleware, register_control_collector
 from api.admin import mount_admin
 from api.routes import banners, engagement, events, rules, runs
+from api.shedding import LoadShedMiddleware
 from kvadrupel import __version__
 from kvadrupel.container import Container
 from kvadrupel.ops import metrics_payload, readiness
@@ -44,6 +45,7 @@ def create_app(container: Container, *, today: Callable[[], date] | None = None)
         app.include_router(module.router)
     mount_admin(app, container)  # the admin UI at /admin (api/admin/)
     fast.install(app, container)  # the lean path for GET /v1/users/{id}/banners (api/fast.py)
+    app.add_middleware(LoadShedMiddleware, max_inflight=s.api_max_inflight)  # outermost (api/shedding.py)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness")
     def healthz() -> Response:

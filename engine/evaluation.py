@@ -56,12 +56,13 @@ class CompiledPack:
     def __init__(self, active: list[ActiveRule], budget_ms: float, generation: Any = None, *,
                  only: Iterable[str] | None = None, frozen: Iterable[str] = ()) -> None:
         self.all = {r.key: r for r in active}
-        chosen = [r for r in active if only is None or r.key in set(only)]
+        wanted = None if only is None else set(only)
+        chosen = [r for r in active if wanted is None or r.key in wanted]
         self.rules = {r.key: r for r in chosen}
         self.keys = frozenset(self.rules)
         self.ruleset = RuleSet([r.spec() for r in chosen], budget_ms=budget_ms)
         self.generation = generation
-        self.restricted = only is not None
+        self.restricted = wanted is not None
         self.frozen = frozenset(frozen) - self.keys
         # Highest priority first; the first match of a group wins.
         self.order = sorted(active, key=lambda r: (-r.priority, r.key))

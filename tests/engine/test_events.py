@@ -239,13 +239,15 @@ ops = st.fixed_dictionaries({}, optional={
 }).filter(bool)
 
 
-def oracle(events: list, max_bytes: int = BIG, rejected: list | None = None) -> dict:
+def oracle(events: list, max_bytes: int = BIG, rejected: list | None = None,
+           window: int | None = None) -> dict:
     """One event at a time, each on its own; a refused one leaves no trace (and
-    goes to ``rejected``); an id applied before is skipped."""
+    goes to ``rejected``); an id among the last ``window`` applied ones (all, if
+    None) is skipped."""
     doc: dict = {}
-    applied: set[str] = set()
+    applied: list[str] = []
     for e in events:
-        if e.event_id in applied:
+        if e.event_id in (applied if window is None else applied[-window:]):
             continue
         trial = copy.deepcopy(doc)
         try:
@@ -259,7 +261,7 @@ def oracle(events: list, max_bytes: int = BIG, rejected: list | None = None) -> 
                 rejected.append(e)
             continue
         doc = trial
-        applied.add(e.event_id)
+        applied.append(e.event_id)
     return doc
 
 

@@ -39,11 +39,11 @@ pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 N = 6_000
 
-# Burns ~1 ms per profile so that a range lasts long enough to be killed inside.
+# Burns a few ms per profile so that a range lasts long enough to be killed inside.
 SLOW = RuleIn(key="slow-check", name="slow", examples=[], source="""
 def match(profile, ctx):
     n = 0
-    for i in range(4000):
+    for i in range(10000):
         n = n + i
     return n < 0
 """)
@@ -80,15 +80,16 @@ def test_killed_worker_range_is_redone_exactly_once(pg_factory, kafka_broker, tm
         time.sleep(4)  # both join the group (Tansu: ~session timeout / 2 each)
         run_id = start_run(c.shards, c.runs, c.bus, AS_OF, s.range_target_users)
 
-        # When a worker is inside a range (it reported progress) it is killed
+        # When both workers are busy and one is inside a range (it reported
+        # progress, so some of the range's results are out), that one is killed
         victim_range = None
         deadline = time.monotonic() + 60
         while victim_range is None:
             assert time.monotonic() < deadline, c.runs.get(run_id)
             with c.control.connect() as conn:
-                victim_range = conn.execute(select(run_ranges).where(
-                    (run_ranges.c.run_id == run_id) & (run_ranges.c.status == "running")
-                    & (run_ranges.c.users > 0))).first()
+                rows = conn.execute(select(run_ranges).where(run_ranges.c.run_id == run_id)).all()
+            if len({r.worker for r in rows if r.worker}) == 2:
+                victim_range = next((r for r in rows if r.status == "running" and r.users > 0), None)
             time.sleep(0.05)
         victim_pid = int(victim_range.worker.rsplit(":", 1)[1])
         victim = next(p for p in procs if p.pid == victim_pid)
