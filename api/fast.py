@@ -76,7 +76,11 @@ class BannerApi:
         self.auth = Authenticator.from_settings(s)
         replica.configure(retry_s=s.replica_retry_s, max_lag_bytes=s.replica_max_lag_bytes)
         self._cc = (b"cache-control", f"private, max-age={s.banner_max_age_s}".encode())
-        self.max_waiters = s.banner_longpoll_max_waiters
+        # Waiting long-polls hold slots of the load shedder (api/shedding.py): keep at
+        # least half of its in-flight slots for everything else.
+        inflight = int(getattr(s, "api_max_inflight", 0) or 0)
+        self.max_waiters = (s.banner_longpoll_max_waiters if inflight <= 0 else
+                            min(s.banner_longpoll_max_waiters, max(1, inflight // 2)))
         self.max_wait = float(s.banner_longpoll_max_wait_s)
         self.waiting = 0
         self._hub: VersionHub | None = None

@@ -167,10 +167,15 @@ def document_problems(schema: dict[str, Any]) -> None:
             if method not in ("get", "put", "post", "delete", "patch"):
                 continue
             responses = op.setdefault("responses", {})
+            ok = next((r for c, r in responses.items() if c.startswith("2")), {})
+            html_page = "text/html" in (ok.get("content") or {})
             for code, resp in list(responses.items()):
                 if code.startswith(("4", "5")):
                     content = resp.get("content") or {}
-                    if PROBLEM not in content or "application/json" in content:
+                    # FastAPI's default (JSON), or nothing said → problem+json; but an
+                    # HTML page's own error pages, or a media type a route declares
+                    # itself, are left as they are.
+                    if "application/json" in content or (not content and not html_page):
                         ex = ((content.get(PROBLEM) or {}).get("example")
                               or _problem_example(int(code)))
                         resp["content"] = {PROBLEM: {"schema": _REF, "example": ex}}

@@ -36,7 +36,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -48,7 +47,12 @@ import psycopg  # noqa: E402
 from confluent_kafka import Producer  # noqa: E402
 
 from bench.ingest_common import (  # noqa: E402
-    create_databases, drop_databases, dsn, event, profiles, user_ids,
+    create_databases,
+    drop_databases,
+    dsn,
+    event,
+    profiles,
+    user_ids,
 )
 from engine.buses.kafka import KafkaBus  # noqa: E402
 from shards.router import ShardRouter  # noqa: E402
@@ -62,11 +66,18 @@ def preload(shard_urls: list[str], n_users: int) -> None:
     router = ShardRouter.uniform(len(shard_urls))  # = the default bucket map the workers load
     conns = [psycopg.connect(dsn(u)) for u in shard_urls]
     with contextlib.ExitStack() as stack:
-        cps = [stack.enter_context(c.cursor().copy(
-            "COPY profiles (user_id, doc, seen, version, updated_at) FROM STDIN")) for c in conns]
+        cps = [
+            stack.enter_context(
+                c.cursor().copy(
+                    "COPY profiles (user_id, doc, seen, version, updated_at) FROM STDIN"
+                )
+            )
+            for c in conns
+        ]
         for uid, doc in profiles(n_users):
             cps[router.shard_of(uid)].write_row(
-                (uid, orjson.dumps(doc).decode(), "[]", 1, "2026-11-24T00:00:00Z"))
+                (uid, orjson.dumps(doc).decode(), "[]", 1, "2026-11-24T00:00:00Z")
+            )
     for conn in conns:
         conn.commit()
         conn.autocommit = True
@@ -74,7 +85,9 @@ def preload(shard_urls: list[str], n_users: int) -> None:
         conn.close()
 
 
-def produce(bootstrap: str, topic: str, n_events: int, n_users: int) -> tuple[dict[int, int], float, list]:
+def produce(
+    bootstrap: str, topic: str, n_events: int, n_users: int
+) -> tuple[dict[int, int], float, list]:
     """Publish the events; return each partition's last offset, the seconds taken,
     and a sample of (user, [event dicts]) for the correctness check."""
     last: dict[int, int] = {}
@@ -86,9 +99,17 @@ def produce(bootstrap: str, topic: str, n_events: int, n_users: int) -> tuple[di
         elif msg.offset() > last.get(msg.partition(), -1):
             last[msg.partition()] = msg.offset()
 
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                         "linger.ms": 5, "compression.type": "lz4", "partitioner": "murmur2_random",
-                         "queue.buffering.max.messages": 500_000})
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "partitioner": "murmur2_random",
+            "queue.buffering.max.messages": 500_000,
+        }
+    )
     rng = random.Random(11)
     ids = user_ids(n_users)
     sample_users = set(rng.sample(ids, min(2000, n_users)))
@@ -101,7 +122,9 @@ def produce(bootstrap: str, topic: str, n_events: int, n_users: int) -> tuple[di
             sample[uid].append(ev)
         while True:
             try:
-                producer.produce(topic, orjson.dumps(ev), str(uid).encode(), on_delivery=on_delivery)
+                producer.produce(
+                    topic, orjson.dumps(ev), str(uid).encode(), on_delivery=on_delivery
+                )
                 break
             except BufferError:
                 producer.poll(0.05)
@@ -142,9 +165,12 @@ def copy_ceiling(shard_urls: list[str]) -> tuple[int, float, int]:
             conn.execute("CREATE TABLE copy_target (LIKE profiles INCLUDING ALL)")
             conn.commit()
             t0 = time.perf_counter()
-            with conn.cursor() as cur, cur.copy(
-                "COPY copy_target (user_id, doc, seen, version, updated_at) FROM STDIN"
-            ) as cp:
+            with (
+                conn.cursor() as cur,
+                cur.copy(
+                    "COPY copy_target (user_id, doc, seen, version, updated_at) FROM STDIN"
+                ) as cp,
+            ):
                 for r in rows:
                     cp.write_row(r)
             conn.commit()
@@ -163,14 +189,18 @@ def check_sample(shard_urls: list[str], sample: list, preloaded: bool) -> int:
     base = dict(profiles(max(u for u, _ in sample) - 1_000_000)) if preloaded else {}
     bad = 0
     for uid, evs in sample:
-        got = conns[router.shard_of(uid)].execute(
-            "SELECT doc::text FROM profiles WHERE user_id = %s", (uid,)).fetchone()
+        got = (
+            conns[router.shard_of(uid)]
+            .execute("SELECT doc::text FROM profiles WHERE user_id = %s", (uid,))
+            .fetchone()
+        )
         expected = oracle([parse_event(e) for e in evs], 64 * 1024, None) if not preloaded else None
         if preloaded:
             from engine.events import apply_user
 
-            expected = apply_user(base[uid], [], [parse_event(e) for e in evs], max_bytes=64 * 1024,
-                                  seen_cap=10_000).doc
+            expected = apply_user(
+                base[uid], [], [parse_event(e) for e in evs], max_bytes=64 * 1024, seen_cap=10_000
+            ).doc
         if orjson.loads(got[0]) != expected:
             bad += 1
     for c in conns:
@@ -211,8 +241,11 @@ def py_spy_summary(path: Path, top: int = 22) -> str:
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         count = int(n)
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
-                  for f in stack.split(";") if f]
+        frames = [
+            f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
+            for f in stack.split(";")
+            if f
+        ]
         total += count
         if frames:
             own[frames[-1]] += count
@@ -221,20 +254,30 @@ def py_spy_summary(path: Path, top: int = 22) -> str:
     lines = [f"  samples: {total}", "  self time:"]
     lines += [f"    {100 * c / total:5.1f}%  {f}" for f, c in own.most_common(top)]
     lines.append("  inclusive (our code):")
-    ours = [(f, c) for f, c in incl.most_common() if any(
-        m in f for m in ("ingest.py", "events.py", "sql.py", "pg_ingest.py", "kafka.py", "worker.py"))]
+    ours = [
+        (f, c)
+        for f, c in incl.most_common()
+        if any(
+            m in f
+            for m in ("ingest.py", "events.py", "sql.py", "pg_ingest.py", "kafka.py", "worker.py")
+        )
+    ]
     lines += [f"    {100 * c / total:5.1f}%  {f}" for f, c in ours[:top]]
     return "\n".join(lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--users", type=int, default=200_000)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--partitions", type=int, default=8)
-    ap.add_argument("--cache", type=int, default=None, help="KVADRUPEL_INGEST_CACHE_USERS (default: setting)")
+    ap.add_argument(
+        "--cache", type=int, default=None, help="KVADRUPEL_INGEST_CACHE_USERS (default: setting)"
+    )
     ap.add_argument("--pipeline", type=int, default=None, help="KVADRUPEL_INGEST_PIPELINE")
     ap.add_argument("--batch", type=int, default=None, help="KVADRUPEL_INGEST_BATCH_MAX")
     ap.add_argument("--empty", action="store_true", help="start with no profiles")
@@ -255,28 +298,49 @@ def main() -> None:
         if not args.empty:
             t = time.perf_counter()
             preload(shard_urls, args.users)
-            print(f"preloaded {args.users:,} profiles in {time.perf_counter() - t:.1f}s", flush=True)
+            print(
+                f"preloaded {args.users:,} profiles in {time.perf_counter() - t:.1f}s", flush=True
+            )
         last, produce_s, sample = produce(broker.bootstrap, topic, args.events, args.users)
-        print(f"produced {args.events:,} events in {produce_s:.1f}s ({args.events / produce_s:,.0f}/s) "
-              f"over {len(last)} partitions", flush=True)
+        print(
+            f"produced {args.events:,} events in {produce_s:.1f}s ({args.events / produce_s:,.0f}/s) "
+            f"over {len(last)} partitions",
+            flush=True,
+        )
 
-        env = {**os.environ,
-               "KVADRUPEL_SHARDS": ",".join(shard_urls), "KVADRUPEL_CONTROL_DB": control,
-               "KVADRUPEL_KAFKA_BOOTSTRAP": broker.bootstrap, "KVADRUPEL_KAFKA_TOPIC_PREFIX": prefix,
-               "KVADRUPEL_KAFKA_PARTITIONS": str(args.partitions),
-               "KVADRUPEL_KAFKA_SESSION_TIMEOUT_MS": str(TEST_TIMINGS["session_timeout_ms"]),
-               "KVADRUPEL_KAFKA_HEARTBEAT_INTERVAL_MS": str(TEST_TIMINGS["heartbeat_interval_ms"]),
-               "KVADRUPEL_LOG_LEVEL": "WARNING"}
-        for opt, var in ((args.cache, "INGEST_CACHE_USERS"), (args.pipeline, "INGEST_PIPELINE"),
-                         (args.batch, "INGEST_BATCH_MAX")):
+        env = {
+            **os.environ,
+            "KVADRUPEL_SHARDS": ",".join(shard_urls),
+            "KVADRUPEL_CONTROL_DB": control,
+            "KVADRUPEL_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "KVADRUPEL_KAFKA_TOPIC_PREFIX": prefix,
+            "KVADRUPEL_KAFKA_PARTITIONS": str(args.partitions),
+            "KVADRUPEL_KAFKA_SESSION_TIMEOUT_MS": str(TEST_TIMINGS["session_timeout_ms"]),
+            "KVADRUPEL_KAFKA_HEARTBEAT_INTERVAL_MS": str(TEST_TIMINGS["heartbeat_interval_ms"]),
+            "KVADRUPEL_LOG_LEVEL": "WARNING",
+        }
+        for opt, var in (
+            (args.cache, "INGEST_CACHE_USERS"),
+            (args.pipeline, "INGEST_PIPELINE"),
+            (args.batch, "INGEST_BATCH_MAX"),
+        ):
             if opt is not None:
                 env[f"KVADRUPEL_{var}"] = str(opt)
+        # Write the bucket map now: workers starting together would race to create it.
+        from shards.shardset import control_engine, load_router
+
+        ctl = control_engine(control)
+        load_router(ctl, args.shards)
+        ctl.dispose()
         kv = str(ROOT / ".venv" / "bin" / "kvadrupel")
         t_start = time.perf_counter()
         for i in range(args.workers):
             log = (tmp / f"worker{i}.log").open("wb")
-            procs.append(subprocess.Popen([kv, "ingest"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=ROOT))
+            procs.append(
+                subprocess.Popen(
+                    [kv, "ingest"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+                )
+            )
         spy = None
         t_first = None
         while True:
@@ -284,17 +348,37 @@ def main() -> None:
             now = time.perf_counter()
             if started and t_first is None:
                 t_first = now
-                cpu0 = (cpu_seconds([p.pid for p in procs]), cpu_seconds(postgres_pids()),
-                        cpu_seconds([broker.process.pid]))
+                cpu0 = (
+                    cpu_seconds([p.pid for p in procs]),
+                    cpu_seconds(postgres_pids()),
+                    cpu_seconds([broker.process.pid]),
+                )
                 if args.py_spy:
-                    spy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "--pid",
-                                            str(procs[0].pid), "--format", "raw", "--threads", "--rate",
-                                            "200", "--nonblocking", "-o", str(tmp / "spy.txt")],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    spy = subprocess.Popen(
+                        [
+                            str(ROOT / ".venv" / "bin" / "py-spy"),
+                            "record",
+                            "--pid",
+                            str(procs[0].pid),
+                            "--format",
+                            "raw",
+                            "--threads",
+                            "--rate",
+                            "200",
+                            "--nonblocking",
+                            "-o",
+                            str(tmp / "spy.txt"),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
             if done:
                 t_end = now
-                cpu1 = (cpu_seconds([p.pid for p in procs]), cpu_seconds(postgres_pids()),
-                        cpu_seconds([broker.process.pid]))
+                cpu1 = (
+                    cpu_seconds([p.pid for p in procs]),
+                    cpu_seconds(postgres_pids()),
+                    cpu_seconds([broker.process.pid]),
+                )
                 break
             if any(p.poll() is not None for p in procs):
                 raise SystemExit(f"a worker exited:\n{(tmp / 'worker0.log').read_text()[-3000:]}")
@@ -317,26 +401,46 @@ def main() -> None:
 
         eps = args.events / steady
         copy_rows_s = rows / copy_s
-        print(f"\ningest: {args.events:,} events, {args.users:,} users, {args.workers} worker process(es), "
-              f"{args.shards} shards, {args.partitions} partitions")
-        print(f"  end to end          {eps:>10,.0f} events/s   ({steady:.1f}s first batch → last profile;"
-              f" {args.events / total:,.0f}/s incl. {t_first - t_start:.1f}s start + group join)")
-        print(f"  profile writes      {writes:>10,} rows      ({writes / steady:,.0f} rows/s; "
-              f"{args.events / max(writes, 1):.2f} events per row written)")
-        print(f"  plain COPY ceiling  {copy_rows_s:>10,.0f} rows/s     ({rows:,} final rows in {copy_s:.2f}s, one table)")
-        print(f"    as events/s       {args.events / copy_s:>10,.0f} events/s   (the N events' final rows in one COPY)")
-        print(f"  ratio               {eps / (args.events / copy_s):>10.1%}      end-to-end events/s ÷ COPY of the "
-              f"final rows")
-        print(f"                      {(writes / steady) / copy_rows_s:>10.1%}      profile rows/s written by ingest ÷ "
-              f"COPY rows/s")
-        print(f"  check               {len(sample) - bad}/{len(sample)} sampled users equal the one-by-one result")
+        print(
+            f"\ningest: {args.events:,} events, {args.users:,} users, {args.workers} worker process(es), "
+            f"{args.shards} shards, {args.partitions} partitions"
+        )
+        print(
+            f"  end to end          {eps:>10,.0f} events/s   ({steady:.1f}s first batch → last profile;"
+            f" {args.events / total:,.0f}/s incl. {t_first - t_start:.1f}s start + group join)"
+        )
+        print(
+            f"  profile writes      {writes:>10,} rows      ({writes / steady:,.0f} rows/s; "
+            f"{args.events / max(writes, 1):.2f} events per row written)"
+        )
+        print(
+            f"  plain COPY ceiling  {copy_rows_s:>10,.0f} rows/s     ({rows:,} final rows in {copy_s:.2f}s, one table)"
+        )
+        print(
+            f"    as events/s       {args.events / copy_s:>10,.0f} events/s   (the N events' final rows in one COPY)"
+        )
+        print(
+            f"  ratio               {eps / (args.events / copy_s):>10.1%}      end-to-end events/s ÷ COPY of the "
+            f"final rows"
+        )
+        print(
+            f"                      {(writes / steady) / copy_rows_s:>10.1%}      profile rows/s written by ingest ÷ "
+            f"COPY rows/s"
+        )
+        print(
+            f"  check               {len(sample) - bad}/{len(sample)} sampled users equal the one-by-one result"
+        )
         w_cpu, pg_cpu, k_cpu = (b - a for a, b in zip(cpu0, cpu1, strict=True))
-        print(f"  CPU in the window   workers {w_cpu:.1f}s ({w_cpu / steady:.0%} of a core, "
-              f"{w_cpu / args.events * 1e6:.1f} µs/event), PostgreSQL {pg_cpu:.1f}s "
-              f"({pg_cpu / args.events * 1e6:.1f} µs/event, all backends on the server), "
-              f"broker {k_cpu:.1f}s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print(
+            f"  CPU in the window   workers {w_cpu:.1f}s ({w_cpu / steady:.0%} of a core, "
+            f"{w_cpu / args.events * 1e6:.1f} µs/event), PostgreSQL {pg_cpu:.1f}s "
+            f"({pg_cpu / args.events * 1e6:.1f} µs/event, all backends on the server), "
+            f"broker {k_cpu:.1f}s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        )
         if spy is not None and (tmp / "spy.txt").exists():
-            print("\nwhere worker 0 spends its time (py-spy, all threads; idle = waiting on PostgreSQL/Kafka):")
+            print(
+                "\nwhere worker 0 spends its time (py-spy, all threads; idle = waiting on PostgreSQL/Kafka):"
+            )
             print(py_spy_summary(tmp / "spy.txt"))
     finally:
         for p in procs:

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -31,7 +31,12 @@ import orjson  # noqa: E402
 import psycopg  # noqa: E402
 
 from bench.ingest_common import (  # noqa: E402
-    create_databases, db_name, drop_databases, dsn, event, profiles,
+    create_databases,
+    db_name,
+    drop_databases,
+    dsn,
+    event,
+    profiles,
 )
 from engine.events import apply_user, parse_event  # noqa: E402
 from shards.backends.pg_ingest import FORMS  # noqa: E402
@@ -50,7 +55,9 @@ def make_template(n_users: int) -> str:
     return url
 
 
-def batches(n_users: int, per_batch: int, n_batches: int, shards: int, seed: int) -> list[list[list[IngestItem]]]:
+def batches(
+    n_users: int, per_batch: int, n_batches: int, shards: int, seed: int
+) -> list[list[list[IngestItem]]]:
     """``[batch][shard] -> items``: per shard, users drawn 85% from existing profiles."""
     rng = random.Random(seed)
     out = []
@@ -77,8 +84,9 @@ def batches(n_users: int, per_batch: int, n_batches: int, shards: int, seed: int
 WRITTEN: list[tuple[int, bytes, list[str]]] = []  # rows the timed batches wrote (first form)
 
 
-def run_form(form: str, urls: list[str], work: list[list[list[IngestItem]]],
-             record: bool = False) -> dict[str, float]:
+def run_form(
+    form: str, urls: list[str], work: list[list[list[IngestItem]]], record: bool = False
+) -> dict[str, float]:
     stores = [PostgresShardStore.from_url(i, u) for i, u in enumerate(urls)]
     write_s = [0.0] * len(stores)
     for s in stores:
@@ -114,13 +122,18 @@ def copy_ceiling() -> dict[str, float]:
     [url] = create_databases("shard", 1)
     try:
         with psycopg.connect(dsn(url)) as conn:
-            conn.execute("CREATE TABLE copy_target (user_id bigint, doc jsonb, seen jsonb, version bigint,"
-                         " updated_at timestamptz)")
+            conn.execute(
+                "CREATE TABLE copy_target (user_id bigint, doc jsonb, seen jsonb, version bigint,"
+                " updated_at timestamptz)"
+            )
             conn.commit()
             t0 = time.perf_counter()
-            with conn.cursor() as cur, cur.copy(
-                "COPY copy_target (user_id, doc, seen, version, updated_at) FROM STDIN"
-            ) as cp:
+            with (
+                conn.cursor() as cur,
+                cur.copy(
+                    "COPY copy_target (user_id, doc, seen, version, updated_at) FROM STDIN"
+                ) as cp,
+            ):
                 for uid, doc, seen in rows:
                     cp.write_row((uid, doc, seen, 1, "2026-11-24T00:00:00Z"))
             conn.commit()
@@ -131,7 +144,9 @@ def copy_ceiling() -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--users", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=1250, help="users per shard per batch")
     ap.add_argument("--batches", type=int, default=12)
@@ -139,8 +154,11 @@ def main() -> None:
     ap.add_argument("--forms", nargs="*", default=list(FORMS))
     args = ap.parse_args()
 
-    print(f"template: {args.users:,} profiles; {args.batches} batches x {args.shards} shards x "
-          f"{args.batch} users", flush=True)
+    print(
+        f"template: {args.users:,} profiles; {args.batches} batches x {args.shards} shards x "
+        f"{args.batch} users",
+        flush=True,
+    )
     template = make_template(args.users)
     work = batches(args.users, args.batch, args.batches, args.shards, seed=3)
     try:
@@ -154,12 +172,16 @@ def main() -> None:
             finally:
                 drop_databases(urls)
             results[form] = r
-            print(f"  {form:<12} write {r['rows'] / r['write_sum_s'] * args.shards:>9,.0f} rows/s "
-                  f"(statement)  shard tx {r['rows'] / r['total_s']:>9,.0f} rows/s (whole batch)",
-                  flush=True)
+            print(
+                f"  {form:<12} write {r['rows'] / r['write_sum_s'] * args.shards:>9,.0f} rows/s "
+                f"(statement)  shard tx {r['rows'] / r['total_s']:>9,.0f} rows/s (whole batch)",
+                flush=True,
+            )
         c = copy_ceiling()
-        print(f"  {'plain COPY':<12} {c['rows'] / c['total_s']:>15,.0f} rows/s (one table, one "
-              "connection, no upsert)")
+        print(
+            f"  {'plain COPY':<12} {c['rows'] / c['total_s']:>15,.0f} rows/s (one table, one "
+            "connection, no upsert)"
+        )
     finally:
         drop_databases([template])
 

@@ -44,7 +44,9 @@ def create_databases(kind: str, n: int, template: str | None = None) -> list[str
     with admin() as conn:
         for i in range(n):
             name = f"kvb_{tag}_{kind}{i}"
-            conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+            conn.execute(
+                f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")
+            )
             url = f"{PG_HOST}/{name}"
             if template is None:
                 engine = create_engine(url)
@@ -86,11 +88,20 @@ def event(i: int, uid: int, rng: random.Random) -> dict[str, Any]:
     if kind < 0.35:
         ev["inc"] = {"orders.total": 1}
         ev["max"] = {"orders.last_at": day}
-        ev["append"] = {"orders.recent": {"value": {"id": i, "sum": rng.randint(100, 99999)}, "cap": 20}}
+        ev["append"] = {
+            "orders.recent": {"value": {"id": i, "sum": rng.randint(100, 99999)}, "cap": 20}
+        }
     elif kind < 0.6:
-        ev["set"] = {"driver_license": {"expires_on": (AS_OF + timedelta(days=rng.randint(-400, 3650))).isoformat()}}
+        ev["set"] = {
+            "driver_license": {
+                "expires_on": (AS_OF + timedelta(days=rng.randint(-400, 3650))).isoformat()
+            }
+        }
     elif kind < 0.8:
-        ev["set"] = {"last_login": f"{day}T{rng.randint(0, 23):02d}:00:00Z", "device": rng.choice(["ios", "android", "web"])}
+        ev["set"] = {
+            "last_login": f"{day}T{rng.randint(0, 23):02d}:00:00Z",
+            "device": rng.choice(["ios", "android", "web"]),
+        }
         ev["inc"] = {"visits": 1}
     elif kind < 0.9:
         ev["set"] = {"email": f"user{uid}.{i}@example.org"}

@@ -18,7 +18,8 @@ An event carries one or more operations, applied in this order::
 * ``append`` adds a value to the list at a path, keeping only the last ``cap``
   items (default 20, at most 1000).
 * ``max`` / ``min`` keep the larger / smaller of the stored and the given value;
-  numbers compare as numbers, strings as ISO dates or datetimes.
+  numbers compare as numbers, strings as ISO dates or datetimes (as instants;
+  a date or a datetime without offset is taken as UTC).
 
 Validation (:func:`parse_event`) refuses unknown fields and operations, wrong
 types, numbers beyond ±(2**63-1), values nested deeper than :data:`MAX_DEPTH`,
@@ -45,7 +46,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, NamedTuple
 
 import orjson
@@ -208,7 +209,9 @@ class Event(BaseModel):
     @model_validator(mode="after")
     def _has_op(self) -> Event:
         if not any((self.set, self.unset, self.inc, self.append, self.max, self.min)):
-            raise ValueError("an event needs at least one operation: set, unset, inc, append, max, min")
+            raise ValueError(
+                "an event needs at least one operation: set, unset, inc, append, max, min"
+            )
         return self
 
 
@@ -223,7 +226,9 @@ class FastEvent:
 
     __slots__ = ("event_id", "user_id", "ts", "set", "unset", "inc", "append", "max", "min")
 
-    def __init__(self, event_id: str, user_id: int, ts: datetime | None, ops: dict[str, Any]) -> None:
+    def __init__(
+        self, event_id: str, user_id: int, ts: datetime | None, ops: dict[str, Any]
+    ) -> None:
         self.event_id = event_id
         self.user_id = user_id
         self.ts = ts
@@ -293,7 +298,8 @@ def _fast(data: dict[str, Any]) -> FastEvent | None:
                 elif name == "append":
                     out = {}
                     for p, op in v.items():
-                        if type(op) is not dict or "value" not in op or not _APPEND_KEYS.issuperset(op):
+                        if (type(op) is not dict or "value" not in op
+                                or not _APPEND_KEYS.issuperset(op)):
                             return None
                         cap = op.get("cap", APPEND_CAP_DEFAULT)
                         if type(cap) is not int or not 1 <= cap <= APPEND_CAP_MAX:
@@ -365,11 +371,13 @@ def _describe(exc: ValueError) -> str:
 
 # --------------------------------------------------------------------------- apply
 def _as_datetime(s: str) -> datetime | None:
+    """An ISO date or datetime as a naive UTC datetime (naive input is taken as
+    UTC), so that comparisons do not depend on the machine's time zone."""
     try:
         if len(s) == 10:
             return datetime.combine(date.fromisoformat(s), datetime.min.time())
         dt = datetime.fromisoformat(s)
-        return dt.replace(tzinfo=None) if dt.tzinfo is None else dt.astimezone().replace(tzinfo=None)
+        return dt if dt.tzinfo is None else dt.astimezone(UTC).replace(tzinfo=None)
     except ValueError:
         return None
 
@@ -518,7 +526,9 @@ def apply_user(
         doc = orjson.loads(doc)
         before = orjson.dumps(doc)
     snapshot = before
-    seen = list(seen) if seen else []
+    # The window is exact at every event (not per batch): otherwise what counts as
+    # a duplicate would depend on where the batches were cut.
+    seen = list(dict.fromkeys(seen))[-seen_cap:] if seen else []
     seen_set = set(seen)
     rejected: list[tuple[AnyEvent, str]] = []
     applied = 0
@@ -544,9 +554,9 @@ def apply_user(
         snapshot = encoded
         seen_set.add(eid)
         seen.append(eid)
+        if len(seen) > seen_cap:
+            seen_set.discard(seen.pop(0))
         applied += 1
-    if len(seen) > seen_cap:
-        del seen[: len(seen) - seen_cap]
     return UserUpdate(doc, seen, rejected, applied, snapshot != before, snapshot)
 
 

@@ -73,7 +73,8 @@ def dead_letter(bus: Bus, topic: str, msg: Message | None, cause: str, original:
     record = {
         "cause": cause,
         "event_id": event_id,
-        "source": {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset} if msg else None,
+        "source": ({"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+                   if msg else None),
         "original": text,
         "encoding": encoding,
     }

@@ -43,7 +43,7 @@ class BatchWorker(ABC):
     def process(self, batch: list[Message]) -> None:
         """Make the batch's effects durable; raise to have it retried."""
 
-    def idle(self) -> None:
+    def idle(self) -> None:  # noqa: B027 - optional hook
         """Called when a poll returned nothing (periodic chores)."""
 
     def step(self) -> int:
@@ -125,7 +125,7 @@ class BatchWorker(ABC):
         self._backoff = 0.1
         log.info("%s: resumed", self.name)
 
-    def drain(self) -> None:
+    def drain(self) -> None:  # noqa: B027 - optional hook
         """Called once when stopping, before :meth:`close` (finish in-flight work)."""
 
     def close(self) -> None:

@@ -137,8 +137,6 @@ def _check_request(items: list[Any], max_bytes: int) -> tuple[list[Any], list[di
             events.append((i, parse_event(item, max_bytes=max_bytes)))
         except EventError as exc:
             errors.append({"index": i, "reason": exc.reason})
-    if errors:
-        return [], errors
     per_user: dict[int, list[Any]] = {}
     for _, ev in events:
         per_user.setdefault(ev.user_id, []).append(ev)
@@ -196,7 +194,8 @@ async def post_events(request: Request) -> Response:
         return problem(422, "Invalid events", detail, errors=errors)
     # The original JSON of each event is queued: the worker validates it again
     # with the same rules.
-    messages = [(orjson.dumps(item), str(ev.user_id).encode()) for item, ev in zip(items, events, strict=True)]
+    messages = [(orjson.dumps(item), str(ev.user_id).encode())
+                for item, ev in zip(items, events, strict=True)]
     try:
         await asyncio.wrap_future(_publisher(request).submit(messages))
     except BusError as exc:

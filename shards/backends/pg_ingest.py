@@ -57,23 +57,32 @@ ON CONFLICT (user_id) DO UPDATE
        updated_at = EXCLUDED.updated_at
  WHERE profiles.version = EXCLUDED.version - 1
 """
-_UPSERT_UNNEST = """
+_UPSERT_UNNEST = (
+    """
 INSERT INTO profiles (user_id, doc, seen, version, updated_at)
 SELECT u, d::jsonb, s::jsonb, v, now()
   FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::bigint[]) AS x(u, d, s, v)
-""" + _UPSERT_TAIL
+"""
+    + _UPSERT_TAIL
+)
 _STAGE = (
     "CREATE TEMP TABLE IF NOT EXISTS kv_ingest_stage "
     "(u bigint, d text, s text, v bigint) ON COMMIT DELETE ROWS"
 )
-_UPSERT_STAGE = """
+_UPSERT_STAGE = (
+    """
 INSERT INTO profiles (user_id, doc, seen, version, updated_at)
 SELECT u, d::jsonb, s::jsonb, v, now() FROM kv_ingest_stage
-""" + _UPSERT_TAIL
-_UPSERT_ROW = """
+"""
+    + _UPSERT_TAIL
+)
+_UPSERT_ROW = (
+    """
 INSERT INTO profiles (user_id, doc, seen, version, updated_at)
 VALUES (%s, %s::jsonb, %s::jsonb, %s, now())
-""" + _UPSERT_TAIL
+"""
+    + _UPSERT_TAIL
+)
 
 _staged: weakref.WeakSet[Any] = weakref.WeakSet()  # connections that have the stage table
 
@@ -98,13 +107,17 @@ class PgIngestMixin:
     @property
     def _checks_versions(self) -> bool:  # type: ignore[override]
         return self.ingest_form in ("unnest", "copy")  # the forms that check rowcount
+
     _transient_errors: tuple[type[BaseException], ...] = (
         OperationalError,  # SQLAlchemy's, e.g. on connect
         psycopg.OperationalError,  # includes serialization failures and deadlocks
         psycopg.InterfaceError,  # the connection is closed
     )
     _data_errors: tuple[type[BaseException], ...] = (
-        DataError, IntegrityError, psycopg.DataError, psycopg.IntegrityError,
+        DataError,
+        IntegrityError,
+        psycopg.DataError,
+        psycopg.IntegrityError,
     )
 
     def _lock_marks(self, conn: Any, keys: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
@@ -132,19 +145,22 @@ class PgIngestMixin:
         pg = _pg(conn)
         dumps = orjson.dumps
         if form == "unnest":
-            cur = pg.execute(_UPSERT_UNNEST, (
-                [r.user_id for r in rows],
-                [r.encoded.decode() for r in rows],
-                [dumps(r.seen).decode() for r in rows],
-                [r.version + 1 for r in rows],
-            ))
+            cur = pg.execute(
+                _UPSERT_UNNEST,
+                (
+                    [r.user_id for r in rows],
+                    [r.encoded.decode() for r in rows],
+                    [dumps(r.seen).decode() for r in rows],
+                    [r.version + 1 for r in rows],
+                ),
+            )
         elif form == "copy":
             if pg not in _staged:
                 pg.execute(_STAGE)
                 _staged.add(pg)
             blob = b"".join(
-                b"%d\t%s\t%s\t%d\n" % (r.user_id, _copy_text(r.encoded), _copy_text(dumps(r.seen)),
-                                       r.version + 1)
+                b"%d\t%s\t%s\t%d\n"
+                % (r.user_id, _copy_text(r.encoded), _copy_text(dumps(r.seen)), r.version + 1)
                 for r in rows
             )
             cur = pg.cursor()
@@ -153,9 +169,13 @@ class PgIngestMixin:
             cur.execute(_UPSERT_STAGE)
         elif form == "executemany":
             cur = pg.cursor()
-            cur.executemany(_UPSERT_ROW, [
-                (r.user_id, r.encoded.decode(), dumps(r.seen).decode(), r.version + 1) for r in rows
-            ])
+            cur.executemany(
+                _UPSERT_ROW,
+                [
+                    (r.user_id, r.encoded.decode(), dumps(r.seen).decode(), r.version + 1)
+                    for r in rows
+                ],
+            )
             return  # rowcount is not summed over executemany: no conflict check here
         else:
             raise ValueError(f"unknown ingest form {form!r}; one of {FORMS}")

@@ -148,7 +148,7 @@ def _split_by_marks(
         touched[it.user_id] = None
         if it.offset >= 0:
             key = (it.topic, it.partition)
-            if False and it.offset <= marks.get(key, -1):
+            if it.offset <= marks.get(key, -1):
                 out.skipped += 1
                 continue
             if it.offset > new_marks.get(key, -1):

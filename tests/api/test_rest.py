@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from engine.events import parse_event
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 
@@ -92,7 +93,7 @@ def test_good_events_are_queued_keyed_by_user(api: tuple[TestClient, Container])
     assert r.status_code == 202 and r.json() == {"accepted": 2}
     msgs = c.bus.messages(c.bus.topic("events"))  # type: ignore[attr-defined]
     assert sorted(m.key for m in msgs) == [b"77", b"78"]
-    assert orjson.loads(next(m.value for m in msgs if m.key == b"77"))["user_id"] == 77
+    assert parse_event(next(m.value for m in msgs if m.key == b"77")).user_id == 77
 
 
 def test_rule_lifecycle(api: tuple[TestClient, Container]) -> None:

@@ -30,7 +30,9 @@ from tests.fixtures.kafka import TansuBroker, _free_port, _wait_ready, tansu_bin
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30.0, every: float = 0.1) -> Any:
+def wait_for(
+    predicate: Callable[[], Any], what: str, timeout: float = 30.0, every: float = 0.1
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         v = predicate()
@@ -145,12 +147,23 @@ def start_tansu_behind_proxy(log_dir: Path, attempts: int = 3) -> tuple[TansuBro
         log_path = log_dir / f"tansu-{real}.log"
         log_file = log_path.open("wb")
         proc = subprocess.Popen(  # noqa: S603 - our own binary
-            [str(binary), "broker", "--cluster-id", cluster_id,
-             "--listener-url", f"tcp://127.0.0.1:{real}",
-             "--advertised-listener-url", f"tcp://{proxy.address}",
-             "--storage-engine", "memory://tansu/"],
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "NO_COLOR": "1"})
+            [
+                str(binary),
+                "broker",
+                "--cluster-id",
+                cluster_id,
+                "--listener-url",
+                f"tcp://127.0.0.1:{real}",
+                "--advertised-listener-url",
+                f"tcp://{proxy.address}",
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
         broker = TansuBroker(proxy.address, cluster_id, proc, log_path, log_file)
         try:
             _wait_ready(broker, 15.0)
@@ -178,8 +191,13 @@ class Worker:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(  # noqa: S603 - our own CLI
-            [sys.executable, "-m", "kvadrupel.cli", self.kind], cwd=ROOT, env=self.env,
-            stdout=self.log.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [sys.executable, "-m", "kvadrupel.cli", self.kind],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         self.starts += 1
 
     def kill9(self) -> None:
@@ -244,28 +262,48 @@ class Fleet:
         return sum(len(w.unexpected_exits) for w in self.workers)
 
 
-def worker_env(*, shards: Sequence[str], control: str, bootstrap: str, prefix: str,
-               data_dir: Path, smtp_url: str, tokens: dict[str, str], **extra: str) -> dict[str, str]:
+def worker_env(
+    *,
+    shards: Sequence[str],
+    control: str,
+    bootstrap: str,
+    prefix: str,
+    data_dir: Path,
+    smtp_url: str,
+    tokens: dict[str, str],
+    **extra: str,
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVADRUPEL_")}
-    env.update({
-        "PYTHONPATH": str(ROOT),
-        "KVADRUPEL_DATA_DIR": str(data_dir),
-        "KVADRUPEL_SHARDS": ",".join(shards), "KVADRUPEL_CONTROL_DB": control,
-        "KVADRUPEL_KAFKA_BOOTSTRAP": bootstrap, "KVADRUPEL_KAFKA_TOPIC_PREFIX": prefix,
-        "KVADRUPEL_KAFKA_PARTITIONS": "4",
-        "KVADRUPEL_KAFKA_SESSION_TIMEOUT_MS": "2000", "KVADRUPEL_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
-        "KVADRUPEL_KAFKA_FETCH_WAIT_MAX_MS": "20",
-        "KVADRUPEL_SMTP_URL": smtp_url, "KVADRUPEL_SMTP_CONCURRENCY": "4",
-        "KVADRUPEL_SMTP_TIMEOUT_S": "3",
-        "KVADRUPEL_DELIVERY_CLAIM_TIMEOUT_S": "2", "KVADRUPEL_DELIVERY_RETRY_BASE_S": "0.2",
-        "KVADRUPEL_DELIVERY_RETRY_MAX_S": "1", "KVADRUPEL_DELIVERY_MAX_ATTEMPTS": "1000",
-        "KVADRUPEL_DELIVERY_SEND_CHUNK": "50",
-        "KVADRUPEL_RANGE_MAX_ATTEMPTS": "50", "KVADRUPEL_RULE_BUDGET_MS": "5000",
-        "KVADRUPEL_SHUTDOWN_GRACE_S": "10", "KVADRUPEL_LOG_LEVEL": "WARNING",
-        "KVADRUPEL_NIGHTLY_CRON": "off",
-        "KVADRUPEL_ADMIN_TOKEN": tokens["admin_token"], "KVADRUPEL_INGEST_TOKEN": tokens["ingest_token"],
-        "KVADRUPEL_PORTAL_TOKEN": tokens["portal_token"],
-    })
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "KVADRUPEL_DATA_DIR": str(data_dir),
+            "KVADRUPEL_SHARDS": ",".join(shards),
+            "KVADRUPEL_CONTROL_DB": control,
+            "KVADRUPEL_KAFKA_BOOTSTRAP": bootstrap,
+            "KVADRUPEL_KAFKA_TOPIC_PREFIX": prefix,
+            "KVADRUPEL_KAFKA_PARTITIONS": "4",
+            "KVADRUPEL_KAFKA_SESSION_TIMEOUT_MS": "2000",
+            "KVADRUPEL_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+            "KVADRUPEL_KAFKA_FETCH_WAIT_MAX_MS": "20",
+            "KVADRUPEL_SMTP_URL": smtp_url,
+            "KVADRUPEL_SMTP_CONCURRENCY": "4",
+            "KVADRUPEL_SMTP_TIMEOUT_S": "3",
+            "KVADRUPEL_DELIVERY_CLAIM_TIMEOUT_S": "2",
+            "KVADRUPEL_DELIVERY_RETRY_BASE_S": "0.2",
+            "KVADRUPEL_DELIVERY_RETRY_MAX_S": "1",
+            "KVADRUPEL_DELIVERY_MAX_ATTEMPTS": "1000",
+            "KVADRUPEL_DELIVERY_SEND_CHUNK": "50",
+            "KVADRUPEL_RANGE_MAX_ATTEMPTS": "50",
+            "KVADRUPEL_RULE_BUDGET_MS": "5000",
+            "KVADRUPEL_SHUTDOWN_GRACE_S": "10",
+            "KVADRUPEL_LOG_LEVEL": "WARNING",
+            "KVADRUPEL_NIGHTLY_CRON": "off",
+            "KVADRUPEL_ADMIN_TOKEN": tokens["admin_token"],
+            "KVADRUPEL_INGEST_TOKEN": tokens["ingest_token"],
+            "KVADRUPEL_PORTAL_TOKEN": tokens["portal_token"],
+        }
+    )
     env.update(extra)
     return env
 

@@ -34,8 +34,10 @@ from typing import Any
 
 import orjson
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from api.app import create_app
 from engine.buses.kafka import KafkaBus
 from engine.evaluation import CompiledPack
 from engine.events import apply_event, parse_event
@@ -45,42 +47,68 @@ from rules.context import make_context
 from rules.models import RuleIn
 from scheduler.planner import start_run
 from shards.schema import banners, ledger, profiles, user_state
-from tests.drills.kit import Fleet, Worker, start_tansu_behind_proxy, table, wait_for, worker_env, write_summary
+from tests.drills.kit import (
+    Fleet,
+    Worker,
+    start_tansu_behind_proxy,
+    table,
+    wait_for,
+    worker_env,
+    write_summary,
+)
 from tests.faults import pgcontrol
 
 pytestmark = [pytest.mark.drill, pytest.mark.postgres, pytest.mark.kafka]
 
 AS_OF = date(2026, 11, 24)
-TOKENS = {"admin_token": "adm-" + "d" * 20, "ingest_token": "ing-" + "d" * 20,
-          "portal_token": "por-" + "d" * 20}
+TOKENS = {
+    "admin_token": "adm-" + "d" * 20,
+    "ingest_token": "ing-" + "d" * 20,
+    "portal_token": "por-" + "d" * 20,
+}
 N_USERS = 2_000  # receive events while the faults run
 N_PASSIVE = 20_000  # no events: only the nightly run evaluates them (its ranges span the faults)
 BASE_UID = 7_000_000
 RATE = 400  # events/s produced while the faults run
+API_SAMPLE = 400  # users whose banners are also read through the banner API
 SOAK_S = float(os.environ.get("KVADRUPEL_DRILL_SOAK_S", "0"))
 
 # Monotone in the event stream (counters only grow): once matched, a user stays
 # matched, so the final state is one episode per match whatever the interleaving.
 RULES = [
-    RuleIn(key="drill-buyer", name="three orders", source="""
+    RuleIn(
+        key="drill-buyer",
+        name="three orders",
+        source="""
 def match(profile, ctx):
     n = 0
     for i in range(1500):
         n = n + i
     return get(profile, "orders.total", 0) >= 3
-""", banner={"title": "Thanks for {{ profile.orders.total }} orders"},
-        email={"subject": "You are a buyer", "text": "Hello {{ profile.name }}"}),
-    RuleIn(key="drill-visitor", name="ten visits", source="""
+""",
+        banner={"title": "Thanks for {{ profile.orders.total }} orders"},
+        email={"subject": "You are a buyer", "text": "Hello {{ profile.name }}"},
+    ),
+    RuleIn(
+        key="drill-visitor",
+        name="ten visits",
+        source="""
 def match(profile, ctx):
     return get(profile, "visits", 0) >= 10
-""", banner={"title": "Welcome back"}),
+""",
+        banner={"title": "Welcome back"},
+    ),
 ]
 
 
 def _initial(i: int) -> tuple[int, dict[str, Any]]:
     uid = BASE_UID + i * 7919
-    return uid, {"name": f"u{i}", "email": f"user{uid}@example.org",
-                 "orders": {"total": i % 4}, "visits": i % 11}
+    return uid, {
+        "name": f"u{i}",
+        "email": f"user{uid}@example.org",
+        "orders": {"total": i % 4},
+        "visits": i % 11,
+    }
 
 
 class Producer:
@@ -140,25 +168,48 @@ def _read_all(c: Container, table_: Any, cols: list[Any]) -> list[Any]:
     return out
 
 
+@pytest.mark.timeout(240 + SOAK_S)
 def test_drill(pg_factory: Any, smtp_server: Any, tmp_path: Path) -> None:
     t_start = time.monotonic()
     dbs = pg_factory(2)
     broker, proxy = start_tansu_behind_proxy(tmp_path)
     prefix = f"drill{uuid.uuid4().hex[:8]}"
-    s = Settings(data_dir=tmp_path / "data", shards=dbs.shards, control_db=dbs.control,
-                 kafka_bootstrap=broker.bootstrap, kafka_topic_prefix=prefix, kafka_partitions=4,
-                 kafka_session_timeout_ms=2000, kafka_heartbeat_interval_ms=500,
-                 kafka_fetch_wait_max_ms=20, range_target_users=200, rule_budget_ms=5000,
-                 range_max_attempts=50, smtp_url=smtp_server.url, **TOKENS)
+    s = Settings(
+        data_dir=tmp_path / "data",
+        shards=dbs.shards,
+        control_db=dbs.control,
+        kafka_bootstrap=broker.bootstrap,
+        kafka_topic_prefix=prefix,
+        kafka_partitions=4,
+        kafka_session_timeout_ms=2000,
+        kafka_heartbeat_interval_ms=500,
+        kafka_fetch_wait_max_ms=20,
+        range_target_users=200,
+        rule_budget_ms=5000,
+        range_max_attempts=50,
+        smtp_url=smtp_server.url,
+        **TOKENS,
+    )
     c = Container(s)
-    env = worker_env(shards=dbs.shards, control=dbs.control, bootstrap=broker.bootstrap, prefix=prefix,
-                     data_dir=tmp_path / "data", smtp_url=smtp_server.url, tokens=TOKENS)
+    env = worker_env(
+        shards=dbs.shards,
+        control=dbs.control,
+        bootstrap=broker.bootstrap,
+        prefix=prefix,
+        data_dir=tmp_path / "data",
+        smtp_url=smtp_server.url,
+        tokens=TOKENS,
+    )
     logs = tmp_path / "logs"
     logs.mkdir()
-    fleet = Fleet([Worker("ingest", env, logs / "ingest.log"),
-                   Worker("evaluate", env, logs / "evaluate-1.log"),
-                   Worker("evaluate", env, logs / "evaluate-2.log"),
-                   Worker("deliver", env, logs / "deliver.log")])
+    fleet = Fleet(
+        [
+            Worker("ingest", env, logs / "ingest.log"),
+            Worker("evaluate", env, logs / "evaluate-1.log"),
+            Worker("evaluate", env, logs / "evaluate-2.log"),
+            Worker("deliver", env, logs / "deliver.log"),
+        ]
+    )
     faults: Counter[str] = Counter()
     producer = None
     try:
@@ -185,9 +236,13 @@ def test_drill(pg_factory: Any, smtp_server: Any, tmp_path: Path) -> None:
             faults[fault] += 1
             r = c.runs.get(run_ids[-1])["ranges"]
             lc = c.ledger.counts(channel="email")
-            timeline.append(f"{time.monotonic() - t_start:6.1f}s  {fault:<24} in flight: run ranges "
-                            f"{r['done']}/{r['total']} done, {r['running']} running; events produced "
-                            f"{producer.count}; e-mails sent {lc.get('sent', 0)}, pending {lc.get('pending', 0)}")
+            timeline.append(
+                f"{time.monotonic() - t_start:6.1f}s  {fault:<24} in flight: run ranges "
+                f"{r['done']}/{r['total']} done, {r['running']} running; events produced "
+                f"{producer.count}; e-mails sent {lc.get('sent', 0)}, "
+                f"pending {lc.get('pending', 0)}"
+            )
+
         deadline = time.monotonic() + SOAK_S
         cycle = 0
         while True:
@@ -230,13 +285,18 @@ def test_drill(pg_factory: Any, smtp_server: Any, tmp_path: Path) -> None:
                 apply_event(oracle[uid], parse_event(value))
         pack = CompiledPack(c.rules.active(), 0)
         ctx = make_context(AS_OF, s.timezone)
-        want_banners = {(uid, k) for uid, doc in oracle.items()
-                        for k in pack.resolve_groups(pack.ruleset.evaluate(doc, ctx).matched)}
+        want_banners = {
+            (uid, k)
+            for uid, doc in oracle.items()
+            for k in pack.resolve_groups(pack.ruleset.evaluate(doc, ctx).matched)
+        }
         email_rules = {r.key for r in RULES if r.email}
 
         def profile_mismatches() -> int:
             got = dict(_read_all(c, profiles, [profiles.c.user_id, profiles.c.doc]))
-            return sum(got.get(uid) != doc for uid, doc in oracle.items()) + len(set(got) - set(oracle))
+            return sum(got.get(uid) != doc for uid, doc in oracle.items()) + len(
+                set(got) - set(oracle)
+            )
 
         wait_for(lambda: profile_mismatches() == 0, "profiles equal to the oracle", 60, 0.5)
         infos = [c.runs.wait(r, timeout=60) for r in run_ids]
@@ -259,18 +319,41 @@ def test_drill(pg_factory: Any, smtp_server: Any, tmp_path: Path) -> None:
         for info in infos:
             mism["runs not done"] += info["status"] != "done"
             mism["ranges parked"] += info["ranges"]["parked"]
-        got_banners = {tuple(r) for r in _read_all(c, banners, [banners.c.user_id, banners.c.rule_key])}
+        got_banners = {
+            tuple(r) for r in _read_all(c, banners, [banners.c.user_id, banners.c.rule_key])
+        }
         mism["banners != fresh evaluation"] = len(got_banners ^ want_banners)
+        sample = sorted(oracle)[:: max(1, len(oracle) // API_SAMPLE)]
+        want_by_user: dict[int, set[str]] = defaultdict(set)
+        for uid, k in want_banners:
+            want_by_user[uid].add(k)
+        with TestClient(create_app(c)) as api:
+            auth = {"Authorization": f"Bearer {TOKENS['portal_token']}"}
+            for uid in sample:
+                r = api.get(f"/v1/users/{uid}/banners", headers=auth)
+                keys = {b["rule"] for b in r.json()["banners"]} if r.status_code == 200 else None
+                mism[f"banner API != fresh evaluation ({len(sample)} users)"] += (
+                    keys != want_by_user[uid]
+                )
         state = dict(_read_all(c, user_state, [user_state.c.user_id, user_state.c.matches]))
         with c.control.connect() as conn:
-            rows = conn.execute(select(ledger.c.user_id, ledger.c.rule_key, ledger.c.episode,
-                                       ledger.c.status).where(ledger.c.channel == "email")).all()
+            rows = conn.execute(
+                select(
+                    ledger.c.user_id, ledger.c.rule_key, ledger.c.episode, ledger.c.status
+                ).where(ledger.c.channel == "email")
+            ).all()
         ledger_sent = {f"<{u}.{k}.{e}@kvadrupel>" for u, k, e, st in rows if st == "sent"}
         mism["ledger rows not sent"] = sum(st != "sent" for *_, st in rows)
-        want_mail = {f"<{uid}.{k}.{state[uid][k][0]}@kvadrupel>" for uid, k in want_banners
-                     if k in email_rules and uid in state and k in state[uid]}
+        want_mail = {
+            f"<{uid}.{k}.{state[uid][k][0]}@kvadrupel>"
+            for uid, k in want_banners
+            if k in email_rules and uid in state and k in state[uid]
+        }
         mism["final matches without e-mail"] = len(want_mail - ledger_sent) + sum(
-            1 for uid, k in want_banners if k in email_rules and (uid not in state or k not in state[uid]))
+            1
+            for uid, k in want_banners
+            if k in email_rules and (uid not in state or k not in state[uid])
+        )
         received = Counter(str(m.message["Message-ID"]) for m in smtp_server.messages)
         mism["e-mails missing at SMTP"] = len(ledger_sent - set(received))
         mism["e-mails not in ledger"] = len(set(received) - ledger_sent)
@@ -299,7 +382,9 @@ def test_drill(pg_factory: Any, smtp_server: Any, tmp_path: Path) -> None:
             ("recovery after last fault (s)", f"{time.monotonic() - t_faults_over:.1f}"),
             ("wall time (s)", f"{elapsed:.1f}"),
         ]
-        text = table(rows_out, f"Kvadrupel drill ({'soak ' + str(int(SOAK_S)) + ' s' if SOAK_S else 'CI'})")
+        text = table(
+            rows_out, f"Kvadrupel drill ({'soak ' + str(int(SOAK_S)) + ' s' if SOAK_S else 'CI'})"
+        )
         text += "\nfault timeline\n" + "\n".join(timeline) + "\n"
         print("\n" + text)
         write_summary(text)

@@ -141,3 +141,27 @@ def test_a_range_that_keeps_failing_is_parked(deployment: Container, request: py
         stop.set()
         for t in threads:
             t.join(timeout=15)
+
+
+def test_a_users_job_evaluates_just_those_users_as_of_today(deployment: Container) -> None:
+    c = deployment
+    docs = load_users(c, 300)
+    chosen = sorted(docs)[:40]
+    shard_of = c.shards.router.shard_of
+    stop = threading.Event()
+    threads = [c.evaluator_worker(today=lambda: AS_OF).start_thread(stop)]
+    try:
+        for shard in (0, 1):
+            ids = [u for u in chosen if shard_of(u) == shard]
+            c.bus.publish(c.bus.topic("jobs"), orjson.dumps({"type": "users", "shard": shard,
+                                                             "user_ids": ids}))
+        c.bus.flush()
+        want = expected_matches(c, {u: docs[u] for u in chosen}, AS_OF)
+        results = drain_results(c, sum(want.values()))
+        assert Counter(r["rule"] for r in results) == want
+        assert {r["user_id"] for r in results} <= set(chosen)
+        assert all(r["run_id"] is None and r["as_of"] == AS_OF.isoformat() for r in results)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)

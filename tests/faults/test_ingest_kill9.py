@@ -23,13 +23,16 @@ def progress(shard_urls: list[str], topic: str) -> int:
     best: dict[int, int] = {}
     for url in shard_urls:
         with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-            for p, off in conn.execute('SELECT partition, "offset" FROM ingest_marks WHERE topic = %s',
-                                       (topic,)):
+            for p, off in conn.execute(
+                'SELECT partition, "offset" FROM ingest_marks WHERE topic = %s', (topic,)
+            ):
                 best[p] = max(best.get(p, -1), off)
     return sum(o + 1 for o in best.values())
 
 
-def test_kill_9_mid_stream_and_restart(kafka_broker: TansuBroker, pg_factory, tmp_path: Path) -> None:  # noqa: ANN001
+def test_kill_9_mid_stream_and_restart(
+    kafka_broker: TansuBroker, pg_factory, tmp_path: Path
+) -> None:  # noqa: ANN001
     dbs = pg_factory(2)
     prefix = f"t{uuid.uuid4().hex[:10]}"
     bus = KafkaBus(kafka_broker.bootstrap, prefix, **TEST_TIMINGS)
@@ -37,8 +40,14 @@ def test_kill_9_mid_stream_and_restart(kafka_broker: TansuBroker, pg_factory, tm
     bus.close()
     stream = kit.Stream(kafka_broker.bootstrap, f"{prefix}.events", users=60, seed=3)
     # Small batches: a kill lands between a shard commit and the offset commit often.
-    env = kit.worker_env(dbs.shards, dbs.control, kafka_broker.bootstrap, prefix,
-                         KVADRUPEL_INGEST_BATCH_MAX="40", KVADRUPEL_INGEST_BATCH_MS="10")
+    env = kit.worker_env(
+        dbs.shards,
+        dbs.control,
+        kafka_broker.bootstrap,
+        prefix,
+        KVADRUPEL_INGEST_BATCH_MAX="40",
+        KVADRUPEL_INGEST_BATCH_MS="10",
+    )
     log = tmp_path / "worker.log"
     rng = random.Random(5)
 
@@ -49,8 +58,12 @@ def test_kill_9_mid_stream_and_restart(kafka_broker: TansuBroker, pg_factory, tm
     for _ in range(3):
         worker = kit.start_worker(env, log)
         before = progress(dbs.shards, stream.topic)
-        kit.wait_until(lambda b=before: progress(dbs.shards, stream.topic) > b, 30,
-                       f"the worker to make progress\n{log.read_text()[-2000:]}", every=0.02)
+        kit.wait_until(
+            lambda b=before: progress(dbs.shards, stream.topic) > b,
+            30,
+            f"the worker to make progress\n{log.read_text()[-2000:]}",
+            every=0.02,
+        )
         time.sleep(rng.uniform(0.05, 0.6))
         worker.kill()
         worker.wait(10)
@@ -60,8 +73,11 @@ def test_kill_9_mid_stream_and_restart(kafka_broker: TansuBroker, pg_factory, tm
     # ...and restarted once more
     worker = kit.start_worker(env, log)
     try:
-        kit.wait_until(lambda: kit.marks_reached(dbs.shards, stream.topic, stream.last_offsets()), 40,
-                       f"every event applied\n{log.read_text()[-2000:]}")
+        kit.wait_until(
+            lambda: kit.marks_reached(dbs.shards, stream.topic, stream.last_offsets()),
+            40,
+            f"every event applied\n{log.read_text()[-2000:]}",
+        )
         dlq = kit.read_topic(kafka_broker.bootstrap, f"{prefix}.events.dlq")
     finally:
         worker.terminate()
@@ -72,8 +88,11 @@ def test_kill_9_mid_stream_and_restart(kafka_broker: TansuBroker, pg_factory, tm
     stored = kit.stored_profiles(dbs.shards)
     assert set(stored) <= set(expected)
     mismatched = [u for u in expected if stored.get(u, {}) != expected[u]]
-    assert not mismatched, (mismatched[:3], [stored.get(u) for u in mismatched[:1]],
-                            [expected[u] for u in mismatched[:1]])
+    assert not mismatched, (
+        mismatched[:3],
+        [stored.get(u) for u in mismatched[:1]],
+        [expected[u] for u in mismatched[:1]],
+    )
     # ...and the DLQ holds exactly the bad messages (a kill between publishing a
     # dead letter and committing may repeat one: same source, same cause)
     assert bad and set(kit.iter_dlq_sources(dlq)) == bad
