@@ -45,7 +45,8 @@ def create_app(container: Container, *, today: Callable[[], date] | None = None)
         app.include_router(module.router)
     mount_admin(app, container)  # the admin UI at /admin (api/admin/)
     fast.install(app, container)  # the lean path for GET /v1/users/{id}/banners (api/fast.py)
-    app.add_middleware(LoadShedMiddleware, max_inflight=s.api_max_inflight)  # outermost (api/shedding.py)
+    # outermost: api/shedding.py
+    app.add_middleware(LoadShedMiddleware, max_inflight=s.api_max_inflight)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness")
     def healthz() -> Response:

@@ -251,7 +251,8 @@ class FastEvent:
 
 
 AnyEvent = Event | FastEvent
-_ts_adapter: TypeAdapter[datetime] = TypeAdapter(datetime)
+# The model's own datetime validation (same result), without TypeAdapter's wrapper.
+_ts_validate = TypeAdapter(datetime).validator.validate_python
 
 
 def _fast(data: dict[str, Any]) -> FastEvent | None:
@@ -271,7 +272,7 @@ def _fast(data: dict[str, Any]) -> FastEvent | None:
                 if name not in _FIELDS:
                     return None
             elif name == "ts":
-                ev.ts = _ts_adapter.validate_python(v)
+                ev.ts = _ts_validate(v)
             elif name == "unset":
                 if type(v) is not list:
                     return None
@@ -439,7 +440,7 @@ def apply_event(doc: dict[str, Any], ev: AnyEvent) -> None:
                 parent.pop(leaf, None)
     if ev.inc:
         for path, n in ev.inc.items():
-            parent, leaf = _parent(doc, path, create=True)
+            parent, leaf = (doc, path) if "." not in path else _parent(doc, path, create=True)
             assert parent is not None
             cur = parent.get(leaf, 0)
             if isinstance(cur, bool) or not isinstance(cur, int | float):
@@ -450,7 +451,7 @@ def apply_event(doc: dict[str, Any], ev: AnyEvent) -> None:
             parent[leaf] = new
     if ev.append:
         for path, op in ev.append.items():
-            parent, leaf = _parent(doc, path, create=True)
+            parent, leaf = (doc, path) if "." not in path else _parent(doc, path, create=True)
             assert parent is not None
             cur = parent.get(leaf)
             if cur is None:
@@ -464,7 +465,7 @@ def apply_event(doc: dict[str, Any], ev: AnyEvent) -> None:
         if not ops:
             continue
         for path, value in ops.items():
-            parent, leaf = _parent(doc, path, create=True)
+            parent, leaf = (doc, path) if "." not in path else _parent(doc, path, create=True)
             assert parent is not None
             cur = parent.get(leaf)
             if cur is None:

@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     replica_max_lag_bytes: int = 1 << 20  # WAL replay lag past which reads go to the primary
     api_server: str = "granian"  # granian | uvicorn (kvadrupel api)
     api_workers: int = 2
-    api_max_inflight: int = 256  # requests in flight per API process; past it: 503 + Retry-After (0: off)
+    api_max_inflight: int = 256  # requests in flight per process; then 503 + Retry-After (0: off)
 
     # Admin UI (/admin/, docs/admin.md).
     admin_session_secret: str = ""  # signs session cookies; empty: random per process

@@ -48,7 +48,7 @@ FROM unnest(%b::text[], %b::int[], %b::bigint[]) AS x(t, p, o)
 WHERE m.topic = x.t AND m.partition = x.p
 """
 _LOAD = """
-SELECT user_id, doc::text, seen::text, version FROM profiles WHERE user_id = ANY(%b::bigint[])
+SELECT user_id, doc::text, seen::text, version FROM profiles WHERE user_id = ANY(%s::bigint[])
 """
 # The version condition makes the write conditional on what was read.
 _UPSERT_TAIL = """
@@ -133,7 +133,8 @@ class PgIngestMixin:
 
     def _load_for_update(self, conn: Any, user_ids: list[int]) -> dict[int, tuple[Any, Any, int]]:
         # The document stays JSON text: apply_user parses it.
-        cur = _pg(conn).execute(_LOAD, (user_ids,))
+        # One array literal: psycopg's list dumper would loop in Python per id.
+        cur = _pg(conn).execute(_LOAD, ("{" + ",".join(map(str, user_ids)) + "}",))
         loads = orjson.loads
         return {u: (d, loads(s), v) for u, d, s, v in cur.fetchall()}
 
