@@ -63,6 +63,7 @@ from tests.fixtures.kafka import TEST_TIMINGS, start_tansu  # noqa: E402
 
 PG = os.environ.get("KVADRUPEL_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 AS_OF = date(2026, 11, 24)
+COLD = "night D (cold, evaluators only)"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -243,12 +244,11 @@ def read_all(container: Container) -> tuple[int, float, list[Any]]:
 def ceilings(container: Container, as_of: date) -> dict[str, Any]:
     n_raw, t_raw = read_raw(container)
     n, t_parse, rows = read_all(container)
-    docs = [r[1] for r in rows]
     ctx = make_context(as_of, container.settings.timezone)
     fns = plain_functions()
 
-    def plain() -> None:
-        for p in docs:
+    def plain(part: list[Any]) -> None:
+        for _, p, _ in part:
             m = []
             for key, fn in fns:
                 try:
@@ -259,24 +259,30 @@ def ceilings(container: Container, as_of: date) -> dict[str, Any]:
 
     pack = CompiledPack(container.rules.active(), container.settings.rule_budget_ms)
 
-    def sandboxed() -> None:
+    def sandboxed(part: list[Any]) -> None:
         evaluate = pack.ruleset.evaluate
-        for p in docs:
+        for _, p, _ in part:
             evaluate(p, ctx)
 
-    def engine() -> None:
+    def engine(part: list[Any]) -> None:
         stats = RangeStats()
-        for i in range(0, len(rows), 256):
-            evaluate_rows(rows[i:i + 256], pack, ctx, None, stats)
+        for i in range(0, len(part), 256):
+            evaluate_rows(part[i:i + 256], pack, ctx, None, stats)
 
-    timings = {}
+    # CPU time, interleaved slice by slice: the three see the same conditions
+    # (other processes' load changes by the minute on a shared machine).
+    timings = {"plain": 0.0, "sandboxed": 0.0, "engine": 0.0}
     gc.freeze()
-    for name, fn in (("plain", plain), ("sandboxed", sandboxed), ("engine", engine)):
-        t0 = time.perf_counter()
-        fn()
-        timings[name] = time.perf_counter() - t0
-        log(f"ceiling {name}: {n / timings[name]:,.0f} users/s")
+    step = max(256, len(rows) // 40)
+    for i in range(0, len(rows), step):
+        part = rows[i:i + step]
+        for name, fn in (("plain", plain), ("sandboxed", sandboxed), ("engine", engine)):
+            t0 = time.process_time()
+            fn(part)
+            timings[name] += time.process_time() - t0
     gc.unfreeze()
+    for name, t in timings.items():
+        log(f"ceiling {name}: {n / t:,.0f} users per CPU-second")
     return {"n": n, "raw_s": t_raw, "raw_n": n_raw, "parse_s": t_parse, **timings,
             "rules": len(pack.ruleset)}
 
@@ -312,11 +318,18 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--profile", action="store_true", help="cProfile one range in-process")
     ap.add_argument("--keep", action="store_true", help="keep the kvbench_* databases")
+    ap.add_argument("--reuse", type=int, default=0, metavar="DAY",
+                    help="reuse kept kvbench_* databases whose last night was D+DAY-1: "
+                         "no load, no cold night; the measured nights start at D+DAY")
     args = ap.parse_args()
     worker_counts = [int(w) for w in args.workers.split(",") if w]
 
     log(f"{args.users:,} users, {args.shards} shards, 50 rules; {os.cpu_count()} CPUs; {load_avg()}")
-    control, shard_urls = create_databases(args.shards)
+    if args.reuse:
+        sa = PG.replace("postgresql://", "postgresql+psycopg://")
+        control, shard_urls = f"{sa}/kvbench_control", [f"{sa}/kvbench_s{i}" for i in range(args.shards)]
+    else:
+        control, shard_urls = create_databases(args.shards)
     broker = start_tansu()
     data_dir = Path(tempfile.mkdtemp(prefix="kvbench-"))
     base = Settings(
@@ -329,19 +342,24 @@ def main() -> None:
     setup = Container(base)
     try:
         setup.migrate()
-        t0 = time.perf_counter()
-        load_users(setup, args.users)
-        log(f"loaded {args.users:,} users in {time.perf_counter() - t0:.1f}s")
-        install_pack(setup.rules, RULES50)
+        if args.reuse:
+            args.users = sum(st.count() for st in setup.shards.stores)
+            nights = [{}]  # the cold night ran before
+        else:
+            t0 = time.perf_counter()
+            load_users(setup, args.users)
+            log(f"loaded {args.users:,} users in {time.perf_counter() - t0:.1f}s")
+            install_pack(setup.rules, RULES50)
+            nights = [night(base, AS_OF, args.cold_workers, False, COLD)]
+            log(_night_line(nights[-1], args.users))
         assert len(setup.rules.active()) == 50
-
-        nights = [night(base, AS_OF, args.cold_workers, False, "night D (cold, evaluators only)")]
-        log(_night_line(nights[-1], args.users))
-        for i, w in enumerate(worker_counts, start=1):
+        first = args.reuse or 1
+        for i, w in enumerate(worker_counts, start=first):
             nights.append(night(base, AS_OF + timedelta(days=i), w, True, f"night D+{i}"))
             log(_night_line(nights[-1], args.users))
-        ceil = ceilings(setup, AS_OF + timedelta(days=len(worker_counts)))
-        prof = profile_range(setup, AS_OF + timedelta(days=len(worker_counts))) if args.profile else ""
+        last = AS_OF + timedelta(days=first + len(worker_counts) - 1)
+        ceil = ceilings(setup, last)
+        prof = profile_range(setup, last) if args.profile else ""
         report(args, nights, ceil, prof)
     finally:
         setup.close()
@@ -363,6 +381,8 @@ def report(args: argparse.Namespace, nights: list[dict[str, Any]], ceil: dict[st
     print("\n=== nightly run:", f"{args.users:,} users x {n_rules} rules, {args.shards} PostgreSQL shards, "
           f"Kafka-protocol broker (Tansu), {args.partitions} job partitions, ranges of ~{args.range_users:,}")
     print(f"{'night':<34}{'workers':>8}{'run s':>8}{'e2e s':>8}{'users/s':>11}{'results':>9}  per worker users/s (rule-evals/s)")
+    nights = [n for n in nights if n]
+    steady = [n for n in nights if n["workers"] and n["label"] != COLD]
     for n in nights:
         info = n["run"]
         per = "; ".join(f"{v['users_per_s'] or 0:,.0f} ({(v['users_per_s'] or 0) * n_rules / 1e6:.2f}M)"
@@ -370,7 +390,7 @@ def report(args: argparse.Namespace, nights: list[dict[str, Any]], ceil: dict[st
         per += f"  | worker CPU {sum(n['cpu']) / max(1, info['users']) * 1e6:.0f} us/user"
         print(f"{n['label']:<34}{n['workers']:>8}{n['t_run']:>8.2f}{n['t_e2e']:>8.2f}"
               f"{args.users / n['t_e2e']:>11,.0f}{n['results']:>9,}  {per}")
-    for n in nights[1:]:
+    for n in steady:
         print(f"  {n['label']}: ledger {n['ledger']}, {n['load']}")
     users_n = ceil["n"]
     io_raw = users_n / ceil["raw_s"]
@@ -381,21 +401,24 @@ def report(args: argparse.Namespace, nights: list[dict[str, Any]], ceil: dict[st
     print("\n=== ceilings over the same profiles (one process)")
     print(f"  (b) I/O: COPY read {io_raw:,.0f} users/s raw; {io_parsed:,.0f} users/s as the evaluator "
           f"reads them (profile + state, parsed)")
+    print("  (CPU time of this process, the three interleaved slice by slice)")
     print(f"  (a) compute: plain Python {plain:,.0f} users/s ({ceil['plain'] / users_n * 1e6:.1f} us/user, "
           f"{plain * n_rules / 1e6:.2f}M rule-evals/s)")
     print(f"      sandboxed RuleSet {sand:,.0f} users/s ({ceil['sandboxed'] / users_n * 1e6:.1f} us/user): "
           f"{ceil['sandboxed'] / ceil['plain']:.2f}x plain")
     print(f"      engine evaluate_rows {eng:,.0f} users/s ({ceil['engine'] / users_n * 1e6:.1f} us/user): "
           f"{ceil['engine'] / ceil['plain']:.2f}x plain")
-    steady = nights[1:]
     if steady:
         print("\n=== ratios (steady-state nights)")
         for n in steady:
             rate = args.users / n["t_e2e"]
             per_worker = rate / n["workers"]
+            cpu_per_user = sum(n["cpu"]) / args.users
             print(f"  {n['workers']} worker(s): e2e {rate:,.0f} users/s = {rate / plain:.2f}x the compute "
                   f"ceiling of one process, {rate / io_parsed:.2f}x the I/O ceiling; "
-                  f"{per_worker:,.0f} users/s per worker")
+                  f"{per_worker:,.0f} users/s per worker; worker CPU {cpu_per_user * 1e6:.1f} us/user "
+                  f"= {1 / cpu_per_user:,.0f} users per CPU-second ({ceil['plain'] / users_n / cpu_per_user:.2f}x "
+                  f"the plain-Python ceiling)")
         if len(steady) >= 2:
             a, b = steady[0], steady[-1]
             print(f"  scale-out {a['workers']} -> {b['workers']} workers: "

@@ -31,8 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from shards.schema import banners, episodes
 from shards.store import BannerChange
 
-__all__ = ["EpisodeStart", "end_episodes", "expire_due", "expired_episodes", "read_episode",
-           "start_episodes"]
+__all__ = ["EpisodeStart", "end_episodes", "expire_due", "read_episode", "start_episodes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,21 +74,6 @@ def end_episodes(store: Any, ends: Sequence[tuple[int, str, int]], now: datetime
             episodes.c.user_id == bindparam("u"), episodes.c.rule_key == bindparam("r"),
             episodes.c.episode == bindparam("e"), episodes.c.status != "ended",
         )).values(status="ended", ended_at=now), [{"u": u, "r": r, "e": e} for u, r, e in ends])
-
-
-def expired_episodes(store: Any, keys: Sequence[tuple[int, str, int]]) -> set[tuple[int, str, int]]:
-    """Which of these (user, rule, episode) are marked expired (for redelivered enters)."""
-    if not keys:
-        return set()
-    users = sorted({k[0] for k in keys})
-    out: set[tuple[int, str, int]] = set()
-    with store.engine.connect() as conn:
-        for i in range(0, len(users), 1000):
-            for r in conn.execute(select(episodes.c.user_id, episodes.c.rule_key, episodes.c.episode)
-                                  .where(episodes.c.user_id.in_(users[i:i + 1000])
-                                         & (episodes.c.status == "expired"))):
-                out.add((int(r[0]), r[1], int(r[2])))
-    return out & set(keys)
 
 
 def expire_due(store: Any, now: datetime, limit: int = 1000) -> list[int]:

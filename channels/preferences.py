@@ -78,10 +78,6 @@ class Preferences:
 ALLOW_ALL = Preferences.of({})
 
 
-def _engine(store: Any) -> Any:
-    return store.engine
-
-
 def load_preferences(shards: Any, user_ids: Iterable[int]) -> dict[int, Preferences]:
     """Preferences of many users, one query per shard; users without any are absent."""
     out: dict[int, Preferences] = {}

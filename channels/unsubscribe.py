@@ -65,11 +65,19 @@ def secret_from_settings(settings: Any) -> bytes:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, key.hex().encode())
+        os.fsync(fd)
     finally:
         os.close(fd)
+    try:
+        os.link(tmp, path)  # atomic, and fails if another process got there first
+    except FileExistsError:
+        key = bytes.fromhex(path.read_text().strip())
+    finally:
+        tmp.unlink(missing_ok=True)
     return key
 
 
@@ -134,8 +142,7 @@ class Unsubscriber:
         if html_body is not None:
             link = (f'<p style="font-size:12px;color:#777">'
                     f'<a href="{html.escape(url)}">{html.escape(short_label)}</a></p>')
-            m = None
-            for m in _BODY_END.finditer(html_body):
-                pass
+            ends = list(_BODY_END.finditer(html_body))
+            m = ends[-1] if ends else None
             html_body = (html_body[:m.start()] + link + html_body[m.start():]) if m else html_body + link
         return text, html_body

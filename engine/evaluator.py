@@ -137,29 +137,19 @@ class EvaluatorWorker(BatchWorker):
         super().run(stop)
 
     def step(self) -> int:
-        if self._batch is None:
-            batch = self.consumer.poll(self.poll_max, self.poll_timeout)
-            if not batch:
-                self.idle()
-                return 0
-            self._batch = batch
-        batch = self._batch
-        self.process(batch)
         try:
-            self.consumer.commit(batch)
+            return super().step()
         except BusError:
-            held = set(self.consumer.assignment())
-            if any((m.topic, m.partition) not in held for m in batch):
-                # The group rebalanced while we worked: the partition's new owner got
-                # the job again and will find it done (or redo it, idempotently).
+            batch = self._batch
+            if batch and not {(m.topic, m.partition) for m in batch} <= set(self.consumer.assignment()):
+                # The group rebalanced while we worked (the commit was refused): the
+                # partition's new owner got the job again and will find it done, or
+                # redo it idempotently. Retrying it here would fail for ever.
                 log.warning("lost partition of job %s/%d@%d during a rebalance",
                             batch[0].topic, batch[0].partition, batch[0].offset)
                 self._batch = None
                 return 0
             raise
-        self._batch = None
-        self.handled += len(batch)
-        return len(batch)
 
     def process(self, batch: list[Message]) -> None:
         for msg in batch:
