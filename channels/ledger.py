@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, func, or_, select, tuple_, update
+import orjson
+from sqlalchemy import Engine, and_, bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from shards.schema import ledger
@@ -101,6 +102,18 @@ _KEY_PARAMS = and_(ledger.c.user_id == bindparam("k_user"), ledger.c.rule_key ==
                    ledger.c.episode == bindparam("k_episode"), ledger.c.channel == bindparam("k_channel"))
 
 
+_PG_CLAIM = text("""
+INSERT INTO ledger (user_id, rule_key, episode, channel, version, status, attempts, run_id,
+                    payload, next_attempt_at, created_at, category, critical)
+SELECT u, r, e, c, v, 'pending', 0, run, p::jsonb, :nxt, :ts, cat, crit
+FROM unnest(CAST(:u AS bigint[]), CAST(:r AS text[]), CAST(:e AS integer[]), CAST(:c AS text[]),
+            CAST(:v AS integer[]), CAST(:run AS integer[]), CAST(:p AS text[]),
+            CAST(:cat AS text[]), CAST(:crit AS boolean[])) AS x(u, r, e, c, v, run, p, cat, crit)
+ON CONFLICT DO NOTHING
+RETURNING user_id, rule_key, episode, channel
+""")
+
+
 def _key_params(c: Claim) -> dict[str, Any]:
     return {"k_user": c.user_id, "k_rule": c.rule_key, "k_episode": c.episode, "k_channel": c.channel}
 
@@ -132,6 +145,8 @@ class Ledger:
         if not claims:
             return []
         ts = self.clock()
+        if self._pg:
+            return self._claim_pg(claims, ts)
         rows = [{
             "user_id": c.user_id, "rule_key": c.rule_key, "episode": c.episode, "channel": c.channel,
             "version": c.version, "status": "pending", "attempts": 0, "run_id": c.run_id,
@@ -144,6 +159,24 @@ class Ledger:
         with self.control.begin() as conn:
             for i in range(0, len(rows), _CHUNK):
                 won.update(tuple(r) for r in conn.execute(stmt, rows[i:i + _CHUNK]))
+        return [c for c in claims if c.key in won]
+
+    def _claim_pg(self, claims: list[Claim], ts: datetime) -> list[Claim]:
+        # One short statement over arrays (unnest) instead of a multi-row VALUES list:
+        # PostgreSQL parses and plans it once, whatever the batch size.
+        won: set[tuple[int, str, int, str]] = set()
+        with self.control.begin() as conn:
+            for i in range(0, len(claims), 5000):
+                part = claims[i:i + 5000]
+                rows = conn.execute(_PG_CLAIM, {
+                    "u": [c.user_id for c in part], "r": [c.rule_key for c in part],
+                    "e": [c.episode for c in part], "c": [c.channel for c in part],
+                    "v": [c.version for c in part], "run": [c.run_id for c in part],
+                    "p": [orjson.dumps(c.payload).decode() for c in part],
+                    "cat": [c.category for c in part], "crit": [c.critical for c in part],
+                    "nxt": ts + self.claim_timeout, "ts": ts,
+                })
+                won.update(tuple(r) for r in rows)
         return [c for c in claims if c.key in won]
 
     def due(self, limit: int = 500) -> list[Claim]:
