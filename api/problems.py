@@ -13,7 +13,13 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.auth import AuthError
-from kvadrupel.errors import Conflict, NotFound, RuleValidationError, ShardUnavailable
+from kvadrupel.errors import (
+    Conflict,
+    NotFound,
+    RuleCompileError,
+    RuleValidationError,
+    ShardUnavailable,
+)
 
 PROBLEM = "application/problem+json"
 log = logging.getLogger("kvadrupel.api")
@@ -53,6 +59,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RuleValidationError)
     async def _rule(_: Request, exc: RuleValidationError) -> Response:
         return problem(422, "Invalid rule", str(exc), errors=exc.problems)
+
+    @app.exception_handler(RuleCompileError)
+    async def _compile(_: Request, exc: RuleCompileError) -> Response:
+        return problem(422, "Invalid rule", str(exc),
+                       errors=[{"field": "source", "line": exc.line, "message": exc.reason}])
 
     @app.exception_handler(NotFound)
     async def _nf(_: Request, exc: NotFound) -> Response:

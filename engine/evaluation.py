@@ -96,6 +96,7 @@ class RangeStats:
     errors: Counter[str] = field(default_factory=Counter)
     error_samples: dict[str, str] = field(default_factory=dict)
     timeouts: dict[str, int] = field(default_factory=dict)  # rule -> a user id it timed out on
+    timeout_docs: dict[str, Any] = field(default_factory=dict)  # rule -> that user's profile
     enters: int = 0
     exits: int = 0
 
@@ -106,6 +107,7 @@ class RangeStats:
         for k, v in other.error_samples.items():
             self.error_samples.setdefault(k, v)
         self.timeouts.update(other.timeouts)
+        self.timeout_docs.update(other.timeout_docs)
         self.enters += other.enters
         self.exits += other.exits
 
@@ -142,7 +144,7 @@ def evaluate_rows(
         matched = outcome.matched
         failed: set[str] | None = None
         if outcome.errors or outcome.timeouts:
-            failed = _record_failures(outcome, uid, stats)
+            failed = _record_failures(outcome, uid, doc, stats)
         if grouped and (len(matched) > 1 or (restricted and prev)):
             matched = pack.resolve_groups(matched, prev)
         key = tuple(matched)
@@ -191,13 +193,15 @@ def evaluate_rows(
     return results, states
 
 
-def _record_failures(outcome: Any, uid: int, stats: RangeStats) -> set[str]:
+def _record_failures(outcome: Any, uid: int, doc: Any, stats: RangeStats) -> set[str]:
     for k, msg in outcome.errors.items():
         stats.errors[k] += 1
         stats.error_samples.setdefault(k, f"user {uid}: {msg}")
     for k in outcome.timeouts:
         stats.errors[k] += 1
-        stats.timeouts.setdefault(k, uid)
+        if k not in stats.timeouts:
+            stats.timeouts[k] = uid
+            stats.timeout_docs[k] = doc
     return set(outcome.errors) | set(outcome.timeouts)
 
 

@@ -34,6 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -44,8 +45,8 @@ from engine.bus import Bus, Consumer, Message
 from engine.evaluation import CompiledPack, RangeStats, evaluate_rows
 from engine.worker import BatchWorker
 from kvadrupel import metrics
-from kvadrupel.errors import BusError, ShardUnavailable
-from rules.context import make_context
+from kvadrupel.errors import BusError, RuleError, RuleTimeout, ShardUnavailable
+from rules.context import Context, make_context
 from rules.service import RuleService
 from scheduler.runs import RunService
 from shards.shardset import ShardSet
@@ -58,6 +59,7 @@ log = logging.getLogger("kvadrupel.evaluate")
 SCAN_BATCH = 256  # rows per evaluated batch: small batches stay in the CPU caches
 FLUSH_USERS = 20_000  # users between "bus flushed, states saved" points
 PROGRESS_S = 1.0  # how often a running range reports its users (live progress)
+TIMEOUT_CONFIRMATIONS = 2  # re-runs that must all overrun before a rule is quarantined
 
 
 def worker_id() -> str:
@@ -240,7 +242,7 @@ class EvaluatorWorker(BatchWorker):
             for key, n in stats.errors.items():
                 metrics.EVAL_ERRORS.labels(key).inc(n)
             if stats.errors:
-                self._police(total, pack)
+                self._police(total, pack, ctx)
             if progress is not None and time.monotonic() - beat >= PROGRESS_S:
                 beat = time.monotonic()
                 self.runs.progress(progress[0], progress[1], self.worker, total.users)
@@ -254,12 +256,12 @@ class EvaluatorWorker(BatchWorker):
         if states:
             store.save_state(states)
 
-    def _police(self, stats: RangeStats, pack: CompiledPack) -> None:
+    def _police(self, stats: RangeStats, pack: CompiledPack, ctx: Context) -> None:
         """Quarantine rules that time out, or fail on too many profiles."""
         changed = False
         for key, uid in stats.timeouts.items():
             rule = pack.rules.get(key)
-            if rule:
+            if rule and self._times_out(pack, key, stats.timeout_docs.get(key), ctx):
                 self.rules.quarantine(key, rule.version, f"exceeded the {self.budget_ms:g} ms budget", uid)
                 changed = True
         if stats.users >= self.error_min_samples:
@@ -271,6 +273,25 @@ class EvaluatorWorker(BatchWorker):
                                           f"error rate {n}/{stats.users} over {self.error_rate:.0%}: {sample}",
                                           None)
                     changed = True
+        stats.timeouts.clear()
+        stats.timeout_docs.clear()
         if changed:
-            stats.timeouts.clear()
             self.pack(force=True)
+
+    def _times_out(self, pack: CompiledPack, key: str, doc: Any, ctx: Context) -> bool:
+        """Confirm a timeout before quarantining: the budget is wall time, and a worker
+        starved of CPU (a loaded machine) overruns it on a rule that is fine. The rule
+        runs again, alone, on the same profile; only a rule that overruns every time
+        is taken out."""
+        compiled = pack.ruleset.compiled[pack.ruleset.keys.index(key)]
+        rule_ctx = replace(ctx, rule_key=key, rule_version=pack.rules[key].version)
+        for _ in range(TIMEOUT_CONFIRMATIONS):
+            try:
+                compiled.match(doc, rule_ctx)
+            except RuleTimeout:
+                continue
+            except RuleError:
+                pass  # it raised instead: an error, counted already
+            log.warning("rule %s overran its budget once but not when re-run: not quarantined", key)
+            return False
+        return True

@@ -85,7 +85,7 @@ class PreviewIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     as_of: date
     sample: int | Literal["all"] = Field(default=20_000)
-    version: int | None = None
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1)
 
     @field_validator("sample")
     @classmethod
@@ -100,7 +100,7 @@ class ForecastIn(BaseModel):
     from_: date = Field(alias="from")
     days: int = Field(default=30, ge=1, le=366)
     sample: int | Literal["all"] = Field(default=20_000)
-    version: int | None = None
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1)
 
     _positive = field_validator("sample")(PreviewIn._positive.__func__)  # type: ignore[attr-defined]
 
@@ -109,7 +109,7 @@ class ShadowIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     as_of: date
     source: str | None = Field(default=None, max_length=50_000)
-    version: int | None = None
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1)
     sample: int | Literal["all"] = Field(default=20_000)
 
     _positive = field_validator("sample")(PreviewIn._positive.__func__)  # type: ignore[attr-defined]
@@ -133,6 +133,6 @@ async def shadow(key: str, body: ShadowIn, request: Request) -> dict[str, Any]:
 
 
 @router.get("/{key}/diff", summary="Differences between two versions")
-def diff(key: str, request: Request, from_: int = Query(alias="from", ge=1),
-         to: int = Query(ge=1)) -> dict[str, Any]:
+def diff(key: str, request: Request, from_: int = Query(alias="from", ge=1, le=2**31 - 1),
+         to: int = Query(ge=1, le=2**31 - 1)) -> dict[str, Any]:
     return _svc(request).diff(key, from_, to)

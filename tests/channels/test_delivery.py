@@ -36,6 +36,10 @@ def rig(request: pytest.FixtureRequest, tmp_path: Any, smtp_server: Any) -> Iter
         r.close()
 
 
+# Storage-independent behaviour runs on SQLite only (keeps the suite fast).
+SQLITE_ONLY = pytest.mark.parametrize("rig", ["sqlite"], indirect=True)
+
+
 def _episode(rig: Rig, uid: int, rule: str) -> dict[str, Any]:
     store = rig.container.shards.for_user(uid)
     with store.engine.connect() as conn:
@@ -86,6 +90,7 @@ def test_episodes_banner_lives_for_the_episode_and_mail_goes_once(rig: Rig, smtp
     assert len(smtp_server.messages) == 2
 
 
+@SQLITE_ONLY
 def test_mail_is_multipart_with_unsubscribe_header_and_link(rig: Rig, smtp_server: Any) -> None:
     uid = 4_200_000_002
     rig.publish(enter(uid, "r1", 1, category="documents"))
@@ -158,6 +163,7 @@ def test_permanent_failure_and_exhausted_retries_become_dead_letters(rig: Rig, s
     assert smtp_server.messages == []
 
 
+@SQLITE_ONLY
 def test_banner_expires_at_and_is_not_brought_back(rig: Rig) -> None:
     uid, gone = 4_200_000_006, 4_200_000_007
     soon = (rig.clock.now + timedelta(hours=2)).isoformat()
@@ -180,6 +186,7 @@ def test_banner_expires_at_and_is_not_brought_back(rig: Rig) -> None:
     assert rig.banners(uid) == []
 
 
+@SQLITE_ONLY
 def test_exit_cancels_unsent_messages_of_the_episode(rig: Rig, smtp_server: Any) -> None:
     uid = 4_200_000_008
     smtp_server.refuse(451)
@@ -195,6 +202,7 @@ def test_exit_cancels_unsent_messages_of_the_episode(rig: Rig, smtp_server: Any)
     assert smtp_server.messages == []
 
 
+@SQLITE_ONLY
 def test_malformed_results_are_dead_lettered(rig: Rig) -> None:
     rig.publish({"kind": "enter", "user_id": 5})  # no rule, episode...
     rig.drain()

@@ -73,7 +73,10 @@ ops = st.fixed_dictionaries(
             paths,
             st.fixed_dictionaries(
                 {
-                    "value": st.text(st.characters(blacklist_characters="\x00"), max_size=40),
+                    "value": st.text(
+                        st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                        max_size=40,
+                    ),
                     "cap": st.integers(1, 4),
                 }
             ),
