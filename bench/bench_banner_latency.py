@@ -203,6 +203,9 @@ def main() -> None:
                     missed += 1
                     break
                 time.sleep(0.005)
+            if k % 50 == 49:
+                print(f"  {k + 1} probes, median so far {statistics.median(lat) * 1000:.0f} ms",
+                      flush=True)
             time.sleep(max(0.0, 0.1 - (time.perf_counter() - t0)))
         probe_s = time.monotonic() - t_probes
         stop.set()

@@ -352,6 +352,9 @@ def main() -> None:
             install_pack(setup.rules, RULES50)
             nights = [night(base, AS_OF, args.cold_workers, False, COLD)]
             log(_night_line(nights[-1], args.users))
+        for r in setup.rules.list():  # an earlier run on a starved machine may have
+            if r["status"] == "quarantined":  # quarantined some for overrunning
+                setup.rules.set_enabled(r["key"], True)
         assert len(setup.rules.active()) == 50
         first = args.reuse or 1
         for i, w in enumerate(worker_counts, start=first):

@@ -172,7 +172,8 @@ def compose(rule: Any, profile: Any, ctx: Any) -> tuple[dict | None, dict | None
                 ptexts, _ = localised(pspec, PUSH_KEYS, lang)
                 rendered = render_content(ptexts, profile, ctx) or {}
                 push = {k: rendered.get(k) or banner.get(k, "") for k in PUSH_KEYS}
-                push |= _flags({**bspec, **{k: v for k, v in pspec.items() if k in ("category", "importance")}})
+                own = {k: v for k, v in pspec.items() if k in ("category", "importance") and v}
+                push |= _flags({**bspec, **own})
                 push["tokens"] = tokens
     if espec is not None:
         texts, used_e = localised(espec, EMAIL_KEYS, lang)

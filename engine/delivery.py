@@ -106,8 +106,11 @@ class DeliveryWorker(BatchWorker):
     # -- results ----------------------------------------------------------------------
     def process(self, batch: list[Message]) -> None:
         now = self.clock()
-        shows: list[tuple[int, BannerChange, str | None]] = []  # (shard, change, category)
+        # Banner changes per shard in message order (an enter then an exit of the same
+        # episode must end without the banner); shows are checked against preferences
+        # once those are loaded: (shard, index in that shard's list, category).
         changes: dict[int, list[BannerChange]] = {}
+        shows: list[tuple[int, int, str | None]] = []
         starts: dict[int, list[EpisodeStart]] = {}
         ends: dict[int, list[tuple[int, str, int]]] = {}
         candidates: list[Claim] = []
@@ -137,8 +140,9 @@ class DeliveryWorker(BatchWorker):
             banner = r.get("banner") if isinstance(r.get("banner"), dict) else None
             expires = _parse_ts(banner.get("expires_at")) if banner else None
             if banner is not None and (expires is None or expires > now):
-                shows.append((shard, BannerChange(uid, rule, episode, version, priority, as_of, banner),
-                              banner.get("category")))
+                per = changes.setdefault(shard, [])
+                shows.append((shard, len(per), banner.get("category")))
+                per.append(BannerChange(uid, rule, episode, version, priority, as_of, banner))
             elif episode > 1 or banner is not None:
                 # Nothing to show (an e-mail-only rule, or already expired): an older
                 # episode's banner must not linger either.
@@ -158,15 +162,15 @@ class DeliveryWorker(BatchWorker):
                 candidates.append(Claim(uid, rule, episode, "push", version, r.get("run_id"),
                                         {**push, **base}))
 
-        users = {c.user_id for c in candidates} | {ch.user_id for _, ch, _ in shows}
+        users = {c.user_id for c in candidates} | {changes[sh][i].user_id for sh, i, _ in shows}
         prefs = load_preferences(self.shards, users) if users else {}
-        for shard, ch, category in shows:
+        for shard, i, category in shows:
+            ch = changes[shard][i]
             ok, _ = prefs.get(ch.user_id, ALLOW_ALL).allows("banner", category)
             if not ok:
                 self._count("banner", "suppressed")
-                ch = BannerChange(ch.user_id, ch.rule_key, ch.episode, ch.version, ch.priority,
-                                  ch.as_of, None)
-            changes.setdefault(shard, []).append(ch)
+                changes[shard][i] = BannerChange(ch.user_id, ch.rule_key, ch.episode, ch.version,
+                                                 ch.priority, ch.as_of, None)
         changed: list[int] = []
         for shard, chs in changes.items():
             changed += self.shards.stores[shard].apply_banner_changes(chs)

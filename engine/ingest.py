@@ -171,7 +171,13 @@ class IngestWorker(BatchWorker):
         batch: list[Message] = []
         if len(self._inflight) < self.depth:
             wait = self.poll_timeout if not self._inflight else min(self.poll_timeout, 0.005)
-            batch = self.consumer.poll(self.poll_max, wait)
+            try:
+                batch = self.consumer.poll(self.poll_max, wait)
+            except Exception:
+                # Keep what is in flight for the retry, ahead of anything polled
+                # while backing off.
+                self._rewind()
+                raise
             if batch:
                 try:
                     self._inflight.append(self._start(batch))

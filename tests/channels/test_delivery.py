@@ -89,6 +89,13 @@ def test_episodes_banner_lives_for_the_episode_and_mail_goes_once(rig: Rig, smtp
     assert _episode(rig, uid, "r1")["episode"] == 2
     assert len(smtp_server.messages) == 2
 
+    # an episode that starts and ends within one batch leaves no banner and sends nothing
+    rig.publish(exit_(uid, "r1", 2), enter(uid, "r1", 3), exit_(uid, "r1", 3))
+    rig.drain()
+    assert rig.banners(uid) == []
+    assert (_episode(rig, uid, "r1")["episode"], _episode(rig, uid, "r1")["status"]) == (3, "ended")
+    assert len(smtp_server.messages) == 2
+
 
 @SQLITE_ONLY
 def test_mail_is_multipart_with_unsubscribe_header_and_link(rig: Rig, smtp_server: Any) -> None:

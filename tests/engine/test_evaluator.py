@@ -168,3 +168,40 @@ def test_a_users_job_evaluates_just_those_users_as_of_today(deployment: Containe
         stop.set()
         for t in threads:
             t.join(timeout=15)
+
+
+def test_a_rule_that_overruns_its_budget_is_quarantined_only_if_it_does_again(tmp_path: Path) -> None:
+    from engine.evaluation import CompiledPack
+    from rules.models import RuleIn
+
+    c = Container(make_settings("embedded", None, tmp_path, range_target_users=300,  # type: ignore[arg-type]
+                                rule_budget_ms=30))
+    c.migrate()
+    try:
+        install_pack(c.rules, BUILTIN_RULES)
+        c.rules.create(RuleIn(key="spin", name="spins", source=(
+            "def match(profile, ctx):\n    while True:\n        pass\n")))
+        load_users(c, 200)
+        worker = c.evaluator_worker()
+        ctx = make_context(AS_OF, c.settings.timezone)
+        pack = worker.pack()
+        doc = {"birth_date": "1990-11-24"}
+        # A rule that is fine is not confirmed as overrunning (a CPU stall would be)
+        assert worker._times_out(pack, "birthday", doc, ctx) is False
+        assert worker._times_out(pack, "spin", doc, ctx) is True
+
+        stop = threading.Event()
+        threads = [worker.start_thread(stop)]
+        try:
+            info = c.runs.wait(start_run(c.shards, c.runs, c.bus, AS_OF, 300), timeout=60)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=15)
+        assert info["status"] == "done" and info["users"] == 200
+        spin = c.rules.get("spin")
+        assert spin["status"] == "quarantined" and "budget" in spin["quarantine"]["reason"]
+        assert c.rules.get("birthday")["status"] == "active"
+        assert isinstance(pack, CompiledPack)
+    finally:
+        c.close()

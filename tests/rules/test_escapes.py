@@ -304,6 +304,13 @@ def test_the_escape_list_is_long_enough() -> None:
     assert len({c[0] for c in CASES}) == len(CASES)
 
 
+# A rule stuck in one long C call (sorted with a key) may let the garbage collector
+# run a weakref callback of the test runner's on the rule's thread; the watchdog's
+# interrupt can land in that callback, which swallows it as "unraisable" (the
+# documented "an interrupt can be lost" race: the watchdog fires again next tick and
+# the rule is still stopped — the assertions below check that). Only the runner's
+# report of the swallowed copy is ignored here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(("case_id", "src", "how", "fragment"), CASES, ids=[c[0] for c in CASES])
 def test_escape_attempt_is_refused(case_id: str, src: str, how: str, fragment: str) -> None:
     # Given an escape attempt written as a rule
