@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, select, update
+import orjson
+from sqlalchemy import and_, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from shards.schema import banners, episodes
@@ -47,10 +48,43 @@ class EpisodeStart:
     run_id: int | None
 
 
+_PG_START = text("""
+INSERT INTO episodes (user_id, rule_key, episode, version, as_of, status, lang, why, expires_at,
+                      run_id, started_at, ended_at)
+SELECT u, r, e, v, a, 'active', l, w::jsonb, x, run, :ts, NULL
+FROM unnest(CAST(:u AS bigint[]), CAST(:r AS text[]), CAST(:e AS integer[]),
+            CAST(:v AS integer[]), CAST(:a AS date[]), CAST(:l AS text[]), CAST(:w AS text[]),
+            CAST(:x AS timestamptz[]), CAST(:run AS integer[])) AS t(u, r, e, v, a, l, w, x, run)
+ON CONFLICT (user_id, rule_key) DO UPDATE SET
+    episode = EXCLUDED.episode, version = EXCLUDED.version, as_of = EXCLUDED.as_of,
+    status = EXCLUDED.status, lang = EXCLUDED.lang, why = EXCLUDED.why,
+    expires_at = EXCLUDED.expires_at, run_id = EXCLUDED.run_id, started_at = EXCLUDED.started_at,
+    ended_at = NULL
+WHERE episodes.episode < EXCLUDED.episode
+""")
+
+
 def start_episodes(store: Any, starts: Sequence[EpisodeStart], now: datetime) -> None:
     if not starts:
         return
     pg = store.engine.dialect.name == "postgresql"
+    if pg:
+        # One statement over arrays; a (user, rule) may appear once per statement,
+        # so keep its newest episode of the batch (older ones would not apply anyway).
+        latest: dict[tuple[int, str], EpisodeStart] = {}
+        for st in starts:
+            cur = latest.get((st.user_id, st.rule_key))
+            if cur is None or st.episode >= cur.episode:
+                latest[(st.user_id, st.rule_key)] = st
+        rows = list(latest.values())
+        with store.engine.begin() as conn:
+            conn.execute(_PG_START, {
+                "u": [x.user_id for x in rows], "r": [x.rule_key for x in rows],
+                "e": [x.episode for x in rows], "v": [x.version for x in rows],
+                "a": [x.as_of for x in rows], "l": [x.lang for x in rows],
+                "w": [orjson.dumps(x.why).decode() if x.why is not None else None for x in rows],
+                "x": [x.expires_at for x in rows], "run": [x.run_id for x in rows], "ts": now})
+        return
     ins = (postgresql.insert if pg else sqlite.insert)(episodes)
     stmt = ins.on_conflict_do_update(
         index_elements=["user_id", "rule_key"],

@@ -114,6 +114,16 @@ RETURNING user_id, rule_key, episode, channel
 """)
 
 
+_PG_SENT = text("""
+UPDATE ledger SET status = 'sent', sent_at = :ts, finished_at = :ts, attempts = attempts + 1,
+                  error = NULL, reason = NULL, next_attempt_at = NULL
+FROM unnest(CAST(:u AS bigint[]), CAST(:r AS text[]), CAST(:e AS integer[]),
+            CAST(:c AS text[])) AS k(u, r, e, c)
+WHERE ledger.user_id = k.u AND ledger.rule_key = k.r AND ledger.episode = k.e
+  AND ledger.channel = k.c AND ledger.status <> 'sent'
+""")
+
+
 def _key_params(c: Claim) -> dict[str, Any]:
     return {"k_user": c.user_id, "k_rule": c.rule_key, "k_episode": c.episode, "k_channel": c.channel}
 
@@ -294,7 +304,11 @@ class Ledger:
                     "st": "pending", "att": attempts, "err": error, "fin": None, "reason": "retry",
                     "nxt": ts + timedelta(seconds=self.retry_delay(attempts)), "pl": payload})
         with self.control.begin() as conn:
-            if sent:
+            if sent and self._pg:
+                conn.execute(_PG_SENT, {"u": [k["k_user"] for k in sent], "r": [k["k_rule"] for k in sent],
+                                        "e": [k["k_episode"] for k in sent],
+                                        "c": [k["k_channel"] for k in sent], "ts": ts})
+            elif sent:
                 conn.execute(update(ledger).where(_KEY_PARAMS & (ledger.c.status != "sent")).values(
                     status="sent", sent_at=ts, finished_at=ts, attempts=ledger.c.attempts + 1,
                     error=None, reason=None, next_attempt_at=None), sent)

@@ -12,7 +12,6 @@ from channels.compose import compose, device_tokens, language_of, timezone_of
 from channels.templates import validate_template
 from rules.context import make_context
 from rules.models import BannerSpec, EmailSpec, RuleIn
-from rules.service import ActiveRule
 from rules.why import explain
 
 CTX = make_context("2026-11-24")

@@ -152,6 +152,12 @@ class Stream:
             c.close()
         assert sum(map(len, self.offsets.values())) == len(self.sent)
 
+    def close(self) -> None:
+        """Destroy the producer now, while the broker is still there (librdkafka's
+        destructor waits for a broker that is gone)."""
+        self._producer.flush(5)
+        del self._producer
+
     def last_offsets(self) -> dict[int, int]:
         return {p: max(offs) for p, offs in self.offsets.items()}
 

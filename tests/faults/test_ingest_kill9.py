@@ -82,6 +82,7 @@ def test_kill_9_mid_stream_and_restart(
     finally:
         worker.terminate()
         worker.wait(15)
+        stream.close()
 
     # Then every profile is the one-by-one result of its events...
     expected, bad = stream.expected()

@@ -130,6 +130,7 @@ def test_a_shard_database_down_for_a_while(kafka_broker: TansuBroker, pg_factory
         run.close()
         shards.close()
         bus.close()
+        stream.close()
     assert run.paused_seen and run.max_held <= (PIPELINE + 1) * BATCH
     check(stream, urls, kit.read_topic(kafka_broker.bootstrap, f"{bus.prefix}.events.dlq"))
 
@@ -200,5 +201,6 @@ def test_the_worker_cut_off_from_the_broker_for_a_while(proxied_broker, pg_facto
         run.close()
         shards.close()
         bus.close()
+        stream.close()
     assert held_during_cut <= (PIPELINE + 1) * BATCH
     check(stream, urls, kit.read_topic(bootstrap, f"{bus.prefix}.events.dlq"))
