@@ -22,7 +22,8 @@
 Printed: events/s (from the first batch written to the last; and including the
 workers' start and group join), the COPY ceiling as rows/s and as "events/s if
 ingest cost no more than COPYing its final rows", and the ratios. ``--py-spy``
-samples worker 0 with py-spy and prints where its time goes.
+samples worker 0 with py-spy and prints where its time goes (a profiling tool,
+not a project dependency: ``.venv/bin/pip install py-spy`` first).
 Not a test; figures depend on the machine and on what else runs on it.
 """
 

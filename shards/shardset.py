@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import Engine, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from shards.backends.postgres import PostgresShardStore, postgres_engine
 from shards.backends.sqlite import SqliteShardStore, sqlite_engine
@@ -33,12 +34,17 @@ def control_engine(url: str) -> Engine:
 
 def load_router(control: Engine, n_shards: int, buckets: int = 1024) -> ShardRouter:
     """Read the bucket map; the first start writes the default contiguous map."""
+    query = select(shard_map.c.bucket, shard_map.c.shard).order_by(shard_map.c.bucket)
     with control.begin() as conn:
-        rows = conn.execute(select(shard_map.c.bucket, shard_map.c.shard).order_by(shard_map.c.bucket)).all()
+        rows = conn.execute(query).all()
         if not rows:
+            # Processes starting together race to write the first map: insert with
+            # ON CONFLICT DO NOTHING and read back whatever won.
             mapping = default_map(n_shards, buckets)
-            conn.execute(shard_map.insert(), [{"bucket": b, "shard": s} for b, s in enumerate(mapping)])
-            return ShardRouter(mapping, n_shards)
+            ins = (postgresql.insert(shard_map) if control.dialect.name == "postgresql"
+                   else sqlite.insert(shard_map)).on_conflict_do_nothing()
+            conn.execute(ins, [{"bucket": b, "shard": s} for b, s in enumerate(mapping)])
+            rows = conn.execute(query).all()
     return ShardRouter([r.shard for r in rows], n_shards)
 
 
