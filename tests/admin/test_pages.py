@@ -133,3 +133,27 @@ def test_chart_geometry() -> None:
     assert b["max"] == 6 and "wx" in b["bars"][0] and "wx" not in b["bars"][1]
     line = charts.lines(["r1", "r2"], {"a": [1, 2], "b": [0, 0]})
     assert [x["name"] for x in line["series"]] == ["a", "b"]
+
+
+def test_saving_from_the_form_keeps_fields_the_form_does_not_edit(admin_env: AdminEnv) -> None:
+    # Given a rule whose banner has a translation and an expiry set through the REST API
+    ana = admin_env.as_user("ana")
+    ana.post("/admin/rules", rule_form())
+    svc = admin_env.container.rules
+    cur = svc.get("vr-soon")
+    from rules.models import RuleIn
+
+    data = {k: cur[k] for k in RuleIn.model_fields if k in cur} | {"enabled": False}
+    data["banner"] = dict(data["banner"]) | {
+        "translations": {"en": {"title": "Registration expires soon"}},
+        "expires_at": "2026-12-31",
+    }
+    svc.update("vr-soon", RuleIn.model_validate(data))
+    # When an analyst changes the source in the editor and saves
+    r = ana.post("/admin/rules/vr-soon", rule_form(source=SOURCE.replace("<= 14", "<= 30")))
+    assert r.status_code == 200
+    # Then the new version still carries the translation and the expiry
+    saved = svc.get("vr-soon")
+    assert saved["version"] == 3 and "<= 30" in saved["source"]
+    assert saved["banner"]["translations"]["en"]["title"] == "Registration expires soon"
+    assert saved["banner"]["expires_at"] == "2026-12-31"

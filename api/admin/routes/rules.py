@@ -45,6 +45,28 @@ def _audit(request: Request, user: dict[str, Any], action: str, key: str, **deta
     )
 
 
+# Parts of a rule's banner/e-mail the editor form does not show (set through the REST
+# API): a save from the form keeps them from the current version instead of dropping them.
+_UNEDITED = {
+    "banner": ("translations", "expires_at", "push", "category", "importance"),
+    "email": ("translations", "category", "importance"),
+}
+
+
+def _keep_unedited(rule: RuleIn, before: dict[str, Any]) -> RuleIn:
+    data = rule.model_dump(mode="json", exclude_unset=True)
+    changed = False
+    for part, fields in _UNEDITED.items():
+        old, new = before.get(part), data.get(part)
+        if not old or not new:
+            continue
+        for f in fields:
+            if old.get(f) is not None and f not in new:
+                new[f] = old[f]
+                changed = True
+    return RuleIn.model_validate(data) if changed else rule
+
+
 def _rule_in(rule: dict[str, Any], **overrides: Any) -> RuleIn:
     return RuleIn.model_validate({k: rule[k] for k in RuleIn.model_fields if k in rule} | overrides)
 
@@ -265,6 +287,7 @@ def save_rule(
     before = svc.get(key)
     values, rule, problems = rule_from_form(form, key=key)
     if rule is not None:
+        rule = _keep_unedited(rule, before)
         problems = svc.validate(rule)
     if rule is None or problems:
         return _editor(request, 422, rule=before, values=values, problems=problems)
