@@ -69,7 +69,10 @@ def test_kill_9_mid_stream_and_restart(
         worker.wait(10)
         seen.append(progress(dbs.shards, stream.topic))
     producer.join(30)
-    assert seen == sorted(seen) and seen[-1] < 9000  # progress between kills, none at the end
+    # Progress between kills. (Whether events are still left for the final restart
+    # depends on timing: a fast worker may have caught up with the producer by the
+    # third kill, which is fine — the restart must then find nothing to redo.)
+    assert seen == sorted(seen) and seen[0] < 9000
     # ...and restarted once more
     worker = kit.start_worker(env, log)
     try:
