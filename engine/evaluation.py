@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date
 from typing import Any
 
 from channels.compose import compose
@@ -38,7 +37,7 @@ from rules.ruleset import RuleSet
 from rules.service import ActiveRule
 from shards.store import ProfileRow
 
-__all__ = ["CompiledPack", "RangeStats", "as_of_date", "evaluate_rows"]
+__all__ = ["CompiledPack", "RangeStats", "evaluate_rows"]
 
 # A row to evaluate: (user_id, profile document, previous state or None/{}).
 # The state is {rule_key: [episode, active (0/1), version, since (ISO date)]}.
@@ -222,7 +221,3 @@ def _enter(uid: int, doc: Any, rule: ActiveRule, episode: int, ctx: Context, run
         "run_id": run_id, "banner": banner,
         "email": (email | {"to": to}) if email and isinstance(to, str) and "@" in to else None,
     } | extra
-
-
-def as_of_date(value: str | None, default: date) -> date:
-    return date.fromisoformat(value) if value else default

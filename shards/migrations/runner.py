@@ -13,7 +13,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 
 HERE = Path(__file__).parent
 _LOCK_ID = 0x6B76_7164  # "kvqd"
@@ -39,6 +39,20 @@ def run_locked(context: Any, connection: Connection, metadata: Any) -> None:
         if pg:
             connection.execute(text(f"SELECT pg_advisory_unlock({_LOCK_ID})"))
             connection.commit()
+
+
+def run_env(context: Any, kind: str, metadata: Any) -> None:
+    """The body of both ``env.py`` files: use the connection ``kvadrupel migrate``
+    handed over, or the ``-x url=...`` of the alembic CLI."""
+    connection = context.config.attributes.get("connection")
+    if connection is not None:
+        run_locked(context, connection, metadata)
+        return
+    url = context.get_x_argument(as_dictionary=True).get("url")
+    if not url:
+        raise SystemExit(f"give the database URL: alembic -n {kind} -x url=... upgrade head")
+    with create_engine(url).connect() as conn:
+        run_locked(context, conn, metadata)
 
 
 def upgrade(kind: str, engine: Engine, revision: str = "head") -> None:

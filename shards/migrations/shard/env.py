@@ -7,25 +7,8 @@ comes from ``-x url=...``.
 """
 
 from alembic import context
-from sqlalchemy import create_engine
 
-from shards.migrations.runner import run_locked
+from shards.migrations.runner import run_env
 from shards.schema import shard_metadata
 
-config = context.config
-target_metadata = shard_metadata
-
-
-def run() -> None:
-    connection = config.attributes.get("connection")
-    if connection is not None:
-        run_locked(context, connection, target_metadata)
-        return
-    url = context.get_x_argument(as_dictionary=True).get("url")
-    if not url:
-        raise SystemExit("give the database URL: alembic -n shard -x url=... upgrade head")
-    with create_engine(url).connect() as conn:
-        run_locked(context, conn, target_metadata)
-
-
-run()
+run_env(context, "shard", shard_metadata)
