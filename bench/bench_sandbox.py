@@ -204,6 +204,52 @@ def run_all(evaluate, profiles, ctx) -> None:
         evaluate(p, ctx)
 
 
+def run_batched(ruleset: RuleSet, profiles, ctx, batch: int = 256) -> None:
+    """As the nightly evaluator runs: batches of 256 profiles, each with the per-batch
+    budget open (the watchdog charges every rule's CPU; engine/evaluation.py)."""
+    evaluate = ruleset.evaluate
+    for i in range(0, len(profiles), batch):
+        slot = ruleset.open_batch(1000)
+        try:
+            for p in profiles[i:i + batch]:
+                evaluate(p, ctx)
+        finally:
+            ruleset.close_batch(slot)
+
+
+def stop_latency(budget_ms: float, busy_threads: int, tries: int = 5) -> tuple[float, float]:
+    """Median (wall ms, CPU ms) from the start of an endless rule to its interrupt,
+    with ``busy_threads`` pure-Python threads of this process competing for the GIL
+    (the CPU-time budget only counts the rule's own CPU)."""
+    import statistics
+    import threading
+
+    rules = RuleSet([RuleSpec("loop", 1, "def match(p, ctx):\n    while True:\n        pass\n")],
+                    budget_ms=budget_ms)
+    stop = threading.Event()
+
+    def burn() -> None:
+        while not stop.is_set():
+            pass
+
+    threads = [threading.Thread(target=burn, daemon=True) for _ in range(busy_threads)]
+    for t in threads:
+        t.start()
+    walls, cpus = [], []
+    try:
+        for _ in range(tries):
+            w0, c0 = time.perf_counter(), time.thread_time()
+            out = rules.evaluate({}, make_context(_date(2024, 5, 10)))
+            walls.append((time.perf_counter() - w0) * 1000)
+            cpus.append((time.thread_time() - c0) * 1000)
+            assert out.timeouts == ["loop"], out
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return statistics.median(walls), statistics.median(cpus)
+
+
 # -- alternatives for the design choices --------------------------------------
 
 
@@ -286,7 +332,8 @@ def main() -> None:
     plain = loop_evaluator(plain_functions(specs))
     stock = loop_evaluator(stock_rp_functions(specs))
     sandboxed = RuleSet(specs, budget_ms=0).evaluate
-    budgeted = RuleSet(specs, budget_ms=50).evaluate
+    budgeted_set = RuleSet(specs, budget_ms=50)
+    budgeted = budgeted_set.evaluate
 
     # The variants must agree before their speed means anything.
     for p in profiles[:2000]:
@@ -308,14 +355,18 @@ def main() -> None:
         "sandboxed+budget": budgeted,
         "stock RestrictedPython": stock,
     }
-    results = interleaved(
-        args.repeat,
-        {name: (lambda fn=fn: run_all(fn, profiles, ctx)) for name, fn in evaluators.items()},
-    )
+    variants = {name: (lambda fn=fn: run_all(fn, profiles, ctx)) for name, fn in evaluators.items()}
+    variants["sandboxed+budget+batch"] = lambda: run_batched(budgeted_set, profiles, ctx)
+    results = interleaved(args.repeat, variants)
     base = results["plain"]
     print(f"{'variant':<24}{'us/rule':>9}{'us/profile':>12}{'ratio':>8}")
     for name, t in results.items():
         print(f"{name:<24}{t / calls * 1e6:>9.3f}{t / len(profiles) * 1e6:>12.2f}{t / base:>8.2f}x")
+
+    print("\nendless rule, 50 ms CPU budget: median time from start to interrupt")
+    for busy in (0, 1, 3):
+        wall, cpu = stop_latency(50, busy)
+        print(f"  {busy} other busy Python thread(s): wall {wall:6.1f} ms, rule's CPU {cpu:6.1f} ms")
 
     print(f"\ndate(x), per read (each date of a profile read {READS_PER_DATE} times):")
     for name, t in bench_dates(profiles, args.repeat).items():

@@ -53,13 +53,16 @@ class CompiledPack:
     """
 
     def __init__(self, active: list[ActiveRule], budget_ms: float, generation: Any = None, *,
-                 only: Iterable[str] | None = None, frozen: Iterable[str] = ()) -> None:
+                 only: Iterable[str] | None = None, frozen: Iterable[str] = (),
+                 batch_budget_ms: float = 0.0) -> None:
         self.all = {r.key: r for r in active}
         wanted = None if only is None else set(only)
         chosen = [r for r in active if wanted is None or r.key in wanted]
         self.rules = {r.key: r for r in chosen}
         self.keys = frozenset(self.rules)
         self.ruleset = RuleSet([r.spec() for r in chosen], budget_ms=budget_ms)
+        # CPU one rule may use on one batch of rows (0: no limit; needs budget_ms).
+        self.batch_budget_ms = float(batch_budget_ms or 0.0) if self.ruleset.budgeted else 0.0
         self.generation = generation
         self.restricted = wanted is not None
         self.frozen = frozenset(frozen) - self.keys
@@ -98,6 +101,8 @@ class RangeStats:
     timeout_docs: dict[str, Any] = field(default_factory=dict)  # rule -> that user's profile
     enters: int = 0
     exits: int = 0
+    cpu: Counter[str] = field(default_factory=Counter)  # rule -> CPU seconds (sampled)
+    slow: dict[str, int] = field(default_factory=dict)  # rule -> user id it spent its batch budget on
 
     def merge(self, other: RangeStats) -> None:
         self.users += other.users
@@ -109,6 +114,8 @@ class RangeStats:
         self.timeout_docs.update(other.timeout_docs)
         self.enters += other.enters
         self.exits += other.exits
+        self.cpu.update(other.cpu)
+        self.slow.update(other.slow)
 
 
 def evaluate_rows(
@@ -122,18 +129,53 @@ def evaluate_rows(
 
     ``rows``: ``(user_id, doc, state)`` tuples (or rows that unpack like them), or
     :class:`shards.store.ProfileRow`.
+
+    With a batch budget (``pack.batch_budget_ms``) the rules' CPU is charged while
+    the batch runs (``stats.cpu``). A rule that spends the budget is interrupted and
+    the batch stops after that row: ``stats.slow`` names the rule and
+    ``stats.users`` tells how many rows were done; the caller decides about the rule
+    and evaluates the rest.
     """
     results: list[dict[str, Any]] = []
     states: list[tuple[int, dict[str, list[Any]]]] = []
+    combos: dict[tuple[str, ...], int] = {}
+    slot = pack.ruleset.open_batch(pack.batch_budget_ms) if pack.batch_budget_ms else _NO_BATCH
+    try:
+        _evaluate_rows(rows, pack, ctx, run_id, stats, results, states, combos, slot)
+    finally:
+        if slot is not _NO_BATCH:
+            stats.cpu.update(pack.ruleset.close_batch(slot))
+    matches = stats.matches
+    for combo, count in combos.items():
+        for k in combo:
+            matches[k] += count
+    return results, states
+
+
+class _NoBatch:
+    over = -1
+
+
+_NO_BATCH: Any = _NoBatch()
+
+
+def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id: int | None,
+                   stats: RangeStats, results: list[dict[str, Any]],
+                   states: list[tuple[int, dict[str, list[Any]]]],
+                   combos: dict[tuple[str, ...], int], slot: Any) -> None:
     as_of = ctx.today.isoformat()
     evaluate = pack.ruleset.evaluate
     keys = pack.keys
     restricted = pack.restricted
     grouped = pack.grouped
     frozen = pack.frozen
-    combos: dict[tuple[str, ...], int] = {}
     n = 0
+    uid = None
     for row in rows:
+        if slot.over >= 0:
+            # A rule spent the batch budget on the previous row: stop here.
+            stats.slow[pack.ruleset.keys[slot.over]] = uid
+            break
         if type(row) is ProfileRow:
             uid, doc, prev = row.user_id, row.doc, row.state
         else:
@@ -184,12 +226,10 @@ def evaluate_rows(
             })
         if new is not None:
             states.append((uid, new))
+    else:
+        if slot.over >= 0:  # the last row spent it
+            stats.slow[pack.ruleset.keys[slot.over]] = uid
     stats.users += n
-    matches = stats.matches
-    for combo, count in combos.items():
-        for k in combo:
-            matches[k] += count
-    return results, states
 
 
 def _record_failures(outcome: Any, uid: int, doc: Any, stats: RangeStats) -> set[str]:

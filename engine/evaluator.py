@@ -27,6 +27,7 @@ backoff and parked after ``range_max_attempts``: the run then ends
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -50,7 +51,7 @@ from rules.context import Context, make_context
 from rules.service import RuleService
 from scheduler.runs import RunService
 from shards.shardset import ShardSet
-from shards.store import ShardStore
+from shards.store import ProfileRow, ShardStore
 
 __all__ = ["EvaluatorWorker", "worker_id"]
 
@@ -59,7 +60,7 @@ log = logging.getLogger("kvadrupel.evaluate")
 SCAN_BATCH = 256  # rows per evaluated batch: small batches stay in the CPU caches
 FLUSH_USERS = 20_000  # users between "bus flushed, states saved" points
 PROGRESS_S = 1.0  # how often a running range reports its users (live progress)
-TIMEOUT_CONFIRMATIONS = 2  # re-runs that must all overrun before a rule is quarantined
+TIMEOUT_CONFIRMATIONS = 1  # re-runs that must all overrun before a rule is quarantined
 
 
 def worker_id() -> str:
@@ -82,7 +83,8 @@ class EvaluatorWorker(BatchWorker):
     poll_max = 1
 
     def __init__(self, consumer: Consumer, bus: Bus, shards: ShardSet, rules: RuleService,
-                 runs: RunService, *, budget_ms: float = 50.0, timezone: str = "Europe/Moscow",
+                 runs: RunService, *, budget_ms: float = 50.0, batch_budget_ms: float = 1000.0,
+                 timezone: str = "Europe/Moscow",
                  error_rate: float = 0.5, error_min_samples: int = 100,
                  today: Callable[[], date] | None = None, retry_backoff_s: float = 1.0) -> None:
         super().__init__(consumer)
@@ -91,6 +93,7 @@ class EvaluatorWorker(BatchWorker):
         self.rules = rules
         self.runs = runs
         self.budget_ms = budget_ms
+        self.batch_budget_ms = batch_budget_ms
         self.timezone = timezone
         self.error_rate = error_rate
         self.error_min_samples = error_min_samples
@@ -122,7 +125,8 @@ class EvaluatorWorker(BatchWorker):
         pack = self._packs.get(key)
         if pack is None:
             pack = self._packs[key] = CompiledPack(self.rules.active(), self.budget_ms,
-                                                   self._generation, only=key, frozen=self._frozen)
+                                                   self._generation, only=key, frozen=self._frozen,
+                                                   batch_budget_ms=self.batch_budget_ms)
         return pack
 
     # -- the loop -------------------------------------------------------------
@@ -224,28 +228,33 @@ class EvaluatorWorker(BatchWorker):
         since_flush = 0
         beat = time.monotonic()
         label = "range" if run_id is not None else "users"
-        for rows in chunks:
-            pack = self.pack(only)
-            stats = RangeStats()
-            results, states = evaluate_rows(rows, pack, ctx, run_id, stats)
-            for r in results:
-                publish(topic, dumps(r), key=str(r["user_id"]).encode())
-                metrics.EVAL_CHANGES.labels(r["rule"], r["kind"]).inc()
-            pending += states
-            since_flush += stats.users
-            if since_flush >= FLUSH_USERS:
-                self._save(store, pending)
-                pending = []
-                since_flush = 0
-            total.merge(stats)
-            metrics.EVAL_USERS.labels(label).inc(stats.users)
-            for key, n in stats.errors.items():
-                metrics.EVAL_ERRORS.labels(key).inc(n)
-            if stats.errors:
-                self._police(total, pack, ctx)
-            if progress is not None and time.monotonic() - beat >= PROGRESS_S:
-                beat = time.monotonic()
-                self.runs.progress(progress[0], progress[1], self.worker, total.users)
+        for chunk in chunks:
+            rows: list[Any] = chunk if isinstance(chunk, list) else list(chunk)
+            while rows:
+                pack = self.pack(only)
+                stats = RangeStats()
+                results, states = evaluate_rows(rows, pack, ctx, run_id, stats)
+                done, rows = rows[:stats.users], rows[stats.users:] if stats.slow else []
+                for r in results:
+                    publish(topic, dumps(r), key=str(r["user_id"]).encode())
+                    metrics.EVAL_CHANGES.labels(r["rule"], r["kind"]).inc()
+                pending += states
+                since_flush += stats.users
+                if since_flush >= FLUSH_USERS:
+                    self._save(store, pending)
+                    pending = []
+                    since_flush = 0
+                total.merge(stats)
+                metrics.EVAL_USERS.labels(label).inc(stats.users)
+                for key, n in stats.errors.items():
+                    metrics.EVAL_ERRORS.labels(key).inc(n)
+                for key, seconds in stats.cpu.items():
+                    metrics.RULE_CPU.labels(key).inc(seconds)
+                if stats.errors or stats.slow:
+                    self._police(total, pack, ctx, done)
+                if progress is not None and time.monotonic() - beat >= PROGRESS_S:
+                    beat = time.monotonic()
+                    self.runs.progress(progress[0], progress[1], self.worker, total.users)
         self._save(store, pending)
         return total
 
@@ -256,9 +265,19 @@ class EvaluatorWorker(BatchWorker):
         if states:
             store.save_state(states)
 
-    def _police(self, stats: RangeStats, pack: CompiledPack, ctx: Context) -> None:
-        """Quarantine rules that time out, or fail on too many profiles."""
+    def _police(self, stats: RangeStats, pack: CompiledPack, ctx: Context, rows: list[Any]) -> None:
+        """Quarantine rules that spend the batch budget, time out, or fail on too many
+        profiles. ``rows``: the batch just evaluated."""
         changed = False
+        for key, uid in stats.slow.items():
+            rule = pack.rules.get(key)
+            if rule and self._too_slow(pack, key, rows, ctx):
+                self.rules.quarantine(
+                    key, rule.version,
+                    f"used over {self.batch_budget_ms:g} ms of CPU on one batch of "
+                    f"{len(rows)} profiles (the batch budget)", uid)
+                changed = True
+            stats.timeouts.pop(key, None)  # its interrupt was the batch budget's
         for key, uid in stats.timeouts.items():
             rule = pack.rules.get(key)
             if rule and self._times_out(pack, key, stats.timeout_docs.get(key), ctx):
@@ -267,7 +286,8 @@ class EvaluatorWorker(BatchWorker):
         if stats.users >= self.error_min_samples:
             for key, n in stats.errors.items():
                 rule = pack.rules.get(key)
-                if rule and key not in stats.timeouts and n / stats.users > self.error_rate:
+                if rule and key not in stats.timeouts and key not in stats.slow \
+                        and n / stats.users > self.error_rate:
                     sample = stats.error_samples.get(key, "")
                     self.rules.quarantine(key, rule.version,
                                           f"error rate {n}/{stats.users} over {self.error_rate:.0%}: {sample}",
@@ -275,23 +295,63 @@ class EvaluatorWorker(BatchWorker):
                     changed = True
         stats.timeouts.clear()
         stats.timeout_docs.clear()
+        stats.slow.clear()
         if changed:
             self.pack(force=True)
 
-    def _times_out(self, pack: CompiledPack, key: str, doc: Any, ctx: Context) -> bool:
-        """Confirm a timeout before quarantining: the budget is wall time, and a worker
-        starved of CPU (a loaded machine) overruns it on a rule that is fine. The rule
-        runs again, alone, on the same profile; only a rule that overruns every time
-        is taken out."""
+    def _alone(self, pack: CompiledPack, key: str, ctx: Context) -> tuple[Any, Context]:
         compiled = pack.ruleset.compiled[pack.ruleset.keys.index(key)]
-        rule_ctx = replace(ctx, rule_key=key, rule_version=pack.rules[key].version)
-        for _ in range(TIMEOUT_CONFIRMATIONS):
-            try:
-                compiled.match(doc, rule_ctx)
-            except RuleTimeout:
-                continue
-            except RuleError:
-                pass  # it raised instead: an error, counted already
-            log.warning("rule %s overran its budget once but not when re-run: not quarantined", key)
-            return False
+        return compiled, replace(ctx, rule_key=key, rule_version=pack.rules[key].version)
+
+    def _times_out(self, pack: CompiledPack, key: str, doc: Any, ctx: Context) -> bool:
+        """Confirm a timeout before quarantining: the budget is the thread's CPU time,
+        which includes a garbage collection the rule happened to trigger. The rule
+        runs again, alone, on the same profile, with the collector off; only a rule
+        that overruns every time is taken out."""
+        compiled, rule_ctx = self._alone(pack, key, ctx)
+        with _collector_off():
+            for _ in range(TIMEOUT_CONFIRMATIONS):
+                try:
+                    compiled.match(doc, rule_ctx)
+                except RuleTimeout:
+                    continue
+                except RuleError:
+                    pass  # it raised instead: an error, counted already
+                log.warning("rule %s overran its budget once but not when re-run: not quarantined", key)
+                return False
         return True
+
+    def _too_slow(self, pack: CompiledPack, key: str, rows: list[Any], ctx: Context) -> bool:
+        """Confirm a batch-budget overrun: the charge is sampled (rules/budget.py) and
+        a long garbage collection may land on any rule. Runs the rule alone over the
+        same rows, timing its CPU: confirmed once it has used half the budget (the
+        charge is right give or take a tick or two; a collection charged to a
+        healthy rule is off by orders of magnitude). Costs at most half a budget."""
+        compiled, rule_ctx = self._alone(pack, key, ctx)
+        budget_s = self.batch_budget_ms / 1000.0 / 2
+        spent = 0.0
+        with _collector_off():
+            for row in rows:
+                doc = row.doc if isinstance(row, ProfileRow) else row[1]
+                t0 = time.thread_time()
+                try:
+                    compiled.match(doc, rule_ctx)
+                except RuleError:
+                    pass
+                spent += time.thread_time() - t0
+                if spent >= budget_s:
+                    return True
+        log.warning("rule %s was charged its batch budget but used %.0f ms when re-run alone: "
+                    "not quarantined", key, spent * 1000)
+        return False
+
+
+@contextlib.contextmanager
+def _collector_off() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

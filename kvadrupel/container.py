@@ -115,7 +115,8 @@ class Container:
         s = self.settings
         consumer = self.bus.consumer(self.group("evaluate"), [self.bus.topic("jobs")])
         return EvaluatorWorker(consumer, self.bus, self.shards, self.rules, self.runs,
-                               budget_ms=s.rule_budget_ms, timezone=s.timezone,
+                               budget_ms=s.rule_budget_ms,
+                               batch_budget_ms=s.rule_batch_budget_ms, timezone=s.timezone,
                                error_rate=s.rule_error_rate_quarantine,
                                error_min_samples=s.rule_error_min_samples, **kw)
 

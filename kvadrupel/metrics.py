@@ -12,6 +12,9 @@ SHARD_WRITE = Histogram("kvadrupel_shard_write_seconds", "Time to write one shar
 EVAL_USERS = Counter("kvadrupel_evaluated_users_total", "Users evaluated", ["job"])
 EVAL_CHANGES = Counter("kvadrupel_rule_changes_total", "Rule state changes emitted", ["rule", "kind"])
 EVAL_ERRORS = Counter("kvadrupel_rule_errors_total", "Rule errors and timeouts", ["rule"])
+RULE_CPU = Counter("kvadrupel_rule_cpu_seconds_total",
+                   "CPU time spent in each rule by the evaluator (sampled by the budget watchdog)",
+                   ["rule"])
 DELIVERIES = Counter("kvadrupel_deliveries_total", "Deliveries per channel and outcome",
                      ["channel", "outcome"])
 HTTP_REQUESTS = Counter("kvadrupel_http_requests_total", "API requests", ["route", "method", "status"])

@@ -83,7 +83,8 @@ class Settings(BaseSettings):
 
     # Rules and evaluation.
     timezone: str = "Europe/Moscow"
-    rule_budget_ms: float = 50.0
+    rule_budget_ms: float = 50.0  # CPU one rule may use on one profile
+    rule_batch_budget_ms: float = 1000.0  # CPU one rule may use on one batch (<= 256 profiles)
     rule_error_rate_quarantine: float = 0.5
     rule_error_min_samples: int = 100
     range_target_users: int = 50_000

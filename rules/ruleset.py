@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvadrupel.errors import RuleCompileError
-from rules.budget import WATCHDOG, BatchBudget, BudgetExceeded, Slot, clear_async_exc, current_slot
+from rules.budget import WATCHDOG, BudgetExceeded, Slot, clear_async_exc, current_slot
 from rules.context import Context
 from rules.sandbox import compile_rule, describe_error
 
@@ -158,6 +158,7 @@ class RuleSet:
         box = slot.box
         if self._budget_s:
             box[1] = self._budget_s
+            box[2] = seq  # rule i runs as seq + i: lets the watchdog charge it
             box[0] = seq  # armed before looking at ``idle``: see _Watchdog._run
             if WATCHDOG.idle:
                 WATCHDOG.wake()
@@ -211,19 +212,28 @@ class RuleSet:
                 box[0] = 0  # these two first: see rules/budget.py, "Races"
                 clear_async_exc(tid, None)
 
-    def evaluate_many(
-        self,
-        profiles: Iterable[tuple[int, Any]],
-        ctx: Context,
-        batch_budget: BatchBudget | None = None,
-    ) -> Iterator[tuple[int, Outcome]]:
-        """``(user_id, Outcome)`` for each ``(user_id, profile)``.
+    @property
+    def budgeted(self) -> bool:
+        """Whether rules run under the per-profile budget (and so can be charged)."""
+        return bool(self._budget_s)
 
-        With ``batch_budget``, raises :class:`~kvadrupel.errors.RuleTimeout` before the
-        first profile that starts after the batch ran out of time.
-        """
+    def open_batch(self, budget_ms: float) -> Slot:
+        """Start a batch on the calling thread: from now on the watchdog charges the
+        CPU each rule uses, and interrupts a rule whose charge reaches ``budget_ms``
+        (its index is then in ``slot.over``). Needs :attr:`budgeted`.
+        Close with :meth:`close_batch`."""
+        slot = current_slot()
+        slot.open_batch(self._n, budget_ms / 1000.0)
+        return slot
+
+    def close_batch(self, slot: Slot) -> dict[str, float]:
+        """End the batch: CPU seconds charged to each rule (sampled; see rules/budget.py)."""
+        return {self.keys[i]: c for i, c in enumerate(slot.close_batch()) if c}
+
+    def evaluate_many(
+        self, profiles: Iterable[tuple[int, Any]], ctx: Context
+    ) -> Iterator[tuple[int, Outcome]]:
+        """``(user_id, Outcome)`` for each ``(user_id, profile)``."""
         evaluate = self.evaluate
         for uid, profile in profiles:
-            if batch_budget is not None:
-                batch_budget.check()
             yield uid, evaluate(profile, ctx)

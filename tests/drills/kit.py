@@ -295,7 +295,6 @@ def worker_env(
             "KVADRUPEL_DELIVERY_MAX_ATTEMPTS": "1000",
             "KVADRUPEL_DELIVERY_SEND_CHUNK": "50",
             "KVADRUPEL_RANGE_MAX_ATTEMPTS": "50",
-            "KVADRUPEL_RULE_BUDGET_MS": "5000",
             "KVADRUPEL_SHUTDOWN_GRACE_S": "10",
             "KVADRUPEL_LOG_LEVEL": "WARNING",
             "KVADRUPEL_NIGHTLY_CRON": "off",

@@ -185,7 +185,6 @@ def test_drill(pg_factory: Any, smtp_server: Any, tmp_path: Path) -> None:
         kafka_heartbeat_interval_ms=500,
         kafka_fetch_wait_max_ms=20,
         range_target_users=200,
-        rule_budget_ms=5000,
         range_max_attempts=50,
         smtp_url=smtp_server.url,
         **TOKENS,

@@ -24,10 +24,9 @@ N = 1_500
 
 @pytest.fixture(params=KINDS)
 def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Container]:
-    # A generous rule budget: the watchdog measures wall time, and two evaluator
-    # threads of one process on a loaded CI machine wait for the GIL and the CPU.
-    c = Container(make_settings(request.param, request, tmp_path, range_target_users=300,
-                                rule_budget_ms=5000))
+    # The default rule budgets: they count CPU time, so two evaluator threads of one
+    # process on a loaded CI machine, waiting for the GIL and the CPU, do not overrun.
+    c = Container(make_settings(request.param, request, tmp_path, range_target_users=300))
     c.migrate()
     install_pack(c.rules, BUILTIN_RULES)
     c.kind = request.param  # type: ignore[attr-defined]
@@ -201,5 +200,57 @@ def test_a_rule_that_overruns_its_budget_is_quarantined_only_if_it_does_again(tm
         spin = c.rules.get("spin")
         assert spin["status"] == "quarantined" and "budget" in spin["quarantine"]["reason"]
         assert c.rules.get("birthday")["status"] == "active"
+        # and what each rule cost is exported: the slow one dominates
+        assert cpu("crawl") - cpu0["crawl"] >= 0.05 > cpu("birthday") - cpu0["birthday"]
+    finally:
+        c.close()
+
+
+def cpu(rule: str) -> float:
+    """CPU seconds charged to ``rule`` so far (kvadrupel_rule_cpu_seconds_total)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("kvadrupel_rule_cpu_seconds_total", {"rule": rule}) or 0.0
+
+
+def test_a_rule_slow_on_every_profile_is_quarantined_by_the_batch_budget(tmp_path: Path) -> None:
+    from rules.models import RuleIn
+
+    # Given the pack plus a rule that takes a few ms of CPU per profile (never near
+    # its 50 ms per-profile budget), and a batch budget of 100 ms per rule
+    c = Container(make_settings("embedded", None, tmp_path, range_target_users=300,  # type: ignore[arg-type]
+                                rule_batch_budget_ms=100))
+    c.migrate()
+    try:
+        install_pack(c.rules, BUILTIN_RULES)
+        c.rules.create(RuleIn(key="crawl", name="crawls", source=(
+            "def match(profile, ctx):\n    n = 0\n    for i in range(40000):\n"
+            "        n = n + i\n    return n > 0\n")))
+        docs = load_users(c, 200)
+        want = expected_matches(c, docs, AS_OF)
+        cpu0 = {k: cpu(k) for k in ("crawl", "birthday")}
+        stop, threads = start_evaluators(c, 1)
+
+        # When a run evaluates everyone
+        try:
+            info = c.runs.wait(start_run(c.shards, c.runs, c.bus, AS_OF, 300), timeout=60)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=15)
+
+        # Then the slow rule is quarantined for the batch budget, naming a user
+        crawl = c.rules.get("crawl")
+        assert crawl["status"] == "quarantined", crawl
+        assert "batch budget" in crawl["quarantine"]["reason"]
+        assert int(crawl["quarantine"]["user_id"]) in docs
+        # and the run finished for every user, with every other rule's matches intact
+        assert info["status"] == "done" and info["users"] == 200
+        assert info["matches"].get("crawl", 0) < 200
+        assert {k: v for k, v in info["matches"].items() if k != "crawl"} == \
+            {k: v for k, v in sorted(want.items()) if k != "crawl"}
+        assert c.rules.get("birthday")["status"] == "active"
+        # and what each rule cost is exported: the slow one dominates
+        assert cpu("crawl") - cpu0["crawl"] >= 0.05 > cpu("birthday") - cpu0["birthday"]
     finally:
         c.close()

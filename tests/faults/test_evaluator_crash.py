@@ -57,7 +57,7 @@ def env_of(s: Settings) -> dict[str, str]:
             "KVADRUPEL_KAFKA_PARTITIONS": str(s.kafka_partitions),
             "KVADRUPEL_KAFKA_SESSION_TIMEOUT_MS": "2000", "KVADRUPEL_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
             "KVADRUPEL_KAFKA_FETCH_WAIT_MAX_MS": "20", "KVADRUPEL_DATA_DIR": str(s.data_dir),
-            "KVADRUPEL_RULE_BUDGET_MS": "5000", "KVADRUPEL_LOG_LEVEL": "WARNING"}
+            "KVADRUPEL_LOG_LEVEL": "WARNING"}
 
 
 def test_killed_worker_range_is_redone_exactly_once(pg_factory, kafka_broker, tmp_path: Path) -> None:  # noqa: ANN001
@@ -65,7 +65,7 @@ def test_killed_worker_range_is_redone_exactly_once(pg_factory, kafka_broker, tm
     s = Settings(data_dir=tmp_path / "data", shards=dbs.shards, control_db=dbs.control,
                  kafka_bootstrap=kafka_broker.bootstrap, kafka_topic_prefix=f"t{uuid.uuid4().hex[:8]}",
                  kafka_partitions=4, kafka_session_timeout_ms=2000, kafka_heartbeat_interval_ms=500,
-                 kafka_fetch_wait_max_ms=20, range_target_users=1_500, rule_budget_ms=5000, **TOKENS)
+                 kafka_fetch_wait_max_ms=20, range_target_users=1_500, **TOKENS)
     c = Container(s)
     c.migrate()
     install_pack(c.rules, BUILTIN_RULES)

@@ -1,4 +1,4 @@
-"""The per-rule time budget (rules/budget.py) and the batch budget."""
+"""The per-rule CPU budget (rules/budget.py): per profile and per batch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from kvadrupel.errors import RuleTimeout
 from rules import budget
-from rules.budget import BatchBudget, BudgetExceeded
+from rules.budget import BudgetExceeded
 from rules.context import make_context
 from rules.ruleset import RuleSet, RuleSpec
 from rules.sandbox import CompiledRule, compile_rule
@@ -192,29 +192,75 @@ def test_an_interrupt_landing_in_the_next_rule_blames_the_right_rule(
     assert calls["second"] == 2
 
 
-def test_batch_budget_stops_evaluate_many_once_spent() -> None:
-    # Given a batch budget of 60 ms and rules that take ~25 ms per profile
-    slow = "def match(profile, ctx):\n    while True:\n        pass\n"
-    rules = RuleSet([RuleSpec("slow", 1, slow)], budget_ms=25)
-    batch = BatchBudget(60)
-    done = []
+def test_time_off_the_cpu_does_not_count_against_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a rule that is off the CPU for 5 budgets (as a rule of a starved worker
+    # waiting for the CPU or the GIL would be), then does a little work
+    def waits(profile, ctx):
+        time.sleep(BUDGET_MS * 5 / 1000)
+        _spin(0.002)
+        return True
 
-    # When many profiles are evaluated under it
-    with pytest.raises(RuleTimeout, match="batch exceeded its 60 ms budget"):
-        for uid, _ in rules.evaluate_many(((i, {}) for i in range(100)), CTX, batch_budget=batch):
-            done.append(uid)
+    monkeypatch.setattr(
+        "rules.ruleset.compile_rule",
+        lambda source, key, budget_ms: CompiledRule(key, source, waits, budget_ms),
+    )
+    rules = RuleSet([RuleSpec("waits", 1, "")], budget_ms=BUDGET_MS)
+    if budget.current_slot().clock is None:
+        pytest.skip("no per-thread CPU clock on this platform: the budget is wall time")
 
-    # Then it stopped after a few profiles, and says it is spent
-    assert 1 <= len(done) < 100
-    assert batch.exceeded and batch.remaining_ms == 0
+    # When it is evaluated / Then it is not interrupted: it used ~2 ms of CPU
+    outcome = rules.evaluate({}, CTX)
+    assert outcome.timeouts == [] and outcome.matched == ["waits"]
 
 
-def test_batch_budget_reports_time_left() -> None:
-    # Given a fresh one-minute batch budget / Then it is not spent and check() passes
-    batch = BatchBudget(60_000)
-    assert not batch.exceeded
-    assert 59_000 < batch.remaining_ms <= 60_000
-    batch.check()
+SLOW = (
+    "def match(profile, ctx):\n"
+    "    n = 0\n"
+    "    for i in range(30000):\n"
+    "        n = n + i\n"
+    "    return n > 0\n"
+)
+
+
+def test_a_rule_slow_on_every_profile_spends_the_batch_budget_and_is_named() -> None:
+    # Given a rule that takes a few ms per profile (far under its 50 ms per-profile
+    # budget) beside a fast one, and a batch budget of 150 ms per rule
+    rules = RuleSet([RuleSpec("fast", 1, TRUE, priority=200), RuleSpec("slow", 1, SLOW)], budget_ms=50)
+    slot = rules.open_batch(150)
+    cpu0 = time.thread_time()
+
+    # When profiles are evaluated until the watchdog says a rule spent the budget
+    done = 0
+    try:
+        while slot.over < 0 and done < 2000:
+            rules.evaluate({}, CTX)
+            done += 1
+    finally:
+        charged = rules.close_batch(slot)
+    used = time.thread_time() - cpu0
+
+    # Then it named the slow rule, after about 150 ms of CPU, not at the first profile
+    assert rules.keys[slot.over] == "slow"
+    assert 1 < done < 2000
+    assert charged["slow"] >= 0.150
+    assert used >= 0.150
+    # and the fast rule was charged far less (the charge is sampled: a few ticks)
+    assert charged.get("fast", 0.0) < 0.05
+    # and once closed, nothing is charged any more
+    assert slot.cost is None
+
+
+def test_without_an_open_batch_a_slow_rule_only_meets_the_per_profile_budget() -> None:
+    # Given the same slow rule, evaluated with no batch open
+    rules = RuleSet([RuleSpec("slow", 1, SLOW)], budget_ms=50)
+    slot = budget.current_slot()
+    slot.over = -1
+
+    # When it runs on many profiles / Then it is never interrupted
+    for _ in range(60):
+        outcome = rules.evaluate({}, CTX)
+        assert outcome.timeouts == [] and outcome.matched == ["slow"]
+    assert slot.cost is None and slot.over == -1
 
 
 def test_an_exception_passing_through_the_rules_disarms_the_watchdog(

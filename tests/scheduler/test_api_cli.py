@@ -24,8 +24,7 @@ ADMIN = {"Authorization": f"Bearer {TOKENS['admin_token']}"}
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Container]:
-    c = Container(make_settings("embedded", None, tmp_path, range_target_users=200,  # type: ignore[arg-type]
-                                rule_budget_ms=5000))
+    c = Container(make_settings("embedded", None, tmp_path, range_target_users=200))  # type: ignore[arg-type]
     c.migrate()
     install_pack(c.rules, BUILTIN_RULES)
     load_users(c, 800)
