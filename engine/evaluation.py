@@ -132,9 +132,10 @@ def evaluate_rows(
 
     With a batch budget (``pack.batch_budget_ms``) the rules' CPU is charged while
     the batch runs (``stats.cpu``). A rule that spends the budget is interrupted and
-    the batch stops after that row: ``stats.slow`` names the rule and
-    ``stats.users`` tells how many rows were done; the caller decides about the rule
-    and evaluates the rest.
+    the batch stops after that row (``stats.slow`` names the rule), as it does after
+    a row on which a rule timed out (``stats.timeouts``): ``stats.users`` tells how
+    many rows were done; the caller decides about the rule and evaluates the rest
+    (a rule stuck in a loop would otherwise cost its budget on every row).
     """
     results: list[dict[str, Any]] = []
     states: list[tuple[int, dict[str, list[Any]]]] = []
@@ -171,10 +172,9 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
     frozen = pack.frozen
     n = 0
     uid = None
+    halt = False  # a rule timed out: stop after that row and let the caller police
     for row in rows:
-        if slot.over >= 0:
-            # A rule spent the batch budget on the previous row: stop here.
-            stats.slow[pack.ruleset.keys[slot.over]] = uid
+        if halt or slot.over >= 0:
             break
         if type(row) is ProfileRow:
             uid, doc, prev = row.user_id, row.doc, row.state
@@ -186,6 +186,7 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
         failed: set[str] | None = None
         if outcome.errors or outcome.timeouts:
             failed = _record_failures(outcome, uid, doc, stats)
+            halt = bool(outcome.timeouts)
         if grouped and (len(matched) > 1 or (restricted and prev)):
             matched = pack.resolve_groups(matched, prev)
         key = tuple(matched)
@@ -226,9 +227,8 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
             })
         if new is not None:
             states.append((uid, new))
-    else:
-        if slot.over >= 0:  # the last row spent it
-            stats.slow[pack.ruleset.keys[slot.over]] = uid
+    if slot.over >= 0:  # a rule spent the batch budget on the last row done
+        stats.slow[pack.ruleset.keys[slot.over]] = uid
     stats.users += n
 
 

@@ -234,7 +234,8 @@ class EvaluatorWorker(BatchWorker):
                 pack = self.pack(only)
                 stats = RangeStats()
                 results, states = evaluate_rows(rows, pack, ctx, run_id, stats)
-                done, rows = rows[:stats.users], rows[stats.users:] if stats.slow else []
+                done = rows[:stats.users]
+                rows = rows[stats.users:] if stats.slow or stats.timeouts else []
                 for r in results:
                     publish(topic, dumps(r), key=str(r["user_id"]).encode())
                     metrics.EVAL_CHANGES.labels(r["rule"], r["kind"]).inc()
@@ -250,7 +251,7 @@ class EvaluatorWorker(BatchWorker):
                     metrics.EVAL_ERRORS.labels(key).inc(n)
                 for key, seconds in stats.cpu.items():
                     metrics.RULE_CPU.labels(key).inc(seconds)
-                if stats.errors or stats.slow:
+                if stats.errors or stats.slow:  # (a timeout counts as an error)
                     self._police(total, pack, ctx, done)
                 if progress is not None and time.monotonic() - beat >= PROGRESS_S:
                     beat = time.monotonic()

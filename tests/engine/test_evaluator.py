@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psycopg
@@ -169,41 +171,32 @@ def test_a_users_job_evaluates_just_those_users_as_of_today(deployment: Containe
             t.join(timeout=15)
 
 
-def test_a_rule_that_overruns_its_budget_is_quarantined_only_if_it_does_again(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def pack_plus(tmp_path: Path, key: str, source: str, **settings: Any) -> Iterator[tuple[Container, dict]]:
+    """An embedded deployment with the built-in pack, one more rule and 200 users."""
     from rules.models import RuleIn
 
     c = Container(make_settings("embedded", None, tmp_path, range_target_users=300,  # type: ignore[arg-type]
-                                rule_budget_ms=30))
+                                **settings))
     c.migrate()
     try:
         install_pack(c.rules, BUILTIN_RULES)
-        c.rules.create(RuleIn(key="spin", name="spins", source=(
-            "def match(profile, ctx):\n    while True:\n        pass\n")))
-        load_users(c, 200)
-        worker = c.evaluator_worker()
-        ctx = make_context(AS_OF, c.settings.timezone)
-        pack = worker.pack()
-        doc = {"birth_date": "1990-11-24"}
-        # A rule that is fine is not confirmed as overrunning (a CPU stall would be)
-        assert worker._times_out(pack, "birthday", doc, ctx) is False
-        assert worker._times_out(pack, "spin", doc, ctx) is True
-
-        stop = threading.Event()
-        threads = [worker.start_thread(stop)]
-        try:
-            info = c.runs.wait(start_run(c.shards, c.runs, c.bus, AS_OF, 300), timeout=60)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=15)
-        assert info["status"] == "done" and info["users"] == 200
-        spin = c.rules.get("spin")
-        assert spin["status"] == "quarantined" and "budget" in spin["quarantine"]["reason"]
-        assert c.rules.get("birthday")["status"] == "active"
-        # and what each rule cost is exported: the slow one dominates
-        assert cpu("crawl") - cpu0["crawl"] >= 0.05 > cpu("birthday") - cpu0["birthday"]
+        c.rules.create(RuleIn(key=key, name=key, source=source))
+        yield c, load_users(c, 200)
     finally:
         c.close()
+
+
+def run_once(c: Container, worker: Any = None) -> dict:
+    """One run over every user by one evaluator (``worker``, or a new one); its figures."""
+    stop = threading.Event()
+    threads = [(worker or c.evaluator_worker()).start_thread(stop)]
+    try:
+        return c.runs.wait(start_run(c.shards, c.runs, c.bus, AS_OF, 300), timeout=60)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)
 
 
 def cpu(rule: str) -> float:
@@ -213,37 +206,41 @@ def cpu(rule: str) -> float:
     return REGISTRY.get_sample_value("kvadrupel_rule_cpu_seconds_total", {"rule": rule}) or 0.0
 
 
-def test_a_rule_slow_on_every_profile_is_quarantined_by_the_batch_budget(tmp_path: Path) -> None:
-    from rules.models import RuleIn
+def test_a_rule_that_overruns_its_budget_is_quarantined_only_if_it_does_again(tmp_path: Path) -> None:
+    spin = "def match(profile, ctx):\n    while True:\n        pass\n"
+    with pack_plus(tmp_path, "spin", spin, rule_budget_ms=30) as (c, _):
+        worker = c.evaluator_worker()
+        ctx = make_context(AS_OF, c.settings.timezone)
+        pack = worker.pack()
+        doc = {"birth_date": "1990-11-24"}
+        # A rule that is fine is not confirmed as overrunning (a CPU stall would be)
+        assert worker._times_out(pack, "birthday", doc, ctx) is False
+        assert worker._times_out(pack, "spin", doc, ctx) is True
 
+        info = run_once(c, worker)
+        assert info["status"] == "done" and info["users"] == 200
+        got = c.rules.get("spin")
+        assert got["status"] == "quarantined" and "ms budget" in got["quarantine"]["reason"]
+        assert c.rules.get("birthday")["status"] == "active"
+
+
+def test_a_rule_slow_on_every_profile_is_quarantined_by_the_batch_budget(tmp_path: Path) -> None:
     # Given the pack plus a rule that takes a few ms of CPU per profile (never near
     # its 50 ms per-profile budget), and a batch budget of 100 ms per rule
-    c = Container(make_settings("embedded", None, tmp_path, range_target_users=300,  # type: ignore[arg-type]
-                                rule_batch_budget_ms=100))
-    c.migrate()
-    try:
-        install_pack(c.rules, BUILTIN_RULES)
-        c.rules.create(RuleIn(key="crawl", name="crawls", source=(
-            "def match(profile, ctx):\n    n = 0\n    for i in range(40000):\n"
-            "        n = n + i\n    return n > 0\n")))
-        docs = load_users(c, 200)
+    crawl = ("def match(profile, ctx):\n    n = 0\n    for i in range(40000):\n"
+             "        n = n + i\n    return n > 0\n")
+    with pack_plus(tmp_path, "crawl", crawl, rule_batch_budget_ms=100) as (c, docs):
         want = expected_matches(c, docs, AS_OF)
         cpu0 = {k: cpu(k) for k in ("crawl", "birthday")}
-        stop, threads = start_evaluators(c, 1)
 
         # When a run evaluates everyone
-        try:
-            info = c.runs.wait(start_run(c.shards, c.runs, c.bus, AS_OF, 300), timeout=60)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=15)
+        info = run_once(c)
 
         # Then the slow rule is quarantined for the batch budget, naming a user
-        crawl = c.rules.get("crawl")
-        assert crawl["status"] == "quarantined", crawl
-        assert "batch budget" in crawl["quarantine"]["reason"]
-        assert int(crawl["quarantine"]["user_id"]) in docs
+        got = c.rules.get("crawl")
+        assert got["status"] == "quarantined", got
+        assert "batch budget" in got["quarantine"]["reason"]
+        assert int(got["quarantine"]["user_id"]) in docs
         # and the run finished for every user, with every other rule's matches intact
         assert info["status"] == "done" and info["users"] == 200
         assert info["matches"].get("crawl", 0) < 200
@@ -252,5 +249,3 @@ def test_a_rule_slow_on_every_profile_is_quarantined_by_the_batch_budget(tmp_pat
         assert c.rules.get("birthday")["status"] == "active"
         # and what each rule cost is exported: the slow one dominates
         assert cpu("crawl") - cpu0["crawl"] >= 0.05 > cpu("birthday") - cpu0["birthday"]
-    finally:
-        c.close()
