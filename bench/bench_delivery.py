@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
 import shutil
 import statistics
 import sys
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orjson  # noqa: E402
 
-from bench.bench_mail import flattened, run_bare, run_wire, serve  # noqa: E402
+from bench.bench_mail import SmtpSink, flattened, run_bare, run_wire  # noqa: E402
 from channels.ledger import Claim  # noqa: E402
 from channels.mail import Email  # noqa: E402
 
@@ -123,16 +122,8 @@ def main() -> None:
     args = parser.parse_args()
     n, conns = args.messages, args.connections
 
-    ctx = mp.get_context("spawn")
-    port, counter, stop = ctx.Value("i", 0), ctx.Value("q", 0), ctx.Event()
-    server = ctx.Process(target=serve, args=(port, counter, stop), daemon=True)
-    server.start()
-    deadline = time.monotonic() + 20
-    while port.value == 0:
-        if time.monotonic() > deadline or not server.is_alive():
-            raise SystemExit("the aiosmtpd server did not start")
-        time.sleep(0.05)
-    host, url = "127.0.0.1", f"smtp://127.0.0.1:{port.value}"
+    sink = SmtpSink().start()
+    host, port, url = sink.host, sink.port, sink.url
 
     from kvadrupel.container import Container
 
@@ -150,11 +141,11 @@ def main() -> None:
             for r in batch:
                 bus.publish(topic, orjson.dumps(r), key=str(r["user_id"]).encode())
             bus.flush()
-            before = counter.value
+            before = sink.received
             wall, cpu = time.perf_counter(), time.process_time()
-            while counter.value - before < len(batch):
+            while sink.received - before < len(batch):
                 if worker.step() == 0 and time.perf_counter() - wall > 120:
-                    raise SystemExit(f"worker: {counter.value - before} of {len(batch)} arrived")
+                    raise SystemExit(f"worker: {sink.received - before} of {len(batch)} arrived")
             return time.perf_counter() - wall, time.process_time() - cpu
 
         def same_emails(batch: list[dict[str, Any]]) -> list[Email]:
@@ -165,16 +156,16 @@ def main() -> None:
 
         def client_round(name: str, emails: list[Email]) -> tuple[float, float]:
             prepared = flattened(emails) if name == "wire" else None
-            before = counter.value
+            before = sink.received
             wall, cpu = time.perf_counter(), time.process_time()
             if name == "bare":
-                ok = asyncio.run(run_bare(host, port.value, emails, conns))
+                ok = asyncio.run(run_bare(host, port, emails, conns))
             else:
-                ok = asyncio.run(run_wire(host, port.value, prepared, conns))
+                ok = asyncio.run(run_wire(host, port, prepared, conns))
             out = time.perf_counter() - wall, time.process_time() - cpu
             time.sleep(0.05)
-            if ok != len(emails) or counter.value - before != len(emails):
-                raise SystemExit(f"{name}: {ok} ok, {counter.value - before} arrived")
+            if ok != len(emails) or sink.received - before != len(emails):
+                raise SystemExit(f"{name}: {ok} ok, {sink.received - before} arrived")
             return out
 
         base = 10_000_000
@@ -195,8 +186,7 @@ def main() -> None:
         assert sent == 300 + n * args.rounds, f"ledger: {sent} sent"
         worker.close()
     finally:
-        stop.set()
-        server.join(10)
+        sink.close()
         container.close()
         storage.drop()
 

@@ -74,6 +74,45 @@ def serve(port_out, counter, stop) -> None:  # noqa: ANN001 - multiprocessing pr
     controller.stop()
 
 
+class SmtpSink:
+    """The counting aiosmtpd server of :func:`serve`, in a spawned child process.
+
+    ``with SmtpSink() as sink`` (or ``start()`` ... ``close()``): ``sink.host``,
+    ``sink.port``, ``sink.url``, and ``sink.received`` (messages accepted so far).
+    """
+
+    host = "127.0.0.1"
+
+    def __enter__(self) -> SmtpSink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> SmtpSink:
+        ctx = mp.get_context("spawn")
+        self._port, self._counter, self._stop = ctx.Value("i", 0), ctx.Value("q", 0), ctx.Event()
+        self._server = ctx.Process(target=serve, args=(self._port, self._counter, self._stop),
+                                   daemon=True)
+        self._server.start()
+        deadline = time.monotonic() + 20
+        while self._port.value == 0:
+            if time.monotonic() > deadline or not self._server.is_alive():
+                raise SystemExit("the aiosmtpd server did not start")
+            time.sleep(0.05)
+        self.port = self._port.value
+        self.url = f"smtp://{self.host}:{self.port}"
+        return self
+
+    @property
+    def received(self) -> int:
+        return self._counter.value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._server.join(10)
+
+
 # -- the messages -------------------------------------------------------------------
 
 def make_emails(n: int, tag: str) -> list[Email]:
@@ -116,8 +155,9 @@ async def run_kvadrupel(url: str, emails: list[Email], connections: int) -> int:
     return sum(r.ok for r in results)
 
 
-async def run_bare(host: str, port: int, emails: list[Email], connections: int) -> int:
-    queue = list(reversed(emails))
+async def _pump(host: str, port: int, items: list, connections: int, send) -> int:  # noqa: ANN001
+    """Send ``items`` over ``connections`` plain aiosmtplib connections (``send(smtp, item)``)."""
+    queue = list(reversed(items))
     sent = 0
 
     async def worker() -> None:
@@ -127,37 +167,31 @@ async def run_bare(host: str, port: int, emails: list[Email], connections: int) 
         await smtp.connect()
         try:
             while queue:
-                mail = queue.pop()
-                await smtp.send_message(stdlib_message(mail), sender=SENDER, recipients=[mail.to])
+                await send(smtp, queue.pop())
                 sent += 1
         finally:
             await smtp.quit()
 
     await asyncio.gather(*(worker() for _ in range(connections)))
     return sent
+
+
+async def run_bare(host: str, port: int, emails: list[Email], connections: int) -> int:
+    """The bare client: an EmailMessage per e-mail, then ``send_message``."""
+    async def send(smtp: aiosmtplib.SMTP, mail: Email) -> None:
+        await smtp.send_message(stdlib_message(mail), sender=SENDER, recipients=[mail.to])
+
+    return await _pump(host, port, emails, connections, send)
 
 
 async def run_wire(
     host: str, port: int, prepared: list[tuple[str, bytes]], connections: int
 ) -> int:
-    queue = list(reversed(prepared))
-    sent = 0
+    """The ceiling: pre-built wire bytes, ``sendmail`` only."""
+    async def send(smtp: aiosmtplib.SMTP, item: tuple[str, bytes]) -> None:
+        await smtp.sendmail(SENDER, [item[0]], item[1])
 
-    async def worker() -> None:
-        nonlocal sent
-        smtp = aiosmtplib.SMTP(hostname=host, port=port, timeout=30, start_tls=False,
-                               local_hostname="bench-client")
-        await smtp.connect()
-        try:
-            while queue:
-                rcpt, data = queue.pop()
-                await smtp.sendmail(SENDER, [rcpt], data)
-                sent += 1
-        finally:
-            await smtp.quit()
-
-    await asyncio.gather(*(worker() for _ in range(connections)))
-    return sent
+    return await _pump(host, port, prepared, connections, send)
 
 
 def flattened(emails: list[Email]) -> list[tuple[str, bytes]]:
@@ -178,45 +212,32 @@ def main() -> None:
     args = parser.parse_args()
     n, conns = args.messages, args.connections
 
-    ctx = mp.get_context("spawn")
-    port, counter, stop = ctx.Value("i", 0), ctx.Value("q", 0), ctx.Event()
-    server = ctx.Process(target=serve, args=(port, counter, stop), daemon=True)
-    server.start()
-    deadline = time.monotonic() + 20
-    while port.value == 0:
-        if time.monotonic() > deadline or not server.is_alive():
-            raise SystemExit("the aiosmtpd server did not start")
-        time.sleep(0.05)
-    host, url = "127.0.0.1", f"smtp://127.0.0.1:{port.value}"
-
     runs: dict[str, list[tuple[float, float, int]]] = {"kvadrupel": [], "bare": [], "wire": []}
+    with SmtpSink() as sink:
+        host, port, url = sink.host, sink.port, sink.url
 
-    def wire(emails: list[Email]):  # noqa: ANN202
-        prepared = flattened(emails)  # before the timer
-        return lambda: run_wire(host, port.value, prepared, conns)
+        def wire(emails: list[Email]):  # noqa: ANN202
+            prepared = flattened(emails)  # before the timer
+            return lambda: run_wire(host, port, prepared, conns)
 
-    paths = {
-        "kvadrupel": lambda emails: (lambda: run_kvadrupel(url, emails, conns)),
-        "bare": lambda emails: (lambda: run_bare(host, port.value, emails, conns)),
-        "wire": wire,
-    }
-    try:
+        paths = {
+            "kvadrupel": lambda emails: (lambda: run_kvadrupel(url, emails, conns)),
+            "bare": lambda emails: (lambda: run_bare(host, port, emails, conns)),
+            "wire": wire,
+        }
         # Warm-up: imports, first connections, the server's code paths.
         for name, path in paths.items():
             timed(path(make_emails(200, f"warm-{name}")))
         for rnd in range(args.rounds):
             order = list(paths) if rnd % 2 == 0 else list(reversed(paths))
             for name in order:
-                before = counter.value
+                before = sink.received
                 wall, cpu, ok = timed(paths[name](make_emails(n, f"{name}-{rnd}")))
                 time.sleep(0.05)
-                arrived = counter.value - before
+                arrived = sink.received - before
                 if ok != n or arrived != n:
                     raise SystemExit(f"{name}: {ok} ok, {arrived} arrived, of {n}")
                 runs[name].append((wall, cpu, ok))
-    finally:
-        stop.set()
-        server.join(10)
 
     print(f"{n} messages, {conns} connections, {args.rounds} rounds (median), "
           f"aiosmtpd server in a child process, Python {sys.version.split()[0]}")
