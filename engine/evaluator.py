@@ -205,7 +205,7 @@ class EvaluatorWorker(BatchWorker):
         seconds = time.perf_counter() - t0
         self.runs.range_done(run_id, no, stats.users, dict(stats.matches), dict(stats.errors),
                              enters=stats.enters, exits=stats.exits, seconds=seconds,
-                             worker=self.worker)
+                             worker=self.worker, rule_cpu=dict(stats.cpu))
         log.info("range %d/%d done: %d users in %.2fs (%.0f users/s), %d enters, %d exits",
                  run_id, no, stats.users, seconds, stats.users / seconds if seconds else 0,
                  stats.enters, stats.exits)

@@ -178,12 +178,14 @@ class RunService:
 
     def range_done(self, run_id: int, range_no: int, users: int, matches: dict[str, int],
                    errors: dict[str, int], *, enters: int = 0, exits: int = 0,
-                   seconds: float = 0.0, worker: str | None = None) -> None:
+                   seconds: float = 0.0, worker: str | None = None,
+                   rule_cpu: dict[str, float] | None = None) -> None:
         with self.control.begin() as conn:
             self._lock_run(conn, run_id)
             values: dict[str, Any] = {
                 "status": "done", "users": users, "matches": matches, "errors": errors,
-                "enters": enters, "exits": exits, "seconds": seconds, "updated_at": _now()}
+                "enters": enters, "exits": exits, "seconds": seconds, "updated_at": _now(),
+                "rule_cpu": {k: round(v, 6) for k, v in (rule_cpu or {}).items()}}
             if worker is not None:
                 values["worker"] = worker
             conn.execute(update(run_ranges).where(self._where(run_id, range_no)).values(**values))
@@ -219,7 +221,8 @@ class RunService:
     def get(self, run_id: int) -> dict[str, Any]:
         """The run's status and figures: ranges done/running/parked of total, users
         evaluated (live, including ranges in progress), users/s, ETA, matches and
-        errors per rule, and per-worker throughput."""
+        errors per rule, the CPU each rule used (most first; sampled, see
+        rules/budget.py), and per-worker throughput."""
         with self.control.connect() as conn:
             run = conn.execute(select(runs).where(runs.c.id == run_id)).first()
             if run is None:
@@ -228,6 +231,7 @@ class RunService:
                                   .order_by(run_ranges.c.range_no)).all()
         matches: Counter[str] = Counter()
         errors: Counter[str] = Counter()
+        cpu: Counter[str] = Counter()
         users = live = done = running = enters = exits = 0
         parked = []
         workers: dict[str, list[float]] = {}
@@ -239,6 +243,7 @@ class RunService:
                 exits += r.exits
                 matches.update(r.matches)
                 errors.update(r.errors)
+                cpu.update(r.rule_cpu or {})
                 if r.worker:
                     w = workers.setdefault(r.worker, [0, 0, 0.0])
                     w[0] += 1
@@ -268,6 +273,9 @@ class RunService:
             "users": seen, "users_est": run.users_est,
             "matches": dict(sorted(matches.items())), "errors": dict(sorted(errors.items())),
             "enters": enters, "exits": exits,
+            "rule_cpu": {k: {"seconds": round(v, 3),
+                             "us_per_user": round(v / users * 1e6, 2) if users else None}
+                         for k, v in cpu.most_common()},
             "ranges": {"total": total, "done": done, "running": running, "parked": len(parked)},
             "parked": parked,
             "users_per_s": round(rate, 1), "eta_s": round(eta, 1) if eta is not None else None,

@@ -8,7 +8,8 @@ The *control* database holds what is global: rules and their immutable versions,
 runs and their ranges, the notification ledger, and the bucket → shard map.
 
 One SQLAlchemy Core definition serves SQLite (embedded) and PostgreSQL
-(production); JSON becomes JSONB on PostgreSQL.
+(production); JSON becomes JSONB on PostgreSQL (profiles: plain json, see
+JsonText).
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ from sqlalchemy import (
     Text,
     Unicode,
 )
+from sqlalchemy.dialects.postgresql import JSON as PgJSON
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
 
 Json = JSON().with_variant(JSONB(), "postgresql")
+# Profiles are stored and read whole, never queried inside in SQL: plain ``json``
+# (the text as written) spares PostgreSQL a jsonb conversion on every write and
+# read (migration shard_0003).
+JsonText = JSON().with_variant(PgJSON(), "postgresql")
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -61,12 +67,14 @@ profiles = Table(
     "profiles",
     shard_metadata,
     Column("user_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("doc", Json, nullable=False),
+    Column("doc", JsonText, nullable=False),
     # The last event ids applied to this profile: a client retry is recognised and
     # applied once (see engine.events). Capped, so it costs one small column.
-    Column("seen", Json, nullable=False),
+    Column("seen", JsonText, nullable=False),
     Column("version", BigInteger, nullable=False, default=0),
     Column("updated_at", UtcDateTime(), nullable=False),
+    # Room on each page for HOT updates (ingest rewrites every changed profile).
+    postgresql_with={"fillfactor": 70},
 )
 
 user_state = Table(
@@ -225,6 +233,8 @@ run_ranges = Table(
     Column("enters", Integer, nullable=False, server_default="0"),
     Column("exits", Integer, nullable=False, server_default="0"),
     Column("seconds", Float, nullable=False, server_default="0"),
+    # rule key -> CPU seconds it used on the range (sampled: rules/budget.py).
+    Column("rule_cpu", Json, nullable=True),
     PrimaryKeyConstraint("run_id", "range_no"),
 )
 

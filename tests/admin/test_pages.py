@@ -157,3 +157,25 @@ def test_saving_from_the_form_keeps_fields_the_form_does_not_edit(admin_env: Adm
     assert saved["version"] == 3 and "<= 30" in saved["source"]
     assert saved["banner"]["translations"]["en"]["title"] == "Registration expires soon"
     assert saved["banner"]["expires_at"] == "2026-12-31"
+
+
+def test_run_page_shows_the_cpu_each_rule_used_per_user(admin_env: AdminEnv) -> None:
+    # Given a run whose ranges finished with CPU figures per rule (as evaluators report)
+    pat = admin_env.as_user("pat")
+    run_id = int(pat.post("/admin/runs", {"as_of": "2026-11-24"}).url.path.rsplit("/", 1)[1])
+    runs = admin_env.container.runs
+    jobs = runs.jobs(run_id)
+    assert jobs
+    for job in jobs:
+        runs.claim(run_id, job["range_no"], "w1")
+        runs.range_done(run_id, job["range_no"], 1000, {"vr-soon": 10}, {}, worker="w1",
+                        rule_cpu={"vr-soon": 0.25, "other": 0.01})
+
+    # When the run page is shown
+    page = pat.client.get(f"/admin/runs/{run_id}").text
+
+    # Then each rule's CPU per user evaluated is there
+    users = 1000 * len(jobs)
+    row = re.search(r'<a href="/admin/rules/vr-soon">.*?</tr>', page, re.S).group(0)
+    assert f'data-testid="rule-cpu">{0.25 * len(jobs) / users * 1e6:.1f}<' in row
+    assert runs.get(run_id)["rule_cpu"]["vr-soon"]["seconds"] == round(0.25 * len(jobs), 3)

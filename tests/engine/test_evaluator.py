@@ -247,5 +247,8 @@ def test_a_rule_slow_on_every_profile_is_quarantined_by_the_batch_budget(tmp_pat
         assert {k: v for k, v in info["matches"].items() if k != "crawl"} == \
             {k: v for k, v in sorted(want.items()) if k != "crawl"}
         assert c.rules.get("birthday")["status"] == "active"
-        # and what each rule cost is exported: the slow one dominates
+        # and what each rule cost is exported and kept with the run: the slow one dominates
         assert cpu("crawl") - cpu0["crawl"] >= 0.05 > cpu("birthday") - cpu0["birthday"]
+        assert next(iter(info["rule_cpu"])) == "crawl"
+        assert info["rule_cpu"]["crawl"]["seconds"] >= 0.05
+        assert info["rule_cpu"]["crawl"]["us_per_user"] >= 0.05 / 200 * 1e6

@@ -69,9 +69,10 @@ async def start(
 @router.get("/runs/{run_id}")
 def run_detail(run_id: int, request: Request, user: AnyUser, partial: int = 0) -> Response:
     run = request.app.state.container.runs.get(run_id)
-    keys = sorted(set(run["matches"]) | set(run["errors"]))
+    keys = sorted(set(run["matches"]) | set(run["errors"]) | set(run["rule_cpu"]))
     per_rule = [
-        {"key": k, "matches": run["matches"].get(k, 0), "errors": run["errors"].get(k, 0)}
+        {"key": k, "matches": run["matches"].get(k, 0), "errors": run["errors"].get(k, 0),
+         "cpu": run["rule_cpu"].get(k)}
         for k in keys
     ]
     return render(request, "_run.html" if partial else "run.html", run=run, per_rule=per_rule)
