@@ -257,7 +257,8 @@ def ceilings(container: Container, as_of: date) -> dict[str, Any]:
                 except Exception:  # noqa: BLE001 - a rule error is "no match"
                     pass
 
-    pack = CompiledPack(container.rules.active(), container.settings.rule_budget_ms)
+    pack = CompiledPack(container.rules.active(), container.settings.rule_budget_ms,
+                        batch_budget_ms=container.settings.rule_batch_budget_ms)
 
     def sandboxed(part: list[Any]) -> None:
         evaluate = pack.ruleset.evaluate

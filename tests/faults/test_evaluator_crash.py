@@ -32,6 +32,7 @@ from rules.models import RuleIn
 from rules.pack import BUILTIN_RULES
 from scheduler.planner import start_run
 from shards.schema import banners, run_ranges, user_state
+from tests.fixtures.procs import stop_all
 from tests.scheduler.helpers import AS_OF, TOKENS, load_users
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
@@ -148,12 +149,5 @@ def test_killed_worker_range_is_redone_exactly_once(pg_factory, kafka_broker, tm
         stop.set()
         for t in threads:
             t.join(timeout=15)
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         c.close()

@@ -25,6 +25,7 @@ from scheduler.campaigns import CampaignService
 from scheduler.cron import cron_trigger, last_fire_time
 from scheduler.service import SchedulerService
 from shards.schema import runs as runs_table
+from tests.fixtures.procs import stop_all
 from tests.scheduler.helpers import TOKENS
 
 TZ = "Europe/Moscow"
@@ -256,14 +257,7 @@ def test_replicas_fire_each_job_exactly_once_and_fail_over(pg_factory, kafka_bro
         assert len(keys) == len(set(keys))  # every firing made one run
         assert Counter(key_time(k).second % 2 for k in keys) == {0: len(keys)}
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         c.close()
 
 
