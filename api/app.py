@@ -10,16 +10,15 @@ from collections.abc import Callable
 from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
+import orjson
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-import orjson
-
 from api import fast, problems
-from api.observability import MetricsMiddleware, register_control_collector
 from api.admin import mount_admin
+from api.observability import MetricsMiddleware, register_control_collector
 from api.routes import banners, engagement, events, rules, runs
 from api.shedding import LoadShedMiddleware
 from kvadrupel import __version__
@@ -56,10 +55,15 @@ def create_app(container: Container, *, today: Callable[[], date] | None = None)
              responses={503: {"description": "A dependency is unreachable"}})
     async def readyz() -> Response:
         ok, checks = await run_in_threadpool(readiness, container)
-        return Response(orjson.dumps({"ready": ok, "checks": checks}), status_code=200 if ok else 503,
-                        media_type="application/json")
+        return Response(
+            orjson.dumps({"ready": ok, "checks": checks}),
+            status_code=200 if ok else 503,
+            media_type="application/json",
+        )
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse)
+    @app.get(
+        "/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse
+    )
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(metrics_payload().decode(), media_type=CONTENT_TYPE_LATEST)
 

@@ -60,10 +60,16 @@ class ControlCollector(Collector):
                                       .where(ledger.c.status == "failed")).scalar() or 0
         except Exception:  # noqa: BLE001 - a scrape must not fail because the DB is down
             return
-        yield GaugeMetricFamily("kvadrupel_rules_quarantined", "Rules in quarantine", value=quarantined)
+        yield GaugeMetricFamily(
+            "kvadrupel_rules_quarantined", "Rules in quarantine", value=quarantined
+        )
         yield GaugeMetricFamily("kvadrupel_run_running", "Runs still running", value=running)
-        yield GaugeMetricFamily("kvadrupel_ledger_pending", "Messages waiting to be sent", value=pending)
-        yield GaugeMetricFamily("kvadrupel_ledger_failed", "Messages that failed for good", value=failed)
+        yield GaugeMetricFamily(
+            "kvadrupel_ledger_pending", "Messages waiting to be sent", value=pending
+        )
+        yield GaugeMetricFamily(
+            "kvadrupel_ledger_failed", "Messages that failed for good", value=failed
+        )
 
 
 _registered: dict[int, ControlCollector] = {}

@@ -127,8 +127,10 @@ def main() -> None:
                 py,
                 "-c",
                 "from kvadrupel.container import Container; from kvadrupel.settings import "
-                "Settings; from kvadrupel.demo import install_pack; from rules.pack import BUILTIN_RULES; "
-                "c = Container(Settings()); install_pack(c.rules, BUILTIN_RULES); c.shards; c.close()",
+                "Settings; from kvadrupel.demo import install_pack; from rules.pack import "
+                "BUILTIN_RULES; "
+                "c = Container(Settings()); install_pack(c.rules, BUILTIN_RULES); c.shards; "
+                "c.close()",
             ],
             env=env,
             cwd=ROOT,
@@ -219,7 +221,8 @@ def main() -> None:
             f"{args.load:,.0f} events/s to Kafka over {args.users:,} users ({sent[0]:,} sent)"
         )
         print(
-            f"  p50 {q[49] * 1000:6.0f} ms   p90 {q[89] * 1000:6.0f} ms   p99 {q[98] * 1000:6.0f} ms   "
+            f"  p50 {q[49] * 1000:6.0f} ms   p90 {q[89] * 1000:6.0f} ms   p99 {q[98] * 1000:6.0f} "
+            "ms   "
             f"max {lat[-1] * 1000:6.0f} ms   (not seen within 10 s: {missed})"
         )
         print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

@@ -1,11 +1,21 @@
-"""Produce and consume throughput of KafkaBus on a local Tansu broker.
+"""Produce and consume throughput of the buses: KafkaBus on a local Tansu broker, and
+the embedded MemoryBus in memory and with its durable log (SQLite, WAL).
 
-    .venv/bin/python bench/bench_bus.py [--messages 200000] [--compression lz4 none]
+    .venv/bin/python bench/bench_bus.py [--bus kafka embedded] [--messages 200000]
+                                        [--compression lz4 none]
 
-Starts Tansu the way the test fixture does (memory storage, loopback), publishes
-small keyed messages through KafkaBus (idempotent, acks=all) and reads them back
-with one group member that commits every batch, as a worker would. The consumer
-rate is timed from its first message (group join excluded, reported separately).
+Kafka: starts Tansu the way the test fixture does (memory storage, loopback),
+publishes small keyed messages through KafkaBus (idempotent, acks=all) and reads
+them back with one group member that commits every batch, as a worker would. The
+consumer rate is timed from its first message (group join excluded, reported
+separately).
+
+Embedded: the same messages through MemoryBus without a log, and with the durable
+log at synchronous=NORMAL and FULL (the default: an fsync per flush group), flushed
+every 1 / 100 / 5,000 messages from one thread, and every 100 messages from 8
+threads at once (concurrent REST requests); then consumed with a commit per batch
+of 1,000 (the commit also trims the log). The log lives in a temporary directory on
+the same file system as the repository (``--dir`` to choose).
 Not a test; figures depend on the machine and on what else runs on it.
 """
 
@@ -13,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.buses.kafka import KafkaBus  # noqa: E402
+from engine.buses.memory import MemoryBus  # noqa: E402
 from tests.fixtures.kafka import TEST_TIMINGS, start_tansu  # noqa: E402
 
 
@@ -78,13 +91,117 @@ def run(bootstrap: str, n: int, compression: str, partitions: int) -> dict[str, 
     }
 
 
+def payloads_for(n: int) -> list[tuple[bytes, bytes]]:
+    return [(f'{{"user":{i % 10_000},"type":"page_view","seq":{i},"ts":1700000000}}'.encode(),
+             str(i % 10_000).encode()) for i in range(n)]
+
+
+def embedded(n: int, partitions: int, group: int, threads: int, sync: str | None,
+             base: Path) -> dict[str, float]:
+    """Publish ``n`` messages flushing every ``group`` (from ``threads`` threads), then
+    consume them all committing every batch; msg/s of each side."""
+    with tempfile.TemporaryDirectory(dir=base) as tmp:
+        path = Path(tmp) / "bus.db" if sync else None
+        bus = MemoryBus("bench", partitions=partitions, path=path, synchronous=sync or "FULL")
+        topic = bus.topic("events")
+        bus.ensure_topics([topic], partitions)
+        bus.publish(topic, b"warm-up", key=b"warm-up")  # opens the log outside the timing
+        bus.flush()
+        payloads = payloads_for(n)
+        share = n // threads
+
+        def produce(part: list[tuple[bytes, bytes]]) -> None:
+            for i in range(0, len(part), group):
+                for value, key in part[i : i + group]:
+                    bus.publish(topic, value, key=key)
+                bus.flush()
+
+        t0 = time.perf_counter()
+        workers = [threading.Thread(target=produce, args=(payloads[k * share : (k + 1) * share],))
+                   for k in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        produce_s = time.perf_counter() - t0
+        total = share * threads + 1
+        consumer = bus.consumer("bench-group", [topic])
+        got, t1 = 0, time.perf_counter()
+        while got < total:
+            batch = consumer.poll(max_messages=1000, timeout=0.5)
+            got += len(batch)
+            consumer.commit(batch)
+        consume_s = time.perf_counter() - t1
+        consumer.close()
+        bus.close()
+    return {"produce_per_s": share * threads / produce_s, "consume_per_s": total / consume_s}
+
+
+def rest_path(n: int, partitions: int, clients: int, sync: str | None, base: Path) -> float:
+    """Events/s through the REST publisher (api.routes.events.GroupPublisher: one
+    thread publishes and flushes the requests of ``clients`` concurrent callers in
+    groups), 100 events per request: the part of POST /v1/events after validation."""
+    from api.routes.events import GroupPublisher
+
+    with tempfile.TemporaryDirectory(dir=base) as tmp:
+        path = Path(tmp) / "bus.db" if sync else None
+        bus = MemoryBus("bench", partitions=partitions, path=path, synchronous=sync or "FULL")
+        topic = bus.topic("events")
+        bus.ensure_topics([topic], partitions)
+        publisher = GroupPublisher(bus, topic)
+        publisher.submit([(b"warm-up", b"0")]).result()
+        requests = [payloads_for(100) for _ in range(n // 100 // clients)]
+
+        def client() -> None:
+            for body in requests:
+                publisher.submit(body).result()
+
+        t0 = time.perf_counter()
+        workers = [threading.Thread(target=client) for _ in range(clients)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        elapsed = time.perf_counter() - t0
+        publisher.close()
+        bus.close()
+    return len(requests) * 100 * clients / elapsed
+
+
+def run_embedded(n: int, partitions: int, base: Path) -> None:
+    print(f"embedded MemoryBus: {n} messages, {partitions} partitions, log under {base}")
+    print(f"{'log':<16} {'flush every':>16} {'publish msg/s':>14} {'consume+commit msg/s':>21}")
+    for sync in (None, "NORMAL", "FULL"):
+        for group, threads in ((1, 1), (100, 1), (5000, 1), (100, 8)):
+            # One fsync per message is slow: fewer messages, same rate.
+            count = min(n, 2000) if group == 1 and sync else n
+            r = embedded(count, partitions, group, threads, sync, base)
+            label = f"{group} x {threads} thr" if threads > 1 else f"{group}"
+            print(f"{(sync or 'none (memory)'):<16} {label:>16} {r['produce_per_s']:>14,.0f} "
+                  f"{r['consume_per_s']:>21,.0f}", flush=True)
+    print(f"\nREST publisher (GroupPublisher), requests of 100 events, {n} events")
+    print(f"{'log':<16} {'clients':>8} {'events/s':>10}")
+    for sync in (None, "FULL"):
+        for clients in (1, 16):
+            rate = rest_path(n, partitions, clients, sync, base)
+            print(f"{(sync or 'none (memory)'):<16} {clients:>8} {rate:>10,.0f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--compression", nargs="+", default=["lz4", "none"])
+    parser.add_argument("--bus", nargs="+", choices=["kafka", "embedded"],
+                        default=["kafka", "embedded"])
+    parser.add_argument("--dir", type=Path, default=Path(__file__).resolve().parent.parent,
+                        help="where the embedded log's temporary directory goes")
     args = parser.parse_args()
 
+    if "embedded" in args.bus:
+        run_embedded(args.messages, args.partitions, args.dir)
+    if "kafka" not in args.bus:
+        return
     broker = start_tansu()
     try:
         print(f"tansu {broker.bootstrap}: {args.messages} messages, {args.partitions} partitions")

@@ -54,8 +54,11 @@ MAIL_FROM = "Kvadrupel <noreply@kvadrupel.test>"
 def results(n: int, base: int, banners: bool) -> list[dict[str, Any]]:
     text = "Hello {name},\n\nyour driving licence expires on 2026-12-10. " + \
         "Renew it online before then.\n" * 4
-    html = ("<html><body><h1>Hello {name}</h1>" + "<p>Your licence expires on <b>2026-12-10</b>.</p>" * 10
-            + "</body></html>")
+    html = (
+        "<html><body><h1>Hello {name}</h1>"
+        + "<p>Your licence expires on <b>2026-12-10</b>.</p>" * 10
+        + "</body></html>"
+    )
     out = []
     for i in range(n):
         uid = base + i
@@ -87,7 +90,9 @@ class Storage:
         if not embedded:
             import psycopg
 
-            with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as c:
+            with psycopg.connect(
+                "postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True
+            ) as c:
                 for name in self.names:
                     c.execute(f'CREATE DATABASE "{name}"')
 
@@ -107,7 +112,9 @@ class Storage:
         if not self.embedded:
             import psycopg
 
-            with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as c:
+            with psycopg.connect(
+                "postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True
+            ) as c:
                 for name in self.names:
                     c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -117,7 +124,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--embedded", action="store_true", help="SQLite storage instead of PostgreSQL")
+    parser.add_argument(
+        "--embedded", action="store_true", help="SQLite storage instead of PostgreSQL"
+    )
     parser.add_argument("--banners", action="store_true", help="results carry a banner too")
     args = parser.parse_args()
     n, conns = args.messages, args.connections
@@ -191,16 +200,20 @@ def main() -> None:
         storage.drop()
 
     store = "SQLite" if args.embedded else "PostgreSQL"
-    print(f"{n} e-mails per round, {conns} SMTP connections, {args.rounds} rounds (median), "
-          f"{store} storage{', with banners' if args.banners else ''}, aiosmtpd in a child process, "
-          f"Python {sys.version.split()[0]}")
+    print(
+        f"{n} e-mails per round, {conns} SMTP connections, {args.rounds} rounds (median), "
+        f"{store} storage{', with banners' if args.banners else ''}, aiosmtpd in a child process, "
+        f"Python {sys.version.split()[0]}"
+    )
     rate = {}
     for name, rs in runs.items():
         wall = statistics.median(r[0] for r in rs)
         cpu = statistics.median(r[1] for r in rs)
         rate[name] = n / wall
-        print(f"  {name:<7} {rate[name]:>8,.0f} e-mails/s   client CPU {cpu / n * 1e6:6.0f} us/e-mail"
-              f"   (rounds: {', '.join(f'{n / r[0]:,.0f}' for r in rs)})")
+        print(
+            f"  {name:<7} {rate[name]:>8,.0f} e-mails/s   client CPU {cpu / n * 1e6:6.0f} us/e-mail"
+            f"   (rounds: {', '.join(f'{n / r[0]:,.0f}' for r in rs)})"
+        )
     print(f"  ratio worker / bare: {rate['worker'] / rate['bare']:.2f}"
           f"   worker / wire: {rate['worker'] / rate['wire']:.2f}")
 

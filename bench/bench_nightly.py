@@ -293,9 +293,15 @@ def profile_range(container: Container, as_of: date) -> str:
     from engine.evaluator import EvaluatorWorker
 
     c = container
-    worker = EvaluatorWorker(c.bus.consumer("bench-profile", [c.bus.topic("jobs")]), c.bus, c.shards,
-                             c.rules, c.runs, budget_ms=c.settings.rule_budget_ms,
-                             timezone=c.settings.timezone)
+    worker = EvaluatorWorker(
+        c.bus.consumer("bench-profile", [c.bus.topic("jobs")]),
+        c.bus,
+        c.shards,
+        c.rules,
+        c.runs,
+        budget_ms=c.settings.rule_budget_ms,
+        timezone=c.settings.timezone,
+    )
     store = c.shards.stores[0]
     lo, hi = store.plan_ranges(c.settings.range_target_users)[0]
     prof = cProfile.Profile()
@@ -325,10 +331,15 @@ def main() -> None:
     args = ap.parse_args()
     worker_counts = [int(w) for w in args.workers.split(",") if w]
 
-    log(f"{args.users:,} users, {args.shards} shards, 50 rules; {os.cpu_count()} CPUs; {load_avg()}")
+    log(
+        f"{args.users:,} users, {args.shards} shards, 50 rules; {os.cpu_count()} CPUs; {load_avg()}"
+    )
     if args.reuse:
         sa = PG.replace("postgresql://", "postgresql+psycopg://")
-        control, shard_urls = f"{sa}/kvbench_control", [f"{sa}/kvbench_s{i}" for i in range(args.shards)]
+        control, shard_urls = (
+            f"{sa}/kvbench_control",
+            [f"{sa}/kvbench_s{i}" for i in range(args.shards)],
+        )
     else:
         control, shard_urls = create_databases(args.shards)
     broker = start_tansu()
@@ -380,17 +391,28 @@ def _night_line(n: dict[str, Any], users_n: int) -> str:
             f"({users_n / n['t_e2e']:,.0f} users/s); {n['load']}")
 
 
-def report(args: argparse.Namespace, nights: list[dict[str, Any]], ceil: dict[str, Any], prof: str) -> None:
+def report(
+    args: argparse.Namespace, nights: list[dict[str, Any]], ceil: dict[str, Any], prof: str
+) -> None:
     n_rules = ceil["rules"]
-    print("\n=== nightly run:", f"{args.users:,} users x {n_rules} rules, {args.shards} PostgreSQL shards, "
-          f"Kafka-protocol broker (Tansu), {args.partitions} job partitions, ranges of ~{args.range_users:,}")
-    print(f"{'night':<34}{'workers':>8}{'run s':>8}{'e2e s':>8}{'users/s':>11}{'results':>9}  per worker users/s (rule-evals/s)")
+    print(
+        "\n=== nightly run:",
+        f"{args.users:,} users x {n_rules} rules, {args.shards} PostgreSQL shards, "
+        f"Kafka-protocol broker (Tansu), {args.partitions} job partitions, ranges of "
+        f"~{args.range_users:,}",
+    )
+    print(
+        f"{'night':<34}{'workers':>8}{'run s':>8}{'e2e s':>8}{'users/s':>11}{'results':>9}  per "
+        "worker users/s (rule-evals/s)"
+    )
     nights = [n for n in nights if n]
     steady = [n for n in nights if n["workers"] and n["label"] != COLD]
     for n in nights:
         info = n["run"]
-        per = "; ".join(f"{v['users_per_s'] or 0:,.0f} ({(v['users_per_s'] or 0) * n_rules / 1e6:.2f}M)"
-                        for v in info["workers"].values())
+        per = "; ".join(
+            f"{v['users_per_s'] or 0:,.0f} ({(v['users_per_s'] or 0) * n_rules / 1e6:.2f}M)"
+            for v in info["workers"].values()
+        )
         per += f"  | worker CPU {sum(n['cpu']) / max(1, info['users']) * 1e6:.0f} us/user"
         print(f"{n['label']:<34}{n['workers']:>8}{n['t_run']:>8.2f}{n['t_e2e']:>8.2f}"
               f"{args.users / n['t_e2e']:>11,.0f}{n['results']:>9,}  {per}")
@@ -403,34 +425,54 @@ def report(args: argparse.Namespace, nights: list[dict[str, Any]], ceil: dict[st
     sand = users_n / ceil["sandboxed"]
     eng = users_n / ceil["engine"]
     print("\n=== ceilings over the same profiles (one process)")
-    print(f"  (b) I/O: COPY read {io_raw:,.0f} users/s raw; {io_parsed:,.0f} users/s as the evaluator "
-          f"reads them (profile + state, parsed)")
+    print(
+        f"  (b) I/O: COPY read {io_raw:,.0f} users/s raw; {io_parsed:,.0f} users/s as the "
+        "evaluator "
+        f"reads them (profile + state, parsed)"
+    )
     print("  (CPU time of this process, the three interleaved slice by slice)")
-    print(f"  (a) compute: plain Python {plain:,.0f} users/s ({ceil['plain'] / users_n * 1e6:.1f} us/user, "
-          f"{plain * n_rules / 1e6:.2f}M rule-evals/s)")
-    print(f"      sandboxed RuleSet {sand:,.0f} users/s ({ceil['sandboxed'] / users_n * 1e6:.1f} us/user): "
-          f"{ceil['sandboxed'] / ceil['plain']:.2f}x plain")
-    print(f"      engine evaluate_rows {eng:,.0f} users/s ({ceil['engine'] / users_n * 1e6:.1f} us/user): "
-          f"{ceil['engine'] / ceil['plain']:.2f}x plain")
+    print(
+        f"  (a) compute: plain Python {plain:,.0f} users/s ({ceil['plain'] / users_n * 1e6:.1f} "
+        "us/user, "
+        f"{plain * n_rules / 1e6:.2f}M rule-evals/s)"
+    )
+    print(
+        f"      sandboxed RuleSet {sand:,.0f} users/s ({ceil['sandboxed'] / users_n * 1e6:.1f} "
+        "us/user): "
+        f"{ceil['sandboxed'] / ceil['plain']:.2f}x plain"
+    )
+    print(
+        f"      engine evaluate_rows {eng:,.0f} users/s ({ceil['engine'] / users_n * 1e6:.1f} "
+        "us/user): "
+        f"{ceil['engine'] / ceil['plain']:.2f}x plain"
+    )
     if steady:
         print("\n=== ratios (steady-state nights)")
         for n in steady:
             rate = args.users / n["t_e2e"]
             per_worker = rate / n["workers"]
             cpu_per_user = sum(n["cpu"]) / args.users
-            print(f"  {n['workers']} worker(s): e2e {rate:,.0f} users/s = {rate / plain:.2f}x the compute "
-                  f"ceiling of one process, {rate / io_parsed:.2f}x the I/O ceiling; "
-                  f"{per_worker:,.0f} users/s per worker; worker CPU {cpu_per_user * 1e6:.1f} us/user "
-                  f"= {1 / cpu_per_user:,.0f} users per CPU-second ({ceil['plain'] / users_n / cpu_per_user:.2f}x "
-                  f"the plain-Python ceiling)")
+            print(
+                f"  {n['workers']} worker(s): e2e {rate:,.0f} users/s = {rate / plain:.2f}x the "
+                "compute "
+                f"ceiling of one process, {rate / io_parsed:.2f}x the I/O ceiling; "
+                f"{per_worker:,.0f} users/s per worker; worker CPU {cpu_per_user * 1e6:.1f} "
+                "us/user "
+                f"= {1 / cpu_per_user:,.0f} users per CPU-second "
+                f"({ceil['plain'] / users_n / cpu_per_user:.2f}x "
+                f"the plain-Python ceiling)"
+            )
         if len(steady) >= 2:
             a, b = steady[0], steady[-1]
             print(f"  scale-out {a['workers']} -> {b['workers']} workers: "
                   f"{a['t_e2e'] / b['t_e2e']:.2f}x ({a['t_e2e']:.2f}s -> {b['t_e2e']:.2f}s)")
         best = min(n["t_e2e"] for n in steady)
-        print(f"  best end to end: {best:.2f}s for {args.users:,} users "
-              f"(target < 20 s for 1M: {'met' if best * 1_000_000 / args.users < 20 else 'not met'}); "
-              f"sandboxed/plain {ceil['sandboxed'] / ceil['plain']:.2f}x (target <= 1.5x)")
+        print(
+            f"  best end to end: {best:.2f}s for {args.users:,} users "
+            "(target < 20 s for 1M: "
+            f"{'met' if best * 1_000_000 / args.users < 20 else 'not met'}); "
+            f"sandboxed/plain {ceil['sandboxed'] / ceil['plain']:.2f}x (target <= 1.5x)"
+        )
     if prof:
         print("\n=== cProfile, one range in-process (tottime)\n" + prof)
 

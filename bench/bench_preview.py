@@ -68,7 +68,10 @@ def main() -> None:
             for label, call in (
                 (f"preview {key} over all", lambda k=key: c.rules.preview(k, as_of, "all")),
                 (f"preview {key} sample 20k", lambda k=key: c.rules.preview(k, as_of, 20_000)),
-                (f"forecast {key} 30 days, sample 20k", lambda k=key: c.rules.forecast(k, as_of, 30, 20_000)),
+                (
+                    f"forecast {key} 30 days, sample 20k",
+                    lambda k=key: c.rules.forecast(k, as_of, 30, 20_000),
+                ),
             ):
                 t = time.perf_counter()
                 out = call()
@@ -77,7 +80,9 @@ def main() -> None:
     finally:
         c.close()
         if names:
-            with psycopg.connect("postgresql://postgres@127.0.0.1/postgres", autocommit=True) as conn:
+            with psycopg.connect(
+                "postgresql://postgres@127.0.0.1/postgres", autocommit=True
+            ) as conn:
                 for n in names:
                     conn.execute(f'DROP DATABASE IF EXISTS "{n}" WITH (FORCE)')
 

@@ -366,7 +366,9 @@ def main() -> None:
     print("\nendless rule, 50 ms CPU budget: median time from start to interrupt")
     for busy in (0, 1, 3):
         wall, cpu = stop_latency(50, busy)
-        print(f"  {busy} other busy Python thread(s): wall {wall:6.1f} ms, rule's CPU {cpu:6.1f} ms")
+        print(
+            f"  {busy} other busy Python thread(s): wall {wall:6.1f} ms, rule's CPU {cpu:6.1f} ms"
+        )
 
     print(f"\ndate(x), per read (each date of a profile read {READS_PER_DATE} times):")
     for name, t in bench_dates(profiles, args.repeat).items():

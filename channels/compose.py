@@ -111,7 +111,9 @@ def device_tokens(profile: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     if isinstance(devices, Mapping):
         for dev, info in devices.items():
-            if not (isinstance(dev, str) and _DEVICE_RE.fullmatch(dev) and isinstance(info, Mapping)):
+            if not (
+                isinstance(dev, str) and _DEVICE_RE.fullmatch(dev) and isinstance(info, Mapping)
+            ):
                 continue
             token = info.get("push_token")
             if isinstance(token, str) and 0 < len(token) <= 4096:

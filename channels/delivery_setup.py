@@ -12,7 +12,8 @@ __all__ = ["channel_parts"]
 
 
 def channel_parts(settings: Any) -> dict[str, Any]:
-    """``pusher``, ``policy``, ``unsubscriber`` and ``send_chunk`` keyword arguments of DeliveryWorker."""
+    """``pusher``, ``policy``, ``unsubscriber`` and ``send_chunk`` keyword arguments of
+    DeliveryWorker."""
     return {
         "pusher": pusher_from_settings(settings),
         "policy": ChannelPolicy.from_settings(settings),

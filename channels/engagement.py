@@ -81,7 +81,9 @@ class EngagementCounter:
                       "clicks": banner_stats.c.clicks + ins.excluded.clicks})
             try:
                 with self.control.begin() as conn:
-                    conn.execute(stmt, sorted(rows.values(), key=lambda r: (r["rule_key"], r["day"])))
+                    conn.execute(
+                        stmt, sorted(rows.values(), key=lambda r: (r["rule_key"], r["day"]))
+                    )
             except Exception:
                 with self._lock:  # keep them for the next flush
                     for key, n in counts.items():

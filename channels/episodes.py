@@ -92,10 +92,23 @@ def start_episodes(store: Any, starts: Sequence[EpisodeStart], now: datetime) ->
                                            "expires_at", "run_id", "started_at", "ended_at")},
         where=episodes.c.episode < ins.excluded.episode,
     )
-    rows = [{"user_id": s.user_id, "rule_key": s.rule_key, "episode": s.episode, "version": s.version,
-             "as_of": s.as_of, "status": "active", "lang": s.lang, "why": s.why,
-             "expires_at": s.expires_at, "run_id": s.run_id, "started_at": now, "ended_at": None}
-            for s in starts]
+    rows = [
+        {
+            "user_id": s.user_id,
+            "rule_key": s.rule_key,
+            "episode": s.episode,
+            "version": s.version,
+            "as_of": s.as_of,
+            "status": "active",
+            "lang": s.lang,
+            "why": s.why,
+            "expires_at": s.expires_at,
+            "run_id": s.run_id,
+            "started_at": now,
+            "ended_at": None,
+        }
+        for s in starts
+    ]
     with store.engine.begin() as conn:
         conn.execute(stmt, rows)
 
@@ -120,8 +133,10 @@ def expire_due(store: Any, now: datetime, limit: int = 1000) -> list[int]:
             .limit(limit)).all()
     if not rows:
         return []
-    changes = [BannerChange(int(r.user_id), r.rule_key, int(r.episode), int(r.version), 0, r.as_of, None)
-               for r in rows]
+    changes = [
+        BannerChange(int(r.user_id), r.rule_key, int(r.episode), int(r.version), 0, r.as_of, None)
+        for r in rows
+    ]
     changed = store.apply_banner_changes(changes)
     with store.engine.begin() as conn:
         conn.execute(update(episodes).where(and_(

@@ -88,7 +88,9 @@ class Outcome:
     ok: bool
     permanent: bool = False
     error: str | None = None
-    payload: dict[str, Any] | None = field(default=None)  # replaces the stored one (retry fewer devices)
+    payload: dict[str, Any] | None = field(
+        default=None
+    )  # replaces the stored one (retry fewer devices)
 
 
 def _key_clause(c: Claim) -> Any:
@@ -98,8 +100,12 @@ def _key_clause(c: Claim) -> Any:
 
 # status IN (pending, held), without an expanding parameter (usable with executemany)
 _IS_OPEN = or_(ledger.c.status == "pending", ledger.c.status == "held")
-_KEY_PARAMS = and_(ledger.c.user_id == bindparam("k_user"), ledger.c.rule_key == bindparam("k_rule"),
-                   ledger.c.episode == bindparam("k_episode"), ledger.c.channel == bindparam("k_channel"))
+_KEY_PARAMS = and_(
+    ledger.c.user_id == bindparam("k_user"),
+    ledger.c.rule_key == bindparam("k_rule"),
+    ledger.c.episode == bindparam("k_episode"),
+    ledger.c.channel == bindparam("k_channel"),
+)
 
 
 _PG_CLAIM = text("""
@@ -125,7 +131,12 @@ WHERE ledger.user_id = k.u AND ledger.rule_key = k.r AND ledger.episode = k.e
 
 
 def _key_params(c: Claim) -> dict[str, Any]:
-    return {"k_user": c.user_id, "k_rule": c.rule_key, "k_episode": c.episode, "k_channel": c.channel}
+    return {
+        "k_user": c.user_id,
+        "k_rule": c.rule_key,
+        "k_episode": c.episode,
+        "k_channel": c.channel,
+    }
 
 
 class Ledger:
@@ -157,12 +168,24 @@ class Ledger:
         ts = self.clock()
         if self._pg:
             return self._claim_pg(claims, ts)
-        rows = [{
-            "user_id": c.user_id, "rule_key": c.rule_key, "episode": c.episode, "channel": c.channel,
-            "version": c.version, "status": "pending", "attempts": 0, "run_id": c.run_id,
-            "payload": c.payload, "next_attempt_at": ts + self.claim_timeout, "created_at": ts,
-            "category": c.category, "critical": c.critical,
-        } for c in claims]
+        rows = [
+            {
+                "user_id": c.user_id,
+                "rule_key": c.rule_key,
+                "episode": c.episode,
+                "channel": c.channel,
+                "version": c.version,
+                "status": "pending",
+                "attempts": 0,
+                "run_id": c.run_id,
+                "payload": c.payload,
+                "next_attempt_at": ts + self.claim_timeout,
+                "created_at": ts,
+                "category": c.category,
+                "critical": c.critical,
+            }
+            for c in claims
+        ]
         stmt = self._insert().on_conflict_do_nothing().returning(
             ledger.c.user_id, ledger.c.rule_key, ledger.c.episode, ledger.c.channel)
         won: set[tuple[int, str, int, str]] = set()
@@ -210,7 +233,8 @@ class Ledger:
 
     # -- decisions before sending ------------------------------------------------------
     def hold(self, items: Iterable[tuple[Claim, datetime, str]]) -> None:
-        """Hold open claims until a time (quiet hours, a deferred cap): ``(claim, until, reason)``."""
+        """Hold open claims until a time (quiet hours, a deferred cap):
+        ``(claim, until, reason)``."""
         params = [_key_params(c) | {"until": until, "reason": reason} for c, until, reason in items]
         if not params:
             return
@@ -240,17 +264,28 @@ class Ledger:
         n = 0
         with self.control.begin() as conn:
             for i in range(0, len(keys), _CHUNK):
-                res = conn.execute(update(ledger).where(
-                    tuple_(ledger.c.user_id, ledger.c.rule_key, ledger.c.episode).in_(keys[i:i + _CHUNK])
-                    & ledger.c.status.in_(OPEN)
-                ).values(status="cancelled", reason="episode ended before sending",
-                         next_attempt_at=None, finished_at=ts))
+                res = conn.execute(
+                    update(ledger)
+                    .where(
+                        tuple_(ledger.c.user_id, ledger.c.rule_key, ledger.c.episode).in_(
+                            keys[i : i + _CHUNK]
+                        )
+                        & ledger.c.status.in_(OPEN)
+                    )
+                    .values(
+                        status="cancelled",
+                        reason="episode ended before sending",
+                        next_attempt_at=None,
+                        finished_at=ts,
+                    )
+                )
                 n += res.rowcount or 0
         return n
 
     def recent_sends(self, pairs: Iterable[tuple[int, str]], since: datetime
                      ) -> dict[tuple[int, str], list[datetime]]:
-        """Sent times (oldest first) of non-critical messages per (user, channel) after ``since``."""
+        """Sent times (oldest first) of non-critical messages per (user, channel) after
+        ``since``."""
         pairs = set(pairs)
         if not pairs:
             return {}
@@ -295,29 +330,55 @@ class Ledger:
             error = (o.error or "")[:2000]
             payload = o.payload if o.payload is not None else c.payload
             if o.permanent or attempts >= self.max_attempts:
-                failed.append(_key_params(c) | {
-                    "st": "failed", "att": attempts, "err": error, "nxt": None, "fin": ts,
-                    "reason": "permanent failure" if o.permanent else f"gave up after {attempts} attempts",
-                    "pl": payload})
+                failed.append(
+                    _key_params(c)
+                    | {
+                        "st": "failed",
+                        "att": attempts,
+                        "err": error,
+                        "nxt": None,
+                        "fin": ts,
+                        "reason": "permanent failure"
+                        if o.permanent
+                        else f"gave up after {attempts} attempts",
+                        "pl": payload,
+                    }
+                )
             else:
                 failed.append(_key_params(c) | {
                     "st": "pending", "att": attempts, "err": error, "fin": None, "reason": "retry",
                     "nxt": ts + timedelta(seconds=self.retry_delay(attempts)), "pl": payload})
         with self.control.begin() as conn:
             if sent and self._pg:
-                conn.execute(_PG_SENT, {"u": [k["k_user"] for k in sent], "r": [k["k_rule"] for k in sent],
-                                        "e": [k["k_episode"] for k in sent],
-                                        "c": [k["k_channel"] for k in sent], "ts": ts})
+                conn.execute(
+                    _PG_SENT,
+                    {
+                        "u": [k["k_user"] for k in sent],
+                        "r": [k["k_rule"] for k in sent],
+                        "e": [k["k_episode"] for k in sent],
+                        "c": [k["k_channel"] for k in sent],
+                        "ts": ts,
+                    },
+                )
             elif sent:
                 conn.execute(update(ledger).where(_KEY_PARAMS & (ledger.c.status != "sent")).values(
                     status="sent", sent_at=ts, finished_at=ts, attempts=ledger.c.attempts + 1,
                     error=None, reason=None, next_attempt_at=None), sent)
             if failed:
-                conn.execute(update(ledger).where(_KEY_PARAMS & _IS_OPEN).values(
-                    status=bindparam("st"), attempts=bindparam("att"), error=bindparam("err"),
-                    next_attempt_at=bindparam("nxt"), finished_at=bindparam("fin"),
-                    reason=bindparam("reason"), payload=bindparam("pl", type_=ledger.c.payload.type)),
-                    failed)
+                conn.execute(
+                    update(ledger)
+                    .where(_KEY_PARAMS & _IS_OPEN)
+                    .values(
+                        status=bindparam("st"),
+                        attempts=bindparam("att"),
+                        error=bindparam("err"),
+                        next_attempt_at=bindparam("nxt"),
+                        finished_at=bindparam("fin"),
+                        reason=bindparam("reason"),
+                        payload=bindparam("pl", type_=ledger.c.payload.type),
+                    ),
+                    failed,
+                )
 
     # -- reading ------------------------------------------------------------------------
     def counts(self, rule_key: str | None = None, run_id: int | None = None,

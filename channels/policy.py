@@ -113,9 +113,13 @@ class ChannelPolicy:
         return opens
 
     # -- the decision --------------------------------------------------------------------
-    def decide(self, claims: Sequence[Claim], now: datetime, prefs: Mapping[int, Preferences],
-               recent: Callable[[set[tuple[int, str]], datetime], dict[tuple[int, str], list[datetime]]]
-               ) -> list[Decision]:
+    def decide(
+        self,
+        claims: Sequence[Claim],
+        now: datetime,
+        prefs: Mapping[int, Preferences],
+        recent: Callable[[set[tuple[int, str]], datetime], dict[tuple[int, str], list[datetime]]],
+    ) -> list[Decision]:
         """One :class:`Decision` per claim, in order. ``recent(pairs, since)`` gives the
         sent times per (user, channel) in the window (the ledger's)."""
         out: list[Decision | None] = [None] * len(claims)

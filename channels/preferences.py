@@ -94,7 +94,9 @@ def load_preferences(shards: Any, user_ids: Iterable[int]) -> dict[int, Preferen
 def read_preferences(shards: Any, user_id: int) -> dict[str, Any]:
     store = shards.for_user(user_id)
     with store.engine.connect() as conn:
-        doc = conn.execute(select(preferences.c.prefs).where(preferences.c.user_id == user_id)).scalar()
+        doc = conn.execute(
+            select(preferences.c.prefs).where(preferences.c.user_id == user_id)
+        ).scalar()
     return normalise(doc)
 
 

@@ -57,7 +57,9 @@ def secret_from_settings(settings: Any) -> bytes:
     if settings.unsubscribe_secret:
         return settings.unsubscribe_secret.encode()
     if settings.admin_token:
-        return hmac.new(settings.admin_token.encode(), b"kvadrupel-unsubscribe", hashlib.sha256).digest()
+        return hmac.new(
+            settings.admin_token.encode(), b"kvadrupel-unsubscribe", hashlib.sha256
+        ).digest()
     path = Path(settings.data_dir) / "unsubscribe.key"
     try:
         return bytes.fromhex(path.read_text().strip())
@@ -126,7 +128,10 @@ class Unsubscriber:
 
     def headers(self, url: str) -> dict[str, str]:
         """RFC 2369 + RFC 8058 (one-click: the POST goes to the same URL)."""
-        return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+        return {
+            "List-Unsubscribe": f"<{url}>",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        }
 
     def labels(self, lang: str | None) -> tuple[str, str]:
         for tag in (lang or "", (lang or "").split("-")[0], self.default_language, "en"):
@@ -144,5 +149,7 @@ class Unsubscriber:
                     f'<a href="{html.escape(url)}">{html.escape(short_label)}</a></p>')
             ends = list(_BODY_END.finditer(html_body))
             m = ends[-1] if ends else None
-            html_body = (html_body[:m.start()] + link + html_body[m.start():]) if m else html_body + link
+            html_body = (
+                (html_body[: m.start()] + link + html_body[m.start() :]) if m else html_body + link
+            )
         return text, html_body

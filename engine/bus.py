@@ -12,8 +12,12 @@ Semantics every implementation keeps (and ``tests/bus`` checks on both):
   highest message given. A consumer that dies before committing has its messages
   redelivered to whoever takes the partition over. Commit only what is done, in
   order.
-* ``publish`` may buffer; ``flush`` returns once everything published so far is
-  durably accepted by the bus, or raises :class:`~kvadrupel.errors.BusError`.
+* The partition of a keyed message is a function of the key and the topic's
+  partition count, and :meth:`Bus.partition_of` tells it.
+* ``publish`` may buffer; ``flush`` returns once everything the calling thread
+  published so far is durably accepted by the bus, or raises
+  :class:`~kvadrupel.errors.BusError` for a failure of one of those messages:
+  threads sharing a bus neither take nor hide each other's failures.
 """
 
 from __future__ import annotations
@@ -103,7 +107,18 @@ class Bus(ABC):
 
     @abstractmethod
     def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every queued message is accepted; raise BusError otherwise."""
+        """Wait until every message this thread queued is accepted; raise BusError
+        otherwise (see the module docstring)."""
+
+    @abstractmethod
+    def partition_count(self, topic: str) -> int:
+        """How many partitions ``topic`` has (BusError when that cannot be known)."""
+
+    @abstractmethod
+    def partition_of(self, topic: str, key: bytes) -> int:
+        """The partition :meth:`publish` puts a message with ``key`` on, in
+        ``range(partition_count(topic))`` (BusError when the bus cannot tell). Job
+        placement uses it to spread keys evenly over the partitions."""
 
     @abstractmethod
     def consumer(self, group: str, topics: Sequence[str], *,

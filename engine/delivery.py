@@ -149,8 +149,19 @@ class DeliveryWorker(BatchWorker):
                 changes.setdefault(shard, []).append(BannerChange(
                     uid, rule, episode if banner is not None else episode - 1, version, priority,
                     as_of, None))
-            starts.setdefault(shard, []).append(EpisodeStart(
-                uid, rule, episode, version, as_of, r.get("lang"), _why(r), expires, r.get("run_id")))
+            starts.setdefault(shard, []).append(
+                EpisodeStart(
+                    uid,
+                    rule,
+                    episode,
+                    version,
+                    as_of,
+                    r.get("lang"),
+                    _why(r),
+                    expires,
+                    r.get("run_id"),
+                )
+            )
             base = {"as_of": r["as_of"], "tz": r.get("tz"), "lang": r.get("lang"),
                     "user_lang": r.get("user_lang"), "why": r.get("why")}
             email = r.get("email")
@@ -181,7 +192,9 @@ class DeliveryWorker(BatchWorker):
         for shard, items in ends.items():
             end_episodes(self.shards.stores[shard], items, now)
 
-        won = self.ledger.claim([c for c in candidates if (c.user_id, c.rule_key, c.episode) not in ended])
+        won = self.ledger.claim(
+            [c for c in candidates if (c.user_id, c.rule_key, c.episode) not in ended]
+        )
         if ended:
             n = self.ledger.cancel_episodes(ended)
             if n:
@@ -221,7 +234,9 @@ class DeliveryWorker(BatchWorker):
         self._chores(force=True)
 
     # -- the policy and sending ---------------------------------------------------------
-    def _dispatch(self, claims: Sequence[Claim], prefs: dict[int, Preferences], now: datetime) -> None:
+    def _dispatch(
+        self, claims: Sequence[Claim], prefs: dict[int, Preferences], now: datetime
+    ) -> None:
         if not claims:
             return
         decisions = self.policy.decide(claims, now, prefs, self.ledger.recent_sends)
@@ -252,8 +267,9 @@ class DeliveryWorker(BatchWorker):
         emails = [c for c in claims if c.channel == "email"]
         pushes = [c for c in claims if c.channel == "push"]
         other = [c for c in claims if c.channel not in ("email", "push")]
-        outcomes: list[Outcome] = [Outcome(c, ok=False, permanent=True, error=f"no channel {c.channel!r}")
-                                   for c in other]
+        outcomes: list[Outcome] = [
+            Outcome(c, ok=False, permanent=True, error=f"no channel {c.channel!r}") for c in other
+        ]
         built: list[tuple[Claim, Email | str]] = [(c, self._email(c)) for c in emails]
         mails = [m for _, m in built if isinstance(m, Email)]
         push_msgs: list[tuple[Claim, str, Push]] = []
@@ -300,8 +316,14 @@ class DeliveryWorker(BatchWorker):
                 text, html = self.unsubscriber.add_footer(text, html, url,
                                                           p.get("user_lang") or p.get("lang"))
         try:
-            return Email(to=p["to"], subject=p.get("subject", ""), text=text, html=html,
-                         headers=headers, message_id=f"<{c.user_id}.{c.rule_key}.{c.episode}@kvadrupel>")
+            return Email(
+                to=p["to"],
+                subject=p.get("subject", ""),
+                text=text,
+                html=html,
+                headers=headers,
+                message_id=f"<{c.user_id}.{c.rule_key}.{c.episode}@kvadrupel>",
+            )
         except (KeyError, TypeError) as exc:
             return f"cannot build the e-mail: {exc}"
 
@@ -310,7 +332,11 @@ class DeliveryWorker(BatchWorker):
         p = c.payload
         tokens = p.get("tokens") or {}
         mid = f"{c.user_id}.{c.rule_key}.{c.episode}"
-        data = {"rule": c.rule_key, "banner_id": f"{c.rule_key}.{c.episode}", "user_id": str(c.user_id)}
+        data = {
+            "rule": c.rule_key,
+            "banner_id": f"{c.rule_key}.{c.episode}",
+            "user_id": str(c.user_id),
+        }
         return [(dev, Push(token=tok, title=str(p.get("title", "")), body=str(p.get("body", "")),
                            link=str(p.get("link") or ""), data=data, message_id=mid))
                 for dev, tok in tokens.items() if isinstance(tok, str)]

@@ -72,7 +72,9 @@ class CompiledPack:
         self.group_of = {r.key: r.group for r in active if r.group}
         self.grouped = any(r.group for r in chosen)
 
-    def resolve_groups(self, matched: Iterable[str], prev: dict[str, list[Any]] | None = None) -> list[str]:
+    def resolve_groups(
+        self, matched: Iterable[str], prev: dict[str, list[Any]] | None = None
+    ) -> list[str]:
         """The matches that survive group exclusion, by priority. In a restricted run,
         ``prev``'s active rules outside the run take part (they win over lower ones)."""
         hit = set(matched)
@@ -102,7 +104,9 @@ class RangeStats:
     enters: int = 0
     exits: int = 0
     cpu: Counter[str] = field(default_factory=Counter)  # rule -> CPU seconds (sampled)
-    slow: dict[str, int] = field(default_factory=dict)  # rule -> user id it spent its batch budget on
+    slow: dict[str, int] = field(
+        default_factory=dict
+    )  # rule -> user id it spent its batch budget on
 
     def merge(self, other: RangeStats) -> None:
         self.users += other.users

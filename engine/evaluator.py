@@ -147,7 +147,9 @@ class EvaluatorWorker(BatchWorker):
             return super().step()
         except BusError:
             batch = self._batch
-            if batch and not {(m.topic, m.partition) for m in batch} <= set(self.consumer.assignment()):
+            if batch and not {(m.topic, m.partition) for m in batch} <= set(
+                self.consumer.assignment()
+            ):
                 # The group rebalanced while we worked (the commit was refused): the
                 # partition's new owner got the job again and will find it done, or
                 # redo it idempotently. Retrying it here would fail for ever.
@@ -163,7 +165,9 @@ class EvaluatorWorker(BatchWorker):
                 job = orjson.loads(msg.value)
                 kind = job["type"]
             except (orjson.JSONDecodeError, KeyError, TypeError):
-                log.error("dropping malformed job at %s/%d@%d", msg.topic, msg.partition, msg.offset)
+                log.error(
+                    "dropping malformed job at %s/%d@%d", msg.topic, msg.partition, msg.offset
+                )
                 continue
             if kind == "range":
                 self.run_range(job)
@@ -282,7 +286,9 @@ class EvaluatorWorker(BatchWorker):
         for key, uid in stats.timeouts.items():
             rule = pack.rules.get(key)
             if rule and self._times_out(pack, key, stats.timeout_docs.get(key), ctx):
-                self.rules.quarantine(key, rule.version, f"exceeded the {self.budget_ms:g} ms budget", uid)
+                self.rules.quarantine(
+                    key, rule.version, f"exceeded the {self.budget_ms:g} ms budget", uid
+                )
                 changed = True
         if stats.users >= self.error_min_samples:
             for key, n in stats.errors.items():
@@ -290,9 +296,12 @@ class EvaluatorWorker(BatchWorker):
                 if rule and key not in stats.timeouts and key not in stats.slow \
                         and n / stats.users > self.error_rate:
                     sample = stats.error_samples.get(key, "")
-                    self.rules.quarantine(key, rule.version,
-                                          f"error rate {n}/{stats.users} over {self.error_rate:.0%}: {sample}",
-                                          None)
+                    self.rules.quarantine(
+                        key,
+                        rule.version,
+                        f"error rate {n}/{stats.users} over {self.error_rate:.0%}: {sample}",
+                        None,
+                    )
                     changed = True
         stats.timeouts.clear()
         stats.timeout_docs.clear()
@@ -318,7 +327,9 @@ class EvaluatorWorker(BatchWorker):
                     continue
                 except RuleError:
                     pass  # it raised instead: an error, counted already
-                log.warning("rule %s overran its budget once but not when re-run: not quarantined", key)
+                log.warning(
+                    "rule %s overran its budget once but not when re-run: not quarantined", key
+                )
                 return False
         return True
 

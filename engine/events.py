@@ -371,33 +371,56 @@ def _describe(exc: ValueError) -> str:
 
 
 # --------------------------------------------------------------------------- apply
+_instants: dict[str, datetime | None] = {}  # recent answers of _as_datetime (dates repeat)
+
+
 def _as_datetime(s: str) -> datetime | None:
     """An ISO date or datetime as a naive UTC datetime (naive input is taken as
     UTC), so that comparisons do not depend on the machine's time zone."""
     try:
+        return _instants[s]
+    except KeyError:
+        pass
+    try:
         if len(s) == 10:
-            return datetime.combine(date.fromisoformat(s), datetime.min.time())
-        dt = datetime.fromisoformat(s)
-        return dt if dt.tzinfo is None else dt.astimezone(UTC).replace(tzinfo=None)
+            dt = datetime.combine(date.fromisoformat(s), datetime.min.time())
+        else:
+            dt = datetime.fromisoformat(s)
+            if dt.tzinfo is not None:
+                dt = dt.astimezone(UTC).replace(tzinfo=None)
     except ValueError:
-        return None
+        dt = None
+    if len(_instants) >= 4096:
+        _instants.clear()
+    _instants[s] = dt
+    return dt
+
+
+_split_paths: dict[str, tuple[list[str], str]] = {}  # dotted path -> (heads, leaf)
 
 
 def _parent(doc: dict[str, Any], path: str, create: bool) -> tuple[dict[str, Any] | None, str]:
     if "." not in path:
         return doc, path
-    parts = path.split(".")
+    split = _split_paths.get(path)  # events reuse a few paths: split each once
+    if split is None:
+        parts = path.split(".")
+        split = (parts[:-1], parts[-1])
+        if len(_split_paths) >= 4096:
+            _split_paths.clear()
+        _split_paths[path] = split
+    heads, leaf = split
     node: Any = doc
-    for i, part in enumerate(parts[:-1]):
+    for i, part in enumerate(heads):
         nxt = node.get(part)
         if nxt is None:
             if not create:
-                return None, parts[-1]
+                return None, leaf
             nxt = node[part] = {}
         elif not isinstance(nxt, dict):
-            raise EventError(f"path {path}: {'.'.join(parts[: i + 1])} is not an object")
+            raise EventError(f"path {path}: {'.'.join(heads[: i + 1])} is not an object")
         node = nxt
-    return node, parts[-1]
+    return node, leaf
 
 
 def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
@@ -461,31 +484,36 @@ def apply_event(doc: dict[str, Any], ev: AnyEvent) -> None:
             cur.append(op.value)
             if len(cur) > op.cap:
                 del cur[: len(cur) - op.cap]
-    for name, ops, keep_new in (("max", ev.max, _keep_larger), ("min", ev.min, _keep_smaller)):
-        if not ops:
+    if ev.max:
+        _keep(doc, "max", ev.max, _keep_larger)
+    if ev.min:
+        _keep(doc, "min", ev.min, _keep_smaller)
+
+
+def _keep(doc: dict[str, Any], name: str, ops: dict[str, Any], keep_new: Any) -> None:
+    """``max`` / ``min``: store each value where ``keep_new(stored, value)``."""
+    for path, value in ops.items():
+        parent, leaf = (doc, path) if "." not in path else _parent(doc, path, create=True)
+        assert parent is not None
+        cur = parent.get(leaf)
+        if cur is None:
+            parent[leaf] = value
             continue
-        for path, value in ops.items():
-            parent, leaf = (doc, path) if "." not in path else _parent(doc, path, create=True)
-            assert parent is not None
-            cur = parent.get(leaf)
-            if cur is None:
-                parent[leaf] = value
-                continue
-            if isinstance(value, str):
-                a = _as_datetime(cur) if isinstance(cur, str) else None
-                if a is None:
-                    raise EventError(f"{name} {path}: stored value is not a date")
-                b = _as_datetime(value)
-            else:
-                if isinstance(cur, bool) or not isinstance(cur, int | float):
-                    raise EventError(f"{name} {path}: stored value is not a number")
-                a, b = cur, value
-            try:
-                newer = keep_new(a, b)
-            except TypeError:  # an aware and a naive datetime
-                raise EventError(f"{name} {path}: cannot compare {cur!r} with {value!r}") from None
-            if newer:
-                parent[leaf] = value
+        if isinstance(value, str):
+            a = _as_datetime(cur) if isinstance(cur, str) else None
+            if a is None:
+                raise EventError(f"{name} {path}: stored value is not a date")
+            b = _as_datetime(value)
+        else:
+            if isinstance(cur, bool) or not isinstance(cur, int | float):
+                raise EventError(f"{name} {path}: stored value is not a number")
+            a, b = cur, value
+        try:
+            newer = keep_new(a, b)
+        except TypeError:  # an aware and a naive datetime
+            raise EventError(f"{name} {path}: cannot compare {cur!r} with {value!r}") from None
+        if newer:
+            parent[leaf] = value
 
 
 @dataclass(slots=True)
@@ -529,8 +557,15 @@ def apply_user(
     snapshot = before
     # The window is exact at every event (not per batch): otherwise what counts as
     # a duplicate would depend on where the batches were cut.
-    seen = list(dict.fromkeys(seen))[-seen_cap:] if seen else []
-    seen_set = set(seen)
+    if not seen:
+        seen, seen_set = [], set()
+    else:
+        seen_set = set(seen)
+        if len(seen_set) == len(seen) <= seen_cap:
+            seen = list(seen)  # a copy: the caller's list (a cache's) must not change
+        else:
+            seen = list(dict.fromkeys(seen))[-seen_cap:]
+            seen_set = set(seen)
     rejected: list[tuple[AnyEvent, str]] = []
     applied = 0
     for ev in events:

@@ -1,6 +1,7 @@
 """The ``kvadrupel`` command: one entry point for every process.
 
     kvadrupel demo [--users N] [--host H] [--port P] [--no-serve]
+    kvadrupel embedded [--host H] [--port P]
     kvadrupel migrate
     kvadrupel api | ingest | evaluate | deliver | scheduler
     kvadrupel run-nightly [--as-of DATE] [--rules a,b] [--wait]
@@ -41,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8000)
     d.add_argument("--no-serve", action="store_true", help="stop after the summary")
     d.add_argument("--as-of", type=_date, default=None)
+    e = sub.add_parser("embedded", help="serve the API and run every worker in one process "
+                                        "(embedded backends; unlike the demo, keeps its data)")
+    e.add_argument("--host", default="127.0.0.1")
+    e.add_argument("--port", type=int, default=8000)
     sub.add_parser("migrate", help="bring the control DB and every shard to the latest schema")
     a = sub.add_parser("api", help="serve the REST API")
     a.add_argument("--host", default="127.0.0.1")
@@ -48,9 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--workers", type=int, default=None, help="default: KVADRUPEL_API_WORKERS")
     a.add_argument("--server", choices=["granian", "uvicorn"], default=None,
                    help="default: KVADRUPEL_API_SERVER (docs/api.md)")
-    for name, text in (("ingest", "consume profile events"), ("evaluate", "evaluate range and user jobs"),
-                       ("deliver", "store banners and send e-mails"),
-                       ("scheduler", "fire the nightly run and scheduled campaigns")):
+    for name, text in (
+        ("ingest", "consume profile events"),
+        ("evaluate", "evaluate range and user jobs"),
+        ("deliver", "store banners and send e-mails"),
+        ("scheduler", "fire the nightly run and scheduled campaigns"),
+    ):
         sub.add_parser(name, help=text)
     runs_cli.add_parsers(sub)  # run-nightly, run status|list, campaign
     users_cli.add_parser(sub)
@@ -106,6 +114,10 @@ def _dispatch(args: argparse.Namespace, settings) -> int:  # noqa: ANN001
 
         return run_demo(settings, users=args.users, host=args.host, port=args.port,
                         serve=not args.no_serve, as_of=args.as_of)
+    if args.cmd == "embedded":
+        from kvadrupel.demo import run_embedded
+
+        return run_embedded(settings, host=args.host, port=args.port)
     container = Container(settings)
     try:
         if args.cmd == "user":

@@ -26,6 +26,11 @@ from shards.shardset import ShardSet, control_engine, load_router, open_shard
 
 __all__ = ["Container"]
 
+# Embedded durable buses open in this process, by log path: [bus, containers using it].
+# The log's file lock admits one bus per file, and in embedded mode every part of
+# the process must see the same queue, so containers on one data dir share it.
+_shared_buses: dict[str, list] = {}
+_shared_lock = threading.Lock()
 
 
 @dataclass
@@ -47,9 +52,13 @@ class Container:
         urls = self.settings.shard_urls()
         replicas = self.settings.shard_replicas
         if replicas and len(replicas) != len(urls):
-            raise ConfigError(f"KVADRUPEL_SHARD_REPLICAS has {len(replicas)} URLs for {len(urls)} shards")
+            raise ConfigError(
+                f"KVADRUPEL_SHARD_REPLICAS has {len(replicas)} URLs for {len(urls)} shards"
+            )
         try:
-            stores = [open_shard(i, u, replicas[i] if replicas else None) for i, u in enumerate(urls)]
+            stores = [
+                open_shard(i, u, replicas[i] if replicas else None) for i, u in enumerate(urls)
+            ]
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         router = load_router(self.control, len(stores), self.settings.buckets)
@@ -86,14 +95,38 @@ class Container:
         if self.bus_override is not None:
             return self.bus_override
         s = self.settings
-        if s.embedded_bus:
-            bus: Bus = MemoryBus(s.kafka_topic_prefix, partitions=4)
+        if s.embedded_bus and s.bus_durable:
+            bus: Bus = self._shared_bus()
+        elif s.embedded_bus:
+            bus = MemoryBus(s.kafka_topic_prefix, partitions=4)
         else:
             from engine.buses.kafka import KafkaBus
 
             bus = KafkaBus.from_settings(s)
         bus.ensure_topics(bus.topics.values(), s.kafka_partitions)
         return bus
+
+    def _shared_bus(self) -> MemoryBus:
+        s = self.settings
+        path = str((s.data_dir / "bus.db").resolve())
+        with _shared_lock:
+            entry = _shared_buses.get(path)
+            if entry is None or entry[0].prefix != s.kafka_topic_prefix:
+                entry = _shared_buses[path] = [
+                    MemoryBus(s.kafka_topic_prefix, partitions=4, path=path), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def _release_bus(self) -> None:
+        bus = self.__dict__.pop("bus")  # a second close() releases nothing
+        with _shared_lock:
+            for path, entry in list(_shared_buses.items()):
+                if entry[0] is bus:
+                    entry[1] -= 1
+                    if entry[1] > 0:
+                        return
+                    del _shared_buses[path]
+        bus.close()
 
     def mailer(self) -> Mailer:
         return mailer_from_settings(self.settings)
@@ -127,8 +160,11 @@ class Container:
         return DeliveryWorker(consumer, self.bus, self.shards, self.ledger, self.mailer(),
                               **(channel_parts(self.settings) | kw))
 
-    def start_workers(self, stop: threading.Event, kinds: tuple[str, ...] = ("ingest", "evaluate", "deliver"),
-                      ) -> list[threading.Thread]:
+    def start_workers(
+        self,
+        stop: threading.Event,
+        kinds: tuple[str, ...] = ("ingest", "evaluate", "deliver"),
+    ) -> list[threading.Thread]:
         makers = {"ingest": self.ingest_worker, "evaluate": self.evaluator_worker,
                   "deliver": self.delivery_worker}
         return [makers[k]().start_thread(stop) for k in kinds]
@@ -137,7 +173,7 @@ class Container:
         for fn in reversed(self._closers):  # parts built on top of the container's
             fn()
         if "bus" in self.__dict__ and self.bus_override is None:
-            self.bus.close()
+            self._release_bus()
         if "shards" in self.__dict__:
             self.shards.close()
         if "control" in self.__dict__:

@@ -68,7 +68,9 @@ def run_demo(settings: Settings, *, users: int, host: str, port: int, serve: boo
                 shards.stores[s].put_profiles(docs[i : i + 5000])
         t_load = time.perf_counter()
         threads = container.start_workers(stop)
-        run_id = start_run(shards, container.runs, container.bus, as_of, settings.range_target_users)
+        run_id = start_run(
+            shards, container.runs, container.bus, as_of, settings.range_target_users
+        )
         info = container.runs.wait(run_id, timeout=3600)
         bus = container.bus
         if hasattr(bus, "join"):
@@ -78,8 +80,11 @@ def run_demo(settings: Settings, *, users: int, host: str, port: int, serve: boo
         _print_summary(settings, info, users, len(container.rules.active()), sent,
                        t_load - t0, t_run - t_load, generated)
         if serve:
-            print(f"  admin UI       http://{host}:{port}/admin/  user 'admin', password {admin_password}",
-                  flush=True)
+            print(
+                f"  admin UI       http://{host}:{port}/admin/  "
+                f"user 'admin', password {admin_password}",
+                flush=True,
+            )
         if serve:
             _serve(container, settings, host, port)
         stop.set()
@@ -88,6 +93,34 @@ def run_demo(settings: Settings, *, users: int, host: str, port: int, serve: boo
         return 0 if info["status"] == "done" else 1
     finally:
         stop.set()
+        container.close()
+
+
+def run_embedded(settings: Settings, *, host: str, port: int) -> int:
+    """``kvadrupel embedded``: the API and the ingest, evaluate and deliver workers in
+    one process, on whatever the settings name (by default everything embedded under
+    ``data_dir``). Unlike the demo it keeps its data: a restart resumes, and the
+    in-process bus's durable log hands the workers what was queued before it (events
+    acknowledged with 202 but not yet applied included)."""
+    from kvadrupel.preflight import check_settings
+
+    generated = ensure_tokens(settings)
+    check_settings(settings, "api")  # URLs, token lengths: one line per problem
+    container = Container(settings)
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    try:
+        container.migrate()
+        threads = container.start_workers(stop)
+        print(f"Kvadrupel (one process), data dir {settings.data_dir.resolve()}", flush=True)
+        for role, token in generated.items():
+            print(f"  generated {role} token {token}", flush=True)
+        _serve(container, settings, host, port)
+        return 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
         container.close()
 
 

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 INGEST_EVENTS = Counter("kvadrupel_ingest_events_total", "Events consumed by ingest", ["outcome"])
 INGEST_BATCH = Histogram("kvadrupel_ingest_batch_size", "Events per ingest batch",
                          buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000))
-SHARD_WRITE = Histogram("kvadrupel_shard_write_seconds", "Time to write one shard's part of a batch",
-                        ["shard"])
+SHARD_WRITE = Histogram(
+    "kvadrupel_shard_write_seconds", "Time to write one shard's part of a batch", ["shard"]
+)
 EVAL_USERS = Counter("kvadrupel_evaluated_users_total", "Users evaluated", ["job"])
-EVAL_CHANGES = Counter("kvadrupel_rule_changes_total", "Rule state changes emitted", ["rule", "kind"])
+EVAL_CHANGES = Counter(
+    "kvadrupel_rule_changes_total", "Rule state changes emitted", ["rule", "kind"]
+)
 EVAL_ERRORS = Counter("kvadrupel_rule_errors_total", "Rule errors and timeouts", ["rule"])
 RULE_CPU = Counter("kvadrupel_rule_cpu_seconds_total",
                    "CPU time spent in each rule by the evaluator (sampled by the budget watchdog)",
                    ["rule"])
 DELIVERIES = Counter("kvadrupel_deliveries_total", "Deliveries per channel and outcome",
                      ["channel", "outcome"])
-HTTP_REQUESTS = Counter("kvadrupel_http_requests_total", "API requests", ["route", "method", "status"])
+HTTP_REQUESTS = Counter(
+    "kvadrupel_http_requests_total", "API requests", ["route", "method", "status"]
+)
 HTTP_LATENCY = Histogram("kvadrupel_http_request_seconds", "API request latency", ["route"],
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5))
+# Set by the Kafka consumers from librdkafka's statistics (engine/buses/kafka.py), for
+# the partitions the process holds: high watermark minus the group's committed offset.
+CONSUMER_LAG = Gauge("kvadrupel_consumer_lag",
+                     "Messages of a partition not yet committed by the consumer group (Kafka)",
+                     ["group", "topic", "partition"])

@@ -36,7 +36,9 @@ def readiness(container: Any, timeout: float = 2.0) -> tuple[bool, dict[str, str
             fn()
             checks[name] = "ok"
         except Exception as exc:  # noqa: BLE001 - any failure is "not ready", with its reason
-            checks[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            checks[name] = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            )
 
     def db(engine: Any) -> Any:
         def ping() -> None:

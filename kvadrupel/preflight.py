@@ -24,7 +24,8 @@ def _url_problem(name: str, url: str) -> str | None:
     except ArgumentError:
         return f"{name}: not a database URL: {url!r}"
     if u.get_backend_name() not in ("postgresql", "sqlite"):
-        return f"{name}: unsupported database {u.get_backend_name()!r} (use postgresql+psycopg:// or sqlite:///)"
+        return (f"{name}: unsupported database {u.get_backend_name()!r} "
+                "(use postgresql+psycopg:// or sqlite:///)")
     return None
 
 
@@ -43,15 +44,19 @@ def check_settings(settings: Settings, role: str) -> None:
     if settings.shards and not settings.control_db:
         problems.append("KVADRUPEL_CONTROL_DB is required when KVADRUPEL_SHARDS is set")
     if settings.embedded_bus and role in ("ingest", "evaluate", "deliver", "scheduler"):
-        problems.append(f"`kvadrupel {role}` is a separate process and needs KVADRUPEL_KAFKA_BOOTSTRAP "
-                        "(the in-process bus only lives inside `kvadrupel demo`)")
+        problems.append(
+            f"`kvadrupel {role}` is a separate process and needs KVADRUPEL_KAFKA_BOOTSTRAP "
+            "(the in-process bus only lives inside `kvadrupel embedded` or `kvadrupel demo`)"
+        )
     if role == "api":
         for t in ("admin", "ingest", "portal"):
             token = getattr(settings, f"{t}_token")
             if not token:
                 problems.append(f"KVADRUPEL_{t.upper()}_TOKEN is not set")
             elif len(token) < 16:
-                problems.append(f"KVADRUPEL_{t.upper()}_TOKEN is too short (at least 16 characters)")
+                problems.append(
+                    f"KVADRUPEL_{t.upper()}_TOKEN is too short (at least 16 characters)"
+                )
     if problems:
         raise ConfigError("\n  ".join(["", *problems]))
 
@@ -61,4 +66,6 @@ def check_reachable(container: Any) -> None:
 
     ok, checks = readiness(container, timeout=5.0)
     if not ok:
-        raise ConfigError("\n  ".join(["cannot reach:", *(f"{k}: {v}" for k, v in checks.items() if v != "ok")]))
+        raise ConfigError(
+            "\n  ".join(["cannot reach:", *(f"{k}: {v}" for k, v in checks.items() if v != "ok")])
+        )

@@ -37,7 +37,9 @@ def _datetime(value: str) -> datetime:
     try:
         return datetime.fromisoformat(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a date-time (YYYY-MM-DD HH:MM[:SS][+HH:MM]): {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"not a date-time (YYYY-MM-DD HH:MM[:SS][+HH:MM]): {value!r}"
+        ) from None
 
 
 def _keys(value: str) -> list[str]:
@@ -50,13 +52,17 @@ def _keys(value: str) -> list[str]:
 def add_parsers(sub: Any) -> None:
     r = sub.add_parser("run-nightly", help="start a run over every user now")
     r.add_argument("--as-of", type=_date, default=None)
-    r.add_argument("--rules", type=_keys, default=None, help="only these rules (comma-separated keys)")
+    r.add_argument(
+        "--rules", type=_keys, default=None, help="only these rules (comma-separated keys)"
+    )
     r.add_argument("--wait", action="store_true", help="follow the run until it finishes")
     rs = sub.add_parser("run", help="runs")
     rs_sub = rs.add_subparsers(dest="run_cmd", required=True)
     st = rs_sub.add_parser("status", help="show a run's progress")
     st.add_argument("run_id", type=int)
-    st.add_argument("--follow", "-f", action="store_true", help="live progress bar until it finishes")
+    st.add_argument(
+        "--follow", "-f", action="store_true", help="live progress bar until it finishes"
+    )
     st.add_argument("--json", action="store_true", help="print the status as JSON")
     ls = rs_sub.add_parser("list", help="recent runs")
     ls.add_argument("--limit", type=int, default=20)
@@ -65,7 +71,9 @@ def add_parsers(sub: Any) -> None:
     add = c_sub.add_parser("add", help="schedule a run of some rules at a time")
     add.add_argument("--at", type=_datetime, required=True,
                      help="ISO date-time; without an offset: in KVADRUPEL_TIMEZONE")
-    add.add_argument("--rules", type=_keys, default=None, help="comma-separated keys (default: all)")
+    add.add_argument(
+        "--rules", type=_keys, default=None, help="comma-separated keys (default: all)"
+    )
     add.add_argument("--as-of", type=_date, default=None)
     add.add_argument("--name", default=None)
     cl = c_sub.add_parser("list", help="campaigns, latest first")
@@ -100,12 +108,19 @@ def dispatch(args: argparse.Namespace, container: Any, out: IO[str] = sys.stdout
     campaigns = CampaignService(container.control)
     if args.campaign_cmd == "add":
         at = args.at if args.at.tzinfo else args.at.replace(tzinfo=ZoneInfo(settings.timezone))
-        print(json.dumps(campaigns.create(at, args.rules, as_of=args.as_of, name=args.name), indent=2),
-              file=out)
+        print(
+            json.dumps(
+                campaigns.create(at, args.rules, as_of=args.as_of, name=args.name), indent=2
+            ),
+            file=out,
+        )
     elif args.campaign_cmd == "list":
         for c in campaigns.list(args.status):
-            print(f"{c['id']:>6}  {c['status']:<10} {c['at']}  run {c['run_id'] or '-':<6} {c['name']}",
-                  file=out)
+            print(
+                f"{c['id']:>6}  {c['status']:<10} {c['at']}  run {c['run_id'] or '-':<6} "
+                f"{c['name']}",
+                file=out,
+            )
     else:
         print(json.dumps(campaigns.cancel(args.campaign_id), indent=2), file=out)
     return 0
@@ -162,27 +177,41 @@ def follow(runs: Any, run_id: int, out: IO[str] = sys.stdout, *, as_json: bool =
 
 def _one_line(info: dict[str, Any]) -> str:
     r = info["ranges"]
-    return (f"{info['id']:>6}  {info['status']:<16} {info['kind']:<8} as of {info['as_of']}  "
-            f"{r['done']}/{r['total']} ranges  {info['users']:,} users  {info['users_per_s']:,.0f}/s")
+    return (
+        f"{info['id']:>6}  {info['status']:<16} {info['kind']:<8} as of {info['as_of']}  "
+        f"{r['done']}/{r['total']} ranges  {info['users']:,} users  {info['users_per_s']:,.0f}/s"
+    )
 
 
 def _summary(info: dict[str, Any]) -> str:
     r = info["ranges"]
     lines = [
         f"run {info['id']} ({info['kind']}, as of {info['as_of']}): {info['status']}",
-        f"  ranges   {r['done']} done, {r['running']} running, {r['parked']} parked of {r['total']}",
-        f"  users    {info['users']:,} (estimated {info['users_est']:,}), {info['users_per_s']:,.0f}/s"
-        + (f", ETA {info['eta_s']:.0f}s" if info["status"] == "running" and info["eta_s"] is not None else ""),
+        f"  ranges   {r['done']} done, {r['running']} running, {r['parked']} parked of "
+        f"{r['total']}",
+        f"  users    {info['users']:,} (estimated {info['users_est']:,}), "
+        f"{info['users_per_s']:,.0f}/s"
+        + (
+            f", ETA {info['eta_s']:.0f}s"
+            if info["status"] == "running" and info["eta_s"] is not None
+            else ""
+        ),
         f"  changes  {info['enters']:,} enters, {info['exits']:,} exits",
     ]
     if info["rules"]:
         lines.append("  rules    " + ", ".join(info["rules"]))
     if info["matches"]:
         lines.append("  matches per rule:")
-        lines += [f"    {k:<34} {n:>10,}" for k, n in sorted(info["matches"].items(), key=lambda kv: -kv[1])]
+        lines += [
+            f"    {k:<34} {n:>10,}"
+            for k, n in sorted(info["matches"].items(), key=lambda kv: -kv[1])
+        ]
     if info["errors"]:
         lines.append("  errors per rule:")
-        lines += [f"    {k:<34} {n:>10,}" for k, n in sorted(info["errors"].items(), key=lambda kv: -kv[1])]
+        lines += [
+            f"    {k:<34} {n:>10,}"
+            for k, n in sorted(info["errors"].items(), key=lambda kv: -kv[1])
+        ]
     for w, v in info["workers"].items():
         lines.append(f"  worker {w}: {v['ranges']} ranges, {v['users']:,} users, "
                      f"{v['users_per_s'] or 0:,.0f} users/s")

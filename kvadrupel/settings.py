@@ -34,6 +34,10 @@ class Settings(BaseSettings):
 
     # Bus. Empty means the in-process bus.
     kafka_bootstrap: str = ""
+    # In-process bus only: keep a durable log in data_dir/bus.db, so that events
+    # acknowledged with 202 (and jobs, results) survive a restart of the process;
+    # false: memory only (tests, benchmarks). engine/buses/durable.py.
+    bus_durable: bool = True
     kafka_topic_prefix: str = "kvadrupel"
     kafka_partitions: int = 8
     kafka_session_timeout_ms: int = 45000
@@ -57,12 +61,16 @@ class Settings(BaseSettings):
     delivery_retry_base_s: float = 2.0  # exponential backoff with jitter from here
     delivery_retry_max_s: float = 900.0
     delivery_claim_timeout_s: float = 300.0  # a claim a crashed worker left is retried after this
-    delivery_send_chunk: int = 200  # sends recorded per chunk: at most this many resent after a crash
+    delivery_send_chunk: int = (
+        200  # sends recorded per chunk: at most this many resent after a crash
+    )
     channel_caps: dict[str, int] = Field(default_factory=lambda: {"email": 3, "push": 5})
     channel_cap_window_s: float = 86400.0  # rolling window of the caps
     channel_cap_policy: str = "defer"  # over the cap: defer | drop
     quiet_hours: str = ""  # e.g. "22:00-08:00" in the user's time zone; empty: none
-    quiet_hours_channels: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["email", "push"])
+    quiet_hours_channels: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["email", "push"]
+    )
     quiet_hours_spread_s: int = 900  # held messages go out over this long after the window
     public_url: str = "http://127.0.0.1:8000"  # base of unsubscribe links
     unsubscribe_secret: str = ""  # empty: derived from the admin token
@@ -90,9 +98,9 @@ class Settings(BaseSettings):
     range_target_users: int = 50_000
 
     # Ingest.
-    ingest_batch_max: int = 5000
+    ingest_batch_max: int = 10_000  # docs/ingest.md: larger batches coalesce more events per row
     ingest_batch_ms: int = 50
-    ingest_pipeline: int = 2  # batches in flight per ingest worker (parse N+1 while N is written)
+    ingest_pipeline: int = 3  # batches in flight per ingest worker (parse N+1 while N is written)
     ingest_dedupe_ids: int = 64  # event ids remembered per user (the duplicate window)
     ingest_cache_users: int = 100_000  # profiles an ingest process keeps (PostgreSQL; 0: off)
     profile_max_bytes: int = 64 * 1024

@@ -7,8 +7,28 @@ from collections.abc import Iterator
 from datetime import date, timedelta
 from typing import Any
 
-FIRST = ["Anna", "Boris", "Vera", "Gleb", "Daria", "Egor", "Zoya", "Ivan", "Kira", "Lev",
-         "Maria", "Nikita", "Olga", "Pavel", "Raisa", "Semyon", "Tatiana", "Ulyana", "Fyodor", "Yana"]
+FIRST = [
+    "Anna",
+    "Boris",
+    "Vera",
+    "Gleb",
+    "Daria",
+    "Egor",
+    "Zoya",
+    "Ivan",
+    "Kira",
+    "Lev",
+    "Maria",
+    "Nikita",
+    "Olga",
+    "Pavel",
+    "Raisa",
+    "Semyon",
+    "Tatiana",
+    "Ulyana",
+    "Fyodor",
+    "Yana",
+]
 LAST = ["Ivanov", "Smirnov", "Kuznetsov", "Popov", "Vasiliev", "Petrov", "Sokolov", "Mikhailov",
         "Novikov", "Fedorov", "Morozov", "Volkov", "Alekseev", "Lebedev", "Semenov", "Egorov"]
 
@@ -27,7 +47,11 @@ def user(uid: int, as_of: date, rng: random.Random) -> dict[str, Any]:
         expires = as_of - timedelta(days=rng.randint(1, 180))
     else:
         expires = as_of - timedelta(days=rng.randint(181, 5 * 365))
-    renewed = expires - timedelta(days=3650) if rng.random() < 0.97 else as_of - timedelta(days=rng.randint(0, 30))
+    renewed = (
+        expires - timedelta(days=3650)
+        if rng.random() < 0.97
+        else as_of - timedelta(days=rng.randint(0, 30))
+    )
     doc: dict[str, Any] = {
         "user_id": uid,
         "name": f"{first} {last}",
@@ -42,15 +66,19 @@ def user(uid: int, as_of: date, rng: random.Random) -> dict[str, Any]:
         },
         "passport": {
             "number": f"{rng.randint(1000, 9999)} {rng.randint(100000, 999999)}",
-            "issued_on": min(as_of, birth + timedelta(days=365 * rng.choice([14, 20, 45])
-                                                      + rng.randint(0, 400))).isoformat(),
+            "issued_on": min(
+                as_of, birth + timedelta(days=365 * rng.choice([14, 20, 45]) + rng.randint(0, 400))
+            ).isoformat(),
         },
-        "orders": {"total": rng.randint(0, 40), "last_at": (as_of - timedelta(days=rng.randint(0, 700))).isoformat()},
+        "orders": {
+            "total": rng.randint(0, 40),
+            "last_at": (as_of - timedelta(days=rng.randint(0, 700))).isoformat(),
+        },
     }
     if rng.random() < 0.55:
         doc["vehicle"] = {
-            "plate": f"{rng.choice('ABEKMHOPCTYX')}{rng.randint(100, 999)}{rng.choice('ABEKMHOPCTYX')}"
-                     f"{rng.choice('ABEKMHOPCTYX')} {rng.randint(1, 199)}",
+            "plate": f"{rng.choice('ABEKMHOPCTYX')}{rng.randint(100, 999)}"
+            f"{rng.choice('ABEKMHOPCTYX')}{rng.choice('ABEKMHOPCTYX')} {rng.randint(1, 199)}",
             "registration_expires_on": (as_of + timedelta(days=rng.randint(-60, 700))).isoformat(),
         }
     return doc

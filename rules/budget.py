@@ -62,10 +62,11 @@ Guarantees and limits
 * A rule is stopped once it has used between ``budget`` and about ``budget +
   2 ticks`` of CPU (the watchdog first sees a rule up to a tick after it
   started, then looks once a tick), plus up to a 5 ms GIL switch interval for
-  the watchdog to get its turn: measured 76 ms of CPU for a 50 ms budget. In wall time that is later on an overloaded machine, but a rule
-  only overruns for what it computes itself. Where the platform has no
-  per-thread CPU clocks (``time.pthread_getcpuclockid``: Linux and most Unixes
-  have it) the watchdog falls back to wall time.
+  the watchdog to get its turn: measured 76 ms of CPU for a 50 ms budget. In
+  wall time that is later on an overloaded machine, but a rule only overruns
+  for what it computes itself. Where the platform has no per-thread CPU clocks
+  (``time.pthread_getcpuclockid``: Linux and most Unixes have it) the watchdog
+  falls back to wall time.
 * CPU time of a thread includes garbage collection that the rule's allocations
   happen to trigger; a long collection can push a healthy rule over. The
   evaluator therefore confirms an overrun before it quarantines (re-runs the rule

@@ -110,5 +110,7 @@ class RuleIn(BaseModel):
     @classmethod
     def _key(cls, v: str) -> str:
         if not KEY_RE.match(v):
-            raise ValueError("key must be lower-case letters, digits and '-', starting with a letter or digit")
+            raise ValueError(
+                "key must be lower-case letters, digits and '-', starting with a letter or digit"
+            )
         return v

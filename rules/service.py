@@ -72,20 +72,26 @@ class RuleService:
                 if value:
                     err = validate_template(value)
                     if err:
-                        problems.append({"field": f"{part_name}.{field}", "line": None, "message": err})
+                        problems.append(
+                            {"field": f"{part_name}.{field}", "line": None, "message": err}
+                        )
         return problems
 
     def run_examples(self, rule: RuleIn) -> list[dict[str, Any]]:
         """Every example with its outcome: ``{"name", "expect", "got", "error", "ok"}``."""
         if not rule.examples:
             return []
-        rs = RuleSet([RuleSpec(key=rule.key, version=0, source=rule.source, priority=rule.priority)],
-                     budget_ms=self.budget_ms)
+        rs = RuleSet(
+            [RuleSpec(key=rule.key, version=0, source=rule.source, priority=rule.priority)],
+            budget_ms=self.budget_ms,
+        )
         out = []
         for ex in rule.examples:
             outcome = rs.evaluate(ex.profile, make_context(ex.as_of, self.timezone))
             got = rule.key in outcome.matched
-            error = outcome.errors.get(rule.key) or ("timeout" if rule.key in outcome.timeouts else None)
+            error = outcome.errors.get(rule.key) or (
+                "timeout" if rule.key in outcome.timeouts else None
+            )
             out.append({"name": ex.name, "expect": ex.expect, "got": got, "error": error,
                         "ok": got == ex.expect and error is None})
         return out
@@ -111,7 +117,9 @@ class RuleService:
         with self._lock, self.control.begin() as conn:
             exists = conn.execute(select(rules.c.key).where(rules.c.key == rule.key)).scalar()
             if exists:
-                raise Conflict(f"rule {rule.key!r} exists; PUT /v1/rules/{rule.key} makes a new version")
+                raise Conflict(
+                    f"rule {rule.key!r} exists; PUT /v1/rules/{rule.key} makes a new version"
+                )
             ts = _now()
             conn.execute(rules.insert().values(
                 key=rule.key, version=1, enabled=rule.enabled,
@@ -122,8 +130,15 @@ class RuleService:
 
     def update(self, key: str, rule: RuleIn, author: str | None = None) -> dict[str, Any]:
         if rule.key != key:
-            raise RuleValidationError([{"field": "key", "line": None,
-                                        "message": f"key in body {rule.key!r} differs from URL {key!r}"}])
+            raise RuleValidationError(
+                [
+                    {
+                        "field": "key",
+                        "line": None,
+                        "message": f"key in body {rule.key!r} differs from URL {key!r}",
+                    }
+                ]
+            )
         self._check(rule)
         with self._lock, self.control.begin() as conn:
             cur = conn.execute(select(rules.c.version).where(rules.c.key == key)).scalar()
@@ -133,12 +148,23 @@ class RuleService:
             version = cur + 1
             self._insert_version(conn, rule, version, author, ts)
             # A new version starts fresh: it clears a quarantine of the old one.
-            conn.execute(update(rules).where(rules.c.key == key).values(
-                version=version, enabled=rule.enabled, status="active" if rule.enabled else "paused",
-                quarantine_reason=None, quarantine_user=None, updated_at=ts))
+            conn.execute(
+                update(rules)
+                .where(rules.c.key == key)
+                .values(
+                    version=version,
+                    enabled=rule.enabled,
+                    status="active" if rule.enabled else "paused",
+                    quarantine_reason=None,
+                    quarantine_user=None,
+                    updated_at=ts,
+                )
+            )
         return self.get(key)
 
-    def _insert_version(self, conn: Any, rule: RuleIn, version: int, author: str | None, ts: datetime) -> None:
+    def _insert_version(
+        self, conn: Any, rule: RuleIn, version: int, author: str | None, ts: datetime
+    ) -> None:
         conn.execute(rule_versions.insert().values(
             key=rule.key, version=version, name=rule.name, group=rule.group,
             priority=rule.priority, source=rule.source,
@@ -150,8 +176,9 @@ class RuleService:
     def set_enabled(self, key: str, enabled: bool) -> dict[str, Any]:
         if enabled:
             current = self.get(key)
-            rule = RuleIn.model_validate({k: current[k] for k in RuleIn.model_fields if k in current}
-                                         | {"enabled": True})
+            rule = RuleIn.model_validate(
+                {k: current[k] for k in RuleIn.model_fields if k in current} | {"enabled": True}
+            )
             self._check(rule)
         with self.control.begin() as conn:
             res = conn.execute(update(rules).where(rules.c.key == key).values(
@@ -165,10 +192,20 @@ class RuleService:
     def quarantine(self, key: str, version: int, reason: str, user_id: int | None) -> None:
         """Take a misbehaving version out of evaluation (a new version clears it)."""
         with self.control.begin() as conn:
-            conn.execute(update(rules).where(
-                (rules.c.key == key) & (rules.c.version == version) & (rules.c.status != "quarantined")
-            ).values(status="quarantined", quarantine_reason=reason[:2000],
-                     quarantine_user=user_id, updated_at=_now()))
+            conn.execute(
+                update(rules)
+                .where(
+                    (rules.c.key == key)
+                    & (rules.c.version == version)
+                    & (rules.c.status != "quarantined")
+                )
+                .values(
+                    status="quarantined",
+                    quarantine_reason=reason[:2000],
+                    quarantine_user=user_id,
+                    updated_at=_now(),
+                )
+            )
 
     # -- reads ----------------------------------------------------------------
     def _select(self) -> Any:
@@ -217,10 +254,15 @@ class RuleService:
     def active(self) -> list[ActiveRule]:
         """Enabled, non-quarantined rules at their current version."""
         with self.control.connect() as conn:
-            rows = conn.execute(self._select().where(
-                rules.c.enabled.is_(True) & (rules.c.status == "active")).order_by(rules.c.key)).all()
-        return [ActiveRule(r.key, r.version, r.name, r.group, r.priority, r.source, r.banner, r.email)
-                for r in rows]
+            rows = conn.execute(
+                self._select()
+                .where(rules.c.enabled.is_(True) & (rules.c.status == "active"))
+                .order_by(rules.c.key)
+            ).all()
+        return [
+            ActiveRule(r.key, r.version, r.name, r.group, r.priority, r.source, r.banner, r.email)
+            for r in rows
+        ]
 
     def generation(self) -> tuple[Any, ...]:
         """Changes whenever any rule changes: evaluators reload when it does."""

@@ -92,7 +92,9 @@ class CampaignService:
                 (campaigns.c.id == cid) & (campaigns.c.status == "scheduled")
             ).values(status="cancelled", updated_at=_now()).returning(campaigns.c.id))
             if res.first() is None:
-                status = conn.execute(select(campaigns.c.status).where(campaigns.c.id == cid)).scalar()
+                status = conn.execute(
+                    select(campaigns.c.status).where(campaigns.c.id == cid)
+                ).scalar()
                 if status is None:
                     raise NotFound(f"no campaign {cid}")
                 raise Conflict(f"campaign {cid} is {status}; only a scheduled one can be cancelled")

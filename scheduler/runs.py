@@ -87,7 +87,9 @@ class RunService:
             if fire_key is None:
                 raise
             with self.control.connect() as conn:
-                existing = conn.execute(select(runs.c.id).where(runs.c.fire_key == fire_key)).scalar()
+                existing = conn.execute(
+                    select(runs.c.id).where(runs.c.fire_key == fire_key)
+                ).scalar()
             if existing is None:
                 raise
             return int(existing), False
@@ -109,7 +111,9 @@ class RunService:
     def jobs(self, run_id: int) -> list[dict[str, Any]]:
         """The range jobs of a run that still have work (pending or running)."""
         with self.control.connect() as conn:
-            run = conn.execute(select(runs.c.as_of, runs.c.rules).where(runs.c.id == run_id)).first()
+            run = conn.execute(
+                select(runs.c.as_of, runs.c.rules).where(runs.c.id == run_id)
+            ).first()
             if run is None:
                 raise NotFound(f"no run {run_id}")
             rows = conn.execute(select(run_ranges.c.range_no, run_ranges.c.shard, run_ranges.c.lo,
@@ -132,7 +136,9 @@ class RunService:
 
     def range_status(self, run_id: int, range_no: int) -> str | None:
         with self.control.connect() as conn:
-            return conn.execute(select(run_ranges.c.status).where(self._where(run_id, range_no))).scalar()
+            return conn.execute(
+                select(run_ranges.c.status).where(self._where(run_id, range_no))
+            ).scalar()
 
     def claim(self, run_id: int, range_no: int, worker: str) -> int | None:
         """Start an attempt at a range: returns its number (1, 2, ...), or None when the
@@ -140,8 +146,11 @@ class RunService:
         ``max_attempts`` attempts started and none finished."""
         with self.control.begin() as conn:
             self._lock_run(conn, run_id)
-            row = conn.execute(select(run_ranges.c.status, run_ranges.c.attempts, run_ranges.c.error)
-                               .where(self._where(run_id, range_no))).first()
+            row = conn.execute(
+                select(run_ranges.c.status, run_ranges.c.attempts, run_ranges.c.error).where(
+                    self._where(run_id, range_no)
+                )
+            ).first()
             if row is None or row.status not in ("pending", "running"):
                 return None
             if row.attempts >= self.max_attempts:
@@ -170,11 +179,20 @@ class RunService:
         """Give a claimed range back without counting the attempt (the failure was not
         the range's: the bus or the control DB is down, the worker is stopping)."""
         with self.control.begin() as conn:
-            conn.execute(update(run_ranges).where(
-                self._where(run_id, range_no) & (run_ranges.c.status == "running")
-                & (run_ranges.c.worker == worker)
-            ).values(status="pending", worker=None, updated_at=_now(),
-                     attempts=case((run_ranges.c.attempts > 0, run_ranges.c.attempts - 1), else_=0)))
+            conn.execute(
+                update(run_ranges)
+                .where(
+                    self._where(run_id, range_no)
+                    & (run_ranges.c.status == "running")
+                    & (run_ranges.c.worker == worker)
+                )
+                .values(
+                    status="pending",
+                    worker=None,
+                    updated_at=_now(),
+                    attempts=case((run_ranges.c.attempts > 0, run_ranges.c.attempts - 1), else_=0),
+                )
+            )
 
     def range_done(self, run_id: int, range_no: int, users: int, matches: dict[str, int],
                    errors: dict[str, int], *, enters: int = 0, exits: int = 0,
@@ -256,7 +274,9 @@ class RunService:
                 parked.append({"range": r.range_no, "shard": r.shard, "lo": r.lo, "hi": r.hi,
                                "attempts": r.attempts, "error": r.error})
         created = _aware(run.created_at)
-        elapsed = ((_aware(run.finished_at) if run.finished_at else _now()) - created).total_seconds()
+        elapsed = (
+            (_aware(run.finished_at) if run.finished_at else _now()) - created
+        ).total_seconds()
         seen = users + live
         rate = seen / elapsed if elapsed > 0 else 0.0
         total = run.ranges_total
@@ -288,7 +308,11 @@ class RunService:
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         with self.control.connect() as conn:
-            ids = conn.execute(select(runs.c.id).order_by(runs.c.id.desc()).limit(limit)).scalars().all()
+            ids = (
+                conn.execute(select(runs.c.id).order_by(runs.c.id.desc()).limit(limit))
+                .scalars()
+                .all()
+            )
         return [self.get(i) for i in ids]
 
     def wait(self, run_id: int, timeout: float = 60.0, poll_s: float = 0.05) -> dict[str, Any]:

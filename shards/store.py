@@ -23,6 +23,7 @@ __all__ = [
     "IngestItem",
     "IngestOutcome",
     "ProfileRow",
+    "ScanRow",
     "ShardStore",
 ]
 
@@ -31,6 +32,8 @@ Doc = dict[str, Any]
 # applied count), or an object with those attributes plus ``changed`` (the document
 # differs) and ``encoded`` (its JSON bytes), like engine.events.apply_user's result.
 ApplyFn = Callable[[Doc | None, list[str], list[Any]], Any]
+# What scan_range/scan_users yield per user: (user_id, profile doc, state or None).
+ScanRow = tuple[int, Doc, dict[str, list[Any]] | None]
 
 
 class IngestItem(NamedTuple):  # one per event on the hot path: a tuple is cheapest to make
@@ -108,12 +111,34 @@ class ShardStore(ABC):
     @abstractmethod
     def count(self) -> int: ...
 
+    # The reads of an evaluation come in two forms. ``scan_*`` yield bare rows (no
+    # object made per row: the nightly run reads every profile, and the evaluator
+    # is what it is for); ``stream_*`` yield the same users as ProfileRow, for
+    # everyone else. In both, each user in the selection comes exactly once,
+    # chunks are never empty, and no order is promised: PostgreSQL streams a range
+    # in storage order (an ORDER BY would cost the nightly run a sort or an index
+    # walk), the portable backend happens to page in id order.
     @abstractmethod
-    def stream_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[ProfileRow]]:
-        """Users with ``lo <= user_id <= hi``, in id order, with their state."""
+    def scan_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[Sequence[ScanRow]]:
+        """The users with ``lo <= user_id <= hi``, in chunks of at most ``batch`` rows.
+
+        A row unpacks as ``(user_id, doc, state)`` (a tuple, or a tuple-like
+        database row): ``doc`` the profile document, ``state`` the evaluation
+        state as :meth:`save_state` last stored it, or None for a user never
+        evaluated. No order (see above)."""
 
     @abstractmethod
-    def stream_users(self, user_ids: Sequence[int]) -> Iterator[list[ProfileRow]]: ...
+    def scan_users(self, user_ids: Sequence[int], batch: int = 2000) -> Iterator[Sequence[ScanRow]]:
+        """The listed users that have a profile, as :meth:`scan_range` rows, in chunks
+        of at most ``batch`` rows; unknown ids are left out, repeated ids come once."""
+
+    @abstractmethod
+    def stream_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[ProfileRow]]:
+        """:meth:`scan_range` as ProfileRow (``state`` ``{}`` for a user never evaluated)."""
+
+    @abstractmethod
+    def stream_users(self, user_ids: Sequence[int]) -> Iterator[list[ProfileRow]]:
+        """:meth:`scan_users` as ProfileRow."""
 
     @abstractmethod
     def stream_sample(self, fraction: float, batch: int = 2000) -> Iterator[list[ProfileRow]]:

@@ -190,8 +190,11 @@ async def click(request: Request, user_id: UserId, banner_id: BannerId) -> Respo
 @router.get("/v1/rules/{key}/engagement", summary="Banner impressions and clicks per day",
             dependencies=[Depends(require("admin"))])
 async def rule_engagement(
-    request: Request, key: str,
-    since: Annotated[date | None, Query(description="first day (default: 29 days before until)")] = None,
+    request: Request,
+    key: str,
+    since: Annotated[
+        date | None, Query(description="first day (default: 29 days before until)")
+    ] = None,
     until: Annotated[date | None, Query(description="last day (default: today)")] = None,
 ) -> dict[str, Any]:
     counter = _counter(request.app)
@@ -256,8 +259,12 @@ async def why(request: Request, user_id: UserId, banner_id: BannerId) -> Any:
     return out
 
 
-@router.get("/v1/users/{user_id}/messages", summary="A user's e-mail and push, from the ledger (admin)",
-            dependencies=[Depends(require("admin"))], responses=problem_responses(422))
+@router.get(
+    "/v1/users/{user_id}/messages",
+    summary="A user's e-mail and push, from the ledger (admin)",
+    dependencies=[Depends(require("admin"))],
+    responses=problem_responses(422),
+)
 async def messages(request: Request, user_id: UserId) -> Any:
     uid = _uid(user_id)
     if isinstance(uid, Response):
@@ -266,7 +273,9 @@ async def messages(request: Request, user_id: UserId) -> Any:
     out = []
     for m in rows:
         p = m.pop("payload", None) or {}
-        out.append({k: _iso(v) for k, v in m.items()} | {"why": p.get("why"), "lang": p.get("lang")})
+        out.append(
+            {k: _iso(v) for k, v in m.items()} | {"why": p.get("why"), "lang": p.get("lang")}
+        )
     return {"user_id": uid, "messages": out}
 
 
@@ -346,9 +355,11 @@ _PAGES = {
 
 
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
-    doc = (f'<!doctype html><html><head><meta charset="utf-8"><meta name="robots" content="noindex">'
-           f"<title>{html.escape(title)}</title></head><body><h1>{html.escape(title)}</h1>"
-           f"{body}</body></html>")
+    doc = (
+        f'<!doctype html><html><head><meta charset="utf-8"><meta name="robots" content="noindex">'
+        f"<title>{html.escape(title)}</title></head><body><h1>{html.escape(title)}</h1>"
+        f"{body}</body></html>"
+    )
     return HTMLResponse(doc, status_code=status, headers={"Cache-Control": "no-store"})
 
 

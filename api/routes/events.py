@@ -7,8 +7,9 @@ paths into non-objects and type clashes the request makes itself); one bad event
 
 Durability: the events of concurrent requests are published and flushed in
 groups by one publisher thread (group commit). A group is acknowledged only
-after ``flush`` confirmed every message of it (Kafka: ``acks=all`` on an
-idempotent producer of its own; embedded: see :mod:`engine.buses.memory`); if
+after ``flush`` confirmed every message of it (Kafka: ``acks=all`` on the
+process's idempotent producer, whose ``flush`` reports the failures of the
+calling thread's messages only; embedded: see :mod:`engine.buses.memory`); if
 anything in the group failed, every request of the group gets 503 and retries,
 which is harmless: an ``event_id`` already applied to a profile is skipped.
 """
@@ -41,13 +42,12 @@ GROUP_MAX = 20_000  # messages per group commit
 
 class GroupPublisher:
     """Publishes batches of keyed messages; each caller learns whether *its*
-    messages are durably on the bus. One thread does every publish and flush,
-    so a flush never reports (or hides) another caller's failure."""
+    messages are durably on the bus. One thread does every publish and flush:
+    one flush (one round of acks) per group of concurrent requests."""
 
-    def __init__(self, bus: Bus, topic: str, own_bus: bool = False) -> None:
+    def __init__(self, bus: Bus, topic: str) -> None:
         self.bus = bus
         self.topic = topic
-        self.own_bus = own_bus  # close it with the publisher
         self._queue: list[tuple[list[tuple[bytes, bytes]], Future[None]]] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -65,13 +65,11 @@ class GroupPublisher:
         return fut
 
     def close(self) -> None:
-        """Finish what was submitted, stop the thread, close an own bus."""
+        """Finish what was submitted, stop the thread."""
         with self._cond:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=FLUSH_TIMEOUT_S + 5)
-        if self.own_bus:
-            self.bus.close()
 
     def _take(self) -> list[tuple[list[tuple[bytes, bytes]], Future[None]]]:
         with self._cond:
@@ -113,14 +111,7 @@ def _publisher(request: Request) -> GroupPublisher:
             pub = getattr(state, "event_publisher", None)
             if pub is None:
                 container = state.container
-                bus, own = container.bus, False
-                if container.bus_override is None and not container.settings.embedded_bus:
-                    # A producer of its own: no other component's flush in this
-                    # process can take (or add) delivery failures.
-                    from engine.buses.kafka import KafkaBus
-
-                    bus, own = KafkaBus.from_settings(container.settings), True
-                pub = GroupPublisher(bus, container.bus.topic("events"), own_bus=own)
+                pub = GroupPublisher(container.bus, container.bus.topic("events"))
                 container._closers.append(pub.close)
                 state.event_publisher = pub
     return pub
@@ -161,9 +152,21 @@ def _check_request(items: list[Any], max_bytes: int) -> tuple[list[Any], list[di
         "means every event is durably on the bus. Retrying a request (same `event_id`s) is "
         "harmless: an event id already applied to the user's profile is skipped."
     ),
-    openapi_extra={"requestBody": {"content": {"application/json": {"schema": {"type": "object"},
-        "example": {"event_id": "e-1", "user_id": 42, "set": {"driver_license": {"expires_on": "2026-12-12"}}}}},
-        "required": True}},
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {
+                    "schema": {"type": "object"},
+                    "example": {
+                        "event_id": "e-1",
+                        "user_id": 42,
+                        "set": {"driver_license": {"expires_on": "2026-12-12"}},
+                    },
+                }
+            },
+            "required": True,
+        }
+    },
     responses={202: {"content": {"application/json": {"example": {"accepted": 1}}}}},
 )
 async def post_events(request: Request) -> Response:

@@ -117,7 +117,9 @@ class ShadowIn(BaseModel):
 
 @router.post("/{key}/preview", summary="How many users match as of a date (nothing is sent)")
 async def preview(key: str, body: PreviewIn, request: Request) -> dict[str, Any]:
-    return await run_in_threadpool(_svc(request).preview, key, body.as_of, body.sample, body.version)
+    return await run_in_threadpool(
+        _svc(request).preview, key, body.as_of, body.sample, body.version
+    )
 
 
 @router.post("/{key}/forecast", summary="Users newly matching per day (who would get the e-mail)")

@@ -33,16 +33,24 @@ RuleKeys = list[str] | None
 class RunIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     as_of: date | None = None
-    rules: RuleKeys = Field(default=None, min_length=1, max_length=500,
-                            description="restrict the run to these rule keys (default: every active rule)")
+    rules: RuleKeys = Field(
+        default=None,
+        min_length=1,
+        max_length=500,
+        description="restrict the run to these rule keys (default: every active rule)",
+    )
 
 
 class CampaignIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    at: datetime = Field(description="when to run; without an offset it is read in KVADRUPEL_TIMEZONE")
+    at: datetime = Field(
+        description="when to run; without an offset it is read in KVADRUPEL_TIMEZONE"
+    )
     rules: RuleKeys = Field(default=None, min_length=1, max_length=500,
                             description="rule keys to evaluate (default: every active rule)")
-    as_of: date | None = Field(default=None, description="evaluation date (default: the date of 'at')")
+    as_of: date | None = Field(
+        default=None, description="evaluation date (default: the date of 'at')"
+    )
     name: str | None = Field(default=None, max_length=200)
 
 
@@ -79,7 +87,9 @@ def get_run(run_id: int, request: Request) -> dict[str, Any]:
     return request.app.state.container.runs.get(run_id)
 
 
-@router.post("/v1/campaigns", status_code=201, summary="Schedule a run of chosen rules at a chosen time")
+@router.post(
+    "/v1/campaigns", status_code=201, summary="Schedule a run of chosen rules at a chosen time"
+)
 def create_campaign(request: Request, body: CampaignIn) -> dict[str, Any]:
     at = body.at
     if at.tzinfo is None:

@@ -92,7 +92,9 @@ class FcmPusher(Pusher):
         iat = int(now if now is not None else time.time())
         claims = {"iss": self.account["client_email"], "scope": FCM_SCOPE,
                   "aud": self.account["token_uri"], "iat": iat, "exp": iat + 3600}
-        headers = {"kid": self.account["private_key_id"]} if self.account.get("private_key_id") else None
+        headers = (
+            {"kid": self.account["private_key_id"]} if self.account.get("private_key_id") else None
+        )
         return jwt.encode(claims, self.account["private_key"], algorithm="RS256", headers=headers)
 
     async def _access_token(self, client: httpx.AsyncClient, stale: str | None = None) -> str:
@@ -110,7 +112,9 @@ class FcmPusher(Pusher):
                                   permanent=resp.status_code in (400, 401, 403))
             body = resp.json()
             self._token = str(body["access_token"])
-            self._token_expires = time.time() + max(60, int(body.get("expires_in", 3600)) - _REFRESH_MARGIN_S)
+            self._token_expires = time.time() + max(
+                60, int(body.get("expires_in", 3600)) - _REFRESH_MARGIN_S
+            )
             self.token_exchanges += 1
             return self._token
 
@@ -195,7 +199,9 @@ def _classify(push: Push, resp: httpx.Response) -> PushResult:
         message = str(err.get("message", ""))
         code = str(err.get("status", ""))
         for d in err.get("details") or ():
-            if str(d.get("@type", "")).endswith("google.firebase.fcm.v1.FcmError") and d.get("errorCode"):
+            if str(d.get("@type", "")).endswith("google.firebase.fcm.v1.FcmError") and d.get(
+                "errorCode"
+            ):
                 code = str(d["errorCode"])
     except (ValueError, AttributeError):
         pass

@@ -38,13 +38,17 @@ TIMESTAMP_HEADER = "X-Kvadrupel-Timestamp"
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return (
+        "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    )
 
 
 class WebhookPusher(Pusher):
     name = "webhook"
 
-    def __init__(self, url: str, secret: str, *, concurrency: int = 32, timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, secret: str, *, concurrency: int = 32, timeout: float = 10.0
+    ) -> None:
         if not url:
             raise ConfigError("KVADRUPEL_PUSH_WEBHOOK_URL is empty")
         if len(secret.encode()) < 16:

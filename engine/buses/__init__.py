@@ -1,1 +1,2 @@
-"""Bus implementations: ``memory`` (embedded) and ``kafka`` (production)."""
+"""Bus implementations: ``memory`` (embedded, with the optional durable log of
+``durable``) and ``kafka`` (production)."""

@@ -5,14 +5,23 @@ Nothing here knows which one it talks to: the defaults below are plain Kafka cli
 settings that happen to also be what Tansu needs (``group.protocol=classic``,
 ``auto.offset.reset=earliest``).
 
-* Producer: idempotent (``acks=all``), a few ms of linger, lz4. ``publish`` blocks
-  (serving delivery reports) while librdkafka's queue is full; a delivery failure is
-  remembered and reported by the next :meth:`KafkaBus.flush` as a ``BusError``.
+* Producer: idempotent (``acks=all``), a few ms of linger, lz4, one per bus, shared
+  by every thread. ``publish`` blocks (serving delivery reports) while librdkafka's
+  queue is full. :meth:`KafkaBus.flush` is per thread: it waits for the messages the
+  calling thread published since its last flush and raises ``BusError`` for their
+  failures only (a delivery report is counted against the thread that published the
+  message, whichever thread's poll serves it), so threads sharing a bus neither
+  take nor hide each other's failures.
 * Consumer: manual, synchronous, per-partition commits ("ack" = in-order offset
   commit); nothing is committed or stored automatically. ``pause`` survives
   rebalances. ``on_revoke`` runs before a member loses partitions: the worker may
   still commit what it finished there and must drop the rest, because commits for
   partitions it no longer holds are refused (``BusError``).
+* Consumer lag: every ``lag_interval_ms`` (librdkafka's ``statistics.interval.ms``;
+  0: off) a consumer sets the ``kvadrupel_consumer_lag`` gauge of each partition
+  it holds to the high watermark minus the group's committed offset, from the
+  statistics librdkafka gathers anyway (no request to the broker), and drops the
+  series of the partitions it loses.
 * ``extra`` adds librdkafka settings: a plain key goes to every client (security,
   ``socket.*``), a key prefixed ``producer.``, ``consumer.`` or ``admin.`` only to
   that client (``producer.message.timeout.ms``).
@@ -27,9 +36,11 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from confluent_kafka import Consumer as _KConsumer
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as _KMessage
@@ -37,12 +48,13 @@ from confluent_kafka import Producer as _KProducer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from engine.bus import Bus, Consumer, Message, RevokeCallback
+from kvadrupel import metrics
 from kvadrupel.errors import BusError, ConfigError
 
 if TYPE_CHECKING:
     from kvadrupel.settings import Settings
 
-__all__ = ["KafkaBus", "KafkaConsumer", "RevokeCallback"]
+__all__ = ["KafkaBus", "KafkaConsumer", "RevokeCallback", "murmur2"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +91,52 @@ _CONSUMER_DEFAULTS: dict[str, Any] = {
 }
 
 _PUBLISH_BLOCK_S = 60.0  # longest a publish waits for room in a full producer queue
+# A flush serves delivery reports in slices this long and checks its own thread's
+# messages between them: while other threads keep publishing the queue never drains,
+# so a whole-queue flush would wait on them.
+_FLUSH_SLICE_S = 0.01
+# How long a topic's partition count is trusted (partition_of): partitions are only
+# ever added by an operator, and librdkafka itself refreshes metadata every 5 min.
+_PARTITION_COUNT_TTL_S = 30.0
+
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (the Java client's ``Utils.murmur2``, seed 0x9747b28c), as an
+    unsigned 32-bit int. The partition of a key is ``(murmur2(key) & 0x7fffffff) % P``."""
+    length = len(data)
+    h = (0x9747B28C ^ length) & _MASK
+    n4 = length & ~3
+    for i in range(0, n4, 4):
+        k = data[i] | (data[i + 1] << 8) | (data[i + 2] << 16) | (data[i + 3] << 24)
+        k = (k * _M) & _MASK
+        k ^= k >> 24
+        k = (k * _M) & _MASK
+        h = ((h * _M) & _MASK) ^ k
+    rest = length & 3
+    if rest == 3:
+        h ^= data[n4 + 2] << 16
+    if rest >= 2:
+        h ^= data[n4 + 1] << 8
+    if rest >= 1:
+        h ^= data[n4]
+        h = (h * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    h ^= h >> 15
+    return h
+
+
+# librdkafka's keyed partitioners, as functions of (key, partition count). The
+# "_random" variants differ only for messages without a key.
+_PARTITIONERS: dict[str, Callable[[bytes, int], int]] = {
+    "murmur2": lambda key, n: (murmur2(key) & 0x7FFFFFFF) % n,
+    "murmur2_random": lambda key, n: (murmur2(key) & 0x7FFFFFFF) % n,
+    "consistent": lambda key, n: zlib.crc32(key) % n,
+    "consistent_random": lambda key, n: zlib.crc32(key) % n,  # librdkafka's default
+}
 
 
 def _split_extra(extra: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -107,6 +165,28 @@ def _bus_error(what: str, exc: BaseException) -> BusError:
     return BusError(f"{what}: {exc}")
 
 
+class _Outstanding:
+    """One thread's messages published since its last flush.
+
+    Its ``delivered`` is the messages' delivery callback: librdkafka runs it in
+    whichever thread serves the report (a poll in ``publish`` or ``flush``), so
+    the counts are guarded by ``lock``."""
+
+    __slots__ = ("delivered", "failed", "lock", "pending")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending = 0  # published, no delivery report yet
+        self.failed: list[tuple[str, KafkaError]] = []
+        self.delivered = self._delivered  # one bound method per thread, not per message
+
+    def _delivered(self, err: KafkaError | None, msg: _KMessage) -> None:
+        with self.lock:
+            self.pending -= 1
+            if err is not None:
+                self.failed.append((msg.topic() or "?", err))
+
+
 class KafkaBus(Bus):
     """A bus on a Kafka cluster. Nothing connects until first used."""
 
@@ -120,6 +200,7 @@ class KafkaBus(Bus):
         fetch_wait_max_ms: int = 100,
         extra: Mapping[str, Any] | None = None,
         client_id: str = "kvadrupel",
+        lag_interval_ms: int = 15000,
     ) -> None:
         if not bootstrap:
             raise ConfigError("KafkaBus needs bootstrap servers (KVADRUPEL_KAFKA_BOOTSTRAP)")
@@ -146,18 +227,22 @@ class KafkaBus(Bus):
             "session.timeout.ms": session_timeout_ms,
             "heartbeat.interval.ms": heartbeat_interval_ms,
             "fetch.wait.max.ms": fetch_wait_max_ms,
+            "statistics.interval.ms": lag_interval_ms,
             **parts["consumer"],
         }
         self._admin_conf = {**common, **parts["admin"]}
 
         self._lock = threading.Lock()
         self._producer: _KProducer | None = None
+        # Producers replaced after a fatal error while they still held messages:
+        # flushes keep serving their delivery reports until they are empty.
+        self._retired: list[_KProducer] = []
         self._admin: AdminClient | None = None
-        # Delivery failures since the last flush: (topic, error). Guarded by _lock.
-        self._failed: list[tuple[str, KafkaError]] = []
+        self._local = threading.local()  # .outstanding: the thread's _Outstanding
         self._fatal: KafkaError | None = None
         self._consumers: weakref.WeakSet[KafkaConsumer] = weakref.WeakSet()
         self._closed = False
+        self._partition_counts: dict[str, tuple[int, float]] = {}  # topic: (count, read at)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KafkaBus:
@@ -182,10 +267,11 @@ class KafkaBus(Bus):
             with self._lock:
                 self._fatal = err
 
-    def _on_delivery(self, err: KafkaError | None, msg: _KMessage) -> None:
-        if err is not None:
-            with self._lock:
-                self._failed.append((msg.topic() or "?", err))
+    def _outstanding(self) -> _Outstanding:
+        mine: _Outstanding | None = getattr(self._local, "outstanding", None)
+        if mine is None:
+            mine = self._local.outstanding = _Outstanding()
+        return mine
 
     # -- admin -------------------------------------------------------------------
     def _admin_client(self) -> AdminClient:
@@ -258,11 +344,25 @@ class KafkaBus(Bus):
         if self._fatal is not None:
             raise BusError(f"producer failed fatally: {self._fatal}; flush() to reset")
         producer = self._get_producer()
+        mine = self._outstanding()
+        with mine.lock:
+            mine.pending += 1  # before produce: another thread may serve the report at once
+        try:
+            self._produce(producer, topic, value, key, mine)
+        except BaseException:
+            with mine.lock:
+                mine.pending -= 1  # not queued: no delivery report will come
+            raise
+        producer.poll(0)
+
+    @staticmethod
+    def _produce(producer: _KProducer, topic: str, value: bytes, key: bytes | None,
+                 mine: _Outstanding) -> None:
         deadline = None
         while True:
             try:
-                producer.produce(topic, value, key, on_delivery=self._on_delivery)
-                break
+                producer.produce(topic, value, key, on_delivery=mine.delivered)
+                return
             except BufferError:
                 # Queue full: the broker is slower than we are. Serve delivery reports
                 # (which frees room) instead of dropping or growing without bound.
@@ -276,23 +376,49 @@ class KafkaBus(Bus):
                 producer.poll(0.05)
             except KafkaException as exc:
                 raise _bus_error(f"cannot publish to {topic}", exc) from exc
-        producer.poll(0)
 
     def flush(self, timeout: float = 30.0) -> None:
-        producer = self._producer
-        if producer is not None:
-            try:
-                remaining = producer.flush(timeout)
-            except KafkaException as exc:
-                raise _bus_error("flush failed", exc) from exc
-        else:
-            remaining = 0
+        """Wait for the messages this thread published since its last flush; raise
+        BusError if any of them failed or is still undelivered after ``timeout``."""
+        mine = self._outstanding()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                with mine.lock:
+                    pending = mine.pending
+                left = deadline - time.monotonic()
+                if pending <= 0 or left <= 0:
+                    break
+                producers = self._producers()
+                if not producers:
+                    break  # closed: what is pending is reported as undelivered
+                # Serves every thread's delivery reports (and sends at once,
+                # linger or not); ours may also be served by another thread.
+                for producer in producers:
+                    producer.flush(min(left, _FLUSH_SLICE_S))
+        except KafkaException as exc:
+            raise _bus_error("flush failed", exc) from exc
+        self._raise_failures(mine, timeout)
+
+    def _producers(self) -> list[_KProducer]:
         with self._lock:
-            failed, self._failed = self._failed, []
+            self._retired = [p for p in self._retired if len(p) > 0]
+            current = [self._producer] if self._producer is not None else []
+            return current + self._retired
+
+    def _raise_failures(self, mine: _Outstanding, timeout: float) -> None:
+        with mine.lock:
+            failed, mine.failed = mine.failed, []
+            # Still pending: reported now, and waited for again by the next flush
+            # (a failure reported later is this thread's too).
+            remaining = mine.pending
+        with self._lock:
             fatal, self._fatal = self._fatal, None
-            if fatal is not None:
+            if fatal is not None and self._producer is not None:
                 # A fatally failed idempotent producer accepts nothing more: start
-                # a fresh one (new producer id) on the next publish.
+                # a fresh one (new producer id) on the next publish; the old one's
+                # reports still reach the threads that published there.
+                self._retired.append(self._producer)
                 self._producer = None
         if fatal is not None:
             raise BusError(f"producer failed fatally: {fatal}")
@@ -301,6 +427,29 @@ class KafkaBus(Bus):
             raise BusError(f"{len(failed)} message(s) not delivered; first to {topic}: {err}")
         if remaining:
             raise BusError(f"{remaining} message(s) still undelivered after {timeout}s")
+
+    def partition_count(self, topic: str) -> int:
+        cached = self._partition_counts.get(topic)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < _PARTITION_COUNT_TTL_S:
+            return cached[0]
+        try:
+            # All topics: a request naming the topic may create it (auto-creation).
+            md: Any = self._admin_client().list_topics(timeout=10).topics.get(topic)
+        except KafkaException as exc:
+            raise _bus_error(f"cannot read the partitions of {topic}", exc) from exc
+        if md is None or md.error is not None or not md.partitions:
+            raise BusError(f"topic {topic} not found: {md.error if md is not None else ''}")
+        n = len(md.partitions)
+        self._partition_counts[topic] = (n, now)
+        return n
+
+    def partition_of(self, topic: str, key: bytes) -> int:
+        name = str(self._producer_conf.get("partitioner", "consistent_random"))
+        partitioner = _PARTITIONERS.get(name)
+        if partitioner is None:
+            raise BusError(f"partitioner {name!r}: partition_of is not known for it")
+        return partitioner(key, self.partition_count(topic))
 
     # -- consumer ----------------------------------------------------------------
     def consumer(
@@ -330,9 +479,16 @@ class KafkaBus(Bus):
         for member in list(self._consumers):
             member.close()
         try:
-            self.flush(timeout)
+            # Everyone's messages, not only this thread's; failures of other
+            # threads' unflushed messages are theirs to hear, this reports ours.
+            for producer in self._producers():
+                producer.flush(timeout)
+            self._raise_failures(self._outstanding(), timeout)
+        except KafkaException as exc:
+            raise _bus_error("flush failed", exc) from exc
         finally:
             self._producer = None
+            self._retired = []
             self._admin = None
 
 
@@ -355,6 +511,12 @@ class KafkaConsumer(Consumer):
         self._pending_error: BusError | None = None
         strategy = str(conf.get("partition.assignment.strategy", ""))
         self._cooperative = "cooperative" in strategy
+        # Where a group without a commit starts: then the lag is the whole log.
+        self._from_earliest = str(conf.get("auto.offset.reset")) in ("earliest", "smallest",
+                                                                     "beginning")
+        self._lag_series: set[tuple[str, int]] = set()  # gauge series this member set
+        if int(conf.get("statistics.interval.ms") or 0) > 0:
+            conf = {**conf, "stats_cb": self._on_stats}
         try:
             self._c = _KConsumer({**conf, "group.id": group})
             self._c.subscribe(
@@ -390,12 +552,42 @@ class KafkaConsumer(Consumer):
         self._notify_revoke(partitions)
 
     def _notify_revoke(self, partitions: list[TopicPartition]) -> None:
+        self._drop_lag([(tp.topic, tp.partition) for tp in partitions])
         if self._on_revoke_cb is not None and partitions:
             try:
                 self._on_revoke_cb([(tp.topic, tp.partition) for tp in partitions])
             except Exception:
                 # An exception must not escape into librdkafka's rebalance handling.
                 log.exception("on_revoke callback failed")
+
+    # -- lag (librdkafka's statistics callback, run inside consume()) --------------
+    def _on_stats(self, raw: str) -> None:
+        try:
+            held = {(tp.topic, tp.partition) for tp in self._c.assignment()}
+            for topic, t in orjson.loads(raw).get("topics", {}).items():
+                for p, d in t.get("partitions", {}).items():
+                    if (topic, int(p)) not in held:  # also skips librdkafka's partition -1
+                        continue
+                    lag = int(d.get("consumer_lag", -1))
+                    if lag < 0 and d.get("committed_offset", -1) < 0 and self._from_earliest:
+                        hi, lo = int(d.get("hi_offset", -1)), int(d.get("lo_offset", -1))
+                        lag = hi - lo if hi >= 0 and lo >= 0 else -1  # nothing committed yet
+                    if lag >= 0:
+                        metrics.CONSUMER_LAG.labels(self.group, topic, p).set(lag)
+                        self._lag_series.add((topic, int(p)))
+        except Exception:  # noqa: BLE001 - a metric must never break consuming
+            log.debug("cannot read consumer statistics", exc_info=True)
+
+    def _drop_lag(self, pairs: Iterable[tuple[str, int]]) -> None:
+        """Remove the gauge series of partitions this member no longer holds (the
+        new owner reports them)."""
+        for topic, p in pairs:
+            if (topic, p) in self._lag_series:
+                self._lag_series.discard((topic, p))
+                try:
+                    metrics.CONSUMER_LAG.remove(self.group, topic, str(p))
+                except KeyError:
+                    pass
 
     # -- Consumer API -------------------------------------------------------------
     def poll(self, max_messages: int = 500, timeout: float = 0.1) -> list[Message]:
@@ -492,3 +684,4 @@ class KafkaConsumer(Consumer):
             raise _bus_error(f"group {self.group}: close failed", exc) from exc
         finally:
             self._closed = True
+            self._drop_lag(list(self._lag_series))

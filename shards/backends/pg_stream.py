@@ -35,7 +35,9 @@ _SELECT = ("SELECT p.user_id, p.doc, s.matches FROM profiles p "
            "LEFT JOIN user_state s ON s.user_id = p.user_id{s_where} WHERE {p_where}")
 
 
-def scan_range(engine: Engine, lo: int, hi: int, batch: int = 2000) -> Iterator[list[tuple[int, Any, Any]]]:
+def scan_range(
+    engine: Engine, lo: int, hi: int, batch: int = 2000
+) -> Iterator[list[tuple[int, Any, Any]]]:
     """``(user_id, doc, state or None)`` for ``lo <= user_id <= hi``, in lists of ``batch``."""
     lo, hi = int(lo), int(hi)
     between = f"BETWEEN {lo} AND {hi}"
@@ -43,12 +45,15 @@ def scan_range(engine: Engine, lo: int, hi: int, batch: int = 2000) -> Iterator[
                                                  p_where=f"p.user_id {between}"), batch)
 
 
-def scan_users(engine: Engine, user_ids: Sequence[int], batch: int = 2000) -> Iterator[list[tuple[int, Any, Any]]]:
+def scan_users(
+    engine: Engine, user_ids: Sequence[int], batch: int = 2000
+) -> Iterator[list[tuple[int, Any, Any]]]:
     ids = sorted({int(u) for u in user_ids})
     for i in range(0, len(ids), 10_000):
         array = "'{" + ",".join(map(str, ids[i:i + 10_000])) + "}'::bigint[]"
-        yield from _copy_rows(engine, _SELECT.format(s_where="", p_where=f"p.user_id = ANY({array})"),
-                              batch)
+        yield from _copy_rows(
+            engine, _SELECT.format(s_where="", p_where=f"p.user_id = ANY({array})"), batch
+        )
 
 
 def _copy_rows(engine: Engine, query: str, batch: int) -> Iterator[list[tuple[int, Any, Any]]]:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from shards.backends import pg_stream
 from shards.backends.pg_ingest import PgIngestMixin
 from shards.backends.sql import SqlShardStore, json_dumps, ranges_from_bounds
+from shards.store import ScanRow
 
 __all__ = ["PostgresShardStore", "postgres_engine"]
 
@@ -44,15 +45,15 @@ class PostgresShardStore(PgIngestMixin, SqlShardStore):  # ingest: see pg_ingest
     # -- the nightly evaluation (pg_stream.py): COPY reads, unnest state writes --
     # Evaluation reads the primary, not a replica: the state it diffs against must
     # be the one it (and the ingest-triggered re-evaluations) last wrote.
-    def scan_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[tuple[int, Any, Any]]]:
+    def scan_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[ScanRow]]:
         try:
             yield from pg_stream.scan_range(self.engine, lo, hi, batch)
         except (OperationalError, psycopg.OperationalError) as exc:
             raise self._unavailable(exc) from exc
 
-    def scan_users(self, user_ids: Sequence[int]) -> Iterator[list[tuple[int, Any, Any]]]:
+    def scan_users(self, user_ids: Sequence[int], batch: int = 2000) -> Iterator[list[ScanRow]]:
         try:
-            yield from pg_stream.scan_users(self.engine, user_ids)
+            yield from pg_stream.scan_users(self.engine, user_ids, batch)
         except (OperationalError, psycopg.OperationalError) as exc:
             raise self._unavailable(exc) from exc
 

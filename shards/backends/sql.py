@@ -13,7 +13,16 @@ from typing import Any, NamedTuple
 import orjson
 from psycopg import OperationalError as RawOperationalError
 from sqlalchemy import (
-    BigInteger, Engine, and_, bindparam, case, func, select, tablesample, text, update,
+    BigInteger,
+    Engine,
+    and_,
+    bindparam,
+    case,
+    func,
+    select,
+    tablesample,
+    text,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
@@ -29,6 +38,7 @@ from shards.store import (
     IngestItem,
     IngestOutcome,
     ProfileRow,
+    ScanRow,
     ShardStore,
 )
 
@@ -88,7 +98,9 @@ class ProfileCache:
     def __len__(self) -> int:
         return len(self._d)
 
-    def lookup(self, user_ids: Iterable[int]) -> tuple[dict[int, tuple[Any, list[str], int]], list[int]]:
+    def lookup(
+        self, user_ids: Iterable[int]
+    ) -> tuple[dict[int, tuple[Any, list[str], int]], list[int]]:
         found: dict[int, tuple[Any, list[str], int]] = {}
         missing: list[int] = []
         d = self._d
@@ -246,7 +258,10 @@ class SqlShardStore(ShardStore):
     def _save_marks(self, conn: Any, marks: dict[tuple[str, int], int]) -> None:
         conn.execute(
             update(ingest_marks)
-            .where((ingest_marks.c.topic == bindparam("t")) & (ingest_marks.c.partition == bindparam("p")))
+            .where(
+                (ingest_marks.c.topic == bindparam("t"))
+                & (ingest_marks.c.partition == bindparam("p"))
+            )
             .values(offset=bindparam("o")),
             [{"t": t, "p": p, "o": o} for (t, p), o in marks.items()],
         )
@@ -319,7 +334,10 @@ class SqlShardStore(ShardStore):
                     "updated_at": ins.excluded.updated_at,
                 },
             ),
-            [{"user_id": u, "doc": d, "seen": s, "version": 1, "updated_at": ts} for u, d, s in rows],
+            [
+                {"user_id": u, "doc": d, "seen": s, "version": 1, "updated_at": ts}
+                for u, d, s in rows
+            ],
         )
 
     # -- profiles ---------------------------------------------------------------
@@ -345,12 +363,12 @@ class SqlShardStore(ShardStore):
             profiles.outerjoin(user_state, profiles.c.user_id == user_state.c.user_id)
         )
 
-    # The evaluator's reads. ``scan_*`` yield plain ``(user_id, doc, state or None)``
-    # tuples (no object per row: the nightly run reads every profile);
-    # ``stream_*`` wrap them in ProfileRow for everyone else.
-    def scan_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[Sequence[tuple[int, Any, Any]]]:
-        """``lo <= user_id <= hi`` in id order, in lists of up to ``batch``: keyset
-        pages, one short query each (SQLite keeps no long read open)."""
+    # The evaluator's reads (the contract: ShardStore.scan_range). ``scan_*`` yield
+    # database rows, which unpack as ``(user_id, doc, state or None)``; ``stream_*``
+    # wrap them in ProfileRow.
+    def scan_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[Sequence[ScanRow]]:
+        """Keyset pages in id order, one short query each (SQLite keeps no long
+        read open)."""
         last = lo - 1
         try:
             while True:
@@ -370,11 +388,12 @@ class SqlShardStore(ShardStore):
         except OperationalError as exc:
             raise self._unavailable(exc) from exc
 
-    def scan_users(self, user_ids: Sequence[int]) -> Iterator[Sequence[tuple[int, Any, Any]]]:
+    def scan_users(self, user_ids: Sequence[int], batch: int = 2000) -> Iterator[Sequence[ScanRow]]:
         ids = sorted(set(user_ids))
+        step = max(1, min(batch, 1000))  # ids per query: an IN list of bound parameters
         try:
-            for i in range(0, len(ids), 1000):
-                chunk = ids[i : i + 1000]
+            for i in range(0, len(ids), step):
+                chunk = ids[i : i + step]
                 with self.read_engine.connect() as conn:
                     rows = conn.execute(
                         self._rows_query().where(profiles.c.user_id.in_(chunk)).order_by(profiles.c.user_id)
@@ -421,7 +440,10 @@ class SqlShardStore(ShardStore):
                 conn.execute(
                     ins.on_conflict_do_update(
                         index_elements=["user_id"],
-                        set_={"matches": ins.excluded.matches, "updated_at": ins.excluded.updated_at},
+                        set_={
+                            "matches": ins.excluded.matches,
+                            "updated_at": ins.excluded.updated_at,
+                        },
                     ),
                     [{"user_id": u, "matches": m, "updated_at": ts} for u, m in states],
                 )

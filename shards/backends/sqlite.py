@@ -11,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event
 
 from shards.backends.sql import SqlShardStore, json_dumps
-
-import orjson
 
 __all__ = ["SqliteShardStore", "sqlite_engine"]
 

@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
 from api.fast import BannerFastPath
@@ -175,6 +176,42 @@ def test_bad_user_ids_are_422_problems(api: Api, uid: str) -> None:
 def test_bad_long_poll_values_are_422_problems(api: Api, query: str) -> None:
     r = api.client.get(f"/v1/users/{UID}/banners?{query}", headers=bearer(PORTAL))
     assert r.status_code == 422 and r.json()["status"] == 422
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def banner_series(api: Api) -> dict[str, float]:
+    """The banner route's request counts by status, and its latency observations."""
+    text = api.client.get("/metrics").text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("route") != "/v1/users/{user_id}/banners":
+                continue
+            if sample.name == "kvadrupel_http_requests_total":
+                assert sample.labels["method"] == "GET"
+                out[sample.labels["status"]] = sample.value
+            elif sample.name == "kvadrupel_http_request_seconds_count":
+                out["observed"] = sample.value
+    return out
+
+
+def test_banner_requests_are_counted_in_the_request_metrics(api: Api) -> None:
+    # Given the banner route's series as they are
+    api.show(UID, "a", "A")
+    before = banner_series(api)
+
+    # When 3 full reads, 2 revalidations and 1 request without a token are answered
+    etag = ""
+    for _ in range(3):
+        etag = api.get(UID).headers["etag"]
+    for _ in range(2):
+        assert api.get(UID, **{"If-None-Match": etag}).status_code == 304
+    assert api.client.get(f"/v1/users/{UID}/banners").status_code == 401
+
+    # Then the same series as for routed requests grew by exactly those (both ways in)
+    after = banner_series(api)
+    grown = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert {k: v for k, v in grown.items() if v} == {"200": 3, "304": 2, "401": 1, "observed": 6}
 
 
 # -- auth matrix ---------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
-import orjson
 import pytest
 from fastapi.testclient import TestClient
 
@@ -20,21 +19,44 @@ H = {role: {"Authorization": f"Bearer {tok}"} for role, tok in
      (("admin", ADMIN), ("ingest", INGEST), ("portal", PORTAL))}
 
 RULE = {
-    "key": "dl-soon", "name": "Licence expires soon", "priority": 100,
-    "source": "def match(profile, ctx):\n    d = days_until(get(profile, 'driver_license.expires_on'), ctx)\n"
-              "    return d is not None and 0 <= d <= 30\n",
-    "banner": {"title": "Expires {{ profile.driver_license.expires_on }}", "body": "Renew it", "link": "/renew"},
-    "email": {"subject": "Your licence", "text": "Hello {{ profile.name }}", "html": "<p>Hello {{ profile.name }}</p>"},
+    "key": "dl-soon",
+    "name": "Licence expires soon",
+    "priority": 100,
+    "source": "def match(profile, ctx):\n"
+    "    d = days_until(get(profile, 'driver_license.expires_on'), ctx)\n"
+    "    return d is not None and 0 <= d <= 30\n",
+    "banner": {
+        "title": "Expires {{ profile.driver_license.expires_on }}",
+        "body": "Renew it",
+        "link": "/renew",
+    },
+    "email": {
+        "subject": "Your licence",
+        "text": "Hello {{ profile.name }}",
+        "html": "<p>Hello {{ profile.name }}</p>",
+    },
     "examples": [
-        {"name": "soon", "profile": {"driver_license": {"expires_on": "2026-12-01"}}, "as_of": "2026-11-24", "expect": True},
-        {"name": "later", "profile": {"driver_license": {"expires_on": "2027-12-01"}}, "as_of": "2026-11-24", "expect": False},
+        {
+            "name": "soon",
+            "profile": {"driver_license": {"expires_on": "2026-12-01"}},
+            "as_of": "2026-11-24",
+            "expect": True,
+        },
+        {
+            "name": "later",
+            "profile": {"driver_license": {"expires_on": "2027-12-01"}},
+            "as_of": "2026-11-24",
+            "expect": False,
+        },
     ],
 }
 
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[tuple[TestClient, Container]]:
-    settings = Settings(data_dir=tmp_path, admin_token=ADMIN, ingest_token=INGEST, portal_token=PORTAL)
+    settings = Settings(
+        data_dir=tmp_path, admin_token=ADMIN, ingest_token=INGEST, portal_token=PORTAL
+    )
     c = Container(settings)
     c.migrate()
     with TestClient(create_app(c, today=lambda: date(2026, 11, 24))) as client:
@@ -59,27 +81,38 @@ def test_endpoints_require_their_token(api: tuple[TestClient, Container], method
                                        role: str) -> None:
     client, _ = api
     assert client.request(method, path).status_code == 401
-    assert client.request(method, path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        client.request(method, path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    )
     other = "portal" if role != "portal" else "ingest"
     r = client.request(method, path, headers=H[other])
     assert r.status_code == 401
     assert r.headers["content-type"] == "application/problem+json"
 
 
-@pytest.mark.parametrize("body,reason", [
-    (b"{oops", "malformed JSON"),
-    (b'{"event_id": "e", "user_id": 1, "set": {"a": 1}, "extra": 1}', "extra"),
-    (b'{"event_id": "e", "user_id": "abc", "set": {"a": 1}}', "user_id"),
-    (b'{"event_id": "e", "user_id": -4, "set": {"a": 1}}', "user_id"),
-    (b'{"event_id": "e", "user_id": 18446744073709551616, "set": {"a": 1}}', "user_id"),
-    (b'{"event_id": "e", "user_id": 1, "inc": {"n": "many"}}', "number"),
-    (b'[{"event_id": "ok", "user_id": 1, "set": {"a": 1}}, {"event_id": "bad", "user_id": 0, "set": {}}]', "event 1"),
-    (b"[]", "no events"),
-])
+@pytest.mark.parametrize(
+    "body,reason",
+    [
+        (b"{oops", "malformed JSON"),
+        (b'{"event_id": "e", "user_id": 1, "set": {"a": 1}, "extra": 1}', "extra"),
+        (b'{"event_id": "e", "user_id": "abc", "set": {"a": 1}}', "user_id"),
+        (b'{"event_id": "e", "user_id": -4, "set": {"a": 1}}', "user_id"),
+        (b'{"event_id": "e", "user_id": 18446744073709551616, "set": {"a": 1}}', "user_id"),
+        (b'{"event_id": "e", "user_id": 1, "inc": {"n": "many"}}', "number"),
+        (
+            b'[{"event_id": "ok", "user_id": 1, "set": {"a": 1}}, '
+            b'{"event_id": "bad", "user_id": 0, "set": {}}]',
+            "event 1",
+        ),
+        (b"[]", "no events"),
+    ],
+)
 def test_bad_events_get_422_and_nothing_is_queued(api: tuple[TestClient, Container], body: bytes,
                                                   reason: str) -> None:
     client, c = api
-    r = client.post("/v1/events", content=body, headers=H["ingest"] | {"content-type": "application/json"})
+    r = client.post(
+        "/v1/events", content=body, headers=H["ingest"] | {"content-type": "application/json"}
+    )
     assert r.status_code == 422, r.text
     assert reason in r.json()["detail"]
     assert events_queued(c) == 0
@@ -110,8 +143,14 @@ def test_rule_lifecycle(api: tuple[TestClient, Container]) -> None:
     versions = client.get("/v1/rules/dl-soon/versions", headers=H["admin"]).json()["versions"]
     assert [v["version"] for v in versions] == [1, 2] and versions[0]["name"] == RULE["name"]
 
-    r = client.post("/v1/rules/dl-soon/test", headers=H["admin"], json={
-        "profile": {"name": "<b>Ann</b>", "driver_license": {"expires_on": "2026-12-10"}}, "as_of": "2026-11-24"})
+    r = client.post(
+        "/v1/rules/dl-soon/test",
+        headers=H["admin"],
+        json={
+            "profile": {"name": "<b>Ann</b>", "driver_license": {"expires_on": "2026-12-10"}},
+            "as_of": "2026-11-24",
+        },
+    )
     assert r.status_code == 200
     body = r.json()
     assert body["match"] is True
@@ -157,5 +196,7 @@ def test_banners_of_unknown_user_are_empty_with_etag(api: tuple[TestClient, Cont
     client, _ = api
     r = client.get("/v1/users/5/banners", headers=H["portal"])
     assert r.status_code == 200 and r.json() == {"banners": []}
-    r2 = client.get("/v1/users/5/banners", headers=H["portal"] | {"If-None-Match": r.headers["etag"]})
+    r2 = client.get(
+        "/v1/users/5/banners", headers=H["portal"] | {"If-None-Match": r.headers["etag"]}
+    )
     assert r2.status_code == 304

@@ -14,8 +14,8 @@ from api.app import create_app
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 from kvadrupel.synthetic import users
-from rules.models import RuleIn
 from rules.audience import wilson
+from rules.models import RuleIn
 
 AS_OF = date(2026, 11, 24)
 N = 3000
@@ -47,13 +47,24 @@ def test_preview_over_everyone_is_exact(world: tuple[Container, dict[int, dict]]
     got = c.rules.preview("bday", AS_OF, "all")
     truth = sorted(u for u, d in docs.items() if born_on(d, AS_OF))
     assert got["evaluated"] == N and got["matches"] == len(truth)
-    assert got["audience"] == {"estimate": len(truth), "low": len(truth), "high": len(truth), "exact": True}
+    assert got["audience"] == {
+        "estimate": len(truth),
+        "low": len(truth),
+        "high": len(truth),
+        "exact": True,
+    }
     assert set(got["examples"]) <= set(truth) and len(got["examples"]) == min(20, len(truth))
 
 
-def test_sampled_preview_estimates_with_an_interval(world: tuple[Container, dict[int, dict]]) -> None:
+def test_sampled_preview_estimates_with_an_interval(
+    world: tuple[Container, dict[int, dict]],
+) -> None:
     c, docs = world
-    rule = RuleIn(key="has-car", name="Has a car", source="def match(profile, ctx):\n    return has(profile, 'vehicle')\n")
+    rule = RuleIn(
+        key="has-car",
+        name="Has a car",
+        source="def match(profile, ctx):\n    return has(profile, 'vehicle')\n",
+    )
     c.rules.create(rule)
     truth = sum("vehicle" in d for d in docs.values())
     got = c.rules.preview("has-car", AS_OF, 1000)
@@ -79,7 +90,9 @@ def test_shadow_counts_gain_and_loss(world: tuple[Container, dict[int, dict]]) -
     candidate = ("def match(profile, ctx):\n    b = date(get(profile, 'birth_date'))\n"
                  "    return b is not None and month(b) == month(ctx.today)\n")
     got = c.rules.shadow("bday", AS_OF, "all", source=candidate)
-    in_month = {u for u, d in docs.items() if date.fromisoformat(d["birth_date"]).month == AS_OF.month}
+    in_month = {
+        u for u, d in docs.items() if date.fromisoformat(d["birth_date"]).month == AS_OF.month
+    }
     today = {u for u, d in docs.items() if born_on(d, AS_OF)}
     assert got["gain"]["estimate"] == len(in_month - today)
     assert got["lose"]["estimate"] == len(today - in_month) == 0
@@ -94,13 +107,23 @@ def test_wilson_interval_contains_the_proportion() -> None:
 def test_rest_preview_forecast_diff(world: tuple[Container, dict[int, dict]]) -> None:
     c, _ = world
     client = TestClient(create_app(c))
-    r = client.post("/v1/rules/bday/preview", json={"as_of": AS_OF.isoformat(), "sample": "all"}, headers=ADMIN)
+    r = client.post(
+        "/v1/rules/bday/preview", json={"as_of": AS_OF.isoformat(), "sample": "all"}, headers=ADMIN
+    )
     assert r.status_code == 200 and r.json()["evaluated"] == N
-    r = client.post("/v1/rules/bday/forecast", json={"from": AS_OF.isoformat(), "days": 3, "sample": 500}, headers=ADMIN)
+    r = client.post(
+        "/v1/rules/bday/forecast",
+        json={"from": AS_OF.isoformat(), "days": 3, "sample": 500},
+        headers=ADMIN,
+    )
     assert r.status_code == 200 and len(r.json()["days"]) == 3
     assert client.post("/v1/rules/bday/preview", json={"as_of": "2026-01-01", "sample": 0},
                        headers=ADMIN).status_code == 422
-    r = client.post("/v1/rules/bday/shadow", json={"as_of": AS_OF.isoformat(), "source": "import os"}, headers=ADMIN)
+    r = client.post(
+        "/v1/rules/bday/shadow",
+        json={"as_of": AS_OF.isoformat(), "source": "import os"},
+        headers=ADMIN,
+    )
     assert r.status_code == 422 and r.json()["errors"][0]["line"] == 1
 
     changed = BIRTHDAY.model_dump() | {"name": "Happy birthday", "priority": 5}

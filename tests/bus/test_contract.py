@@ -261,3 +261,21 @@ def test_a_closed_consumer_polls_nothing_and_closes_twice(bus: Bus, group: str) 
 
     # Then polling returns nothing
     assert consumer.poll(timeout=0.05) == []
+
+
+def test_partition_of_tells_where_publish_puts_a_key(bus: Bus, group: str) -> None:
+    # Given a topic of PARTITIONS partitions
+    topic = bus.topic("jobs")
+    assert bus.partition_count(topic) == PARTITIONS
+    keys = [f"run-7:{i}".encode() for i in range(40)]
+
+    # When messages with 40 keys are published and read back
+    for key in keys:
+        bus.publish(topic, key, key=key)
+    bus.flush()
+    with bus.consumer(group, [topic]) as consumer:
+        (got,) = collect([consumer], len(keys))
+
+    # Then each arrived on the partition partition_of named, and more than one was used
+    assert {m.key: m.partition for m in got} == {k: bus.partition_of(topic, k) for k in keys}
+    assert len({m.partition for m in got}) > 1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -62,6 +64,105 @@ def test_publish_waits_for_room_when_the_producer_queue_is_full(
     with bus.consumer(f"{bus.prefix}-g", [topic]) as consumer:
         (got,) = collect([consumer], len(sent))
     assert sorted(values(got)) == sorted(sent)
+
+
+# The broker refuses these names: a prompt delivery failure. (librdkafka then knows
+# the name and refuses it in publish itself: each failure needs a new name.)
+INVALID_TOPIC = "not a valid topic!"
+
+
+@pytest.mark.kafka
+def test_flush_reports_the_failures_of_the_calling_threads_messages(kafka_bus: KafkaBus) -> None:
+    # Given a thread that published a message the broker will refuse, not flushed yet
+    topic = kafka_bus.topic("events")
+    worker = ThreadPoolExecutor(1)  # one thread, kept for the later flush
+    try:
+        worker.submit(kafka_bus.publish, INVALID_TOPIC, b"refused", b"k").result(timeout=10)
+
+        # When another thread publishes good messages and flushes
+        for i in range(20):
+            kafka_bus.publish(topic, f"ok{i}".encode(), key=str(i).encode())
+        kafka_bus.flush(timeout=20)  # Then it succeeds: the refusal is not its own
+
+        # And the publishing thread's flush reports the refusal, once
+        with pytest.raises(BusError, match="1 message"):
+            worker.submit(kafka_bus.flush, 20).result(timeout=30)
+        worker.submit(kafka_bus.flush, 5).result(timeout=10)
+    finally:
+        worker.shutdown()
+    with kafka_bus.consumer(f"{kafka_bus.prefix}-g", [topic]) as consumer:
+        (got,) = collect([consumer], 20)
+    assert sorted(values(got)) == sorted(f"ok{i}".encode() for i in range(20))
+
+
+@pytest.mark.kafka
+def test_concurrent_publishers_each_hear_exactly_their_own_failures(kafka_bus: KafkaBus) -> None:
+    # Given 8 threads publishing and flushing in lock step, 12 rounds each, some
+    # rounds of some threads including a message the broker refuses
+    topic = kafka_bus.topic("events")
+    threads, rounds = 8, 12
+    barrier = threading.Barrier(threads)
+
+    def bad(t: int, r: int) -> bool:
+        return (t + r) % 3 == 0
+
+    def run(t: int) -> tuple[list[bool], list[bool]]:
+        queued, raised = [], []
+        for r in range(rounds):
+            barrier.wait(timeout=30)
+            refused_queued = False
+            for i in range(30):
+                kafka_bus.publish(topic, f"{t}.{r}.{i}".encode(), key=f"{t}.{i}".encode())
+                if i == 15 and bad(t, r):
+                    try:
+                        kafka_bus.publish(f"{INVALID_TOPIC} {t}.{r}", b"refused", key=b"k")
+                    except BusError:
+                        pass  # librdkafka already knew the name was refused: not queued
+                    else:
+                        refused_queued = True
+            queued.append(refused_queued)
+            try:
+                kafka_bus.flush(timeout=20)
+            except BusError as exc:
+                assert f"1 message(s) not delivered; first to {INVALID_TOPIC} {t}.{r}:" in str(exc)
+                raised.append(True)
+            else:
+                raised.append(False)
+        return queued, raised
+
+    # When they run at once
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(run, range(threads), timeout=120))
+
+    # Then a flush raised exactly in the rounds where its thread queued a refused message
+    assert [raised for _, raised in results] == [queued for queued, _ in results]
+    assert sum(map(sum, (queued for queued, _ in results))) >= threads  # not vacuous
+
+
+@pytest.mark.kafka
+def test_partition_of_follows_the_configured_partitioner(
+    kafka_bus_factory: KafkaBusFactory,
+) -> None:
+    # Given a bus whose producer uses librdkafka's own default (CRC32), not murmur2
+    bus = kafka_bus_factory(extra={"producer.partitioner": "consistent_random"})
+    topic = bus.topic("jobs")
+    bus.ensure_topics([topic], 6)
+    keys = [f"k{i}".encode() for i in range(60)]
+    # When keyed messages are published
+    for key in keys:
+        bus.publish(topic, b"x", key=key)
+    bus.flush()
+    # Then partition_of agrees with where the broker got them
+    with bus.consumer(f"{bus.prefix}-g", [topic]) as consumer:
+        (got,) = collect([consumer], len(keys))
+    assert bus.partition_count(topic) == 6
+    assert {m.key: m.partition for m in got} == {k: bus.partition_of(topic, k) for k in keys}
+    # And a partitioner it cannot reproduce, or an unknown topic, is a BusError
+    other = kafka_bus_factory(extra={"producer.partitioner": "fnv1a"})
+    with pytest.raises(BusError, match="fnv1a"):
+        other.partition_of(topic, b"k")
+    with pytest.raises(BusError):
+        bus.partition_count(f"{bus.prefix}.no-such-topic")
 
 
 @pytest.mark.kafka

@@ -47,18 +47,39 @@ class FakeClock:
         self.now = when
 
 
-def enter(uid: int, rule: str = "r1", episode: int = 1, *, version: int = 1, email: bool = True,
-          banner: bool = True, category: str | None = None, critical: bool = False,
-          tz: str | None = None, expires_at: str | None = None, push: dict | None = None,
-          run_id: int | None = None, lang: str | None = None, to: str | None = None) -> dict[str, Any]:
+def enter(
+    uid: int,
+    rule: str = "r1",
+    episode: int = 1,
+    *,
+    version: int = 1,
+    email: bool = True,
+    banner: bool = True,
+    category: str | None = None,
+    critical: bool = False,
+    tz: str | None = None,
+    expires_at: str | None = None,
+    push: dict | None = None,
+    run_id: int | None = None,
+    lang: str | None = None,
+    to: str | None = None,
+) -> dict[str, Any]:
     flags = {"category": category or "general", "critical": critical}
-    b = {"title": f"{rule} title", "body": f"{rule} body", "link": "/x", **flags} if banner else None
+    b = (
+        {"title": f"{rule} title", "body": f"{rule} body", "link": "/x", **flags}
+        if banner
+        else None
+    )
     if b is not None and expires_at:
         b["expires_at"] = expires_at
     e = ({"subject": f"{rule} for {uid}", "text": f"Hello {uid}, {rule} episode {episode}.",
           "html": f"<html><body><p>Hello {uid}, <b>{rule}</b></p></body></html>",
           "to": to or f"user{uid}@example.org", **flags} if email else None)
-    p = {"title": f"{rule} push", "body": "tap", "link": "/x", **flags, **(push or {})} if push else None
+    p = (
+        {"title": f"{rule} push", "body": "tap", "link": "/x", **flags, **(push or {})}
+        if push
+        else None
+    )
     return {"kind": "enter", "user_id": uid, "rule": rule, "episode": episode, "version": version,
             "priority": 100, "as_of": AS_OF, "run_id": run_id, "banner": b, "email": e, "push": p,
             "lang": lang, "user_lang": lang, "tz": tz,
@@ -147,12 +168,26 @@ def make_rig(settings: Settings, *, smtp_url: str | None = None, clock: FakeCloc
     return Rig(container, worker, clock, ledger)
 
 
-def make_worker(container: Container, ledger: Ledger, mailer: Any, clock: FakeClock,
-                policy: ChannelPolicy | None = None, pusher: Pusher | None = None) -> DeliveryWorker:
+def make_worker(
+    container: Container,
+    ledger: Ledger,
+    mailer: Any,
+    clock: FakeClock,
+    policy: ChannelPolicy | None = None,
+    pusher: Pusher | None = None,
+) -> DeliveryWorker:
     consumer = container.bus.consumer(container.group("deliver"), [container.bus.topic("results")])
-    worker = DeliveryWorker(consumer, container.bus, container.shards, ledger, mailer,
-                            pusher=pusher, policy=policy or ChannelPolicy(caps={}, quiet=None),
-                            unsubscriber=Unsubscriber.from_settings(container.settings), clock=clock)
+    worker = DeliveryWorker(
+        consumer,
+        container.bus,
+        container.shards,
+        ledger,
+        mailer,
+        pusher=pusher,
+        policy=policy or ChannelPolicy(caps={}, quiet=None),
+        unsubscriber=Unsubscriber.from_settings(container.settings),
+        clock=clock,
+    )
     if type(container.bus).__name__ == "MemoryBus":
         worker.poll_timeout = 0.005  # drain() polls until empty: keep idle polls short
     return worker

@@ -135,7 +135,9 @@ class PushReceiver:
                 self.issued.discard(auth.removeprefix("Bearer "))
             ok = auth.startswith("Bearer ") and auth[7:] in self.issued
         if not ok:
-            return 401, _fcm_error(401, "UNAUTHENTICATED", "Request had invalid authentication credentials.")
+            return 401, _fcm_error(
+                401, "UNAUTHENTICATED", "Request had invalid authentication credentials."
+            )
         try:
             msg = json.loads(body)["message"]
             token = msg["token"]
@@ -143,7 +145,9 @@ class PushReceiver:
             assert isinstance(token, str) and token
             assert isinstance(note["title"], str) and isinstance(note["body"], str)
             assert set(msg) <= {"token", "notification", "data", "android", "apns", "webpush"}
-            assert all(isinstance(k, str) and isinstance(v, str) for k, v in msg.get("data", {}).items())
+            assert all(
+                isinstance(k, str) and isinstance(v, str) for k, v in msg.get("data", {}).items()
+            )
         except (ValueError, KeyError, TypeError, AssertionError) as exc:
             return self._bad(f"send: bad message {exc!r}: {body[:200]!r}")
         with self._lock:

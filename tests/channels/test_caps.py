@@ -29,7 +29,9 @@ UID = 4_300_000_001
 def _rig(request: pytest.FixtureRequest, tmp_path: Any, smtp: Any, policy: ChannelPolicy,
          clock: FakeClock | None = None) -> Rig:
     if getattr(request, "param", "sqlite") == "postgres":
-        settings = pg_settings(tmp_path, request.getfixturevalue("pg_factory")(1), smtp_url=smtp.url)
+        settings = pg_settings(
+            tmp_path, request.getfixturevalue("pg_factory")(1), smtp_url=smtp.url
+        )
     else:
         settings = embedded_settings(tmp_path, smtp_url=smtp.url)
     return make_rig(settings, policy=policy, clock=clock)
@@ -43,7 +45,9 @@ def capped(request: pytest.FixtureRequest, tmp_path: Any, smtp_server: Any) -> I
     rig.close()
 
 
-def test_cap_defers_over_the_limit_and_sends_when_the_window_frees(capped: Rig, smtp_server: Any) -> None:
+def test_cap_defers_over_the_limit_and_sends_when_the_window_frees(
+    capped: Rig, smtp_server: Any
+) -> None:
     rig = capped
     t0 = rig.clock.now
     rig.publish(*(enter(UID, f"r{i}", 1) for i in range(4)),
@@ -192,7 +196,9 @@ def test_quiet_until_handles_windows_zones_dst_and_spread() -> None:
     p = ChannelPolicy(caps={}, quiet=parse_quiet_hours("22:00-08:00"))
     at = datetime(2026, 11, 24, 18, 59, tzinfo=UTC)  # 21:59 Moscow
     assert p.quiet_until(at, None, 1) is None
-    assert p.quiet_until(at + timedelta(minutes=1), None, 1) == datetime(2026, 11, 25, 5, 0, tzinfo=UTC)
+    assert p.quiet_until(at + timedelta(minutes=1), None, 1) == datetime(
+        2026, 11, 25, 5, 0, tzinfo=UTC
+    )
     assert p.quiet_until(datetime(2026, 11, 25, 2, 0, tzinfo=UTC), None, 1) == datetime(
         2026, 11, 25, 5, 0, tzinfo=UTC)  # 05:00 Moscow: until 08:00 the same day
     # Berlin's clocks go forward on 29 March 2026: 08:00 CEST is 06:00 UTC

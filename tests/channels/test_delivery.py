@@ -49,7 +49,9 @@ def _episode(rig: Rig, uid: int, rule: str) -> dict[str, Any]:
     return dict(row._mapping)
 
 
-def test_episodes_banner_lives_for_the_episode_and_mail_goes_once(rig: Rig, smtp_server: Any) -> None:
+def test_episodes_banner_lives_for_the_episode_and_mail_goes_once(
+    rig: Rig, smtp_server: Any
+) -> None:
     uid = 4_200_000_001
     # enter: the banner shows, one e-mail goes out
     rig.publish(enter(uid, "r1", 1))
@@ -144,7 +146,9 @@ def test_transient_failures_retry_with_backoff_then_send_once(rig: Rig, smtp_ser
     assert len(smtp_server.messages) == 1
 
 
-def test_permanent_failure_and_exhausted_retries_become_dead_letters(rig: Rig, smtp_server: Any) -> None:
+def test_permanent_failure_and_exhausted_retries_become_dead_letters(
+    rig: Rig, smtp_server: Any
+) -> None:
     bad, flaky = 4_200_000_004, 4_200_000_005
     smtp_server.refuse(550, addresses={f"user{bad}@example.org"})
     rig.publish(enter(bad, "r1", 1, run_id=7))

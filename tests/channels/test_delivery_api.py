@@ -35,21 +35,35 @@ def match(profile, ctx):
     return left is not None and 0 <= left <= 30
 '''
 RULE = {
-    "key": "dl-soon", "name": "Licence expires soon", "source": SOURCE, "priority": 100,
+    "key": "dl-soon",
+    "name": "Licence expires soon",
+    "source": SOURCE,
+    "priority": 100,
     "banner": {
         "title": "Права истекают {{ profile.driver_license.expires_on }}",
-        "body": "Продлите их", "link": "https://x.test/renew",
-        "translations": {"en": {"title": "Your licence expires on {{ profile.driver_license.expires_on }}",
-                                "body": "Renew it"}},
+        "body": "Продлите их",
+        "link": "https://x.test/renew",
+        "translations": {
+            "en": {
+                "title": "Your licence expires on {{ profile.driver_license.expires_on }}",
+                "body": "Renew it",
+            }
+        },
         "push": {"body": "{{ profile.name }}, renew it"},
         "category": "documents",
         "expires_at": "{{ profile.driver_license.expires_on }}",
     },
     "email": {
-        "subject": "Права истекают", "text": "Здравствуйте, {{ profile.name }}!",
+        "subject": "Права истекают",
+        "text": "Здравствуйте, {{ profile.name }}!",
         "html": "<html><body><p>Здравствуйте, {{ profile.name }}</p></body></html>",
-        "translations": {"en": {"subject": "Your licence expires", "text": "Hello {{ profile.name }}!",
-                                "html": "<p>Hello <b>{{ profile.name }}</b></p>"}},
+        "translations": {
+            "en": {
+                "subject": "Your licence expires",
+                "text": "Hello {{ profile.name }}!",
+                "html": "<p>Hello <b>{{ profile.name }}</b></p>",
+            }
+        },
         "category": "documents",
     },
 }
@@ -138,7 +152,10 @@ def test_localised_channels_and_why(stack: Stack) -> None:
     (en_mail,) = s.mails_to(EN)
     assert en_mail["Subject"] == "Your licence expires"
     en_text = en_mail.get_body(("plain",)).get_content()
-    assert en_text.startswith("Hello Ann!") and "Unsubscribe from these e-mails: https://kvadrupel.example/v1/unsubscribe/" in en_text
+    assert (
+        en_text.startswith("Hello Ann!")
+        and "Unsubscribe from these e-mails: https://kvadrupel.example/v1/unsubscribe/" in en_text
+    )
     (ru_mail,) = s.mails_to(RU)
     assert ru_mail["Subject"] == "Права истекают"
     assert "Отписаться от этих писем" in ru_mail.get_body(("plain",)).get_content()
@@ -146,12 +163,18 @@ def test_localised_channels_and_why(stack: Stack) -> None:
     s.wait(lambda: s.receiver.delivered, "the push")
     (push,) = s.receiver.delivered
     assert push["token"] == "tok-ann"
-    assert push["notification"] == {"title": f"Your licence expires on {expires}", "body": "Ann, renew it"}
+    assert push["notification"] == {
+        "title": f"Your licence expires on {expires}",
+        "body": "Ann, renew it",
+    }
     assert push["data"]["banner_id"] == "dl-soon.1"
 
     # why do I see this (admin only)
     bid = s.banners(EN)[0]["id"]
-    assert s.client.get(f"/v1/users/{EN}/banners/{bid}/why", headers=s.auth("portal")).status_code == 401
+    assert (
+        s.client.get(f"/v1/users/{EN}/banners/{bid}/why", headers=s.auth("portal")).status_code
+        == 401
+    )
     s.wait(lambda: all(m["status"] == "sent" for m in s.client.get(
         f"/v1/users/{EN}/banners/{bid}/why", headers=s.auth("admin")).json()["messages"]), "sent")
     why = s.client.get(f"/v1/users/{EN}/banners/{bid}/why", headers=s.auth("admin")).json()
@@ -200,7 +223,9 @@ def test_unsubscribe_link_end_to_end(stack: Stack) -> None:
 
     # the one-click POST (RFC 8058), a broken token
     r = s.client.post(path)
-    assert r.status_code == 200 and r.json() == {"unsubscribed": {"channel": "email", "category": "documents"}}
+    assert r.status_code == 200 and r.json() == {
+        "unsubscribed": {"channel": "email", "category": "documents"}
+    }
     bad = path[:-3] + ("AAA" if not path.endswith("AAA") else "BBB")
     assert s.client.get(bad).status_code == 404
     assert s.client.post(bad).status_code == 404
@@ -244,4 +269,6 @@ def test_impressions_and_clicks_are_counted_in_memory_and_flushed(stack: Stack) 
     assert counter.flushes >= 1 and counter.pending() == {}
     with s.container.control.connect() as conn:
         rows = conn.execute(select(banner_stats)).all()
-    assert [(r.rule_key, r.day, r.impressions, r.clicks) for r in rows] == [("dl-soon", today, 300, 12)]
+    assert [(r.rule_key, r.day, r.impressions, r.clicks) for r in rows] == [
+        ("dl-soon", today, 300, 12)
+    ]

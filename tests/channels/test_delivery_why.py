@@ -83,18 +83,27 @@ def match(profile, ctx):
 class _Rule:
     def __init__(self, banner: Any = None, email: Any = None) -> None:
         self.key, self.version, self.budget_ms = "dl", 4, 50.0
-        self.source = 'def match(p, ctx):\n    return get(p, "driver_license.expires_on") is not None\n'
+        self.source = (
+            'def match(p, ctx):\n    return get(p, "driver_license.expires_on") is not None\n'
+        )
         self.banner, self.email = banner, email
 
 
 def test_compose_localises_with_fallbacks_and_records_the_language() -> None:
-    banner = BannerSpec.model_validate({
-        "title": "Права до {{ profile.driver_license.expires_on }}", "body": "RU body", "link": "/ru",
-        "translations": {"pt": {"title": "Carteira até {{ profile.driver_license.expires_on }}"},
-                         "en": {"title": "Licence", "body": "EN body"}},
-        "expires_at": "{{ profile.driver_license.expires_on }}",
-        "push": {"body": "Olá {{ profile.name }}"}, "category": "documents",
-    }).model_dump()
+    banner = BannerSpec.model_validate(
+        {
+            "title": "Права до {{ profile.driver_license.expires_on }}",
+            "body": "RU body",
+            "link": "/ru",
+            "translations": {
+                "pt": {"title": "Carteira até {{ profile.driver_license.expires_on }}"},
+                "en": {"title": "Licence", "body": "EN body"},
+            },
+            "expires_at": "{{ profile.driver_license.expires_on }}",
+            "push": {"body": "Olá {{ profile.name }}"},
+            "category": "documents",
+        }
+    ).model_dump()
     email = EmailSpec.model_validate({
         "subject": "RU", "text": "RU text", "importance": "critical",
         "translations": {"pt-br": {"subject": "PT-BR"}}}).model_dump()
@@ -106,8 +115,14 @@ def test_compose_localises_with_fallbacks_and_records_the_language() -> None:
     assert e == {"subject": "PT-BR", "text": "RU text", "category": "general", "critical": True}
     assert extra["lang"] == "pt" and extra["user_lang"] == "pt-br"
     assert extra["tz"] == "Asia/Vladivostok"
-    assert extra["push"] == {"title": "Carteira até 2026-12-10", "body": "Olá Ann", "link": "/ru",
-                             "category": "documents", "critical": False, "tokens": {"phone": "tok-1"}}
+    assert extra["push"] == {
+        "title": "Carteira até 2026-12-10",
+        "body": "Olá Ann",
+        "link": "/ru",
+        "category": "documents",
+        "critical": False,
+        "tokens": {"phone": "tok-1"},
+    }
     assert extra["why"] == {"fields": {"driver_license.expires_on": "2026-12-10"}, "missing": [],
                             "matched": True}
     b, e, extra = compose(_Rule(banner, None), {**PROFILE, "language": "de", "devices": {}}, CTX)
@@ -131,8 +146,14 @@ def test_spec_extensions_are_compatible_and_validated() -> None:
         EmailSpec.model_validate({"subject": "s", "text": "t", "importance": "urgent"})
     with pytest.raises(ValidationError):
         BannerSpec.model_validate(plain | {"category": "Has Spaces"})
-    rule = RuleIn.model_validate({"key": "k", "name": "n", "source": "def match(p, c):\n    return 1\n",
-                                  "banner": plain | {"translations": {"en": {"title": "{% if %}"}}}})
+    rule = RuleIn.model_validate(
+        {
+            "key": "k",
+            "name": "n",
+            "source": "def match(p, c):\n    return 1\n",
+            "banner": plain | {"translations": {"en": {"title": "{% if %}"}}},
+        }
+    )
     assert validate_template(rule.banner.model_dump()["translations"]) == (
         "en: title: line 1: Expected an expression, got 'end of statement block'")
     assert validate_template({"title": "ok", "body": None}) is None

@@ -77,7 +77,9 @@ def _start(settings: Settings, kind: str, mails: Callable[[], list[Any]]) -> Pip
     return Pipeline(kind, container, client, mails, stop, threads)
 
 
-@pytest.fixture(params=["embedded", pytest.param("production", marks=[pytest.mark.kafka, pytest.mark.postgres])])
+@pytest.fixture(
+    params=["embedded", pytest.param("production", marks=[pytest.mark.kafka, pytest.mark.postgres])]
+)
 def pipeline(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pipeline]:
     if request.param == "embedded":
         settings = Settings(data_dir=tmp_path / "data", **TOKENS)

@@ -70,7 +70,9 @@ def test_dismissed_banner_stays_hidden(pipeline: Pipeline) -> None:
     post(p, {"event_id": "d1", "user_id": USER + 1,
              "set": {"driver_license": {"expires_on": (AS_OF - timedelta(days=3)).isoformat()}}})
     p.wait_for(lambda: banner_rules(p, USER + 1) == ["dl-expired"], timeout=2.0, what="dl-expired")
-    banner_id = p.client.get(f"/v1/users/{USER + 1}/banners", headers=p.auth("portal")).json()["banners"][0]["id"]
+    banner_id = p.client.get(f"/v1/users/{USER + 1}/banners", headers=p.auth("portal")).json()[
+        "banners"
+    ][0]["id"]
 
     r = p.client.post(f"/v1/users/{USER + 1}/banners/{banner_id}/dismiss", headers=p.auth("portal"))
     assert r.status_code == 204

@@ -114,7 +114,9 @@ def test_a_restricted_run_speaks_only_for_its_rules(deployment: Container) -> No
             t.join(timeout=15)
 
 
-def test_a_range_that_keeps_failing_is_parked(deployment: Container, request: pytest.FixtureRequest) -> None:
+def test_a_range_that_keeps_failing_is_parked(
+    deployment: Container, request: pytest.FixtureRequest
+) -> None:
     c = deployment
     load_users(c, N)
     run_id = start_run(c.shards, c.runs, c.bus, AS_OF, 300)
@@ -172,7 +174,9 @@ def test_a_users_job_evaluates_just_those_users_as_of_today(deployment: Containe
 
 
 @contextlib.contextmanager
-def pack_plus(tmp_path: Path, key: str, source: str, **settings: Any) -> Iterator[tuple[Container, dict]]:
+def pack_plus(
+    tmp_path: Path, key: str, source: str, **settings: Any
+) -> Iterator[tuple[Container, dict]]:
     """An embedded deployment with the built-in pack, one more rule and 200 users."""
     from rules.models import RuleIn
 
@@ -206,7 +210,9 @@ def cpu(rule: str) -> float:
     return REGISTRY.get_sample_value("kvadrupel_rule_cpu_seconds_total", {"rule": rule}) or 0.0
 
 
-def test_a_rule_that_overruns_its_budget_is_quarantined_only_if_it_does_again(tmp_path: Path) -> None:
+def test_a_rule_that_overruns_its_budget_is_quarantined_only_if_it_does_again(
+    tmp_path: Path,
+) -> None:
     spin = "def match(profile, ctx):\n    while True:\n        pass\n"
     with pack_plus(tmp_path, "spin", spin, rule_budget_ms=30) as (c, _):
         worker = c.evaluator_worker()

@@ -112,7 +112,9 @@ def test_path_into_a_non_object_rejects_only_that_event() -> None:
 
 
 def test_document_over_the_size_limit_is_refused() -> None:
-    doc, _, rejected, applied = apply_events({"k": 1}, [], [ev(set={"big": "x" * 500})], max_bytes=200)
+    doc, _, rejected, applied = apply_events(
+        {"k": 1}, [], [ev(set={"big": "x" * 500})], max_bytes=200
+    )
     assert doc == {"k": 1} and applied == 0
     assert "limit" in rejected[0][1]
 
@@ -146,24 +148,47 @@ def test_changed_tells_a_real_change_from_a_no_op() -> None:
 
 # ----------------------------------------------------------- fast path = model
 names = st.sampled_from(["a", "b", "a.b", "x-y_1", "a..b", "_p", "a\n", "A" * 300, ""])
-json_scalars = st.one_of(st.integers(-(2**64), 2**64), st.floats(allow_nan=False), st.text(max_size=4),
-                         st.booleans(), st.none())
-json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(names, c, max_size=3),
-                           max_leaves=8)
+json_scalars = st.one_of(
+    st.integers(-(2**64), 2**64),
+    st.floats(allow_nan=False),
+    st.text(max_size=4),
+    st.booleans(),
+    st.none(),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(names, c, max_size=3),
+    max_leaves=8,
+)
 op_values = st.one_of(
     json_values,
     st.dictionaries(names, json_values, max_size=3),
     st.lists(names, max_size=3),
-    st.dictionaries(names, st.fixed_dictionaries({"value": json_values},
-                                                  optional={"cap": st.one_of(st.integers(-5, 2000), st.booleans(),
-                                                                             st.just("3"), st.just(3.0))}),
-                    max_size=2),
-    st.dictionaries(names, st.one_of(st.sampled_from(["2026-01-01", "2026-01-01T10:00:00Z", "nope"]),
-                                     st.integers(-(2**64), 2**64), st.floats()), max_size=2),
+    st.dictionaries(
+        names,
+        st.fixed_dictionaries(
+            {"value": json_values},
+            optional={
+                "cap": st.one_of(st.integers(-5, 2000), st.booleans(), st.just("3"), st.just(3.0))
+            },
+        ),
+        max_size=2,
+    ),
+    st.dictionaries(
+        names,
+        st.one_of(
+            st.sampled_from(["2026-01-01", "2026-01-01T10:00:00Z", "nope"]),
+            st.integers(-(2**64), 2**64),
+            st.floats(),
+        ),
+        max_size=2,
+    ),
 )
 good_paths = st.sampled_from(["a", "b", "a.b", "x-y_1", "orders.total", "A" * 256])
-numbers = st.one_of(st.integers(-(2**63) + 1, 2**63 - 1), st.floats(allow_nan=False, allow_infinity=False,
-                                                                      min_value=-1e18, max_value=1e18))
+numbers = st.one_of(
+    st.integers(-(2**63) + 1, 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e18, max_value=1e18),
+)
 valid = st.fixed_dictionaries(
     {"event_id": st.text(min_size=1, max_size=128).filter(lambda s: "\x00" not in s),
      "user_id": st.one_of(st.integers(1, 2**63 - 1), st.integers(1, 10**9).map(str))},
@@ -180,9 +205,17 @@ valid = st.fixed_dictionaries(
         "min": st.dictionaries(good_paths, numbers, max_size=1),
     },
 )
-fields = st.sampled_from(["event_id", "user_id", "ts", "set", "unset", "inc", "append", "max", "min", "other"])
-wild = st.one_of(op_values, st.text(max_size=130), st.integers(-5, 2**64), st.sampled_from(["042", "4x", ""]),
-                 st.booleans(), st.floats())
+fields = st.sampled_from(
+    ["event_id", "user_id", "ts", "set", "unset", "inc", "append", "max", "min", "other"]
+)
+wild = st.one_of(
+    op_values,
+    st.text(max_size=130),
+    st.integers(-5, 2**64),
+    st.sampled_from(["042", "4x", ""]),
+    st.booleans(),
+    st.floats(),
+)
 
 
 @st.composite
@@ -226,19 +259,28 @@ def test_the_fast_path_takes_the_common_shapes() -> None:
 # ----------------------------------------------------------------- property
 keys = st.sampled_from(["a", "b", "c"])
 paths = st.lists(keys, min_size=1, max_size=3).map(".".join)
-scalars = st.one_of(st.integers(-1000, 1000),
-                    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                            max_size=3),
-                    st.booleans(), st.none())
+scalars = st.one_of(
+    st.integers(-1000, 1000),
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=3),
+    st.booleans(),
+    st.none(),
+)
 values = st.recursive(scalars, lambda c: st.dictionaries(keys, c, max_size=3), max_leaves=6)
-ops = st.fixed_dictionaries({}, optional={
-    "set": st.dictionaries(keys, values, min_size=1, max_size=2),
-    "unset": st.lists(paths, min_size=1, max_size=2),
-    "inc": st.dictionaries(paths, st.integers(-5, 5), min_size=1, max_size=2),
-    "append": st.dictionaries(paths, st.fixed_dictionaries({"value": scalars, "cap": st.integers(1, 3)}),
-                              min_size=1, max_size=1),
-    "max": st.dictionaries(paths, st.integers(-50, 50), min_size=1, max_size=1),
-}).filter(bool)
+ops = st.fixed_dictionaries(
+    {},
+    optional={
+        "set": st.dictionaries(keys, values, min_size=1, max_size=2),
+        "unset": st.lists(paths, min_size=1, max_size=2),
+        "inc": st.dictionaries(paths, st.integers(-5, 5), min_size=1, max_size=2),
+        "append": st.dictionaries(
+            paths,
+            st.fixed_dictionaries({"value": scalars, "cap": st.integers(1, 3)}),
+            min_size=1,
+            max_size=1,
+        ),
+        "max": st.dictionaries(paths, st.integers(-50, 50), min_size=1, max_size=1),
+    },
+).filter(bool)
 
 
 def oracle(events: list, max_bytes: int = BIG, rejected: list | None = None,
@@ -269,7 +311,9 @@ def oracle(events: list, max_bytes: int = BIG, rejected: list | None = None,
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(ops, min_size=1, max_size=12), st.data())
-def test_batches_equal_one_by_one_whatever_the_boundaries(op_list: list[dict], data: st.DataObject) -> None:
+def test_batches_equal_one_by_one_whatever_the_boundaries(
+    op_list: list[dict], data: st.DataObject
+) -> None:
     events = [parse_event({"event_id": f"e{i}", "user_id": 7} | o) for i, o in enumerate(op_list)]
     # Redeliveries: some events appear again, anywhere later in the stream.
     stream = list(events)

@@ -105,7 +105,9 @@ def profile(shards: ShardSet, uid: int) -> dict:
 
 def test_bad_messages_go_to_the_dlq_and_the_rest_proceeds(bus: Bus, shards: ShardSet) -> None:
     # Given good events, a poison message and an event that breaks on the stored profile
-    good = [{"event_id": f"g{i}", "user_id": 100 + i % 5, "inc": {"orders.total": 1}} for i in range(20)]
+    good = [
+        {"event_id": f"g{i}", "user_id": 100 + i % 5, "inc": {"orders.total": 1}} for i in range(20)
+    ]
     publish(bus, [*good[:10], b"\xff\xfe not json",
                   {"event_id": "x", "user_id": 100, "inc": {"orders.total.deep": 1}}, *good[10:]])
 
@@ -163,11 +165,15 @@ def test_pipelined_small_batches_equal_one_by_one(bus: Bus, shards: ShardSet) ->
         assert profile(shards, uid) == oracle(mine, rejected=refused), uid
     assert refused and w.dead_lettered == len(junk) + len(refused)
     dlq = [orjson.loads(m.value) for m in drain(bus, bus.topic("events.dlq"), w.dead_lettered)]
-    assert sorted(d["event_id"] for d in dlq if d["event_id"]) == sorted(e.event_id for e in refused)
+    assert sorted(d["event_id"] for d in dlq if d["event_id"]) == sorted(
+        e.event_id for e in refused
+    )
     assert len(dlq) == w.dead_lettered
 
 
-def test_only_changed_users_are_reevaluated_once_per_batch(memory_bus: MemoryBus, shards: ShardSet) -> None:
+def test_only_changed_users_are_reevaluated_once_per_batch(
+    memory_bus: MemoryBus, shards: ShardSet
+) -> None:
     bus = memory_bus
     w = worker(bus, shards)
     try:
@@ -233,7 +239,9 @@ def test_a_message_its_shard_refuses_is_dead_lettered_alone(
     # Given shard databases that refuse profiles with a "poison" key (a constraint
     # the validation does not know about)
     for url in urls:
-        pgcontrol.execute(url, "ALTER TABLE profiles ADD CONSTRAINT no_poison CHECK (NOT doc ? 'poison')")
+        pgcontrol.execute(
+            url, "ALTER TABLE profiles ADD CONSTRAINT no_poison CHECK (NOT (doc::jsonb ? 'poison'))"
+        )
     events = [{"event_id": f"e{i}", "user_id": 1 + i % 9, "inc": {"n": 1}} for i in range(60)]
     events[33] = {"event_id": "bad", "user_id": 5, "set": {"poison": True}}
     publish(bus, events)
@@ -251,7 +259,10 @@ def test_a_message_its_shard_refuses_is_dead_lettered_alone(
         w.close()
     # Then only that message is dead-lettered, and everything else applied once
     [dead] = [orjson.loads(m.value) for m in bus.messages(bus.topic("events.dlq"))]
-    assert "refused by the shard" in dead["cause"] and orjson.loads(dead["original"])["event_id"] == "bad"
+    assert (
+        "refused by the shard" in dead["cause"]
+        and orjson.loads(dead["original"])["event_id"] == "bad"
+    )
     for uid in range(1, 10):
         n = sum(1 for e in events if e["user_id"] == uid and "inc" in e)
         assert profile(shards, uid) == {"n": n}

@@ -65,8 +65,9 @@ def test_smtp_down_then_up_every_message_exactly_once(tmp_path: Path, pg_factory
                           bus_override=kafka_bus)
     container.migrate()
     ledger = Ledger(container.control, max_attempts=50, base_delay_s=0.05, max_delay_s=0.5)
-    worker = make_delivery_worker(container, ledger, SmtpMailer(smtp_server.url, MAIL_FROM, timeout=5),
-                                  ledger.clock)
+    worker = make_delivery_worker(
+        container, ledger, SmtpMailer(smtp_server.url, MAIL_FROM, timeout=5), ledger.clock
+    )
     worker.chore_interval_s = 0.05
     stop = threading.Event()
     thread = worker.start_thread(stop)
@@ -95,23 +96,34 @@ def _deliver(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def test_kill_9_of_the_delivery_worker_never_sends_two_messages_for_one_episode(
-        tmp_path: Path, pg_factory: Any, kafka_broker: Any, kafka_bus: Any, smtp_server: Any) -> None:
+    tmp_path: Path, pg_factory: Any, kafka_broker: Any, kafka_bus: Any, smtp_server: Any
+) -> None:
     n, chunk = 400, 50
     dbs = pg_factory(2)
-    container = Container(pg_settings(tmp_path, dbs, smtp_url=smtp_server.url), bus_override=kafka_bus)
+    container = Container(
+        pg_settings(tmp_path, dbs, smtp_url=smtp_server.url), bus_override=kafka_bus
+    )
     container.migrate()
     env = {
-        **os.environ, "PYTHONPATH": str(ROOT),
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
         "KVADRUPEL_DATA_DIR": str(tmp_path / "data"),
-        "KVADRUPEL_SHARDS": ",".join(dbs.shards), "KVADRUPEL_CONTROL_DB": dbs.control,
+        "KVADRUPEL_SHARDS": ",".join(dbs.shards),
+        "KVADRUPEL_CONTROL_DB": dbs.control,
         "KVADRUPEL_KAFKA_BOOTSTRAP": kafka_broker.bootstrap,
-        "KVADRUPEL_KAFKA_TOPIC_PREFIX": kafka_bus.prefix, "KVADRUPEL_KAFKA_PARTITIONS": "4",
-        "KVADRUPEL_KAFKA_SESSION_TIMEOUT_MS": "2000", "KVADRUPEL_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+        "KVADRUPEL_KAFKA_TOPIC_PREFIX": kafka_bus.prefix,
+        "KVADRUPEL_KAFKA_PARTITIONS": "4",
+        "KVADRUPEL_KAFKA_SESSION_TIMEOUT_MS": "2000",
+        "KVADRUPEL_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
         "KVADRUPEL_KAFKA_FETCH_WAIT_MAX_MS": "20",
-        "KVADRUPEL_SMTP_URL": smtp_server.url, "KVADRUPEL_SMTP_CONCURRENCY": "4",
-        "KVADRUPEL_DELIVERY_CLAIM_TIMEOUT_S": "2", "KVADRUPEL_DELIVERY_RETRY_BASE_S": "0.2",
-        "KVADRUPEL_DELIVERY_RETRY_MAX_S": "1", "KVADRUPEL_DELIVERY_MAX_ATTEMPTS": "50",
-        "KVADRUPEL_DELIVERY_SEND_CHUNK": str(chunk), "KVADRUPEL_LOG_LEVEL": "WARNING",
+        "KVADRUPEL_SMTP_URL": smtp_server.url,
+        "KVADRUPEL_SMTP_CONCURRENCY": "4",
+        "KVADRUPEL_DELIVERY_CLAIM_TIMEOUT_S": "2",
+        "KVADRUPEL_DELIVERY_RETRY_BASE_S": "0.2",
+        "KVADRUPEL_DELIVERY_RETRY_MAX_S": "1",
+        "KVADRUPEL_DELIVERY_MAX_ATTEMPTS": "50",
+        "KVADRUPEL_DELIVERY_SEND_CHUNK": str(chunk),
+        "KVADRUPEL_LOG_LEVEL": "WARNING",
         "KVADRUPEL_ADMIN_TOKEN": TOKENS["admin_token"],
     }
     log = tmp_path / "deliver.log"
@@ -134,8 +146,13 @@ def test_kill_9_of_the_delivery_worker_never_sends_two_messages_for_one_episode(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0, log.read_text()[-3000:]
         with container.control.connect() as conn:
-            attempts = dict(conn.execute(select(ledger_table.c.status, func.max(ledger_table.c.attempts))
-                                         .group_by(ledger_table.c.status)).all())
+            attempts = dict(
+                conn.execute(
+                    select(ledger_table.c.status, func.max(ledger_table.c.attempts)).group_by(
+                        ledger_table.c.status
+                    )
+                ).all()
+            )
     finally:
         for p in procs:
             if p.poll() is None:

@@ -51,22 +51,38 @@ def match(profile, ctx):
 
 
 def env_of(s: Settings) -> dict[str, str]:
-    return {**os.environ,
-            "KVADRUPEL_SHARDS": ",".join(s.shards), "KVADRUPEL_CONTROL_DB": s.control_db,
-            "KVADRUPEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-            "KVADRUPEL_KAFKA_TOPIC_PREFIX": s.kafka_topic_prefix,
-            "KVADRUPEL_KAFKA_PARTITIONS": str(s.kafka_partitions),
-            "KVADRUPEL_KAFKA_SESSION_TIMEOUT_MS": "2000", "KVADRUPEL_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
-            "KVADRUPEL_KAFKA_FETCH_WAIT_MAX_MS": "20", "KVADRUPEL_DATA_DIR": str(s.data_dir),
-            "KVADRUPEL_LOG_LEVEL": "WARNING"}
+    return {
+        **os.environ,
+        "KVADRUPEL_SHARDS": ",".join(s.shards),
+        "KVADRUPEL_CONTROL_DB": s.control_db,
+        "KVADRUPEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+        "KVADRUPEL_KAFKA_TOPIC_PREFIX": s.kafka_topic_prefix,
+        "KVADRUPEL_KAFKA_PARTITIONS": str(s.kafka_partitions),
+        "KVADRUPEL_KAFKA_SESSION_TIMEOUT_MS": "2000",
+        "KVADRUPEL_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+        "KVADRUPEL_KAFKA_FETCH_WAIT_MAX_MS": "20",
+        "KVADRUPEL_DATA_DIR": str(s.data_dir),
+        "KVADRUPEL_LOG_LEVEL": "WARNING",
+    }
 
 
-def test_killed_worker_range_is_redone_exactly_once(pg_factory, kafka_broker, tmp_path: Path) -> None:  # noqa: ANN001
+def test_killed_worker_range_is_redone_exactly_once(
+    pg_factory, kafka_broker, tmp_path: Path
+) -> None:  # noqa: ANN001
     dbs = pg_factory(2)
-    s = Settings(data_dir=tmp_path / "data", shards=dbs.shards, control_db=dbs.control,
-                 kafka_bootstrap=kafka_broker.bootstrap, kafka_topic_prefix=f"t{uuid.uuid4().hex[:8]}",
-                 kafka_partitions=4, kafka_session_timeout_ms=2000, kafka_heartbeat_interval_ms=500,
-                 kafka_fetch_wait_max_ms=20, range_target_users=1_500, **TOKENS)
+    s = Settings(
+        data_dir=tmp_path / "data",
+        shards=dbs.shards,
+        control_db=dbs.control,
+        kafka_bootstrap=kafka_broker.bootstrap,
+        kafka_topic_prefix=f"t{uuid.uuid4().hex[:8]}",
+        kafka_partitions=4,
+        kafka_session_timeout_ms=2000,
+        kafka_heartbeat_interval_ms=500,
+        kafka_fetch_wait_max_ms=20,
+        range_target_users=1_500,
+        **TOKENS,
+    )
     c = Container(s)
     c.migrate()
     install_pack(c.rules, BUILTIN_RULES)
@@ -75,8 +91,12 @@ def test_killed_worker_range_is_redone_exactly_once(pg_factory, kafka_broker, tm
     stop = threading.Event()
     delivery = c.delivery_worker()
     threads = [delivery.start_thread(stop)]
-    procs = [subprocess.Popen([sys.executable, "-m", "kvadrupel.cli", "evaluate"], env=env_of(s), cwd=ROOT)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "kvadrupel.cli", "evaluate"], env=env_of(s), cwd=ROOT
+        )
+        for _ in range(2)
+    ]
     try:
         time.sleep(4)  # both join the group (Tansu: ~session timeout / 2 each)
         run_id = start_run(c.shards, c.runs, c.bus, AS_OF, s.range_target_users)
@@ -90,7 +110,9 @@ def test_killed_worker_range_is_redone_exactly_once(pg_factory, kafka_broker, tm
             with c.control.connect() as conn:
                 rows = conn.execute(select(run_ranges).where(run_ranges.c.run_id == run_id)).all()
             if len({r.worker for r in rows if r.worker}) == 2:
-                victim_range = next((r for r in rows if r.status == "running" and r.users > 0), None)
+                victim_range = next(
+                    (r for r in rows if r.status == "running" and r.users > 0), None
+                )
             time.sleep(0.05)
         victim_pid = int(victim_range.worker.rsplit(":", 1)[1])
         victim = next(p for p in procs if p.pid == victim_pid)
@@ -102,8 +124,12 @@ def test_killed_worker_range_is_redone_exactly_once(pg_factory, kafka_broker, tm
         assert info["status"] == "done", info
         assert info["users"] == N and info["ranges"]["parked"] == 0
         with c.control.connect() as conn:
-            redone = conn.execute(select(run_ranges).where(
-                (run_ranges.c.run_id == run_id) & (run_ranges.c.range_no == victim_range.range_no))).one()
+            redone = conn.execute(
+                select(run_ranges).where(
+                    (run_ranges.c.run_id == run_id)
+                    & (run_ranges.c.range_no == victim_range.range_no)
+                )
+            ).one()
         assert redone.status == "done" and redone.attempts == 2
         assert redone.worker != victim_range.worker
 
@@ -111,7 +137,10 @@ def test_killed_worker_range_is_redone_exactly_once(pg_factory, kafka_broker, tm
         # and each match is episode 1 in the state
         pack = CompiledPack(c.rules.active(), 0)
         ctx = make_context(AS_OF, s.timezone)
-        want = {uid: pack.resolve_groups(pack.ruleset.evaluate(doc, ctx).matched) for uid, doc in docs.items()}
+        want = {
+            uid: pack.resolve_groups(pack.ruleset.evaluate(doc, ctx).matched)
+            for uid, doc in docs.items()
+        }
         counts = Counter(k for ks in want.values() for k in ks)
         assert info["matches"] == dict(sorted(counts.items()))
         state: dict[int, dict] = {}
@@ -123,7 +152,9 @@ def test_killed_worker_range_is_redone_exactly_once(pg_factory, kafka_broker, tm
         assert all(v[0] == 1 for m in state.values() for v in m.values())
 
         # Same banners, no duplicate e-mail: wait for delivery to settle
-        with_banner = Counter(k for ks in want.values() for k in ks)  # every builtin rule has a banner
+        with_banner = Counter(
+            k for ks in want.values() for k in ks
+        )  # every builtin rule has a banner
         with_email = {r["key"] for r in BUILTIN_RULES if r["email"]}
         emails_expected = sum(n for k, n in counts.items() if k in with_email)
 
@@ -136,8 +167,12 @@ def test_killed_worker_range_is_redone_exactly_once(pg_factory, kafka_broker, tm
             return out
 
         deadline = time.monotonic() + 60
-        while (banner_counts() != with_banner or c.ledger.counts().get("sent", 0) < emails_expected):
-            assert time.monotonic() < deadline, (banner_counts(), c.ledger.counts(), emails_expected)
+        while banner_counts() != with_banner or c.ledger.counts().get("sent", 0) < emails_expected:
+            assert time.monotonic() < deadline, (
+                banner_counts(),
+                c.ledger.counts(),
+                emails_expected,
+            )
             time.sleep(0.2)
         time.sleep(1.0)  # anything still in flight would show now
         assert banner_counts() == with_banner

@@ -192,7 +192,9 @@ def test_an_interrupt_landing_in_the_next_rule_blames_the_right_rule(
     assert calls["second"] == 2
 
 
-def test_time_off_the_cpu_does_not_count_against_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_time_off_the_cpu_does_not_count_against_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Given a rule that is off the CPU for 5 budgets (as a rule of a starved worker
     # waiting for the CPU or the GIL would be), then does a little work
     def waits(profile, ctx):
@@ -225,7 +227,9 @@ SLOW = (
 def test_a_rule_slow_on_every_profile_spends_the_batch_budget_and_is_named() -> None:
     # Given a rule that takes a few ms per profile (far under its 50 ms per-profile
     # budget) beside a fast one, and a batch budget of 150 ms per rule
-    rules = RuleSet([RuleSpec("fast", 1, TRUE, priority=200), RuleSpec("slow", 1, SLOW)], budget_ms=50)
+    rules = RuleSet(
+        [RuleSpec("fast", 1, TRUE, priority=200), RuleSpec("slow", 1, SLOW)], budget_ms=50
+    )
     slot = rules.open_batch(150)
     cpu0 = time.thread_time()
 

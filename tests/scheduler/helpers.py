@@ -27,7 +27,9 @@ TOKENS = {"admin_token": "adm-" + "x" * 20, "ingest_token": "ing-" + "y" * 20,
 KINDS = ["embedded", pytest.param("production", marks=[pytest.mark.kafka, pytest.mark.postgres])]
 
 
-def make_settings(kind: str, request: pytest.FixtureRequest, tmp_path: Path, **overrides: Any) -> Settings:
+def make_settings(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, **overrides: Any
+) -> Settings:
     if kind == "embedded":
         return Settings(data_dir=tmp_path / "data", **TOKENS, **overrides)
     dbs = request.getfixturevalue("pg_factory")(2)

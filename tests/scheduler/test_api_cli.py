@@ -52,17 +52,24 @@ def test_runs_and_campaigns_over_rest(deployment: Container) -> None:
         assert got["status"] == "done" and got["rules"] == ["birthday"] and got["users"] == 800
         assert got["as_of"] == AS_OF.isoformat() and got["ranges"]["done"] == got["ranges"]["total"]
         assert set(got) >= {"users_per_s", "eta_s", "matches", "errors", "workers", "parked"}
-        assert [x["id"] for x in client.get("/v1/runs", headers=ADMIN).json()["runs"]] == [run["id"]]
+        assert [x["id"] for x in client.get("/v1/runs", headers=ADMIN).json()["runs"]] == [
+            run["id"]
+        ]
 
         # A campaign: scheduled, listed, read, cancelled once
         at = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
-        r = client.post("/v1/campaigns", json={"rules": ["dl-expiring", "birthday"],
-                                               "at": at.isoformat(), "name": "winter"}, headers=ADMIN)
+        r = client.post(
+            "/v1/campaigns",
+            json={"rules": ["dl-expiring", "birthday"], "at": at.isoformat(), "name": "winter"},
+            headers=ADMIN,
+        )
         assert r.status_code == 201, r.text
         camp = r.json()
         assert camp["status"] == "scheduled" and camp["rules"] == ["dl-expiring", "birthday"]
         assert datetime.fromisoformat(camp["at"]) == at
-        naive = client.post("/v1/campaigns", json={"at": "2030-01-01T10:00:00"}, headers=ADMIN).json()
+        naive = client.post(
+            "/v1/campaigns", json={"at": "2030-01-01T10:00:00"}, headers=ADMIN
+        ).json()
         assert naive["at"] == "2030-01-01T07:00:00+00:00"  # read in Europe/Moscow
         assert naive["rules"] is None
         assert client.post("/v1/campaigns", json={"rules": ["nope"], "at": at.isoformat()},
@@ -99,7 +106,9 @@ def test_cli_starts_a_run_and_follows_it(deployment: Container) -> None:
     assert "done" in out.getvalue() and "800 users" in out.getvalue()
 
     out = io.StringIO()
-    runs_cli.dispatch(parse("campaign", "add", "--at", "2030-01-01 10:00", "--rules", "birthday"), c, out)
+    runs_cli.dispatch(
+        parse("campaign", "add", "--at", "2030-01-01 10:00", "--rules", "birthday"), c, out
+    )
     assert '"status": "scheduled"' in out.getvalue()
     out = io.StringIO()
     runs_cli.dispatch(parse("campaign", "cancel", "1"), c, out)

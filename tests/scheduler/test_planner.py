@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.buses.kafka import murmur2
 from engine.buses.memory import MemoryBus
 from kvadrupel.container import Container
-from scheduler.placement import murmur2, spread_keys
+from scheduler.placement import spread_keys
 from scheduler.planner import plan, start_run
 from shards.backends.pg_stream import bounds_from_histogram
 from shards.backends.postgres import PostgresShardStore

@@ -27,7 +27,11 @@ def control(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     engine.dispose()
 
 
-RANGES = [PlannedRange(0, 1, 99, 50), PlannedRange(1, 1, 99, 40), PlannedRange(0, 100, 2**63 - 1, 10)]
+RANGES = [
+    PlannedRange(0, 1, 99, 50),
+    PlannedRange(1, 1, 99, 40),
+    PlannedRange(0, 100, 2**63 - 1, 10),
+]
 
 
 def test_a_run_finishes_with_its_last_range(control: Engine) -> None:
@@ -43,7 +47,9 @@ def test_a_run_finishes_with_its_last_range(control: Engine) -> None:
     info = runs.get(run_id)
     assert info["ranges"]["running"] == 1 and info["users"] == 20 and info["eta_s"] is not None
     runs.range_done(run_id, 0, 50, {"a": 5}, {}, enters=5, exits=1, seconds=0.5, worker="w1")
-    runs.range_done(run_id, 0, 50, {"a": 5}, {}, enters=5, exits=1, seconds=0.5, worker="w1")  # redo
+    runs.range_done(
+        run_id, 0, 50, {"a": 5}, {}, enters=5, exits=1, seconds=0.5, worker="w1"
+    )  # redo
     assert runs.claim(run_id, 0, "w2") is None  # done: nothing to do
     for no in (1, 2):
         assert runs.claim(run_id, no, "w2") == 1
@@ -52,8 +58,10 @@ def test_a_run_finishes_with_its_last_range(control: Engine) -> None:
     assert info["status"] == "done" and info["users"] == 100
     assert info["matches"] == {"a": 7, "b": 4} and info["errors"] == {"b": 2}
     assert info["enters"] == 5 and info["exits"] == 1
-    assert info["workers"] == {"w1": {"ranges": 1, "users": 50, "seconds": 0.5, "users_per_s": 100.0},
-                               "w2": {"ranges": 2, "users": 50, "seconds": 0.5, "users_per_s": 100.0}}
+    assert info["workers"] == {
+        "w1": {"ranges": 1, "users": 50, "seconds": 0.5, "users_per_s": 100.0},
+        "w2": {"ranges": 2, "users": 50, "seconds": 0.5, "users_per_s": 100.0},
+    }
 
 
 def test_a_firing_key_makes_one_run(control: Engine) -> None:

@@ -156,7 +156,11 @@ def test_a_run_missed_beyond_the_window_is_skipped(tmp_path: Path) -> None:
     try:
         # Then nothing runs for the firings older than the window; the cron goes on
         wait_until(lambda: any(key_time(k) > up_at for k, _, _ in fired(r.container)), 5)
-        stale = [k for k, _, _ in fired(r.container) if down_at < key_time(k) < up_at - timedelta(seconds=1.5)]
+        stale = [
+            k
+            for k, _, _ in fired(r.container)
+            if down_at < key_time(k) < up_at - timedelta(seconds=1.5)
+        ]
         assert stale == []
     finally:
         r.close()
@@ -230,13 +234,21 @@ def test_replicas_fire_each_job_exactly_once_and_fail_over(pg_factory, kafka_bro
 
     def leaders() -> list[int]:
         with c.control.connect() as conn:
-            return list(conn.execute(text(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                "AND objid = :k AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"),
-                {"k": 0x6B767363}).scalars())
+            return list(
+                conn.execute(
+                    text(
+                        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND objid = :k AND database = (SELECT oid FROM pg_database WHERE datname "
+                        "= current_database())"
+                    ),
+                    {"k": 0x6B767363},
+                ).scalars()
+            )
 
-    procs = [subprocess.Popen([sys.executable, "-m", "kvadrupel.cli", "scheduler"], env=env, cwd=ROOT)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "kvadrupel.cli", "scheduler"], env=env, cwd=ROOT)
+        for _ in range(3)
+    ]
     try:
         # Given three replicas
         wait_until(lambda: len(fired(c)) >= 3, 30)
@@ -244,8 +256,10 @@ def test_replicas_fire_each_job_exactly_once_and_fail_over(pg_factory, kafka_bro
         # When the leader is killed (its lock goes with its session)
         with c.control.connect() as conn:
             leader_backend = leaders()[0]
-            client_port = conn.execute(text("SELECT client_port FROM pg_stat_activity WHERE pid = :p"),
-                                       {"p": leader_backend}).scalar()
+            client_port = conn.execute(
+                text("SELECT client_port FROM pg_stat_activity WHERE pid = :p"),
+                {"p": leader_backend},
+            ).scalar()
         victim = next(p for p in procs if _owns_port(p.pid, client_port))
         before = len(fired(c))
         os.kill(victim.pid, signal.SIGKILL)

@@ -66,10 +66,44 @@ def test_retried_event_ids_apply_once(store: ShardStore) -> None:
 def test_stream_range_and_users(store: ShardStore) -> None:
     store.put_profiles([(u, {"u": u}) for u in range(1, 101)])
     store.save_state([(3, {"r": [1, 1, 1, "2026-01-01"]})])
-    got = [r for chunk in store.stream_range(2, 50, batch=7) for r in chunk]
-    assert [r.user_id for r in got] == list(range(2, 51))
-    assert got[1].state == {"r": [1, 1, 1, "2026-01-01"]} and got[0].state == {}
-    assert [r.user_id for c in store.stream_users([50, 3, 999]) for r in c] == [3, 50]
+    got = {r.user_id: r for chunk in store.stream_range(2, 50, batch=7) for r in chunk}
+    assert sorted(got) == list(range(2, 51))
+    assert got[3].state == {"r": [1, 1, 1, "2026-01-01"]} and got[2].state == {}
+    assert sorted(r.user_id for c in store.stream_users([50, 3, 999]) for r in c) == [3, 50]
+
+
+def test_scan_range_yields_each_user_once_in_bounded_chunks(store: ShardStore) -> None:
+    # Given profiles written in descending id order (storage order is not id order),
+    # one of them with an evaluation state
+    store.put_profiles([(u, {"u": u}) for u in range(120, 0, -1)])
+    store.save_state([(40, {"r": [2, 1, 3, "2026-01-01"]})])
+    # When a range is scanned in chunks of 7
+    chunks = list(store.scan_range(10, 60, batch=7))
+    # Then every user of the range comes once, unpacking as (user_id, doc, state)
+    rows = {uid: (doc, state) for chunk in chunks for uid, doc, state in chunk}
+    assert sorted(rows) == list(range(10, 61))
+    assert sum(len(c) for c in chunks) == 51
+    assert all(1 <= len(c) <= 7 for c in chunks)
+    assert rows[40] == ({"u": 40}, {"r": [2, 1, 3, "2026-01-01"]})
+    assert rows[41] == ({"u": 41}, None)  # never evaluated
+    assert list(store.scan_range(200, 300)) == []
+
+
+def test_scan_users_skips_unknown_and_repeated_ids(store: ShardStore) -> None:
+    store.put_profiles([(u, {"u": u}) for u in range(1, 31)])
+    store.save_state([(5, {"r": [1, 1, 1, "2026-01-01"]})])
+    wanted = [25, 5, 999, 5, *range(10, 20)]
+    chunks = list(store.scan_users(wanted, batch=4))
+    rows = {uid: (doc, state) for chunk in chunks for uid, doc, state in chunk}
+    assert sorted(rows) == [5, *range(10, 20), 25]
+    assert sum(len(c) for c in chunks) == 12 and all(1 <= len(c) <= 4 for c in chunks)
+    assert rows[5] == ({"u": 5}, {"r": [1, 1, 1, "2026-01-01"]}) and rows[25][1] is None
+    assert list(store.scan_users([])) == [] and list(store.scan_users([404])) == []
+
+
+def test_scans_are_part_of_the_interface() -> None:
+    # The evaluator calls these on any ShardStore; a backend must implement them.
+    assert {"scan_range", "scan_users"} <= ShardStore.__abstractmethods__
 
 
 def test_plan_ranges_cover_everyone_once(store: ShardStore) -> None:
@@ -88,7 +122,9 @@ def _banner(uid: int, rule: str, ep: int, title: str | None, prio: int = 10) -> 
 
 def test_banners_level_triggered_with_versions(store: ShardStore) -> None:
     assert store.banners(1) == (0, [])
-    assert store.apply_banner_changes([_banner(1, "a", 1, "A", 5), _banner(1, "b", 1, "B", 50)]) == [1]
+    assert store.apply_banner_changes(
+        [_banner(1, "a", 1, "A", 5), _banner(1, "b", 1, "B", 50)]
+    ) == [1]
     v1, items = store.banners(1)
     assert [b["rule"] for b in items] == ["b", "a"] and v1 >= 1
     # A redelivered identical change changes nothing, not even the version

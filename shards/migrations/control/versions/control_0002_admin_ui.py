@@ -4,8 +4,8 @@ Revision ID: control_0002_admin_ui
 Revises: control_0001
 Create Date: 2026-11-24 08:00:00
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = 'control_0002_admin_ui'

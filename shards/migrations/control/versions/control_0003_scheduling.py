@@ -4,8 +4,8 @@ Revision ID: control_0003_scheduling
 Revises: control_0002_admin_ui
 Create Date: 2026-11-24 09:00:00
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = 'control_0003_scheduling'
@@ -22,10 +22,14 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('rules', _json, nullable=True))
         batch_op.add_column(sa.Column('fire_key', sa.Text(), nullable=True))
         batch_op.add_column(sa.Column('published_at', sa.DateTime(timezone=True), nullable=True))
-        batch_op.add_column(sa.Column('users_est', sa.BigInteger(), nullable=False, server_default='0'))
+        batch_op.add_column(
+            sa.Column('users_est', sa.BigInteger(), nullable=False, server_default='0')
+        )
         batch_op.create_index('runs_fire_key', ['fire_key'], unique=True)
     with op.batch_alter_table('run_ranges', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('est_users', sa.BigInteger(), nullable=False, server_default='0'))
+        batch_op.add_column(
+            sa.Column('est_users', sa.BigInteger(), nullable=False, server_default='0')
+        )
         batch_op.add_column(sa.Column('worker', sa.Text(), nullable=True))
         batch_op.add_column(sa.Column('started_at', sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column('enters', sa.Integer(), nullable=False, server_default='0'))

@@ -4,8 +4,8 @@ Revision ID: control_0004_channels
 Revises: control_0003_scheduling
 Create Date: 2026-11-24 12:00:00
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 revision = 'control_0004_channels'
 down_revision = 'control_0003_scheduling'

@@ -4,8 +4,8 @@ Revision ID: control_0005_rule_cpu
 Revises: control_0004_channels
 Create Date: 2026-11-24 10:30:00
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = 'control_0005_rule_cpu'
@@ -16,9 +16,13 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table('run_ranges', schema=None) as batch_op:
-        batch_op.add_column(sa.Column(
-            'rule_cpu', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'),
-            nullable=True))
+        batch_op.add_column(
+            sa.Column(
+                'rule_cpu',
+                sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'),
+                nullable=True,
+            )
+        )
 
 
 def downgrade() -> None:

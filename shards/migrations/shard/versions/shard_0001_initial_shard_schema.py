@@ -1,11 +1,11 @@
 """initial shard schema
 
 Revision ID: shard_0001
-Revises: 
+Revises:
 Create Date: 2026-11-24 06:57:43.257557
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = 'shard_0001'
@@ -41,19 +41,33 @@ def upgrade() -> None:
     sa.Column('offset', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('topic', 'partition')
     )
-    op.create_table('profiles',
-    sa.Column('user_id', sa.BigInteger(), autoincrement=False, nullable=False),
-    sa.Column('doc', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('seen', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('version', sa.BigInteger(), nullable=False),
-    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('user_id')
+    op.create_table(
+        'profiles',
+        sa.Column('user_id', sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.Column(
+            'doc',
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'),
+            nullable=False,
+        ),
+        sa.Column(
+            'seen',
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'),
+            nullable=False,
+        ),
+        sa.Column('version', sa.BigInteger(), nullable=False),
+        sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint('user_id'),
     )
-    op.create_table('user_state',
-    sa.Column('user_id', sa.BigInteger(), autoincrement=False, nullable=False),
-    sa.Column('matches', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('user_id')
+    op.create_table(
+        'user_state',
+        sa.Column('user_id', sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.Column(
+            'matches',
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'),
+            nullable=False,
+        ),
+        sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint('user_id'),
     )
 
 

@@ -4,8 +4,8 @@ Revision ID: shard_0002_channels
 Revises: shard_0001
 Create Date: 2026-11-24 12:00:00
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = 'shard_0002_channels'
