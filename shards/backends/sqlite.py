@@ -36,7 +36,10 @@ def sqlite_engine(url: str, *, immediate: bool) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit is fsynced. With NORMAL a power cut could roll back the last
+        # profile writes while the embedded bus's log (fsynced at every append) still
+        # says their events were consumed: those events would be lost.
+        cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
 
