@@ -6,9 +6,12 @@ connection: the server streams rows as fast as we take them (the socket is the
 only buffer), and each row is split on tabs and its JSONB text handed to
 ``orjson.loads`` (bench/bench_nightly.py measured, per row on this machine: a
 SQLAlchemy server-side cursor ~9 us of client CPU, binary COPY with psycopg's
-jsonb loader ~6 us, this ~2.8 us). In COPY's text format the only escape a
-JSONB document can contain is a doubled backslash (JSON has no raw tabs or
-newlines), and ``\\N`` is NULL.
+jsonb loader ~6 us, this ~2.8 us). ``profiles.doc`` is ``json``: PostgreSQL keeps
+the text as written, which is compact JSON from the engine (no raw tabs or
+newlines, so the only COPY escape in it is a doubled backslash); a document
+written by hand with whitespace between its tokens comes escaped (``\\n``,
+``\\t``), and rows with a backslash go through the full COPY unescape. ``\\N`` is
+NULL.
 
 Writes. Only changed users' states are written, a batch per statement:
 ``INSERT ... SELECT FROM unnest(ids, docs) ON CONFLICT DO UPDATE``.
@@ -23,6 +26,7 @@ never analysed, or grown to over twice its analysed size, is analysed first
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -34,6 +38,13 @@ __all__ = ["bounds_from_histogram", "plan_bounds", "save_states", "scan_range", 
 _SELECT = ("SELECT p.user_id, p.doc, s.matches FROM profiles p "
            "LEFT JOIN user_state s ON s.user_id = p.user_id{s_where} WHERE {p_where}")
 
+_COPY_ESCAPES = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
+_COPY_ESCAPE = re.compile(rb"\\(.)", re.S)
+
+
+def _unescape(field: bytes) -> bytes:
+    """Undo COPY's text-format escapes (one pass, so ``\\\\n`` stays ``\\n``)."""
+    return _COPY_ESCAPE.sub(lambda m: _COPY_ESCAPES.get(m.group(1), m.group(1)), field)
 
 def scan_range(
     engine: Engine, lo: int, hi: int, batch: int = 2000
@@ -69,11 +80,11 @@ def _copy_rows(engine: Engine, query: str, batch: int) -> Iterator[list[tuple[in
                 # One CopyData message per row: "id\tdoc\tstate\n".
                 uid, doc, state = bytes(data)[:-1].split(b"\t")
                 if b"\\" in doc:
-                    doc = doc.replace(b"\\\\", b"\\")
+                    doc = _unescape(doc)
                 if state == b"\\N":
                     st = None
                 else:
-                    st = loads(state.replace(b"\\\\", b"\\") if b"\\" in state else state)
+                    st = loads(_unescape(state) if b"\\" in state else state)
                 append((int(uid), loads(doc), st))
                 if len(rows) >= batch:
                     yield rows

@@ -89,6 +89,28 @@ def test_scan_range_yields_each_user_once_in_bounded_chunks(store: ShardStore) -
     assert list(store.scan_range(200, 300)) == []
 
 
+def test_scans_read_documents_with_escapes_and_hand_written_whitespace(store: ShardStore) -> None:
+    # Given a document with backslashes, quotes, tabs and newlines in its strings,
+    # and (PostgreSQL keeps json text as written) one stored by hand, pretty-printed
+    tricky = {"name": 'O"Brien \\ \\n', "note": "a\tb\nc\\t", "list": ["\\", "x\r"]}
+    store.put_profiles([(1, tricky)])
+    pretty = '{\n\t"name": "Ann\\\\n",\r\n  "n": [1,\t2]\n}'
+    engine = getattr(store, "engine", None)
+    if engine is not None and engine.dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO profiles (user_id, doc, seen, version, updated_at) "
+                              "VALUES (2, CAST(:d AS json), '[]', 1, now())"), {"d": pretty})
+        want_pretty = {"name": "Ann\\n", "n": [1, 2]}
+    else:
+        store.put_profiles([(2, {"name": "Ann\\n", "n": [1, 2]})])
+        want_pretty = {"name": "Ann\\n", "n": [1, 2]}
+    # When they are scanned / Then they read back exactly
+    rows = {uid: doc for chunk in store.scan_range(1, 2) for uid, doc, _ in chunk}
+    assert rows == {1: tricky, 2: want_pretty}
+
+
 def test_scan_users_skips_unknown_and_repeated_ids(store: ShardStore) -> None:
     store.put_profiles([(u, {"u": u}) for u in range(1, 31)])
     store.save_state([(5, {"r": [1, 1, 1, "2026-01-01"]})])
