@@ -155,13 +155,7 @@ class PgIngestMixin:
         if self.ingest_form != "unnest":
             super()._apply_users(conn, per_user, apply, out, fresh)  # type: ignore[misc]
             return
-        cache = self._ingest_cache  # type: ignore[attr-defined]
-        if cache is None:
-            current = self._load_for_update(conn, list(per_user))
-        else:
-            current, missing = cache.lookup(per_user)
-            if missing:
-                current.update(self._load_for_update(conn, missing))
+        current = self._current(conn, per_user)  # type: ignore[attr-defined]
         ids: list[str] = []
         docs: list[bytes] = []
         seens: list[bytes] = []

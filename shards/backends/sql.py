@@ -275,6 +275,17 @@ class SqlShardStore(ShardStore):
         )
         return {r.user_id: (r.doc, r.seen, r.version) for r in conn.execute(stmt)}
 
+    def _current(self, conn: Any, per_user: dict[int, Any]) -> dict[int, Any]:
+        """The stored (doc, seen, version) of these users: from the ingest cache where it
+        has them, else read (and locked) from the table."""
+        cache = self._ingest_cache
+        if cache is None:
+            return self._load_for_update(conn, list(per_user))
+        current, missing = cache.lookup(per_user)
+        if missing:
+            current.update(self._load_for_update(conn, missing))
+        return current
+
     def _apply_users(
         self, conn: Any, per_user: dict[int, list[Any]], apply: ApplyFn, out: IngestOutcome,
         fresh: dict[int, tuple[Any, list[str], int]],
@@ -282,13 +293,7 @@ class SqlShardStore(ShardStore):
         """Apply each user's events to their stored profile and write the changed
         ones; ``fresh`` receives every profile's state after the write (for the
         cache)."""
-        cache = self._ingest_cache
-        if cache is None:
-            current = self._load_for_update(conn, list(per_user))
-        else:
-            current, missing = cache.lookup(per_user)
-            if missing:
-                current.update(self._load_for_update(conn, missing))
+        current = self._current(conn, per_user)
         rows: list[ProfileWrite] = []
         for uid, events in per_user.items():
             state = current.get(uid)
