@@ -159,14 +159,15 @@ class MemoryBus(Bus):
                 raise BusError("bus log writer is not running")
             self._cond.wait(min(left, 0.5))
 
-    def _trims(self, keys: Iterable[tuple[str, int]], group: _Group,
+    def _trims(self, group: _Group,
                committing: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
-        """Per partition, the offset below which every interested group committed
-        (``group`` counted with ``committing``), where that moves the log's start.
+        """Per partition ``group`` is committing (``committing``: partition -> offset),
+        the offset below which every interested group committed, where that moves the
+        log's start.
         Interested: groups with a member on the topic or a committed offset on it;
         a topic nobody consumes (a dead-letter topic) is kept whole."""
         out = {}
-        for name, p in keys:
+        for name, p in committing:
             low = None
             for g in self._groups.values():
                 if any(name in m.topics for m in g.members) or any(
@@ -214,23 +215,25 @@ class MemoryBus(Bus):
         if self._closed:
             raise BusError("bus is closed")
         with self._cond:
-            if self.path is not None:
-                self._publish_durable(topic, value, key)
-                return
-            t = self._topic(topic)
+            t = self._topic(topic)  # (durable: opens the log first)
             n = len(t.logs)
-            part = (zlib.crc32(key) % n) if key is not None else (sum(map(len, t.logs)) % n)
-            log = t.logs[part]
-            log.append(Message(topic, part, len(log), key, value))
+            if key is not None:
+                part = self._place(key, n)
+            else:
+                part, self._unkeyed = self._unkeyed % n, self._unkeyed + 1
+            if self.path is not None:
+                self._queue_durable(topic, part, key, value)
+                return
+            t.logs[part].append(Message(topic, part, t.end(part), key, value))
             self._cond.notify_all()
 
-    def _publish_durable(self, topic: str, value: bytes, key: bytes | None) -> None:
-        self._open()
-        n = len(self._topic(topic).logs)
-        if key is not None:
-            part = zlib.crc32(key) % n
-        else:
-            part, self._unkeyed = self._unkeyed % n, self._unkeyed + 1
+    @staticmethod
+    def _place(key: bytes, partitions: int) -> int:
+        """The partition of a keyed message (what :meth:`partition_of` tells)."""
+        return zlib.crc32(key) % partitions
+
+    def _queue_durable(self, topic: str, part: int, key: bytes | None, value: bytes) -> None:
+        """Hand the message to the log writer (it gets its offset there)."""
         self._seq += 1
         if getattr(self._mine, "since", None) is None:
             self._mine.since = self._seq - 1
@@ -259,7 +262,7 @@ class MemoryBus(Bus):
             return len(self._topic(topic).logs)
 
     def partition_of(self, topic: str, key: bytes) -> int:
-        return zlib.crc32(key) % self.partition_count(topic)  # as publish() places it
+        return self._place(key, self.partition_count(topic))
 
     # -- consumer side -------------------------------------------------------
     def consumer(self, group: str, topics: Sequence[str], *,
@@ -402,7 +405,7 @@ class _MemoryConsumer(Consumer):
                     raise BusError(f"partition {k} is not assigned to this consumer")
             ahead = {k: off + 1 for k, off in top.items()
                      if off + 1 > self.group.committed.get(k, 0)}
-            trims = bus._trims(ahead, self.group, ahead) if bus._log is not None else {}
+            trims = bus._trims(self.group, ahead) if bus._log is not None else {}
         if bus._log is not None and ahead:
             # Outside the lock (the writer may hold the file for an fsync), and
             # before memory changes: memory never claims more than the log has.
