@@ -129,13 +129,21 @@ def murmur2(data: bytes) -> int:
     return h
 
 
+def _murmur2_partition(key: bytes, n: int) -> int:
+    return (murmur2(key) & 0x7FFFFFFF) % n
+
+
+def _crc32_partition(key: bytes, n: int) -> int:
+    return zlib.crc32(key) % n
+
+
 # librdkafka's keyed partitioners, as functions of (key, partition count). The
 # "_random" variants differ only for messages without a key.
 _PARTITIONERS: dict[str, Callable[[bytes, int], int]] = {
-    "murmur2": lambda key, n: (murmur2(key) & 0x7FFFFFFF) % n,
-    "murmur2_random": lambda key, n: (murmur2(key) & 0x7FFFFFFF) % n,
-    "consistent": lambda key, n: zlib.crc32(key) % n,
-    "consistent_random": lambda key, n: zlib.crc32(key) % n,  # librdkafka's default
+    "murmur2": _murmur2_partition,
+    "murmur2_random": _murmur2_partition,
+    "consistent": _crc32_partition,
+    "consistent_random": _crc32_partition,  # librdkafka's default
 }
 
 

@@ -128,18 +128,7 @@ class Stream:
         if sum(map(len, self.offsets.values())) == len(self.sent):
             return
         self.offsets.clear()
-        c = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                "group.protocol": "classic",
-                "session.timeout.ms": 2000,
-                "heartbeat.interval.ms": 500,
-                "fetch.wait.max.ms": 20,
-            }
-        )
+        c = reader(bootstrap)
         c.subscribe([self.topic])
         deadline = time.monotonic() + 30
         try:
@@ -213,10 +202,9 @@ def stored_profiles(shard_urls: list[str]) -> dict[int, dict]:
     return out
 
 
-def read_topic(bootstrap: str, topic: str, settle: float = 1.0, timeout: float = 20.0) -> list[Any]:
-    """Every message of ``topic`` (a fresh group from the start), once nothing new
-    came for ``settle`` seconds."""
-    c = Consumer(
+def reader(bootstrap: str) -> Consumer:
+    """A consumer in a fresh group that reads from the start and never commits."""
+    return Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": f"reader-{uuid.uuid4().hex[:8]}",
@@ -228,6 +216,12 @@ def read_topic(bootstrap: str, topic: str, settle: float = 1.0, timeout: float =
             "fetch.wait.max.ms": 20,
         }
     )
+
+
+def read_topic(bootstrap: str, topic: str, settle: float = 1.0, timeout: float = 20.0) -> list[Any]:
+    """Every message of ``topic`` (a fresh group from the start), once nothing new
+    came for ``settle`` seconds."""
+    c = reader(bootstrap)
     c.subscribe([topic])
     got: list[Any] = []
     deadline = time.monotonic() + timeout

@@ -29,20 +29,10 @@ from kvadrupel.container import Container
 from shards.schema import ledger as ledger_table
 from tests.channels.deliverykit import MAIL_FROM, TOKENS, enter, pg_settings
 from tests.channels.deliverykit import make_worker as make_delivery_worker
+from tests.drills.kit import wait_for as _wait
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _wait(predicate: Any, what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = predicate()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _publish(bus: Any, results: list[dict[str, Any]]) -> None:
@@ -76,9 +66,9 @@ def test_smtp_down_then_up_every_message_exactly_once(tmp_path: Path, pg_factory
         _publish(kafka_bus, [enter(5_000_000 + i, "r1", 1) for i in range(n)])
         _wait(lambda: _statuses(container)["pending"] == n
               and min(e["attempts"] for e in ledger.entries(5_000_000)) >= 2,
-              "every message claimed and retried while the server is down")
+              "every message claimed and retried while the server is down", 20)
         smtp_server.start()
-        _wait(lambda: _statuses(container)["sent"] == n, "every message sent")
+        _wait(lambda: _statuses(container)["sent"] == n, "every message sent", 20)
         time.sleep(0.3)  # nothing more may arrive
         ids = [str(r.message["Message-ID"]) for r in smtp_server.messages]
         assert len(ids) == n
