@@ -368,19 +368,8 @@ class IngestWorker(BatchWorker):
 
     def request_evaluation(self, user_ids: list[int]) -> None:
         """One ``users`` job per shard and chunk: each user named once per batch."""
-        known = self._shards_of()
-        shard_of = self.shards.router.shard_of
-        per_shard: dict[int, list[int]] = {}
-        for uid in dict.fromkeys(user_ids):
-            s = known.get(uid)
-            if s is None:
-                s = known[uid] = shard_of(uid)
-            uids = per_shard.get(s)
-            if uids is None:
-                per_shard[s] = [uid]
-            else:
-                uids.append(uid)
-        for shard, uids in per_shard.items():
+        memo = self._shards_of()
+        for shard, uids in self.shards.router.split(dict.fromkeys(user_ids), memo).items():
             for i in range(0, len(uids), EVAL_CHUNK):
                 chunk = uids[i : i + EVAL_CHUNK]
                 job = {"type": "users", "shard": shard, "user_ids": chunk}

@@ -27,6 +27,10 @@ def test_router_is_stable_and_in_range(uids: list[int], n: int) -> None:
         assert s == router.shard_of(uid) == default_map(n)[bucket_of(uid)]
     split = router.split(uids)
     assert sorted(u for us in split.values() for u in us) == sorted(uids)
+    # with a memo: the same answer, twice, and the memo holds every user's shard
+    memo: dict[int, int] = {}
+    assert router.split(uids, memo) == split == router.split(uids, memo)
+    assert memo == {u: router.shard_of(u) for u in uids}
 
 
 def test_buckets_spread_evenly() -> None:
