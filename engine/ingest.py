@@ -150,9 +150,6 @@ class IngestWorker(BatchWorker):
         self._gcs = 0
         self._memo: dict[int, int] = {}
         self._memo_router: object = None
-        # publish+flush sequences from several threads: a flush reports the
-        # failures of what this sequence published, not of another thread's.
-        self._bus_lock = threading.Lock()
         per_store = cache_users // max(1, len(shards))
         for store in shards.stores:
             set_cache = getattr(store, "set_ingest_cache", None)
@@ -246,9 +243,8 @@ class IngestWorker(BatchWorker):
             [msg] = batch
             log.error("ingest: %s/%d@%d refused by its shard: %s", msg.topic, msg.partition,
                       msg.offset, exc)
-            with self._bus_lock:
-                dead_letter(self.bus, self.dlq, msg, f"refused by the shard: {exc}", msg.value)
-                self.bus.flush()
+            dead_letter(self.bus, self.dlq, msg, f"refused by the shard: {exc}", msg.value)
+            self.bus.flush()
             self.dead_lettered += 1
             metrics.INGEST_EVENTS.labels("refused").inc()
             self.consumer.commit(batch)
@@ -325,12 +321,13 @@ class IngestWorker(BatchWorker):
             return
         item_of = {id(it.event): it for it in items}
         msg_at = {(m.topic, m.partition, m.offset): m for m in batch}
-        with self._bus_lock:
-            for ev, reason in out.rejected:
-                it = item_of[id(ev)]
-                msg = msg_at[(it.topic, it.partition, it.offset)]
-                dead_letter(self.bus, self.dlq, msg, reason, msg.value, ev.event_id)
-            self.bus.flush()
+        # (The flush is per thread: shard threads dead-letter concurrently, each
+        # hears only of its own messages.)
+        for ev, reason in out.rejected:
+            it = item_of[id(ev)]
+            msg = msg_at[(it.topic, it.partition, it.offset)]
+            dead_letter(self.bus, self.dlq, msg, reason, msg.value, ev.event_id)
+        self.bus.flush()
         self.dead_lettered += len(out.rejected)
         metrics.INGEST_EVENTS.labels("rejected").inc(len(out.rejected))
 
@@ -353,12 +350,11 @@ class IngestWorker(BatchWorker):
             # A replayed stretch may have lost its evaluation request: ask again
             # for everyone in it.
             changed += out.touched if out.skipped else out.changed
-        with self._bus_lock:
-            for msg, reason in b.invalid:
-                dead_letter(self.bus, self.dlq, msg, reason, msg.value)
-            if changed:
-                self.request_evaluation(changed)
-            self.bus.flush()
+        for msg, reason in b.invalid:
+            dead_letter(self.bus, self.dlq, msg, reason, msg.value)
+        if changed:
+            self.request_evaluation(changed)
+        self.bus.flush()
         if b.invalid:
             self.dead_lettered += len(b.invalid)
             metrics.INGEST_EVENTS.labels("invalid").inc(len(b.invalid))
