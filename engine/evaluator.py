@@ -238,8 +238,7 @@ class EvaluatorWorker(BatchWorker):
                 pack = self.pack(only)
                 stats = RangeStats()
                 results, states = evaluate_rows(rows, pack, ctx, run_id, stats)
-                done = rows[:stats.users]
-                rows = rows[stats.users:] if stats.slow or stats.timeouts else []
+                evaluated, rows = rows, rows[stats.users:] if stats.slow or stats.timeouts else []
                 for r in results:
                     publish(topic, dumps(r), key=str(r["user_id"]).encode())
                     metrics.EVAL_CHANGES.labels(r["rule"], r["kind"]).inc()
@@ -256,7 +255,7 @@ class EvaluatorWorker(BatchWorker):
                 for key, seconds in stats.cpu.items():
                     metrics.RULE_CPU.labels(key).inc(seconds)
                 if stats.errors or stats.slow:  # (a timeout counts as an error)
-                    self._police(total, pack, ctx, done)
+                    self._police(total, pack, ctx, evaluated[:stats.users])
                 if progress is not None and time.monotonic() - beat >= PROGRESS_S:
                     beat = time.monotonic()
                     self.runs.progress(progress[0], progress[1], self.worker, total.users)
