@@ -6,10 +6,6 @@ process that serves it (``kvadrupel api`` or the demo) owns the container's life
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import date, datetime
-from zoneinfo import ZoneInfo
-
 import orjson
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
@@ -28,15 +24,16 @@ from kvadrupel.ops import metrics_payload, readiness
 __all__ = ["create_app"]
 
 
-def create_app(container: Container, *, today: Callable[[], date] | None = None) -> FastAPI:
+def create_app(container: Container) -> FastAPI:
+    """The REST app on ``container``; every "today" it uses is ``container.clock``'s."""
     s = container.settings
     app = FastAPI(title="Kvadrupel", version=__version__,
                   description="Rule-based targeted notifications: ingest, rules, runs, banners.")
     app.state.container = container
     app.state.tokens = {"admin": s.admin_token, "ingest": s.ingest_token, "portal": s.portal_token}
     app.state.max_age = s.banner_max_age_s
-    tz = ZoneInfo(s.timezone)
-    app.state.today = today or (lambda: datetime.now(tz).date())
+    app.state.clock = container.clock
+    app.state.today = container.clock.today
     problems.install(app)
     app.add_middleware(MetricsMiddleware)
     register_control_collector(container.control)

@@ -100,7 +100,8 @@ class Authenticator:
 
     def __init__(self, *, service_tokens: list[str], jwt_algorithms: list[str],
                  jwt_secret: str = "", jwt_public_key: str = "", audience: str = "",
-                 issuer: str = "", leeway_s: int = 30, cache_size: int = 50_000) -> None:
+                 issuer: str = "", leeway_s: int = 30, cache_size: int = 50_000,
+                 clock: Callable[[], float] = time.time) -> None:
         self._tokens = [t.encode() for t in service_tokens if t]
         self.algorithms = [a for a in jwt_algorithms if a]
         self._secret = jwt_secret.encode() if jwt_secret else None
@@ -111,14 +112,16 @@ class Authenticator:
         self.audience = audience or None
         self.issuer = issuer or None
         self.leeway = leeway_s
+        self.clock = clock  # seconds since the epoch: the container's clock (time, not date)
         self._cache: dict[bytes, tuple[int, float]] = {}  # token -> (user id, exp)
         self._cache_size = cache_size
 
     @classmethod
-    def from_settings(cls, s: Any) -> Authenticator:
+    def from_settings(cls, s: Any, clock: Callable[[], float] = time.time) -> Authenticator:
         return cls(service_tokens=[s.portal_token, s.admin_token], jwt_algorithms=s.jwt_algorithms,
                    jwt_secret=s.jwt_secret, jwt_public_key=s.jwt_public_key,
-                   audience=s.jwt_audience, issuer=s.jwt_issuer, leeway_s=s.jwt_leeway_s)
+                   audience=s.jwt_audience, issuer=s.jwt_issuer, leeway_s=s.jwt_leeway_s,
+                   clock=clock)
 
     def authenticate(self, header: bytes | None) -> Principal:
         if not header:
@@ -131,7 +134,7 @@ class Authenticator:
         hit = self._cache.get(token)
         if hit is not None:
             uid, exp = hit
-            if time.time() <= exp + self.leeway:
+            if self.clock() <= exp + self.leeway:
                 return Principal("user", uid)
             self._cache.pop(token, None)
             raise AuthError(401, "token expired", "invalid_token")
@@ -165,11 +168,20 @@ class Authenticator:
         try:
             claims = jwt.decode(token, key, algorithms=[alg], audience=self.audience,
                                 issuer=self.issuer, leeway=self.leeway,
-                                options={"require": ["exp", "sub"]})
-        except jwt.ExpiredSignatureError:
-            raise AuthError(401, "token expired", "invalid_token") from None
+                                # Times are checked below against our clock, not PyJWT's.
+                                options={"require": ["exp", "sub"], "verify_exp": False,
+                                         "verify_nbf": False, "verify_iat": False})
         except jwt.PyJWTError as exc:
             raise AuthError(401, f"invalid token: {exc}", "invalid_token") from None
+        now = self.clock()
+        exp, nbf = claims["exp"], claims.get("nbf")
+        if not isinstance(exp, int | float) or isinstance(exp, bool) or (
+                nbf is not None and (not isinstance(nbf, int | float) or isinstance(nbf, bool))):
+            raise AuthError(401, "invalid token: exp and nbf must be numbers", "invalid_token")
+        if now > exp + self.leeway:
+            raise AuthError(401, "token expired", "invalid_token")
+        if nbf is not None and now < nbf - self.leeway:
+            raise AuthError(401, "invalid token: not yet valid (nbf)", "invalid_token")
         try:
             uid = parse_user_id(claims["sub"])
         except ValueError:

@@ -77,7 +77,7 @@ class BannerApi:
         s = container.settings
         self.container = container
         self.settings = s
-        self.auth = Authenticator.from_settings(s)
+        self.auth = Authenticator.from_settings(s, container.clock.time)
         replica.configure(retry_s=s.replica_retry_s, max_lag_bytes=s.replica_max_lag_bytes)
         self._cc = (b"cache-control", f"private, max-age={s.banner_max_age_s}".encode())
         # Waiting long-polls hold slots of the load shedder (api/shedding.py): keep at

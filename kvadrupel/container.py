@@ -17,6 +17,7 @@ from engine.buses.memory import MemoryBus
 from engine.delivery import DeliveryWorker
 from engine.evaluator import EvaluatorWorker
 from engine.ingest import IngestWorker
+from kvadrupel.clock import Clock
 from kvadrupel.errors import ConfigError
 from kvadrupel.settings import Settings
 from rules.service import RuleService
@@ -37,7 +38,13 @@ _shared_lock = threading.Lock()
 class Container:
     settings: Settings
     bus_override: Bus | None = None
+    clock: Clock = None  # type: ignore[assignment]  # None: built from settings
     _closers: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.clock is None:
+            s = self.settings
+            self.clock = Clock(s.timezone, start=s.clock_start)
 
     # -- storage --------------------------------------------------------------
     @cached_property
@@ -78,17 +85,18 @@ class Container:
     @cached_property
     def rules(self) -> RuleService:
         return RuleService(self.control, self.settings.timezone, self.settings.rule_budget_ms,
-                           shards=lambda: self.shards)
+                           shards=lambda: self.shards, clock=self.clock)
 
     @cached_property
     def runs(self) -> RunService:
-        return RunService(self.control, self.settings.range_max_attempts)
+        return RunService(self.control, self.settings.range_max_attempts, clock=self.clock)
 
     @cached_property
     def ledger(self) -> Ledger:
         s = self.settings
         return Ledger(self.control, s.delivery_max_attempts, s.delivery_retry_base_s,
-                      s.delivery_retry_max_s, claim_timeout_s=s.delivery_claim_timeout_s)
+                      s.delivery_retry_max_s, claim_timeout_s=s.delivery_claim_timeout_s,
+                      clock=self.clock.now)
 
     @cached_property
     def bus(self) -> Bus:
@@ -151,14 +159,15 @@ class Container:
                                budget_ms=s.rule_budget_ms,
                                batch_budget_ms=s.rule_batch_budget_ms, timezone=s.timezone,
                                error_rate=s.rule_error_rate_quarantine,
-                               error_min_samples=s.rule_error_min_samples, **kw)
+                               error_min_samples=s.rule_error_min_samples,
+                               **({"today": self.clock.today} | kw))
 
     def delivery_worker(self, **kw) -> DeliveryWorker:  # noqa: ANN003
         consumer = self.bus.consumer(self.group("deliver"), [self.bus.topic("results")])
         from channels.delivery_setup import channel_parts  # policy, push, unsubscribe links
 
         return DeliveryWorker(consumer, self.bus, self.shards, self.ledger, self.mailer(),
-                              **(channel_parts(self.settings) | kw))
+                              **(channel_parts(self.settings) | {"clock": self.clock.now} | kw))
 
     def start_workers(
         self,

@@ -45,15 +45,14 @@ def run_demo(settings: Settings, *, users: int, host: str, port: int, serve: boo
              as_of: date | None = None) -> int:
     from rules.pack import BUILTIN_RULES
     from scheduler.planner import start_run
-    from scheduler.service import today_in
 
     t0 = time.perf_counter()
     if settings.embedded_storage:
         # The demo owns its data folder: start from a clean slate each time.
         shutil.rmtree(settings.data_dir, ignore_errors=True)
     generated = ensure_tokens(settings)
-    as_of = as_of or today_in(settings.timezone)
     container = Container(settings)
+    as_of = as_of or container.clock.today()
     stop = threading.Event()
     try:
         container.migrate()
@@ -129,7 +128,7 @@ def _demo_admin(container: Container) -> str:
     from api.admin.store import AccountStore
 
     password = secrets.token_urlsafe(12)
-    AccountStore(container.control).add("admin", password, "admin")
+    AccountStore(container.control, container.clock).add("admin", password, "admin")
     return password
 
 

@@ -86,9 +86,8 @@ def dispatch(args: argparse.Namespace, container: Any, out: IO[str] = sys.stdout
     settings = container.settings
     if args.cmd == "run-nightly":
         from scheduler.planner import start_run
-        from scheduler.service import today_in
 
-        as_of = args.as_of or today_in(settings.timezone)
+        as_of = args.as_of or container.clock.today()
         run_id = start_run(container.shards, container.runs, container.bus, as_of,
                            settings.range_target_users, rules=args.rules)
         print(f"run {run_id} started as of {as_of}", file=out, flush=True)
@@ -105,7 +104,7 @@ def dispatch(args: argparse.Namespace, container: Any, out: IO[str] = sys.stdout
         return 0
     from scheduler.campaigns import CampaignService
 
-    campaigns = CampaignService(container.control)
+    campaigns = CampaignService(container.control, container.clock)
     if args.campaign_cmd == "add":
         at = args.at if args.at.tzinfo else args.at.replace(tzinfo=ZoneInfo(settings.timezone))
         print(

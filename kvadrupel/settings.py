@@ -7,6 +7,7 @@ in-process bus and a mail outbox folder. Production sets ``KVADRUPEL_SHARDS``,
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -91,6 +92,10 @@ class Settings(BaseSettings):
 
     # Rules and evaluation.
     timezone: str = "Europe/Moscow"
+    # Pin the one clock (kvadrupel/clock.py) to this instant for drills, replays and
+    # tests: an ISO date or datetime (naive: in ``timezone``); it advances in real
+    # time from there. Empty: the system clock.
+    clock_start: datetime | None = None
     rule_budget_ms: float = 50.0  # CPU one rule may use on one profile
     rule_batch_budget_ms: float = 1000.0  # CPU one rule may use on one batch (<= 256 profiles)
     rule_error_rate_quarantine: float = 0.5

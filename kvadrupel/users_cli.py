@@ -63,7 +63,8 @@ def run_user(args: argparse.Namespace, container: Any) -> int:
     if not inspect(container.control).has_table("admin_users"):
         print("kvadrupel: no accounts table yet: run `kvadrupel migrate` first", file=sys.stderr)
         return 2
-    accounts, audit = AccountStore(container.control), AuditLog(container.control)
+    accounts = AccountStore(container.control, container.clock)
+    audit = AuditLog(container.control, container.clock)
     cmd, name = args.user_cmd, getattr(args, "name", None)
     try:
         if cmd == "list":

@@ -11,12 +11,13 @@ import difflib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, select, update
 
 from channels.templates import render_content, validate_template
+from kvadrupel.clock import SYSTEM, Clock
 from kvadrupel.errors import Conflict, NotFound, RuleCompileError, RuleValidationError
 from rules import audience
 from rules.context import make_context
@@ -44,14 +45,13 @@ class ActiveRule:
                         priority=self.priority, group=self.group)
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class RuleService:
     def __init__(self, control: Engine, timezone: str = "Europe/Moscow", budget_ms: float = 50.0,
-                 shards: Callable[[], Any] | None = None) -> None:
+                 shards: Callable[[], Any] | None = None, clock: Clock = SYSTEM) -> None:
         self.control = control
+        self.clock = clock
         self.timezone = timezone
         self.budget_ms = budget_ms
         self._shards = shards  # the ShardSet, for audience questions (preview, forecast)
@@ -120,7 +120,7 @@ class RuleService:
                 raise Conflict(
                     f"rule {rule.key!r} exists; PUT /v1/rules/{rule.key} makes a new version"
                 )
-            ts = _now()
+            ts = self.clock.now()
             conn.execute(rules.insert().values(
                 key=rule.key, version=1, enabled=rule.enabled,
                 status="active" if rule.enabled else "paused",
@@ -144,7 +144,7 @@ class RuleService:
             cur = conn.execute(select(rules.c.version).where(rules.c.key == key)).scalar()
             if cur is None:
                 raise NotFound(f"no rule {key!r}")
-            ts = _now()
+            ts = self.clock.now()
             version = cur + 1
             self._insert_version(conn, rule, version, author, ts)
             # A new version starts fresh: it clears a quarantine of the old one.
@@ -183,7 +183,7 @@ class RuleService:
         with self.control.begin() as conn:
             res = conn.execute(update(rules).where(rules.c.key == key).values(
                 enabled=enabled, status="active" if enabled else "paused",
-                quarantine_reason=None, quarantine_user=None, updated_at=_now())
+                quarantine_reason=None, quarantine_user=None, updated_at=self.clock.now())
                 .returning(rules.c.key))
             if res.first() is None:
                 raise NotFound(f"no rule {key!r}")
@@ -203,7 +203,7 @@ class RuleService:
                     status="quarantined",
                     quarantine_reason=reason[:2000],
                     quarantine_user=user_id,
-                    updated_at=_now(),
+                    updated_at=self.clock.now(),
                 )
             )
 
@@ -272,7 +272,7 @@ class RuleService:
 
     def test(self, key: str, profile: dict[str, Any], as_of: date | None) -> dict[str, Any]:
         cur = self.get(key)
-        ctx = make_context(as_of, self.timezone)
+        ctx = make_context(as_of or self.clock.today(self.timezone), self.timezone)
         rs = RuleSet([RuleSpec(key=key, version=cur["version"], source=cur["source"],
                                priority=cur["priority"])], budget_ms=self.budget_ms)
         outcome = rs.evaluate(profile, ctx)

@@ -22,14 +22,13 @@ from typing import Any
 
 from sqlalchemy import Engine, select, update
 
+from kvadrupel.clock import SYSTEM, Clock
 from kvadrupel.errors import Conflict, NotFound
 from shards.schema import campaigns, rules
 
 __all__ = ["CampaignService", "UnknownRules", "check_rules"]
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _utc(ts: datetime) -> datetime:
@@ -53,8 +52,9 @@ def check_rules(conn: Any, keys: Sequence[str] | None) -> None:
 
 
 class CampaignService:
-    def __init__(self, control: Engine) -> None:
+    def __init__(self, control: Engine, clock: Clock = SYSTEM) -> None:
         self.control = control
+        self.clock = clock
 
     def create(self, at: datetime, rule_keys: Sequence[str] | None = None, *,
                as_of: date | None = None, name: str | None = None) -> dict[str, Any]:
@@ -63,7 +63,7 @@ class CampaignService:
         if at.tzinfo is None:
             raise ValueError("'at' must carry a time zone")
         keys = list(dict.fromkeys(rule_keys)) if rule_keys is not None else None
-        ts = _now()
+        ts = self.clock.now()
         with self.control.begin() as conn:
             check_rules(conn, keys)
             cid = conn.execute(campaigns.insert().values(
@@ -90,7 +90,7 @@ class CampaignService:
         with self.control.begin() as conn:
             res = conn.execute(update(campaigns).where(
                 (campaigns.c.id == cid) & (campaigns.c.status == "scheduled")
-            ).values(status="cancelled", updated_at=_now()).returning(campaigns.c.id))
+            ).values(status="cancelled", updated_at=self.clock.now()).returning(campaigns.c.id))
             if res.first() is None:
                 status = conn.execute(
                     select(campaigns.c.status).where(campaigns.c.id == cid)
@@ -111,7 +111,7 @@ class CampaignService:
         with self.control.begin() as conn:
             res = conn.execute(update(campaigns).where(
                 (campaigns.c.id == cid) & (campaigns.c.status == "scheduled")
-            ).values(status="starting", updated_at=_now()).returning(campaigns.c.id))
+            ).values(status="starting", updated_at=self.clock.now()).returning(campaigns.c.id))
             if res.first() is None:
                 return None
         return self.get(cid)
@@ -130,7 +130,7 @@ class CampaignService:
         with self.control.begin() as conn:
             conn.execute(update(campaigns).where(
                 (campaigns.c.id == cid) & (campaigns.c.status == expect)
-            ).values(updated_at=_now(), **values))
+            ).values(updated_at=self.clock.now(), **values))
 
 
 def _row(r: Any) -> dict[str, Any]:

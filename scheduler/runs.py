@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import Engine, case, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from kvadrupel.clock import SYSTEM, Clock
 from kvadrupel.errors import NotFound
 from shards.schema import run_ranges, runs
 
@@ -38,8 +39,6 @@ __all__ = ["PlannedRange", "RunService"]
 FINISHED = ("done", "done_with_errors", "failed")
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +50,9 @@ class PlannedRange:
 
 
 class RunService:
-    def __init__(self, control: Engine, max_attempts: int = 3) -> None:
+    def __init__(self, control: Engine, max_attempts: int = 3, *, clock: Clock = SYSTEM) -> None:
         self.control = control
+        self.clock = clock
         self.max_attempts = max_attempts
 
     # -- creation -------------------------------------------------------------
@@ -66,7 +66,7 @@ class RunService:
         ``created=False``, whoever makes it (another replica, a restarted scheduler).
         """
         planned = [r if isinstance(r, PlannedRange) else PlannedRange(*r) for r in ranges]
-        ts = _now()
+        ts = self.clock.now()
         try:
             with self.control.begin() as conn:
                 run_id = conn.execute(runs.insert().values(
@@ -97,12 +97,13 @@ class RunService:
 
     def mark_published(self, run_id: int) -> None:
         with self.control.begin() as conn:
-            conn.execute(update(runs).where(runs.c.id == run_id).values(published_at=_now()))
+            conn.execute(update(runs).where(runs.c.id == run_id)
+                         .values(published_at=self.clock.now()))
 
     def unpublished(self, older_than_s: float) -> list[int]:
         """Running runs whose jobs were never handed to the bus (their planner died
         in between), created more than ``older_than_s`` ago."""
-        cutoff = datetime.fromtimestamp(time.time() - older_than_s, UTC)
+        cutoff = datetime.fromtimestamp(self.clock.time() - older_than_s, UTC)
         with self.control.connect() as conn:
             return [int(i) for i in conn.execute(select(runs.c.id).where(
                 (runs.c.status == "running") & runs.c.published_at.is_(None)
@@ -156,12 +157,12 @@ class RunService:
             if row.attempts >= self.max_attempts:
                 last = row.error or "the worker stopped mid-range (killed?)"
                 conn.execute(update(run_ranges).where(self._where(run_id, range_no)).values(
-                    status="parked", worker=None, updated_at=_now(),
+                    status="parked", worker=None, updated_at=self.clock.now(),
                     error=f"gave up after {row.attempts} attempts; last: {last}"[:2000]))
                 self._maybe_finish(conn, run_id)
                 return None
             attempt = row.attempts + 1
-            ts = _now()
+            ts = self.clock.now()
             conn.execute(update(run_ranges).where(self._where(run_id, range_no)).values(
                 status="running", attempts=attempt, worker=worker, started_at=ts, users=0,
                 updated_at=ts))
@@ -173,7 +174,7 @@ class RunService:
             conn.execute(update(run_ranges).where(
                 self._where(run_id, range_no) & (run_ranges.c.status == "running")
                 & (run_ranges.c.worker == worker)
-            ).values(users=users, updated_at=_now()))
+            ).values(users=users, updated_at=self.clock.now()))
 
     def release(self, run_id: int, range_no: int, worker: str) -> None:
         """Give a claimed range back without counting the attempt (the failure was not
@@ -189,7 +190,7 @@ class RunService:
                 .values(
                     status="pending",
                     worker=None,
-                    updated_at=_now(),
+                    updated_at=self.clock.now(),
                     attempts=case((run_ranges.c.attempts > 0, run_ranges.c.attempts - 1), else_=0),
                 )
             )
@@ -202,7 +203,8 @@ class RunService:
             self._lock_run(conn, run_id)
             values: dict[str, Any] = {
                 "status": "done", "users": users, "matches": matches, "errors": errors,
-                "enters": enters, "exits": exits, "seconds": seconds, "updated_at": _now(),
+                "enters": enters, "exits": exits, "seconds": seconds,
+                "updated_at": self.clock.now(),
                 "rule_cpu": {k: round(v, 6) for k, v in (rule_cpu or {}).items()}}
             if worker is not None:
                 values["worker"] = worker
@@ -221,7 +223,7 @@ class RunService:
             parked = attempts >= self.max_attempts
             conn.execute(update(run_ranges).where(self._where(run_id, range_no)).values(
                 error=error[:2000], status="parked" if parked else "pending", worker=None,
-                updated_at=_now()))
+                updated_at=self.clock.now()))
             if parked:
                 self._maybe_finish(conn, run_id)
             return not parked
@@ -233,7 +235,7 @@ class RunService:
             return
         status = "done_with_errors" if counts.get("parked", 0) else "done"
         conn.execute(update(runs).where((runs.c.id == run_id) & (runs.c.status == "running"))
-                     .values(status=status, finished_at=_now()))
+                     .values(status=status, finished_at=self.clock.now()))
 
     # -- reading --------------------------------------------------------------
     def get(self, run_id: int) -> dict[str, Any]:
@@ -275,7 +277,7 @@ class RunService:
                                "attempts": r.attempts, "error": r.error})
         created = _aware(run.created_at)
         elapsed = (
-            (_aware(run.finished_at) if run.finished_at else _now()) - created
+            (_aware(run.finished_at) if run.finished_at else self.clock.now()) - created
         ).total_seconds()
         seen = users + live
         rate = seen / elapsed if elapsed > 0 else 0.0

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -43,7 +43,7 @@ from scheduler.cron import cron_trigger, last_fire_time, nightly_enabled
 from scheduler.leader import Leadership, leadership_for
 from scheduler.planner import republish, start_run
 
-__all__ = ["SchedulerService", "fire_campaign", "fire_nightly", "run_scheduler", "today_in"]
+__all__ = ["SchedulerService", "fire_campaign", "fire_nightly", "run_scheduler"]
 
 log = logging.getLogger("kvadrupel.scheduler")
 
@@ -51,10 +51,6 @@ log = logging.getLogger("kvadrupel.scheduler")
 # APScheduler stores jobs as references to module-level functions, which find it here.
 _ACTIVE: SchedulerService | None = None
 _FIRE_ATTEMPTS = 3
-
-
-def today_in(tz: str) -> date:
-    return datetime.now(ZoneInfo(tz)).date()
 
 
 def fire_nightly(cron: str, tz: str) -> None:
@@ -85,7 +81,7 @@ class SchedulerService:
         self.catchup_s = s.scheduler_catchup_s
         self.poll_s = s.scheduler_poll_s
         self.target_users = s.range_target_users
-        self.campaigns = CampaignService(container.control)
+        self.campaigns = CampaignService(container.control, container.clock)
         self.leadership = leadership or leadership_for(container.control)
         self.leading = threading.Event()
         self.fired: list[int] = []  # runs this replica made (logs, tests)
@@ -163,7 +159,7 @@ class SchedulerService:
             log.exception("scheduler chores failed")
 
     def _sync_campaigns(self, sched: BackgroundScheduler) -> None:
-        now = datetime.now(UTC)
+        now = self.container.clock.now()
         jobs = {j.id for j in sched.get_jobs() if j.id.startswith("campaign-")}
         wanted: set[str] = set()
         for c in self.campaigns.with_status("scheduled", "starting"):
@@ -190,7 +186,7 @@ class SchedulerService:
 
     # -- firing ---------------------------------------------------------------
     def fire_nightly(self, cron: str, tz: str) -> int | None:
-        now = datetime.now(ZoneInfo(tz))
+        now = self.container.clock.local_now(tz)
         scheduled = last_fire_time(cron_trigger(cron, tz), now, self.catchup_s + 60) or now
         key = f"nightly@{scheduled.isoformat()}"
         return self._start(key, scheduled.date(), None, "nightly")

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
-from datetime import date, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import orjson
 from fastapi import FastAPI, Request
@@ -139,17 +137,16 @@ def _error(request: Request, status: int, title: str, detail: str) -> Response:
     return render(request, "error.html", status, title=title, detail=detail)
 
 
-def create_admin_app(container: Container, today: Callable[[], date] | None = None) -> FastAPI:
+def create_admin_app(container: Container) -> FastAPI:
     s = container.settings
     app = FastAPI(title="Kvadrupel admin", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.container = container
     app.state.settings = s
-    app.state.accounts = AccountStore(container.control)
-    app.state.audit = AuditLog(container.control)
-    app.state.activations = ActivationStore(container.control)
+    app.state.accounts = AccountStore(container.control, container.clock)
+    app.state.audit = AuditLog(container.control, container.clock)
+    app.state.activations = ActivationStore(container.control, container.clock)
     app.state.throttle = security.LoginThrottle()
-    tz = ZoneInfo(s.timezone)
-    app.state.today = today or (lambda: datetime.now(tz).date())
+    app.state.today = container.clock.today
 
     from api.admin.routes import auth, rules, runs, users
 
@@ -210,7 +207,7 @@ def create_admin_app(container: Container, today: Callable[[], date] | None = No
 
 def mount_admin(app: FastAPI, container: Container) -> None:
     """Mount the admin UI at ``/admin`` of the REST app (uses its ``today``)."""
-    admin = create_admin_app(container, today=lambda: app.state.today())
+    admin = create_admin_app(container)
 
     @app.get(PREFIX, include_in_schema=False)
     def _admin_root() -> RedirectResponse:

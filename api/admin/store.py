@@ -9,12 +9,12 @@ rule to go live and who approved it.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, select, update
 
 from api.admin.passwords import hash_password, needs_rehash, verify_password
+from kvadrupel.clock import SYSTEM, Clock
 from kvadrupel.errors import Conflict, NotFound
 from shards.schema import activation_requests, admin_audit, admin_users
 
@@ -25,8 +25,6 @@ USERNAME_MAX = 64
 PASSWORD_MIN = 10
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def check_username(name: str) -> str:
@@ -53,13 +51,14 @@ def check_role(role: str) -> str:
 class AccountStore:
     """Admin UI accounts: argon2id password hashes and a role each."""
 
-    def __init__(self, control: Engine) -> None:
+    def __init__(self, control: Engine, clock: Clock = SYSTEM) -> None:
         self.control = control
+        self.clock = clock
 
     def add(self, username: str, password: str, role: str) -> dict[str, Any]:
         username, role = check_username(username), check_role(role)
         check_password(password)
-        ts = _now()
+        ts = self.clock.now()
         with self.control.begin() as conn:
             if conn.execute(
                 select(admin_users.c.username).where(admin_users.c.username == username)
@@ -130,7 +129,7 @@ class AccountStore:
             res = conn.execute(
                 update(admin_users)
                 .where(admin_users.c.username == username)
-                .values(updated_at=_now(), **values)
+                .values(updated_at=self.clock.now(), **values)
                 .returning(admin_users.c.username)
             )
             if res.first() is None:
@@ -156,8 +155,9 @@ class AccountStore:
 class AuditLog:
     """Append-only: who did what, when, and what changed."""
 
-    def __init__(self, control: Engine) -> None:
+    def __init__(self, control: Engine, clock: Clock = SYSTEM) -> None:
         self.control = control
+        self.clock = clock
 
     def record(
         self,
@@ -169,7 +169,8 @@ class AuditLog:
         with self.control.begin() as conn:
             conn.execute(
                 admin_audit.insert().values(
-                    at=_now(), actor=actor, action=action, target=target, detail=detail or {}
+                    at=self.clock.now(), actor=actor, action=action, target=target,
+                    detail=detail or {},
                 )
             )
 
@@ -195,8 +196,9 @@ class AuditLog:
 class ActivationStore:
     """Requests to turn a rule version on, and their decisions."""
 
-    def __init__(self, control: Engine) -> None:
+    def __init__(self, control: Engine, clock: Clock = SYSTEM) -> None:
         self.control = control
+        self.clock = clock
 
     def create(
         self,
@@ -207,7 +209,7 @@ class ActivationStore:
         note: str | None,
         status: str = "pending",
     ) -> dict[str, Any]:
-        ts = _now()
+        ts = self.clock.now()
         with self.control.begin() as conn:
             # One open request per rule: a newer one replaces the older.
             conn.execute(
@@ -250,7 +252,7 @@ class ActivationStore:
             res = conn.execute(
                 update(activation_requests)
                 .where((activation_requests.c.id == rid) & (activation_requests.c.status == expect))
-                .values(status=status, decided_by=by, decided_at=_now())
+                .values(status=status, decided_by=by, decided_at=self.clock.now())
                 .returning(activation_requests.c.id)
             )
             return res.first() is not None

@@ -84,7 +84,8 @@ def _counter(app: Any) -> EngagementCounter:
     if c is None:
         s = _container(app).settings
         c = app.state.engagement = EngagementCounter(_container(app).control, s.timezone,
-                                                     s.engagement_flush_s)
+                                                     s.engagement_flush_s,
+                                                     clock=_container(app).clock.now)
     return c
 
 
@@ -102,7 +103,8 @@ def _authenticator(app: Any) -> Authenticator:
         return banner_api.auth
     auth = getattr(app.state, "engagement_auth", None)
     if auth is None:
-        auth = app.state.engagement_auth = Authenticator.from_settings(_container(app).settings)
+        auth = app.state.engagement_auth = Authenticator.from_settings(
+            _container(app).settings, _container(app).clock.time)
     return auth
 
 

@@ -55,7 +55,7 @@ class CampaignIn(BaseModel):
 
 
 def _campaigns(request: Request) -> CampaignService:
-    return CampaignService(request.app.state.container.control)
+    return CampaignService(request.app.state.container.control, request.app.state.container.clock)
 
 
 def _check_rules(request: Request, keys: list[str] | None) -> None:

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 
 from api.admin.store import AccountStore
 from api.app import create_app
+from kvadrupel.clock import Clock
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 
@@ -69,7 +70,7 @@ def settings_for(data_dir: Path, **overrides: Any) -> Settings:
 
 
 def make_container(settings: Settings) -> Container:
-    c = Container(settings)
+    c = Container(settings, clock=Clock.pinned(AS_OF, settings.timezone))
     c.migrate()
     accounts = AccountStore(c.control)
     for name, role in ROLES.items():
@@ -127,7 +128,7 @@ class AdminEnv:
 @pytest.fixture
 def admin_env(tmp_path: Path) -> Iterator[AdminEnv]:
     c = make_container(settings_for(tmp_path / "data"))
-    env = AdminEnv(c, create_app(c, today=lambda: AS_OF))
+    env = AdminEnv(c, create_app(c))
     try:
         yield env
     finally:
@@ -156,12 +157,12 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     stop = threading.Event()
     workers = [
         c.ingest_worker().start_thread(stop),
-        c.evaluator_worker(today=lambda: AS_OF).start_thread(stop),
+        c.evaluator_worker().start_thread(stop),
         c.delivery_worker().start_thread(stop),
     ]
     port = _free_port()
     config = uvicorn.Config(
-        create_app(c, today=lambda: AS_OF),
+        create_app(c),
         host="127.0.0.1",
         port=port,
         log_config=None,

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
 from api.fast import BannerFastPath
+from kvadrupel.clock import Clock
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 from shards.store import BannerChange
@@ -70,7 +71,7 @@ class Api:
 
 
 def make_app(container: Container, mode: str) -> Any:
-    app = create_app(container, today=lambda: AS_OF)
+    app = create_app(container)
     if mode == "routed":
         app.user_middleware[:] = [m for m in app.user_middleware if m.cls is not BannerFastPath]
     return app
@@ -81,7 +82,7 @@ def api(request: pytest.FixtureRequest, tmp_path: Path, rsa_keys: tuple[Any, str
     settings = Settings(data_dir=tmp_path, admin_token=ADMIN, ingest_token=INGEST,
                         portal_token=PORTAL, jwt_secret=SECRET, jwt_public_key=rsa_keys[1],
                         jwt_algorithms=["HS256", "RS256"], banner_longpoll_max_waiters=2)
-    c = Container(settings)
+    c = Container(settings, clock=Clock.pinned(AS_OF, settings.timezone))
     c.migrate()
     with TestClient(make_app(c, request.param)) as client:
         yield Api(client, c)

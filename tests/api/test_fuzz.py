@@ -9,7 +9,7 @@ a banner that does not exist, is rightly refused with a documented 4xx.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import date
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,10 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
     c = Container(Settings(data_dir=tmp, admin_token=ADMIN, ingest_token="i" * 24,
                            portal_token="p" * 24, jwt_secret="s" * 40,
-                           banner_longpoll_max_wait_s=1))  # a generated wait=3600 stays short
+                           banner_longpoll_max_wait_s=1,  # a generated wait=3600 stays short
+                           clock_start=datetime(2026, 11, 24)))
     c.migrate()
-    application = create_app(c, today=lambda: date(2026, 11, 24))
+    application = create_app(c)
     with TestClient(application):  # lifespan: start-up and shut-down of the banner caches
         yield application
     c.close()

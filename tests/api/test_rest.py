@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from engine.events import parse_event
+from kvadrupel.clock import Clock
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 
@@ -57,9 +58,9 @@ def api(tmp_path: Path) -> Iterator[tuple[TestClient, Container]]:
     settings = Settings(
         data_dir=tmp_path, admin_token=ADMIN, ingest_token=INGEST, portal_token=PORTAL
     )
-    c = Container(settings)
+    c = Container(settings, clock=Clock.pinned(date(2026, 11, 24), settings.timezone))
     c.migrate()
-    with TestClient(create_app(c, today=lambda: date(2026, 11, 24))) as client:
+    with TestClient(create_app(c)) as client:
         yield client, c
     c.close()
 

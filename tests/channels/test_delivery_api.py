@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from api.app import create_app
 from channels.pushers.fcm import FcmPusher
+from kvadrupel.clock import Clock
 from kvadrupel.container import Container
 from rules.models import RuleIn
 from shards.schema import banner_stats
@@ -117,15 +118,15 @@ def stack(tmp_path: Any, smtp_server: Any) -> Iterator[Stack]:
     receiver = PushReceiver()
     settings = embedded_settings(tmp_path, smtp_url=smtp_server.url, jwt_secret=JWT_SECRET,
                                  public_url="https://kvadrupel.example")
-    container = Container(settings)
+    container = Container(settings, clock=Clock.pinned(AS_OF, settings.timezone))
     container.migrate()
     container.rules.create(RuleIn.model_validate(RULE))
     stop = threading.Event()
     pusher = FcmPusher(receiver.account, endpoint=receiver.url)
     threads = [container.ingest_worker().start_thread(stop),
-               container.evaluator_worker(today=lambda: AS_OF).start_thread(stop),
+               container.evaluator_worker().start_thread(stop),
                container.delivery_worker(pusher=pusher).start_thread(stop)]
-    client = TestClient(create_app(container, today=lambda: AS_OF))
+    client = TestClient(create_app(container))
     try:
         yield Stack(container, client, smtp_server, receiver)
     finally:
@@ -248,7 +249,7 @@ def test_preferences_api(stack: Stack) -> None:
 
 def test_impressions_and_clicks_are_counted_in_memory_and_flushed(stack: Stack) -> None:
     s = stack
-    app = create_app(s.container, today=lambda: AS_OF)
+    app = create_app(s.container)
     with TestClient(app) as client:  # runs the lifespan: the periodic and the final flush
         base = f"/v1/users/{EN}/banners/dl-soon.1"
         for _ in range(300):

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from channels.mailers.outbox import read_outbox
+from kvadrupel.clock import Clock
 from kvadrupel.container import Container
 from kvadrupel.demo import install_pack
 from kvadrupel.settings import Settings
@@ -64,16 +65,16 @@ class Pipeline:
 
 
 def _start(settings: Settings, kind: str, mails: Callable[[], list[Any]]) -> Pipeline:
-    container = Container(settings)
+    container = Container(settings, clock=Clock.pinned(AS_OF, settings.timezone))
     container.migrate()
     install_pack(container.rules, BUILTIN_RULES)
     stop = threading.Event()
     threads = [
         container.ingest_worker().start_thread(stop),
-        container.evaluator_worker(today=lambda: AS_OF).start_thread(stop),
+        container.evaluator_worker().start_thread(stop),
         container.delivery_worker().start_thread(stop),
     ]
-    client = TestClient(create_app(container, today=lambda: AS_OF))
+    client = TestClient(create_app(container))
     return Pipeline(kind, container, client, mails, stop, threads)
 
 

@@ -19,7 +19,14 @@ from kvadrupel.demo import install_pack
 from rules.context import make_context
 from rules.pack import BUILTIN_RULES
 from scheduler.planner import start_run
-from tests.scheduler.helpers import AS_OF, KINDS, drain_results, load_users, make_settings
+from tests.scheduler.helpers import (
+    AS_OF,
+    AS_OF_MIDNIGHT,
+    KINDS,
+    drain_results,
+    load_users,
+    make_settings,
+)
 
 N = 1_500
 
@@ -28,7 +35,8 @@ N = 1_500
 def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Container]:
     # The default rule budgets: they count CPU time, so two evaluator threads of one
     # process on a loaded CI machine, waiting for the GIL and the CPU, do not overrun.
-    c = Container(make_settings(request.param, request, tmp_path, range_target_users=300))
+    c = Container(make_settings(request.param, request, tmp_path, range_target_users=300,
+                                clock_start=AS_OF_MIDNIGHT))
     c.migrate()
     install_pack(c.rules, BUILTIN_RULES)
     c.kind = request.param  # type: ignore[attr-defined]
@@ -155,7 +163,7 @@ def test_a_users_job_evaluates_just_those_users_as_of_today(deployment: Containe
     chosen = sorted(docs)[:40]
     shard_of = c.shards.router.shard_of
     stop = threading.Event()
-    threads = [c.evaluator_worker(today=lambda: AS_OF).start_thread(stop)]
+    threads = [c.evaluator_worker().start_thread(stop)]
     try:
         for shard in (0, 1):
             ids = [u for u in chosen if shard_of(u) == shard]

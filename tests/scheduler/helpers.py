@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from kvadrupel.settings import Settings
 from kvadrupel.synthetic import users
 
 AS_OF = date(2026, 11, 24)
+AS_OF_MIDNIGHT = datetime(2026, 11, 24)  # clock_start: pins the container's clock to AS_OF
 TOKENS = {"admin_token": "adm-" + "x" * 20, "ingest_token": "ing-" + "y" * 20,
           "portal_token": "por-" + "z" * 20}
 KINDS = ["embedded", pytest.param("production", marks=[pytest.mark.kafka, pytest.mark.postgres])]

@@ -17,14 +17,15 @@ from kvadrupel import runs_cli
 from kvadrupel.container import Container
 from kvadrupel.demo import install_pack
 from rules.pack import BUILTIN_RULES
-from tests.scheduler.helpers import AS_OF, TOKENS, load_users, make_settings
+from tests.scheduler.helpers import AS_OF, AS_OF_MIDNIGHT, TOKENS, load_users, make_settings
 
 ADMIN = {"Authorization": f"Bearer {TOKENS['admin_token']}"}
 
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Container]:
-    c = Container(make_settings("embedded", None, tmp_path, range_target_users=200))  # type: ignore[arg-type]
+    c = Container(make_settings("embedded", None, tmp_path,  # type: ignore[arg-type]
+                                range_target_users=200, clock_start=AS_OF_MIDNIGHT))
     c.migrate()
     install_pack(c.rules, BUILTIN_RULES)
     load_users(c, 800)
@@ -39,7 +40,7 @@ def deployment(tmp_path: Path) -> Iterator[Container]:
 
 def test_runs_and_campaigns_over_rest(deployment: Container) -> None:
     c = deployment
-    with TestClient(create_app(c, today=lambda: AS_OF)) as client:
+    with TestClient(create_app(c)) as client:
         # A run restricted to unknown rules is refused
         r = client.post("/v1/runs", json={"rules": ["nope"]}, headers=ADMIN)
         assert r.status_code == 422 and "nope" in r.json()["detail"]
