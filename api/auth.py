@@ -15,11 +15,19 @@ or RS256/ES256 (``KVADRUPEL_JWT_PUBLIC_KEY``), with ``sub`` = the user id and
 
 Verified JWTs are remembered (bounded, until their ``exp``) so the hot route pays
 for the signature check once per token, not once per request.
+
+``aud`` and ``iss`` are checked only when configured (``KVADRUPEL_JWT_AUDIENCE``,
+``KVADRUPEL_JWT_ISSUER``); a configured one that the token lacks or does not match
+is a 401, and so is an ``aud`` in a token when no audience is configured. With user
+tokens accepted but no issuer configured, a warning is logged once per process at
+start-up: any holder of the key may then mint tokens that pass.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +88,23 @@ class Principal:
 
 
 _SERVICE = Principal("service")
+log = logging.getLogger("kvadrupel.api.auth")
+_issuer_warning = threading.Lock()
+_issuer_warned = False
+
+
+def _warn_unchecked_issuer() -> None:
+    """Once per process: user tokens are accepted and their issuer is not checked."""
+    global _issuer_warned
+    with _issuer_warning:
+        if _issuer_warned:
+            return
+        _issuer_warned = True
+    log.warning(
+        "KVADRUPEL_JWT_ISSUER is not set: the issuer (iss) of user tokens is not checked; "
+        "any token signed with the configured key is accepted. Set it to your identity "
+        "provider's issuer (docs/api.md)"
+    )
 _ASYMMETRIC = ("RS", "PS", "ES", "Ed")
 
 
@@ -111,6 +136,8 @@ class Authenticator:
         self._public = _load_public_key(jwt_public_key)
         self.audience = audience or None
         self.issuer = issuer or None
+        if self.issuer is None and (self._secret is not None or self._public is not None):
+            _warn_unchecked_issuer()
         self.leeway = leeway_s
         self.clock = clock  # seconds since the epoch: the container's clock (time, not date)
         self._cache: dict[bytes, tuple[int, float]] = {}  # token -> (user id, exp)

@@ -5,10 +5,15 @@ HMAC-SHA256 (128-bit tag) under the deployment's unsubscribe secret::
 
     <base64url("v1.<user id>.<channel>.<category or empty>")>.<base64url(tag)>
 
-``GET`` (or RFC 8058 one-click ``POST``) ``/v1/unsubscribe/{token}`` needs no login:
-the token is the authority. It opts the user out of that category on that
-channel (or of the whole channel when the category is empty). Tokens do not
-expire: an unsubscribe link in an old e-mail must keep working.
+``/v1/unsubscribe/{token}`` needs no login: the token is the authority. ``GET``
+(the footer link) only shows a page asking for confirmation — mail scanners and
+link previews fetch links, and must not unsubscribe anyone; its button ``POST``s
+to the same URL. A ``POST`` whose form body is ``List-Unsubscribe=One-Click``
+(RFC 8058: what a mail client sends for the ``List-Unsubscribe-Post`` header, or
+the page's button) opts the user out of that category on that channel (or of the
+whole channel when the category is empty). So one URL serves the footer link, the
+``List-Unsubscribe`` header and one-click. Tokens do not expire: an unsubscribe
+link in an old e-mail must keep working.
 
 The secret: ``KVADRUPEL_UNSUBSCRIBE_SECRET``; if unset, derived from the admin
 token; if that is unset too (a bare embedded setup), a random key kept in
@@ -127,7 +132,9 @@ class Unsubscriber:
         return f"{self.base}/v1/unsubscribe/{self.token(user_id, channel, category)}"
 
     def headers(self, url: str) -> dict[str, str]:
-        """RFC 2369 + RFC 8058 (one-click: the POST goes to the same URL)."""
+        """RFC 2369 + RFC 8058: one-click is a POST of ``List-Unsubscribe=One-Click``
+        to the same URL (a GET of it only shows the confirmation page). The URL must
+        be https for mailbox providers to offer one-click (``KVADRUPEL_PUBLIC_URL``)."""
         return {
             "List-Unsubscribe": f"<{url}>",
             "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",

@@ -25,19 +25,25 @@ hundred nanoseconds when nothing changed (the common case in a nightly run).
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
+import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from channels.compose import compose
-from kvadrupel.errors import ChannelError
+from kvadrupel.errors import ChannelError, RuleError, RuleTimeout
 from rules.context import Context
 from rules.ruleset import RuleSet
 from rules.service import ActiveRule
 from shards.store import ProfileRow
 
-__all__ = ["CompiledPack", "RangeStats", "evaluate_rows"]
+__all__ = ["CompiledPack", "RangeStats", "confirm_slow", "confirm_timeout", "evaluate_rows"]
+
+log = logging.getLogger("kvadrupel.evaluate")
 
 # A row to evaluate: (user_id, profile document, previous state or None/{}).
 # The state is {rule_key: [episode, active (0/1), version, since (ISO date)]}.
@@ -107,6 +113,32 @@ class RangeStats:
     slow: dict[str, int] = field(
         default_factory=dict
     )  # rule -> user id it spent its batch budget on
+
+    def to_json(self) -> dict[str, Any]:
+        """What a sandbox child sends back (timeout_docs stay behind: the parent
+        holds the rows)."""
+        return {"users": self.users, "matches": self.matches, "errors": self.errors,
+                "error_samples": self.error_samples, "timeouts": self.timeouts,
+                "enters": self.enters, "exits": self.exits, "cpu": self.cpu, "slow": self.slow}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RangeStats:
+        """Parse a child's figures, checking their types (a child is not trusted)."""
+        def counter(v: Any, kind: type) -> Counter[str]:
+            if not isinstance(v, dict) or not all(
+                    isinstance(k, str) and isinstance(x, kind) and not isinstance(x, bool)
+                    for k, x in v.items()):
+                raise ValueError("malformed figures from the sandbox")
+            return Counter(v)
+        return cls(
+            users=int(d["users"]), matches=counter(d["matches"], int),
+            errors=counter(d["errors"], int),
+            error_samples={str(k): str(v)[:2000] for k, v in dict(d["error_samples"]).items()},
+            timeouts={str(k): int(v) for k, v in dict(d["timeouts"]).items()},
+            enters=int(d["enters"]), exits=int(d["exits"]),
+            cpu=Counter({str(k): float(v) for k, v in dict(d["cpu"]).items()}),
+            slow={str(k): int(v) for k, v in dict(d["slow"]).items()},
+        )
 
     def merge(self, other: RangeStats) -> None:
         self.users += other.users
@@ -246,6 +278,69 @@ def _record_failures(outcome: Any, uid: int, doc: Any, stats: RangeStats) -> set
             stats.timeouts[k] = uid
             stats.timeout_docs[k] = doc
     return set(outcome.errors) | set(outcome.timeouts)
+
+
+def alone(pack: CompiledPack, key: str, ctx: Context) -> tuple[Any, Context]:
+    """The compiled rule ``key`` of ``pack`` and its context, to run it by itself."""
+    compiled = pack.ruleset.compiled[pack.ruleset.keys.index(key)]
+    return compiled, replace(ctx, rule_key=key, rule_version=pack.rules[key].version)
+
+
+def confirm_timeout(pack: CompiledPack, key: str, doc: Any, ctx: Context,
+                    confirmations: int = 1) -> bool:
+    """Confirm a timeout before quarantining: the budget is the thread's CPU time,
+    which includes a garbage collection the rule happened to trigger. The rule
+    runs again, alone, on the same profile, with the collector off; only a rule
+    that overruns every time is taken out."""
+    compiled, rule_ctx = alone(pack, key, ctx)
+    with collector_off():
+        for _ in range(confirmations):
+            try:
+                compiled.match(doc, rule_ctx)
+            except RuleTimeout:
+                continue
+            except RuleError:
+                pass  # it raised instead: an error, counted already
+            log.warning("rule %s overran its budget once but not when re-run: not quarantined",
+                        key)
+            return False
+    return True
+
+
+def confirm_slow(pack: CompiledPack, key: str, docs: Iterable[Any], ctx: Context,
+                 batch_budget_ms: float) -> bool:
+    """Confirm a batch-budget overrun: the charge is sampled (rules/budget.py) and
+    a long garbage collection may land on any rule. Runs the rule alone over the
+    same rows, timing its CPU: confirmed once it has used half the budget (the
+    charge is right give or take a tick or two; a collection charged to a
+    healthy rule is off by orders of magnitude). Costs at most half a budget."""
+    compiled, rule_ctx = alone(pack, key, ctx)
+    budget_s = batch_budget_ms / 1000.0 / 2
+    spent = 0.0
+    with collector_off():
+        for doc in docs:
+            t0 = time.thread_time()
+            try:
+                compiled.match(doc, rule_ctx)
+            except RuleError:
+                pass
+            spent += time.thread_time() - t0
+            if spent >= budget_s:
+                return True
+    log.warning("rule %s was charged its batch budget but used %.0f ms when re-run alone: "
+                "not quarantined", key, spent * 1000)
+    return False
+
+
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _enter(uid: int, doc: Any, rule: ActiveRule, episode: int, ctx: Context, run_id: int | None,

@@ -27,15 +27,15 @@ backoff and parked after ``range_max_attempts``: the run then ends
 
 from __future__ import annotations
 
-import contextlib
 import gc
+import hashlib
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -43,15 +43,17 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from engine.bus import Bus, Consumer, Message
-from engine.evaluation import CompiledPack, RangeStats, evaluate_rows
+from engine.evaluation import RangeStats
 from engine.worker import BatchWorker
 from kvadrupel import metrics
-from kvadrupel.errors import BusError, RuleError, RuleTimeout, ShardUnavailable
-from rules.context import Context, make_context
-from rules.service import RuleService
+from kvadrupel.errors import BusError, SandboxCrash, ShardUnavailable
+from rules.isolation import SandboxPool
+from rules.remote import CHILD_MODULE
+from rules.service import ActiveRule, RuleService
 from scheduler.runs import RunService
+from shards.copytext import row_user
 from shards.shardset import ShardSet
-from shards.store import ProfileRow, ShardStore
+from shards.store import ShardStore
 
 __all__ = ["EvaluatorWorker", "worker_id"]
 
@@ -60,19 +62,36 @@ log = logging.getLogger("kvadrupel.evaluate")
 SCAN_BATCH = 256  # rows per evaluated batch: small batches stay in the CPU caches
 FLUSH_USERS = 20_000  # users between "bus flushed, states saved" points
 PROGRESS_S = 1.0  # how often a running range reports its users (live progress)
-TIMEOUT_CONFIRMATIONS = 1  # re-runs that must all overrun before a rule is quarantined
 
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _rows(store: ShardStore, scan: str, *args: Any) -> Iterator[Any]:
-    """The store's tuple scan where it has one, else its ProfileRow stream."""
-    fn = getattr(store, scan, None)
-    if fn is not None:
-        return fn(*args)
-    return getattr(store, "stream_" + scan.removeprefix("scan_"))(*args)
+@dataclass(frozen=True, slots=True)
+class PackInfo:
+    """The rules a batch is evaluated with, as the evaluator knows them: metadata
+    only. The code is compiled and run in the sandbox child (engine/sandbox_child.py),
+    which gets ``payload`` once per child under the cache key ``id``."""
+
+    id: str
+    rules: dict[str, ActiveRule]
+    restricted: bool
+    payload: dict[str, Any]
+
+    @classmethod
+    def build(cls, active: list[ActiveRule], generation: Any, only: frozenset[str] | None,
+              frozen: frozenset[str], budget_ms: float, batch_budget_ms: float) -> PackInfo:
+        chosen = [r for r in active if only is None or r.key in only]
+        payload = {
+            "rules": [[r.key, r.version, r.name, r.group, r.priority, r.source, r.banner,
+                       r.email] for r in active],
+            "only": sorted(only) if only is not None else None, "frozen": sorted(frozen),
+            "budget_ms": budget_ms, "batch_budget_ms": batch_budget_ms,
+        }
+        digest = hashlib.sha256(orjson.dumps([str(generation), payload], default=str))
+        return cls("pack:" + digest.hexdigest()[:32], {r.key: r for r in chosen},
+                   only is not None, payload)
 
 
 class EvaluatorWorker(BatchWorker):
@@ -86,8 +105,11 @@ class EvaluatorWorker(BatchWorker):
                  runs: RunService, *, budget_ms: float = 50.0, batch_budget_ms: float = 1000.0,
                  timezone: str = "Europe/Moscow",
                  error_rate: float = 0.5, error_min_samples: int = 100,
-                 today: Callable[[], date] | None = None, retry_backoff_s: float = 1.0) -> None:
+                 today: Callable[[], date] | None = None, retry_backoff_s: float = 1.0,
+                 sandbox: SandboxPool | None = None) -> None:
         super().__init__(consumer)
+        # Rule code runs only in the sandbox's child processes (rules/isolation.py).
+        self.sandbox = sandbox or SandboxPool(CHILD_MODULE, size=1)
         self.bus = bus
         self.shards = shards
         self.rules = rules
@@ -102,14 +124,14 @@ class EvaluatorWorker(BatchWorker):
         self.jobs_topic = bus.topic("jobs")
         self.worker = worker_id()
         self._today = today or (lambda: datetime.now(ZoneInfo(timezone)).date())
-        self._packs: dict[frozenset[str] | None, CompiledPack] = {}
+        self._packs: dict[frozenset[str] | None, PackInfo] = {}
         self._generation: Any = None
         self._frozen: frozenset[str] = frozenset()
         self._checked = 0.0
         self._stop = threading.Event()
 
     # -- rules ----------------------------------------------------------------
-    def pack(self, only: Iterable[str] | None = None, force: bool = False) -> CompiledPack:
+    def pack(self, only: Iterable[str] | None = None, force: bool = False) -> PackInfo:
         """The compiled rules (all active ones, or the ``only`` ones), reloaded when
         any rule changes (checked at most once a second)."""
         now = time.monotonic()
@@ -124,9 +146,9 @@ class EvaluatorWorker(BatchWorker):
         key = frozenset(only) if only is not None else None
         pack = self._packs.get(key)
         if pack is None:
-            pack = self._packs[key] = CompiledPack(self.rules.active(), self.budget_ms,
-                                                   self._generation, only=key, frozen=self._frozen,
-                                                   batch_budget_ms=self.batch_budget_ms)
+            pack = self._packs[key] = PackInfo.build(
+                self.rules.active(), self._generation, key, self._frozen, self.budget_ms,
+                self.batch_budget_ms)
         return pack
 
     # -- the loop -------------------------------------------------------------
@@ -188,7 +210,7 @@ class EvaluatorWorker(BatchWorker):
             as_of = date.fromisoformat(job["as_of"])
             only = job.get("rules")
             stats = self._evaluate(
-                _rows(store, "scan_range", int(job["lo"]), int(job["hi"]), SCAN_BATCH),
+                store.scan_range_text(int(job["lo"]), int(job["hi"]), SCAN_BATCH),
                 store, as_of, run_id, only, progress=(run_id, no))
         except BusError:
             # Not the range's fault: give the attempt back and let the worker loop
@@ -217,14 +239,14 @@ class EvaluatorWorker(BatchWorker):
     def run_users(self, job: dict) -> None:
         store = self.shards.stores[int(job["shard"])]
         as_of = date.fromisoformat(job["as_of"]) if job.get("as_of") else self._today()
-        self._evaluate(_rows(store, "scan_users", [int(u) for u in job["user_ids"]]),
+        self._evaluate(store.scan_users_text([int(u) for u in job["user_ids"]], SCAN_BATCH),
                        store, as_of, None, None)
 
-    def _evaluate(self, chunks: Iterator[Any], store: ShardStore, as_of: date,
+    def _evaluate(self, chunks: Iterator[list[bytes]], store: ShardStore, as_of: date,
                   run_id: int | None, only: Iterable[str] | None,
                   progress: tuple[int, int] | None = None) -> RangeStats:
         total = RangeStats()
-        ctx = make_context(as_of, self.timezone)
+        ctx = [as_of.isoformat(), self.timezone]
         publish = self.bus.publish
         topic = self.results_topic
         dumps = orjson.dumps
@@ -233,12 +255,16 @@ class EvaluatorWorker(BatchWorker):
         beat = time.monotonic()
         label = "range" if run_id is not None else "users"
         for chunk in chunks:
-            rows: list[Any] = chunk if isinstance(chunk, list) else list(chunk)
-            while rows:
+            lines = chunk
+            while lines:
                 pack = self.pack(only)
-                stats = RangeStats()
-                results, states = evaluate_rows(rows, pack, ctx, run_id, stats)
-                evaluated, rows = rows, rows[stats.users:] if stats.slow or stats.timeouts else []
+                try:
+                    stats, results, states = self._eval_batch(pack, lines, ctx, run_id)
+                except SandboxCrash as crash:
+                    self._contain(pack, lines, ctx, crash)
+                    continue  # the same rows again, without the rule that crashed
+                stopped = stats.slow or stats.timeouts  # the batch stopped early: go on after
+                evaluated, lines = lines, lines[stats.users:] if stopped else []
                 for r in results:
                     publish(topic, dumps(r), key=str(r["user_id"]).encode())
                     metrics.EVAL_CHANGES.labels(r["rule"], r["kind"]).inc()
@@ -262,6 +288,72 @@ class EvaluatorWorker(BatchWorker):
         self._save(store, pending)
         return total
 
+    def _eval_batch(self, pack: PackInfo, lines: list[bytes], ctx: list[str], run_id: int | None
+               ) -> tuple[RangeStats, list[dict[str, Any]], list[tuple[int, dict[str, Any]]]]:
+        """Evaluate rows in a sandbox child; check what it sends back (it ran rule code:
+        it may only speak for the users and rules it was given)."""
+        meta = {"pack": pack.id, "ctx": ctx, "run_id": run_id}
+        # CPU the child may use: every rule's batch budget, or per-profile budgets.
+        per_rule = self.batch_budget_ms or self.budget_ms * len(lines)
+        cpu_s = max(10.0, len(pack.rules) * per_rule / 1000.0 + 5.0)
+        out, body = self.sandbox.call("eval", meta, b"".join(lines), cpu_s=cpu_s,
+                                      cache=(pack.id, lambda: pack.payload))
+        try:
+            stats = RangeStats.from_json(out["stats"])
+            got = orjson.loads(body)
+            results, states = got["results"], got["states"]
+            users = {row_user(ln) for ln in lines[:stats.users]}
+            if not 0 <= stats.users <= len(lines) or not all(
+                    isinstance(r, dict) and r.get("user_id") in users
+                    and r.get("kind") in ("enter", "exit") for r in results) or not all(
+                    isinstance(st, list) and len(st) == 2 and st[0] in users
+                    and isinstance(st[1], dict) for st in states):
+                raise ValueError("results for users or of kinds it was not given")
+        except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+            raise SandboxCrash(f"sent a malformed answer ({exc})") from None
+        return stats, results, [(int(u), st) for u, st in states]
+
+    def _contain(self, pack: PackInfo, lines: list[bytes], ctx: list[str],
+                 crash: SandboxCrash) -> None:
+        """A child died on a batch: find the rule responsible by running each rule of
+        the pack alone over the batch (fresh children replace the ones that die),
+        then the first row it dies on. A rule that killed a child twice (the batch,
+        then alone) is quarantined with the reason and that user; it does not run
+        again until a new version is saved. No rule to blame: the range fails (and
+        is retried, then parked: scheduler/runs.py)."""
+        log.error("a sandbox child died on a batch of %d rows: %s; finding the rule",
+                  len(lines), crash.reason)
+        blamed = False
+        for key in sorted(pack.rules):
+            alone = self.pack([key])
+            try:
+                self._eval_batch(alone, lines, ctx, None)
+                continue
+            except SandboxCrash as again:
+                reason = again.reason
+            uid = self._first_crashing_row(alone, lines, ctx)
+            rule = pack.rules[key]
+            self.rules.quarantine(
+                key, rule.version, f"killed the rule sandbox process twice: it {reason}", uid)
+            log.error("rule %s v%d quarantined: its sandbox process %s (user %s)",
+                      key, rule.version, reason, uid)
+            blamed = True
+        if not blamed:
+            raise crash
+        self.pack(force=True)
+
+    def _first_crashing_row(self, pack: PackInfo, lines: list[bytes], ctx: list[str]
+                            ) -> int | None:
+        lo, hi = 0, len(lines)  # the first crashing row is in lines[lo:hi]
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            try:
+                self._eval_batch(pack, lines[lo:mid], ctx, None)
+                lo = mid
+            except SandboxCrash:
+                hi = mid
+        return row_user(lines[lo]) if lines else None
+
     def _save(self, store: ShardStore, states: list[tuple[int, dict[str, list[Any]]]]) -> None:
         # Results first (flush: durably accepted by the bus), then the state that
         # records them: a crash in between re-emits, it never loses.
@@ -269,13 +361,14 @@ class EvaluatorWorker(BatchWorker):
         if states:
             store.save_state(states)
 
-    def _police(self, stats: RangeStats, pack: CompiledPack, ctx: Context, rows: list[Any]) -> None:
+    def _police(self, stats: RangeStats, pack: PackInfo, ctx: list[str],
+                rows: list[bytes]) -> None:
         """Quarantine rules that spend the batch budget, time out, or fail on too many
-        profiles. ``rows``: the batch just evaluated."""
+        profiles. ``rows``: the batch just evaluated. Confirmations run in a child."""
         changed = False
         for key, uid in stats.slow.items():
             rule = pack.rules.get(key)
-            if rule and self._too_slow(pack, key, rows, ctx):
+            if rule and self._confirm("confirm_slow", pack, key, rows, ctx):
                 self.rules.quarantine(
                     key, rule.version,
                     f"used over {self.batch_budget_ms:g} ms of CPU on one batch of "
@@ -284,7 +377,8 @@ class EvaluatorWorker(BatchWorker):
             stats.timeouts.pop(key, None)  # its interrupt was the batch budget's
         for key, uid in stats.timeouts.items():
             rule = pack.rules.get(key)
-            if rule and self._times_out(pack, key, stats.timeout_docs.get(key), ctx):
+            row = [ln for ln in rows if row_user(ln) == uid][:1]
+            if rule and row and self._confirm("confirm_timeout", pack, key, row, ctx):
                 self.rules.quarantine(
                     key, rule.version, f"exceeded the {self.budget_ms:g} ms budget", uid
                 )
@@ -308,61 +402,15 @@ class EvaluatorWorker(BatchWorker):
         if changed:
             self.pack(force=True)
 
-    def _alone(self, pack: CompiledPack, key: str, ctx: Context) -> tuple[Any, Context]:
-        compiled = pack.ruleset.compiled[pack.ruleset.keys.index(key)]
-        return compiled, replace(ctx, rule_key=key, rule_version=pack.rules[key].version)
-
-    def _times_out(self, pack: CompiledPack, key: str, doc: Any, ctx: Context) -> bool:
-        """Confirm a timeout before quarantining: the budget is the thread's CPU time,
-        which includes a garbage collection the rule happened to trigger. The rule
-        runs again, alone, on the same profile, with the collector off; only a rule
-        that overruns every time is taken out."""
-        compiled, rule_ctx = self._alone(pack, key, ctx)
-        with _collector_off():
-            for _ in range(TIMEOUT_CONFIRMATIONS):
-                try:
-                    compiled.match(doc, rule_ctx)
-                except RuleTimeout:
-                    continue
-                except RuleError:
-                    pass  # it raised instead: an error, counted already
-                log.warning(
-                    "rule %s overran its budget once but not when re-run: not quarantined", key
-                )
-                return False
-        return True
-
-    def _too_slow(self, pack: CompiledPack, key: str, rows: list[Any], ctx: Context) -> bool:
-        """Confirm a batch-budget overrun: the charge is sampled (rules/budget.py) and
-        a long garbage collection may land on any rule. Runs the rule alone over the
-        same rows, timing its CPU: confirmed once it has used half the budget (the
-        charge is right give or take a tick or two; a collection charged to a
-        healthy rule is off by orders of magnitude). Costs at most half a budget."""
-        compiled, rule_ctx = self._alone(pack, key, ctx)
-        budget_s = self.batch_budget_ms / 1000.0 / 2
-        spent = 0.0
-        with _collector_off():
-            for row in rows:
-                doc = row.doc if isinstance(row, ProfileRow) else row[1]
-                t0 = time.thread_time()
-                try:
-                    compiled.match(doc, rule_ctx)
-                except RuleError:
-                    pass
-                spent += time.thread_time() - t0
-                if spent >= budget_s:
-                    return True
-        log.warning("rule %s was charged its batch budget but used %.0f ms when re-run alone: "
-                    "not quarantined", key, spent * 1000)
-        return False
-
-
-@contextlib.contextmanager
-def _collector_off() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+    def _confirm(self, op: str, pack: PackInfo, key: str, rows: list[bytes],
+                 ctx: list[str]) -> bool:
+        """Re-run ``key`` alone in a child (rules/evaluation.py confirm_*); a child that
+        dies on it confirms as surely as an overrun does."""
+        meta = {"pack": pack.id, "key": key, "ctx": ctx, "batch_budget_ms": self.batch_budget_ms}
+        try:
+            out, _ = self.sandbox.call(op, meta, b"".join(rows),
+                                       cpu_s=10.0 + self.batch_budget_ms / 1000.0,
+                                       cache=(pack.id, lambda: pack.payload))
+        except SandboxCrash:
+            return True
+        return out.get("confirmed") is True

@@ -20,6 +20,8 @@ from engine.ingest import IngestWorker
 from kvadrupel.clock import Clock
 from kvadrupel.errors import ConfigError
 from kvadrupel.settings import Settings
+from rules.isolation import Limits, SandboxPool
+from rules.remote import CHILD_MODULE, RuleRunner
 from rules.service import RuleService
 from scheduler.runs import RunService
 from shards.migrations import runner
@@ -83,9 +85,17 @@ class Container:
 
     # -- services -------------------------------------------------------------
     @cached_property
+    def sandbox(self) -> SandboxPool:
+        """The child processes every piece of rule code of this process runs in."""
+        s = self.settings
+        return SandboxPool(CHILD_MODULE, Limits(memory_mb=s.sandbox_memory_mb),
+                           size=s.sandbox_children)
+
+    @cached_property
     def rules(self) -> RuleService:
         return RuleService(self.control, self.settings.timezone, self.settings.rule_budget_ms,
-                           shards=lambda: self.shards, clock=self.clock)
+                           shards=lambda: self.shards, clock=self.clock,
+                           runner=RuleRunner(self.sandbox, self.settings.rule_budget_ms))
 
     @cached_property
     def runs(self) -> RunService:
@@ -160,7 +170,7 @@ class Container:
                                batch_budget_ms=s.rule_batch_budget_ms, timezone=s.timezone,
                                error_rate=s.rule_error_rate_quarantine,
                                error_min_samples=s.rule_error_min_samples,
-                               **({"today": self.clock.today} | kw))
+                               **({"today": self.clock.today, "sandbox": self.sandbox} | kw))
 
     def delivery_worker(self, **kw) -> DeliveryWorker:  # noqa: ANN003
         consumer = self.bus.consumer(self.group("deliver"), [self.bus.topic("results")])
@@ -187,3 +197,5 @@ class Container:
             self.shards.close()
         if "control" in self.__dict__:
             self.control.dispose()
+        if "sandbox" in self.__dict__:
+            self.sandbox.close()

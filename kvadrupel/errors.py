@@ -11,7 +11,8 @@
      ├── RuleError              a rule cannot be compiled or run
      │    ├── RuleCompileError  syntax or sandbox policy error (has ``line``)
      │    ├── RuleTimeout       a rule exceeded its time budget
-     │    └── RuleRuntimeError  a rule raised while evaluating a profile
+     │    ├── RuleRuntimeError  a rule raised while evaluating a profile
+     │    └── SandboxCrash      the child process running rule code died (has ``reason``)
      └── EventError             an ingest event is invalid (has ``reason``)
 
 Library exceptions are translated at the boundary (``raise ShardUnavailable(...)
@@ -72,6 +73,16 @@ class RuleTimeout(RuleError):
 
 class RuleRuntimeError(RuleError):
     pass
+
+
+class SandboxCrash(RuleError):
+    """The disposable child process that ran rule code died or was killed: a native
+    crash (``SIGSEGV``), the address-space or CPU limit, or no answer in time.
+    ``reason`` says which, in words; the process that asked is unharmed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the rule sandbox process {reason}")
+        self.reason = reason
 
 
 class EventError(KvadrupelError):

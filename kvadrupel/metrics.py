@@ -30,3 +30,9 @@ HTTP_LATENCY = Histogram("kvadrupel_http_request_seconds", "API request latency"
 CONSUMER_LAG = Gauge("kvadrupel_consumer_lag",
                      "Messages of a partition not yet committed by the consumer group (Kafka)",
                      ["group", "topic", "partition"])
+# Rule code runs in disposable child processes (rules/isolation.py): every one that
+# dies (a native crash, the memory or CPU limit, no answer in time) is counted.
+SANDBOX_DEATHS = Counter("kvadrupel_sandbox_deaths_total",
+                         "Rule sandbox child processes that died or were killed", ["reason"])
+SANDBOX_CALLS = Counter("kvadrupel_sandbox_calls_total", "Requests served by rule sandbox "
+                        "child processes", ["op"])

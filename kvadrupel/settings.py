@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     clock_start: datetime | None = None
     rule_budget_ms: float = 50.0  # CPU one rule may use on one profile
     rule_batch_budget_ms: float = 1000.0  # CPU one rule may use on one batch (<= 256 profiles)
+    # Rule code runs in disposable child processes (rules/isolation.py): the
+    # address space each may use, and how many warm ones a process keeps.
+    sandbox_memory_mb: int = 1024
+    sandbox_children: int = 2
     rule_error_rate_quarantine: float = 0.5
     rule_error_min_samples: int = 100
     range_target_users: int = 50_000
@@ -118,6 +122,11 @@ class Settings(BaseSettings):
 
     # API.
     banner_max_age_s: int = 30
+    # Schemes a banner/push ``link`` may use (besides relative links), e.g. add the
+    # app's own scheme: "https,http,myapp". Checked when a rule is saved.
+    banner_link_schemes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["https", "http"]
+    )
     ops_port: int = 0  # workers: /healthz, /readyz, /metrics on this port (0: off)
     shutdown_grace_s: float = 30.0
     log_level: str = "INFO"
@@ -143,12 +152,17 @@ class Settings(BaseSettings):
     admin_session_secret: str = ""  # signs session cookies; empty: random per process
     admin_session_max_age_s: int = 8 * 3600
     admin_cookie_secure: bool = False  # set true behind HTTPS (cookie gets the Secure flag)
+    # Reverse proxies whose X-Forwarded-For names the client (IPs or CIDRs, comma
+    # separated): the sign-in throttle counts per client address (docs/admin.md).
+    admin_trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     admin_approval_audience: int = 1000  # activation above this many users needs an approver
     admin_preview_sample: int = 20_000  # users sampled for blast radius and preview (0: everyone)
 
     _csv = field_validator("shards", "shard_replicas", mode="before")(_split_csv)
     _csv_jwt = field_validator("jwt_algorithms", mode="before")(_split_csv)
     _csv_quiet = field_validator("quiet_hours_channels", mode="before")(_split_csv)
+    _csv_links = field_validator("banner_link_schemes", mode="before")(_split_csv)
+    _csv_proxies = field_validator("admin_trusted_proxies", mode="before")(_split_csv)
 
     @property
     def embedded_storage(self) -> bool:

@@ -6,7 +6,12 @@
   matching (and so get the e-mail) — a user counts on day d when the rule matches
   on d and did not on d-1;
 * **shadow**: a candidate version against the active one: how many users would
-  gain or lose the match.
+  gain or lose the match;
+* **lookahead**: how many users the rule would match on *any* day of the next
+  365 — the blast radius the approval rule uses, so that a rule that matches no
+  one today but everyone next week (``ctx.today >= date("…")``) is not taken
+  for a small one. :func:`date_dependence` tells, from the source, whether a
+  rule's answer can depend on the date at all.
 
 Nothing is stored or sent. The profiles are read once and kept in memory for the
 question (a sample by default), and every rule runs inside the sandbox with its
@@ -15,17 +20,21 @@ budget, exactly as in a nightly run.
 
 from __future__ import annotations
 
+import ast
 import math
+import random
 import time
 from collections.abc import Iterator
 from datetime import date, timedelta
 from typing import Any
 
 from rules.context import make_context
+from rules.remote import RuleRunner
 from rules.ruleset import RuleSet, RuleSpec
 from shards.store import ProfileRow
 
-__all__ = ["forecast", "preview", "shadow", "wilson"]
+__all__ = ["date_dependence", "forecast", "lookahead", "preview", "shadow", "wilson",
+           "wilson_cc"]
 
 Z95 = 1.959963984540054
 MAX_EXAMPLES = 20
@@ -66,26 +75,25 @@ def _scale(hits: int, n: int, total: int, fraction: float) -> dict[str, Any]:
 
 
 def preview(shards: Any, spec: RuleSpec, as_of: date, sample: int | str = 20_000,
-            tz: str = "Europe/Moscow", budget_ms: float = 50.0) -> dict[str, Any]:
+            tz: str = "Europe/Moscow", *, runner: RuleRunner) -> dict[str, Any]:
     t0 = time.perf_counter()
-    rs = RuleSet([spec], budget_ms=budget_ms)
-    ctx = make_context(as_of, tz)
     batches, total, fraction = _population(shards, sample)
     n = hits = errors = 0
     examples: list[int] = []
     error_sample = None
     for rows in batches:
-        for row in rows:
+        grid = runner.grid([spec], [r.doc for r in rows], [as_of], tz)
+        for i, row in enumerate(rows):
             n += 1
-            out = rs.evaluate(row.doc, ctx)
-            if out.matched:
+            if grid.masks[i][0]:
                 hits += 1
                 if len(examples) < MAX_EXAMPLES:
                     examples.append(row.user_id)
-            elif out.errors or out.timeouts:
-                errors += 1
-                error_sample = error_sample or f"user {row.user_id}: " + (
-                    next(iter(out.errors.values()), "timeout"))
+            else:
+                failure = grid.failure(i)
+                if failure:
+                    errors += 1
+                    error_sample = error_sample or f"user {row.user_id}: {failure}"
     return {
         "as_of": as_of.isoformat(), "population": total, "evaluated": n,
         "matches": hits, "audience": _scale(hits, n, total, fraction),
@@ -95,20 +103,19 @@ def preview(shards: Any, spec: RuleSpec, as_of: date, sample: int | str = 20_000
 
 
 def forecast(shards: Any, spec: RuleSpec, start: date, days: int, sample: int | str = 20_000,
-             tz: str = "Europe/Moscow", budget_ms: float = 50.0) -> dict[str, Any]:
+             tz: str = "Europe/Moscow", *, runner: RuleRunner) -> dict[str, Any]:
     t0 = time.perf_counter()
-    rs = RuleSet([spec], budget_ms=budget_ms)
-    ctxs = [make_context(start + timedelta(days=d), tz) for d in range(-1, days)]
+    dates = [start + timedelta(days=d) for d in range(-1, days)]
     batches, total, fraction = _population(shards, sample)
     new_per_day = [0] * days
     n = 0
-    key = spec.key
     for rows in batches:
-        for row in rows:
+        grid = runner.grid([spec], [r.doc for r in rows], dates, tz)
+        for masks in grid.masks:
             n += 1
-            prev = key in rs.evaluate(row.doc, ctxs[0]).matched
+            prev = masks[0]
             for d in range(days):
-                cur = key in rs.evaluate(row.doc, ctxs[d + 1]).matched
+                cur = masks[d + 1]
                 if cur and not prev:
                     new_per_day[d] += 1
                 prev = cur
@@ -121,21 +128,21 @@ def forecast(shards: Any, spec: RuleSpec, start: date, days: int, sample: int | 
 
 
 def shadow(shards: Any, active: RuleSpec, candidate: RuleSpec, as_of: date,
-           sample: int | str = 20_000, tz: str = "Europe/Moscow",
-           budget_ms: float = 50.0) -> dict[str, Any]:
+           sample: int | str = 20_000, tz: str = "Europe/Moscow", *,
+           runner: RuleRunner) -> dict[str, Any]:
     t0 = time.perf_counter()
-    a = RuleSet([active], budget_ms=budget_ms)
-    c = RuleSet([candidate], budget_ms=budget_ms)
-    ctx = make_context(as_of, tz)
     batches, total, fraction = _population(shards, sample)
     n = gain = lose = both = 0
     gained: list[int] = []
     lost: list[int] = []
     for rows in batches:
-        for row in rows:
+        docs = [r.doc for r in rows]
+        was_grid = runner.grid([active], docs, [as_of], tz)
+        now_grid = runner.grid([candidate], docs, [as_of], tz)
+        for i, row in enumerate(rows):
             n += 1
-            was = bool(a.evaluate(row.doc, ctx).matched)
-            now = bool(c.evaluate(row.doc, ctx).matched)
+            was = bool(was_grid.masks[i][0])
+            now = bool(now_grid.masks[i][0])
             if now and not was:
                 gain += 1
                 if len(gained) < MAX_EXAMPLES:
@@ -153,3 +160,268 @@ def shadow(shards: Any, active: RuleSpec, candidate: RuleSpec, as_of: date,
         "gained_examples": gained, "lost_examples": lost,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+# -- lookahead: the blast radius over the next year ----------------------------------
+LOOKAHEAD_DAYS = 365
+MAX_LOOKAHEAD_EVALUATIONS = 2_000_000  # ~2 µs each: a few seconds of one core
+MAX_LOOKAHEAD_SECONDS = 10.0
+MAX_HELD = 50_000  # profiles kept in memory for the day-by-day scan (a uniform reservoir)
+SCAN_CHUNK = 1024  # users scanned together, day by day (one context switch per day)
+PROBE_OFFSETS = (-1, 1, 7, 30, 91, 182, 273, 365)
+PROBE_USERS = 256
+PROBE_MATCHED = 64
+Z95_ONE_SIDED = 1.6448536269514722
+
+# ``ctx`` fields that do not move with the evaluation date.
+_CTX_STATIC = frozenset({"rule_key", "rule_version", "tz"})
+# Helpers that read ``ctx.today`` (rules/helpers.py).
+_DATE_HELPERS = frozenset({"days_until", "days_since", "age", "is_birthday"})
+# Methods of date/datetime objects that read the real clock (``ctx.now.now()``): the
+# sandbox lets them through, and no ``ctx`` the lookahead builds can move them.
+_CLOCK_METHODS = frozenset({"now", "utcnow", "today", "fromtimestamp", "utcfromtimestamp"})
+
+
+def wilson_cc(hits: int, n: int, z: float = Z95_ONE_SIDED) -> tuple[float, float]:
+    """Wilson score bounds of a proportion with continuity correction (Newcombe 1998).
+
+    With the default ``z`` each bound is a one-sided 95 % bound; the correction makes
+    them conservative for small counts (0 of n gives about 2.7/n, not 0)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = hits / n
+    z2 = z * z
+    denom = 2 * (n + z2)
+    if hits <= 0:
+        lo = 0.0
+    else:
+        root = math.sqrt(max(0.0, z2 - 2 - 1 / n + 4 * p * (n * (1 - p) + 1)))
+        lo = max(0.0, (2 * n * p + z2 - 1 - z * root) / denom)
+    if hits >= n:
+        hi = 1.0
+    else:
+        root = math.sqrt(max(0.0, z2 + 2 - 1 / n + 4 * p * (n * (1 - p) - 1)))
+        hi = min(1.0, (2 * n * p + z2 + 1 + z * root) / denom)
+    return (lo, hi)
+
+
+def date_dependence(source: str) -> dict[str, Any]:
+    """Whether a rule's answer can depend on the evaluation date, read from its source.
+
+    ``{"reads_date": bool, "system_clock": bool, "reasons": [str, ...]}``. A rule
+    learns the date only through ``ctx`` (its second parameter): it *reads the date*
+    when it uses ``ctx.today``/``ctx.now``, calls a date helper with ``ctx``
+    (``days_until(…, ctx)``), or hands ``ctx`` on whole (to a function of its own,
+    ``ctx["today"]``…); ``ctx.rule_key``, ``ctx.rule_version`` and ``ctx.tz`` do not
+    count. ``system_clock``: it calls ``.now()``/``.today()``… on a date object, which
+    reads the real clock — no simulated date moves that. Conservative: what cannot be
+    analysed counts as reading the date.
+    """
+    reasons: list[str] = []
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return {"reads_date": True, "system_clock": False,
+                "reasons": ["the source could not be analysed"]}
+    fn = None
+    for node in tree.body:  # the last definition of ``match`` is the one that runs
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "match":
+            fn = node
+    parents: dict[int, ast.AST] = {}
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            parents[id(child)] = node
+
+    def add(reason: str) -> None:
+        if reason not in reasons:
+            reasons.append(reason)
+
+    ctx_name: str | None = None
+    if fn is None:
+        add("no plain `def match(profile, ctx)` to analyse")
+    else:
+        params = [*fn.args.posonlyargs, *fn.args.args]
+        if len(params) >= 2:
+            ctx_name = params[1].arg
+        elif fn.args.vararg is not None:
+            add("match takes *args: cannot tell what it does with ctx")
+    system_clock = False
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in _CLOCK_METHODS
+                and not (isinstance(node.func.value, ast.Name) and node.func.value.id == ctx_name)):
+            system_clock = True
+            add(f"calls .{node.func.attr}() (line {node.lineno}): the real clock, which no "
+                "simulated date moves")
+        if ctx_name is None or not (isinstance(node, ast.Name) and node.id == ctx_name
+                                    and isinstance(node.ctx, ast.Load)):
+            continue
+        parent = parents.get(id(node))
+        if isinstance(parent, ast.Attribute) and parent.value is node:
+            if parent.attr not in _CTX_STATIC:  # today, now, or anything unknown
+                add(f"reads ctx.{parent.attr}")
+        elif (isinstance(parent, ast.Call) and node in parent.args
+              and isinstance(parent.func, ast.Name) and parent.func.id in _DATE_HELPERS):
+            add(f"calls {parent.func.id}(…, ctx)")
+        else:
+            add(f"uses ctx as a whole (line {node.lineno}), which carries today's date")
+    return {"reads_date": bool(reasons), "system_clock": system_clock, "reasons": reasons}
+
+
+def lookahead(shards: Any, spec: RuleSpec, start: date, days: int = LOOKAHEAD_DAYS,
+              sample: int | str = 20_000, tz: str = "Europe/Moscow", budget_ms: float = 50.0,
+              *, max_evaluations: int = MAX_LOOKAHEAD_EVALUATIONS,
+              max_seconds: float = MAX_LOOKAHEAD_SECONDS,
+              seed: int | None = None) -> dict[str, Any]:
+    """How many users the rule matches on *any* day of ``[start, start + days]``.
+
+    Over the same sample as :func:`preview` (``sample``), each user counts once:
+
+    1. every sampled user is evaluated on ``start`` (``today``);
+    2. a rule whose source does not read the date (:func:`date_dependence`) is
+       still run on a few far-apart dates for a few hundred users; if no answer
+       moves, the count is today's;
+    3. otherwise the users who do not match today are evaluated day by day, in a
+       random order, and a user is dropped from the scan on its first match. Work is
+       bounded by ``max_evaluations`` (and ``max_seconds``): when it runs out, the
+       users scanned so far are a uniform random subset of the rest, and the count is
+       given with a one-sided 95 % upper bound (``sampled``: true).
+
+    A rule that reads the real clock (``ctx.now.now()``) cannot be simulated: its
+    upper bound is everyone (``unbounded``). ``audience`` is scaled to the
+    population like :func:`preview` (``high`` is what an approval rule compares).
+    """
+    t0 = time.perf_counter()
+    rs = RuleSet([spec], budget_ms=budget_ms)
+    static = date_dependence(spec.source)
+    rng = random.Random(seed)  # noqa: S311 - sampling, not secrets (None: seeded from the OS)
+    batches, total, fraction = _population(shards, sample)
+    ctx0 = make_context(start, tz)
+
+    # 1. today, over the whole sample; the rest goes to a uniform reservoir
+    n = today_hits = errors = pending = 0
+    held: list[ProfileRow] = []
+    matched_rows: list[ProfileRow] = []
+    for rows in batches:
+        for row in rows:
+            n += 1
+            out = rs.evaluate(row.doc, ctx0)
+            if out.matched:
+                today_hits += 1
+                if len(matched_rows) < PROBE_MATCHED:
+                    matched_rows.append(row)
+                continue
+            if out.errors or out.timeouts:
+                errors += 1
+            pending += 1
+            if len(held) < MAX_HELD:
+                held.append(row)
+            else:
+                j = rng.randrange(pending)
+                if j < MAX_HELD:
+                    held[j] = row
+    evals = n
+    per_eval = (time.perf_counter() - t0) / max(n, 1)
+    rng.shuffle(held)
+
+    reasons = list(static["reasons"])
+    dependent = bool(static["reads_date"])
+    probed_changes = 0
+    # 2. a rule that does not read the date: check that its answers really stay put
+    if not dependent and n:
+        probe = [(r, False) for r in held[:PROBE_USERS]] + [(r, True) for r in matched_rows]
+        moved: set[int] = set()
+        for off in PROBE_OFFSETS:
+            ctx = make_context(start + timedelta(days=off), tz)
+            for row, base in probe:
+                if bool(rs.evaluate(row.doc, ctx).matched) != base:
+                    moved.add(row.user_id)
+            evals += len(probe)
+        probed_changes = len(moved)
+        if moved:
+            dependent = True
+            reasons.append(f"the answer changed with the date for {len(moved)} of "
+                           f"{len(probe)} probed users")
+
+    result: dict[str, Any] = {
+        "from": start.isoformat(), "to": (start + timedelta(days=days)).isoformat(),
+        "days": days, "population": total, "evaluated": n,
+        "matches_today": today_hits, "today": _scale(today_hits, n, total, fraction),
+        "date_dependent": dependent or bool(static["system_clock"]),
+        "system_clock": bool(static["system_clock"]), "reasons": reasons,
+        "probed_changes": probed_changes, "pending": pending, "checked": 0, "new_matches": 0,
+        "first_new_match": None, "new_examples": [], "sampled": False, "unbounded": False,
+        "errors": errors, "max_evaluations": max_evaluations,
+    }
+
+    if static["system_clock"]:
+        # Nothing we can run tells what the rule does on another day: assume everyone.
+        aud_today = result["today"]
+        result |= {"unbounded": True, "sampled": True, "matches": n,
+                   "audience": {"estimate": total, "low": aud_today["low"], "high": total,
+                                "exact": False}}
+    elif not dependent:
+        result |= {"matches": today_hits, "audience": dict(result["today"])}
+    else:
+        # 3. day by day, users who do not match today, in chunks, stopping at a match
+        ctxs = [make_context(start + timedelta(days=d), tz) for d in range(1, days + 1)]
+        checked = new_hits = 0
+        first_new: date | None = None
+        examples: list[dict[str, Any]] = []
+        scan_evals, t_scan = 0, time.perf_counter()
+        i = 0
+        while i < len(held) and days > 0:
+            elapsed = time.perf_counter() - t0
+            if scan_evals:
+                per_eval = (time.perf_counter() - t_scan) / scan_evals
+            by_time = (int((max_seconds - elapsed) / (per_eval * days))
+                       if per_eval > 0 else SCAN_CHUNK)
+            size = min(SCAN_CHUNK, len(held) - i, (max_evaluations - evals) // days, by_time)
+            if size <= 0:
+                break
+            remaining = held[i:i + size]
+            i += size
+            for d, ctx in enumerate(ctxs, 1):
+                still = []
+                for row in remaining:
+                    if rs.evaluate(row.doc, ctx).matched:
+                        new_hits += 1
+                        day = start + timedelta(days=d)
+                        if first_new is None or day < first_new:
+                            first_new = day
+                        if len(examples) < MAX_EXAMPLES:
+                            examples.append({"user_id": row.user_id, "from": day.isoformat()})
+                    else:
+                        still.append(row)
+                evals += len(remaining)
+                scan_evals += len(remaining)
+                remaining = still
+                if not remaining:
+                    break
+            checked += size
+        result |= {"checked": checked, "new_matches": new_hits,
+                   "first_new_match": first_new.isoformat() if first_new else None,
+                   "new_examples": examples}
+        if checked == pending:  # everyone in the sample: exact over the sample
+            hits = today_hits + new_hits
+            result |= {"matches": hits, "audience": _scale(hits, n, total, fraction)}
+        else:
+            q_lo, q_hi = wilson_cc(new_hits, checked)
+            est = today_hits + (new_hits / checked * pending if checked else 0.0)
+            lo = today_hits + max(new_hits, math.floor(q_lo * pending))
+            hi = today_hits + math.ceil(q_hi * pending)
+            if fraction >= 1.0:
+                aud = {"estimate": round(est), "low": lo, "high": hi, "exact": False}
+            else:
+                aud = {"estimate": round(est / n * total) if n else 0,
+                       "low": _scale(lo, n, total, fraction)["low"],
+                       "high": _scale(hi, n, total, fraction)["high"], "exact": False}
+            result |= {"sampled": True, "matches": round(est), "matches_high": hi,
+                       "audience": aud}
+            reasons.append(
+                f"evaluation budget reached: {checked:,} of {pending:,} users not matching "
+                f"today were checked on every day; the count is a 95 % upper bound"
+            )
+    result["evaluations"] = evals
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return result

@@ -2,13 +2,80 @@
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterable
 from datetime import date
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 KEY_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+# -- banner / push links ----------------------------------------------------------
+# Allowed: relative links (``/path``, ``?q``, ``#x``, ``path``) and absolute ones
+# whose scheme is listed in KVADRUPEL_BANNER_LINK_SCHEMES (default https, http; add
+# the app's own scheme there). Never ``javascript:``, ``data:``, ``vbscript:``...
+DEFAULT_LINK_SCHEMES = ("https", "http")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
+_IGNORED = re.compile(r"[\t\n\r]")  # a browser drops these anywhere in a URL
+_TAG = re.compile(r"\{[{%#]")  # where a Jinja tag starts
+_LEADING = "".join(chr(c) for c in range(0x21))
+_link_schemes: frozenset[str] | None = None
+
+
+def set_link_schemes(schemes: Iterable[str] | None) -> None:
+    """The schemes this process allows (the API sets its settings' list; None:
+    back to KVADRUPEL_BANNER_LINK_SCHEMES or the default)."""
+    global _link_schemes
+    _link_schemes = (
+        None if schemes is None else frozenset(s.strip().lower() for s in schemes if s.strip())
+    )
+
+
+def link_schemes() -> frozenset[str]:
+    if _link_schemes is not None:
+        return _link_schemes
+    raw = os.environ.get("KVADRUPEL_BANNER_LINK_SCHEMES")
+    if raw is None:
+        return frozenset(DEFAULT_LINK_SCHEMES)
+    return frozenset(p.strip().lower() for p in raw.split(",") if p.strip())
+
+
+def link_problem(link: str, schemes: Iterable[str] | None = None, *,
+                 template: bool = True) -> str | None:
+    """Why ``link`` may not be a banner link, or None when it may.
+
+    ``template``: ``link`` is a Jinja template: only its literal text before the
+    first ``{{``/``{%``/``{#`` is judged. When that text could still be the start
+    of a scheme (e.g. empty: ``{{ profile.url }}``), the scheme is unknown until
+    rendering and the link passes here — the rendered link must then be checked
+    with ``template=False``.
+    """
+    allowed = frozenset(s.lower() for s in schemes) if schemes is not None else link_schemes()
+    # As a browser reads it: leading C0 controls and spaces and every tab/newline go.
+    text = _IGNORED.sub("", link).lstrip(_LEADING)
+    m = _TAG.search(text) if template else None
+    literal = text[: m.start()] if m else text
+    scheme = _SCHEME.match(literal)
+    if scheme is None:
+        # No scheme yet: relative — unless a template may still complete one.
+        return None
+    name = scheme.group(1).lower()
+    if name in allowed:
+        return None
+    return (
+        f"link scheme {name!r} is not allowed: use a relative link or one of "
+        f"{', '.join(sorted(allowed)) or '(none)'} (KVADRUPEL_BANNER_LINK_SCHEMES)"
+    )
+
+
+def _check_link(v: str | None) -> str | None:
+    if v:
+        problem = link_problem(v)
+        if problem:
+            raise ValueError(problem)
+    return v
 
 
 # -- channel options (docs/channels.md): all optional, and left out of the stored
@@ -38,6 +105,8 @@ class BannerText(BaseModel):
     body: str | None = Field(default=None, max_length=20000)
     link: str | None = Field(default=None, max_length=2000)
 
+    _link = field_validator("link")(_check_link)
+
 
 class PushSpec(_Optional):
     """Also send the banner as a mobile push, once per episode (texts default to the banner's)."""
@@ -49,6 +118,8 @@ class PushSpec(_Optional):
     translations: dict[Lang, BannerText] | None = Field(default=None, max_length=50)
     category: Category | None = None
     importance: Importance = "normal"
+
+    _link = field_validator("link")(_check_link)
 
 
 class BannerSpec(_Optional):
@@ -62,6 +133,8 @@ class BannerSpec(_Optional):
     push: PushSpec | None = None
     category: Category | None = None
     importance: Importance = "normal"
+
+    _link = field_validator("link")(_check_link)
 
 
 class EmailText(BaseModel):

@@ -16,13 +16,21 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select, update
 
-from channels.templates import render_content, validate_template
+from channels.templates import validate_template
 from kvadrupel.clock import SYSTEM, Clock
-from kvadrupel.errors import Conflict, NotFound, RuleCompileError, RuleValidationError
+from kvadrupel.errors import (
+    ChannelError,
+    Conflict,
+    NotFound,
+    RuleCompileError,
+    RuleValidationError,
+    SandboxCrash,
+)
 from rules import audience
-from rules.context import make_context
+from rules.isolation import SandboxPool
 from rules.models import RuleIn
-from rules.ruleset import RuleSet, RuleSpec
+from rules.remote import CHILD_MODULE, RuleRunner
+from rules.ruleset import RuleSpec
 from rules.sandbox import compile_rule
 from shards.schema import rule_versions, rules
 
@@ -49,13 +57,26 @@ class ActiveRule:
 
 class RuleService:
     def __init__(self, control: Engine, timezone: str = "Europe/Moscow", budget_ms: float = 50.0,
-                 shards: Callable[[], Any] | None = None, clock: Clock = SYSTEM) -> None:
+                 shards: Callable[[], Any] | None = None, clock: Clock = SYSTEM,
+                 runner: RuleRunner | None = None) -> None:
         self.control = control
         self.clock = clock
+        # Rule code (tests, examples, audience questions) runs in the sandbox's child
+        # processes, never here (rules/isolation.py). Without a runner given, this
+        # service starts its own pool on first use.
+        self._runner = runner
         self.timezone = timezone
         self.budget_ms = budget_ms
         self._shards = shards  # the ShardSet, for audience questions (preview, forecast)
         self._lock = threading.Lock()
+
+    @property
+    def runner(self) -> RuleRunner:
+        if self._runner is None:
+            with self._lock:
+                if self._runner is None:
+                    self._runner = RuleRunner(SandboxPool(CHILD_MODULE, size=1), self.budget_ms)
+        return self._runner
 
     # -- validation -----------------------------------------------------------
     def validate(self, rule: RuleIn) -> list[dict[str, Any]]:
@@ -81,17 +102,18 @@ class RuleService:
         """Every example with its outcome: ``{"name", "expect", "got", "error", "ok"}``."""
         if not rule.examples:
             return []
-        rs = RuleSet(
-            [RuleSpec(key=rule.key, version=0, source=rule.source, priority=rule.priority)],
-            budget_ms=self.budget_ms,
-        )
+        spec = RuleSpec(key=rule.key, version=0, source=rule.source, priority=rule.priority)
+        try:
+            grid = self.runner.grid([spec], [ex.profile for ex in rule.examples],
+                                    [ex.as_of for ex in rule.examples], self.timezone,
+                                    per_doc=True)
+        except SandboxCrash as crash:
+            return [{"name": ex.name, "expect": ex.expect, "got": False, "error": str(crash),
+                     "ok": False} for ex in rule.examples]
         out = []
-        for ex in rule.examples:
-            outcome = rs.evaluate(ex.profile, make_context(ex.as_of, self.timezone))
-            got = rule.key in outcome.matched
-            error = outcome.errors.get(rule.key) or (
-                "timeout" if rule.key in outcome.timeouts else None
-            )
+        for i, ex in enumerate(rule.examples):
+            got = bool(grid.masks[i][0])
+            error = grid.failure(i)
             out.append({"name": ex.name, "expect": ex.expect, "got": got, "error": error,
                         "ok": got == ex.expect and error is None})
         return out
@@ -271,19 +293,21 @@ class RuleService:
                                              func.sum(rules.c.version))).one())
 
     def test(self, key: str, profile: dict[str, Any], as_of: date | None) -> dict[str, Any]:
+        """The rule on one profile, with its content rendered, all in a sandbox child.
+        A rule that kills the child answers with the error (the caller stays up)."""
         cur = self.get(key)
-        ctx = make_context(as_of or self.clock.today(self.timezone), self.timezone)
-        rs = RuleSet([RuleSpec(key=key, version=cur["version"], source=cur["source"],
-                               priority=cur["priority"])], budget_ms=self.budget_ms)
-        outcome = rs.evaluate(profile, ctx)
-        matched = key in outcome.matched
-        error = outcome.errors.get(key) or ("timeout" if key in outcome.timeouts else None)
-        return {
-            "match": matched,
-            "error": error,
-            "banner": render_content(cur["banner"], profile, ctx),
-            "email": render_content(cur["email"], profile, ctx),
-        }
+        day = as_of or self.clock.today(self.timezone)
+        spec = RuleSpec(key=key, version=cur["version"], source=cur["source"],
+                        priority=cur["priority"])
+        runner = self.runner
+        matched, error = runner.match(spec, profile, day, self.timezone)
+        parts = {"banner": cur["banner"], "email": cur["email"]}
+        rendered = runner.render(parts, profile, day, self.timezone)
+        for part in parts:
+            if f"{part}_error" in rendered:
+                raise ChannelError(rendered[f"{part}_error"])
+        return {"match": matched, "error": error,
+                "banner": rendered.get("banner"), "email": rendered.get("email")}
 
     # -- versions and audience ----------------------------------------------------
     def version(self, key: str, version: int | None = None) -> dict[str, Any]:
@@ -323,12 +347,12 @@ class RuleService:
     def preview(self, key: str, as_of: date, sample: int | str = 20_000,
                 version: int | None = None) -> dict[str, Any]:
         return audience.preview(self._shardset(), self._spec(key, version), as_of, sample,
-                                self.timezone, self.budget_ms)
+                                self.timezone, runner=self.runner)
 
     def forecast(self, key: str, from_date: date, days: int, sample: int | str = 20_000,
                  version: int | None = None) -> dict[str, Any]:
         return audience.forecast(self._shardset(), self._spec(key, version), from_date, days,
-                                 sample, self.timezone, self.budget_ms)
+                                 sample, self.timezone, runner=self.runner)
 
     def shadow(self, key: str, as_of: date, sample: int | str = 20_000,
                source: str | None = None, version: int | None = None) -> dict[str, Any]:
@@ -341,4 +365,19 @@ class RuleService:
         else:
             candidate = self._spec(key, version)
         return audience.shadow(self._shardset(), active, candidate, as_of, sample,
-                               self.timezone, self.budget_ms)
+                               self.timezone, runner=self.runner)
+
+    # -- lookahead (the approval rule's blast radius) -------------------------------
+    def lookahead(self, key: str, start: date, days: int = audience.LOOKAHEAD_DAYS,
+                  sample: int | str = 20_000, version: int | None = None,
+                  max_evaluations: int = audience.MAX_LOOKAHEAD_EVALUATIONS) -> dict[str, Any]:
+        """Users the rule matches on any day of ``[start, start + days]`` (each once):
+        see :func:`rules.audience.lookahead`."""
+        return audience.lookahead(self._shardset(), self._spec(key, version), start, days,
+                                  sample, self.timezone, self.budget_ms,
+                                  max_evaluations=max_evaluations)
+
+    def date_dependence(self, key: str, version: int | None = None) -> dict[str, Any]:
+        """Whether the rule's source reads the date (no profiles read): see
+        :func:`rules.audience.date_dependence`."""
+        return audience.date_dependence(self.version(key, version)["source"])

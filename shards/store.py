@@ -15,6 +15,7 @@ from datetime import date
 from typing import Any, NamedTuple
 
 from kvadrupel.errors import StorageError
+from shards.copytext import encode_rows
 
 __all__ = [
     "ApplyFn",
@@ -131,6 +132,18 @@ class ShardStore(ABC):
     def scan_users(self, user_ids: Sequence[int], batch: int = 2000) -> Iterator[Sequence[ScanRow]]:
         """The listed users that have a profile, as :meth:`scan_range` rows, in chunks
         of at most ``batch`` rows; unknown ids are left out, repeated ids come once."""
+
+    def scan_range_text(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[bytes]]:
+        """:meth:`scan_range` as COPY text lines (shards/copytext.py), what the
+        evaluator hands its sandbox child. PostgreSQL passes its COPY stream through
+        unparsed; this default encodes the rows."""
+        for rows in self.scan_range(lo, hi, batch):
+            yield encode_rows(rows)
+
+    def scan_users_text(self, user_ids: Sequence[int], batch: int = 2000) -> Iterator[list[bytes]]:
+        """:meth:`scan_users` as COPY text lines."""
+        for rows in self.scan_users(user_ids, batch):
+            yield encode_rows(rows)
 
     @abstractmethod
     def stream_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[ProfileRow]]:

@@ -15,6 +15,7 @@ import secrets
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from fastapi import FastAPI, Request
@@ -30,8 +31,9 @@ from api.admin import security
 from api.admin.store import AccountStore, ActivationStore, AuditLog
 from kvadrupel.container import Container
 from kvadrupel.errors import Conflict, NotFound
+from rules.models import set_link_schemes
 
-__all__ = ["create_admin_app", "mount_admin", "render"]
+__all__ = ["cookie_secure", "create_admin_app", "mount_admin", "render"]
 
 HERE = Path(__file__).parent
 log = logging.getLogger("kvadrupel.admin")
@@ -137,15 +139,25 @@ def _error(request: Request, status: int, title: str, detail: str) -> Response:
     return render(request, "error.html", status, title=title, detail=detail)
 
 
+def cookie_secure(settings: Any) -> bool:
+    """The session cookie gets ``Secure`` when asked to, or when the deployment's
+    public URL is https (then the UI is reached over https too)."""
+    public = str(settings.public_url).strip().lower()
+    return bool(settings.admin_cookie_secure) or public.startswith("https://")
+
+
 def create_admin_app(container: Container) -> FastAPI:
     s = container.settings
+    # The links banners may carry (checked when a rule is saved): this deployment's list.
+    set_link_schemes(s.banner_link_schemes)
     app = FastAPI(title="Kvadrupel admin", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.container = container
     app.state.settings = s
     app.state.accounts = AccountStore(container.control, container.clock)
     app.state.audit = AuditLog(container.control, container.clock)
     app.state.activations = ActivationStore(container.control, container.clock)
-    app.state.throttle = security.LoginThrottle()
+    app.state.throttle = security.LoginThrottle(container.clock.time)
+    app.state.client_address = security.ClientAddress(s.admin_trusted_proxies)
     app.state.today = container.clock.today
 
     from api.admin.routes import auth, rules, runs, users
@@ -159,7 +171,11 @@ def create_admin_app(container: Container) -> FastAPI:
         if is_fetch(request):
             return JSONResponse({"detail": "not signed in"}, status_code=401)
         path = request.url.path
-        nxt = f"?next={path}" if request.method == "GET" and path.startswith(PREFIX) else ""
+        nxt = (
+            f"?next={quote(path, safe='/')}"
+            if request.method == "GET" and path.startswith(PREFIX)
+            else ""
+        )
         return RedirectResponse(f"{base_url(request)}/login{nxt}", status_code=303)
 
     @app.exception_handler(StarletteHTTPException)
@@ -199,7 +215,7 @@ def create_admin_app(container: Container) -> FastAPI:
         max_age=s.admin_session_max_age_s,
         path=PREFIX,
         same_site="lax",
-        https_only=s.admin_cookie_secure,
+        https_only=cookie_secure(s),
     )
     app.add_middleware(_SecurityHeaders)
     return app

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, case, func, select, update
 
 from api.admin.passwords import hash_password, needs_rehash, verify_password
 from kvadrupel.clock import SYSTEM, Clock
@@ -23,8 +23,6 @@ __all__ = ["ROLES", "AccountStore", "ActivationStore", "AuditLog"]
 ROLES = ("analyst", "approver", "admin")
 USERNAME_MAX = 64
 PASSWORD_MIN = 10
-
-
 
 
 def check_username(name: str) -> str:
@@ -146,7 +144,19 @@ class AccountStore:
         )
 
     def set_role(self, username: str, role: str) -> dict[str, Any]:
-        return self._set(username, role=check_role(role))
+        # A different role signs the account's sessions out (the same one changes nothing).
+        role = check_role(role)
+        return self._set(
+            username,
+            role=role,
+            session_gen=admin_users.c.session_gen
+            + case((admin_users.c.role != role, 1), else_=0),
+        )
+
+    def end_sessions(self, username: str) -> dict[str, Any]:
+        """Bump the account's session generation: every session cookie issued
+        before (copies included) is refused from now on. Signing out does this."""
+        return self._set(username, session_gen=admin_users.c.session_gen + 1)
 
     def set_active(self, username: str, active: bool) -> dict[str, Any]:
         return self._set(username, active=active, session_gen=admin_users.c.session_gen + 1)

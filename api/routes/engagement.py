@@ -10,7 +10,9 @@
 * ``GET/PUT/PATCH /v1/users/{id}/preferences`` — opt-outs per channel and per rule
   category (portal token or the user's JWT);
 * ``GET/POST /v1/unsubscribe/{token}`` — the link in every e-mail; no login, the
-  signed token is the authority (POST: RFC 8058 one-click);
+  signed token is the authority. GET only shows a confirmation page (scanners
+  follow links); POST with ``List-Unsubscribe=One-Click`` (RFC 8058 one-click, or
+  the page's button) unsubscribes;
 * ``GET /v1/rules/{key}/engagement`` and ``GET /v1/deliveries`` (admin) — counts
   per rule per day; delivery outcomes per channel and the dead letters, per rule
   and per run.
@@ -345,24 +347,47 @@ async def patch_preferences(request: Request, user_id: UserId, body: Preferences
 
 
 # -- unsubscribe ---------------------------------------------------------------------------
+#
+# GET only *shows* a page with a button (mail scanners and link previews follow links
+# with GET; they must not unsubscribe anyone). The button POSTs to the same URL, as
+# does a mail client's RFC 8058 one-click unsubscribe (List-Unsubscribe-Post:
+# List-Unsubscribe=One-Click): a POST with ``List-Unsubscribe=One-Click`` in its
+# form body is what unsubscribes.
+
+ONE_CLICK = "One-Click"
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 _PAGES = {
-    "ru": ("Вы отписались", "Вы больше не будете получать {what}.",
-           "письма категории «{cat}»", "письма", "Ссылка недействительна",
-           "Эта ссылка для отписки недействительна.", "Отписаться от всех писем"),
-    "en": ("You are unsubscribed", "You will no longer receive {what}.",
-           "e-mails of the category “{cat}”", "e-mails", "Invalid link",
-           "This unsubscribe link is not valid.", "Unsubscribe from all e-mails"),
+    "ru": {"done": "Вы отписались", "done_body": "Вы больше не будете получать {what}.",
+           "cat": "письма категории «{cat}»", "all": "письма",
+           "bad": "Ссылка недействительна", "bad_body": "Эта ссылка для отписки недействительна.",
+           "everything": "Отписаться от всех писем",
+           "ask": "Отписаться?", "ask_body": "Вы перестанете получать {what}.",
+           "button": "Отписаться"},
+    "en": {"done": "You are unsubscribed", "done_body": "You will no longer receive {what}.",
+           "cat": "e-mails of the category “{cat}”", "all": "e-mails",
+           "bad": "Invalid link", "bad_body": "This unsubscribe link is not valid.",
+           "everything": "Unsubscribe from all e-mails",
+           "ask": "Unsubscribe?", "ask_body": "You will stop receiving {what}.",
+           "button": "Unsubscribe"},
 }
 
 
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
     doc = (
         f'<!doctype html><html><head><meta charset="utf-8"><meta name="robots" content="noindex">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{html.escape(title)}</title></head><body><h1>{html.escape(title)}</h1>"
         f"{body}</body></html>"
     )
-    return HTMLResponse(doc, status_code=status, headers={"Cache-Control": "no-store"})
+    return HTMLResponse(doc, status_code=status, headers={
+        "Cache-Control": "no-store",
+        # The token is in the URL: never send it on as a Referer.
+        "Referrer-Policy": "no-referrer",
+        "Content-Security-Policy": "default-src 'none'; form-action 'self'; "
+                                   "frame-ancestors 'none'; base-uri 'none'",
+        "X-Frame-Options": "DENY",
+    })
 
 
 def _lang(request: Request, default: str) -> str:
@@ -374,43 +399,82 @@ def _lang(request: Request, default: str) -> str:
     return default if default in _PAGES else "en"
 
 
-async def _unsubscribe(request: Request, token: str, one_click: bool) -> Response:
-    app = request.app
-    unsub = _unsubscriber(app)
-    lang = _lang(request, unsub.default_language)
-    t = _PAGES[lang]
+def _what(t: dict[str, str], category: str | None) -> str:
+    return t["cat"].format(cat=category) if category else t["all"]
+
+
+def _form(token: str, label: str) -> str:
+    # A relative action: the same URL as the page (whatever prefix a proxy adds).
+    return (f'<form method="post" action="{html.escape(token)}">'
+            f'<input type="hidden" name="List-Unsubscribe" value="{ONE_CLICK}">'
+            f'<input type="hidden" name="page" value="1">'
+            f'<button type="submit">{html.escape(label)}</button></form>')
+
+
+@router.get("/v1/unsubscribe/{token}",
+            summary="Unsubscribe page (the link in every e-mail; no login): asks, changes nothing",
+            description="Shows what the link unsubscribes from and a button that POSTs to the "
+                        "same URL. Following the link alone (a mail scanner, a preview) "
+                        "unsubscribes no one.",
+            response_class=HTMLResponse, responses={404: {"description": "Invalid token (HTML)"}})
+async def unsubscribe(request: Request, token: Annotated[str, Path(max_length=400)]) -> Response:
+    unsub = _unsubscriber(request.app)
+    t = _PAGES[_lang(request, unsub.default_language)]
     scope = unsub.verify(token)
     if scope is None:
-        if one_click:
-            return problem(404, "Not found", "invalid unsubscribe token")
-        return _page(t[4], f"<p>{html.escape(t[5])}</p>", 404)
+        return _page(t["bad"], f"<p>{html.escape(t['bad_body'])}</p>", 404)
+    body = (f"<p>{html.escape(t['ask_body'].format(what=_what(t, scope.category)))}</p>"
+            + _form(token, t["button"]))
+    return _page(t["ask"], body)
+
+
+@router.post(
+    "/v1/unsubscribe/{token}",
+    summary="Unsubscribe (RFC 8058 one-click, or the page's button; no login)",
+    description="The form body must carry `List-Unsubscribe=One-Click` (RFC 8058; "
+                "`application/x-www-form-urlencoded` or `multipart/form-data`). Answers JSON, "
+                "or an HTML page when posted from the unsubscribe page.",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        ct: {"schema": {"type": "object", "required": ["List-Unsubscribe"], "properties": {
+            "List-Unsubscribe": {"type": "string", "enum": [ONE_CLICK]},
+            "page": {"type": "string", "description": "set by the unsubscribe page: "
+                                                      "answer with HTML"}}}}
+        for ct in _FORM_TYPES}}},
+    responses={200: {"content": {"application/json": {"example": {
+        "unsubscribed": {"channel": "email", "category": "documents"}}}}},
+        **problem_responses(400, 404)},
+)
+async def unsubscribe_one_click(request: Request,
+                                token: Annotated[str, Path(max_length=400)]) -> Response:
+    app = request.app
+    unsub = _unsubscriber(app)
+    scope = unsub.verify(token)
+    if scope is None:
+        return problem(404, "Not found", "invalid unsubscribe token")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    form: Any = {}
+    if ctype in _FORM_TYPES:
+        try:
+            form = await request.form(max_files=0, max_fields=10)
+        except Exception:  # noqa: BLE001 - a malformed body is the client's error
+            return problem(400, "Bad request", "malformed form body")
+    if form.get("List-Unsubscribe") != ONE_CLICK:
+        return problem(400, "Bad request",
+                       "the body must be the form field List-Unsubscribe=One-Click (RFC 8058)")
     if scope.category:
         patch = {"channel_categories": {scope.channel: {scope.category: False}}}
-        what = t[2].format(cat=scope.category)
     else:
         patch = {"channels": {scope.channel: False}}
-        what = t[3]
     await run_in_threadpool(merge_preferences, _container(app).shards, scope.user_id, patch)
     log.info("user %d unsubscribed from %s/%s", scope.user_id, scope.channel, scope.category or "*")
-    if one_click:
+    if not form.get("page"):
         return Response(orjson.dumps({"unsubscribed": {"channel": scope.channel,
                                                        "category": scope.category}}),
                         media_type="application/json")
-    body = f"<p>{html.escape(t[1].format(what=what))}</p>"
+    t = _PAGES[_lang(request, unsub.default_language)]
+    body = f"<p>{html.escape(t['done_body'].format(what=_what(t, scope.category)))}</p>"
     if scope.category:
-        everything = unsub.url(scope.user_id, scope.channel, None)
-        body += f'<p><a href="{html.escape(everything)}">{html.escape(t[6])}</a></p>'
-    return _page(t[0], body)
-
-
-@router.get("/v1/unsubscribe/{token}", summary="Unsubscribe (the link in every e-mail; no login)",
-            response_class=HTMLResponse, responses={404: {"description": "Invalid token (HTML)"}})
-async def unsubscribe(request: Request, token: Annotated[str, Path(max_length=400)]) -> Response:
-    return await _unsubscribe(request, token, one_click=False)
-
-
-@router.post("/v1/unsubscribe/{token}", summary="One-click unsubscribe (RFC 8058; no login)",
-             responses=problem_responses(404))
-async def unsubscribe_one_click(request: Request,
-                                token: Annotated[str, Path(max_length=400)]) -> Response:
-    return await _unsubscribe(request, token, one_click=True)
+        # The whole channel: its own link, whose page asks again.
+        everything = unsub.token(scope.user_id, scope.channel, None)
+        body += f'<p><a href="{html.escape(everything)}">{html.escape(t["everything"])}</a></p>'
+    return _page(t["done"], body)

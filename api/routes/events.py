@@ -29,7 +29,7 @@ from fastapi.responses import Response
 from api.auth import require
 from api.problems import problem
 from engine.bus import Bus
-from engine.events import apply_user, parse_event
+from engine.events import MAX_DEPTH, apply_user, parse_event
 from kvadrupel.errors import BusError, EventError
 
 router = APIRouter(tags=["ingest"])
@@ -38,6 +38,7 @@ MAX_EVENTS = 10_000
 MAX_BODY_BYTES = 16 * 1024 * 1024
 FLUSH_TIMEOUT_S = 10.0
 GROUP_MAX = 20_000  # messages per group commit
+TOO_DEEP = f"nested too deeply (an event's values may be nested at most {MAX_DEPTH} levels)"
 
 
 class GroupPublisher:
@@ -128,6 +129,10 @@ def _check_request(items: list[Any], max_bytes: int) -> tuple[list[Any], list[di
             events.append((i, parse_event(item, max_bytes=max_bytes)))
         except EventError as exc:
             errors.append({"index": i, "reason": exc.reason})
+        except orjson.JSONEncodeError:
+            # Parsed JSON that cannot be written back: nested deeper than orjson
+            # writes (254 levels; reading allows 1024). No event is anywhere near it.
+            errors.append({"index": i, "reason": TOO_DEEP})
     per_user: dict[int, list[Any]] = {}
     for _, ev in events:
         per_user.setdefault(ev.user_id, []).append(ev)

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
+from api.problems import problem, problem_responses
+from kvadrupel.errors import ChannelError
 from rules.models import RuleIn
 
 router = APIRouter(prefix="/v1/rules", tags=["rules"], dependencies=[Depends(require("admin"))])
@@ -66,9 +68,15 @@ def versions(key: str, request: Request) -> dict[str, Any]:
     return {"versions": _svc(request).versions(key)}
 
 
-@router.post("/{key}/test", summary="Evaluate the rule on a given profile")
+@router.post("/{key}/test", summary="Evaluate the rule on a given profile",
+             responses=problem_responses(404, 422))
 def test_rule(key: str, body: TestIn, request: Request) -> dict[str, Any]:
-    return _svc(request).test(key, body.profile, body.as_of)
+    try:
+        return _svc(request).test(key, body.profile, body.as_of)
+    except ChannelError as exc:
+        # A banner or e-mail template that fails on this profile: the caller's input
+        # (rule or profile) is at fault, and the message says which key and line.
+        return problem(422, "Template error", str(exc))
 
 
 @router.post("/{key}/enable", summary="Enable a rule (its examples must pass)")

@@ -26,25 +26,19 @@ never analysed, or grown to over twice its analysed size, is analysed first
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Engine, text
 
-__all__ = ["bounds_from_histogram", "plan_bounds", "save_states", "scan_range", "scan_users"]
+from shards.copytext import parse_rows
+
+__all__ = ["bounds_from_histogram", "plan_bounds", "save_states", "scan_range", "scan_range_text",
+           "scan_users", "scan_users_text"]
 
 _SELECT = ("SELECT p.user_id, p.doc, s.matches FROM profiles p "
            "LEFT JOIN user_state s ON s.user_id = p.user_id{s_where} WHERE {p_where}")
-
-_COPY_ESCAPES = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
-_COPY_ESCAPE = re.compile(rb"\\(.)", re.S)
-
-
-def _unescape(field: bytes) -> bytes:
-    """Undo COPY's text-format escapes (one pass, so ``\\\\n`` stays ``\\n``)."""
-    return _COPY_ESCAPE.sub(lambda m: _COPY_ESCAPES.get(m.group(1), m.group(1)), field)
 
 def scan_range(
     engine: Engine, lo: int, hi: int, batch: int = 2000
@@ -67,25 +61,39 @@ def scan_users(
         )
 
 
+def scan_range_text(engine: Engine, lo: int, hi: int, batch: int = 2000) -> Iterator[list[bytes]]:
+    """The rows of :func:`scan_range` as COPY text lines, unparsed (shards/copytext.py)."""
+    lo, hi = int(lo), int(hi)
+    between = f"BETWEEN {lo} AND {hi}"
+    yield from _copy_lines(engine, _SELECT.format(s_where=f" AND s.user_id {between}",
+                                                  p_where=f"p.user_id {between}"), batch)
+
+
+def scan_users_text(engine: Engine, user_ids: Sequence[int], batch: int = 2000
+                    ) -> Iterator[list[bytes]]:
+    ids = sorted({int(u) for u in user_ids})
+    for i in range(0, len(ids), 10_000):
+        array = "'{" + ",".join(map(str, ids[i:i + 10_000])) + "}'::bigint[]"
+        yield from _copy_lines(
+            engine, _SELECT.format(s_where="", p_where=f"p.user_id = ANY({array})"), batch
+        )
+
+
 def _copy_rows(engine: Engine, query: str, batch: int) -> Iterator[list[tuple[int, Any, Any]]]:
+    for lines in _copy_lines(engine, query, batch):
+        yield parse_rows(lines)
+
+
+def _copy_lines(engine: Engine, query: str, batch: int) -> Iterator[list[bytes]]:
     raw = engine.raw_connection()
     finished = False
     try:
         conn = raw.driver_connection
-        loads = orjson.loads
-        rows: list[tuple[int, Any, Any]] = []
+        rows: list[bytes] = []
         append = rows.append
         with conn.cursor() as cur, cur.copy(f"COPY ({query}) TO STDOUT") as copy:  # type: ignore[union-attr]
             for data in copy:
-                # One CopyData message per row: "id\tdoc\tstate\n".
-                uid, doc, state = bytes(data)[:-1].split(b"\t")
-                if b"\\" in doc:
-                    doc = _unescape(doc)
-                if state == b"\\N":
-                    st = None
-                else:
-                    st = loads(_unescape(state) if b"\\" in state else state)
-                append((int(uid), loads(doc), st))
+                append(bytes(data))  # one CopyData message per row: "id\tdoc\tstate\n"
                 if len(rows) >= batch:
                     yield rows
                     rows = []

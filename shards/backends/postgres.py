@@ -57,6 +57,18 @@ class PostgresShardStore(PgIngestMixin, SqlShardStore):  # ingest: see pg_ingest
         except (OperationalError, psycopg.OperationalError) as exc:
             raise self._unavailable(exc) from exc
 
+    def scan_range_text(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[bytes]]:
+        try:
+            yield from pg_stream.scan_range_text(self.engine, lo, hi, batch)
+        except (OperationalError, psycopg.OperationalError) as exc:
+            raise self._unavailable(exc) from exc
+
+    def scan_users_text(self, user_ids: Sequence[int], batch: int = 2000) -> Iterator[list[bytes]]:
+        try:
+            yield from pg_stream.scan_users_text(self.engine, user_ids, batch)
+        except (OperationalError, psycopg.OperationalError) as exc:
+            raise self._unavailable(exc) from exc
+
     def save_state(self, states: Sequence[tuple[int, dict[str, list[Any]]]]) -> None:
         try:
             pg_stream.save_states(self.engine, states)

@@ -26,6 +26,7 @@ from api.app import create_app
 from kvadrupel.clock import Clock
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
+from tests.fixtures.waiting import wait_for
 
 AS_OF = date(2026, 11, 24)
 TOKENS = {
@@ -174,11 +175,12 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="admin-uvicorn", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
+
+    def started() -> bool:
+        assert thread.is_alive(), "uvicorn exited while starting"
+        return server.started
+
+    wait_for(started, f"uvicorn to start on port {port}", timeout=10, every=0.02)
     try:
         yield LiveServer(f"http://127.0.0.1:{port}", c)
     finally:

@@ -25,6 +25,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.admin.conftest import PASSWORDS, TOKENS, LiveServer
+from tests.fixtures.waiting import scaled, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -254,7 +255,7 @@ def test_analyst_to_live_rule(browser: Browser, live_server: LiveServer) -> None
         page.click("nav >> text=Runs")
         page.fill("input[name=as_of]", day)
         page.get_by_test_id("start-run").click()
-        expect(page.get_by_test_id("run-status")).to_have_text("done", timeout=20_000)
+        expect(page.get_by_test_id("run-status")).to_have_text("done", timeout=scaled(20_000))
     pat.shot("run-detail")
     page.click("nav >> text=Runs")
     expect(page.locator("figure.linechart polyline")).to_have_count(1)
@@ -264,9 +265,8 @@ def test_analyst_to_live_rule(browser: Browser, live_server: LiveServer) -> None
         "active"
     )
     pat.shot("rules-list")
-    deadline = time.monotonic() + 15
-    while not (banners := _banners(base, 1001)) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    banners = wait_for(lambda: _banners(base, 1001), "a banner for user 1001", timeout=15,
+                       every=0.1)
     assert [b["title"] for b in banners] == ["Your registration for A123BC expires on 2026-12-02"]
     assert _banners(base, 1002) == []
     page.click("nav >> text=Audit log")

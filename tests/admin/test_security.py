@@ -8,8 +8,10 @@ import re
 from typing import Any
 
 from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from starlette.routing import Mount
 
-from api.admin.security import csrf_form
+from api.admin.security import LoginThrottle, csrf_form
 from api.admin.store import AccountStore, ActivationStore, AuditLog
 from tests.admin.conftest import CSRF_RE, PASSWORDS, AdminClient, AdminEnv
 
@@ -44,6 +46,14 @@ def rule_form(
     } | extra
 
 
+LIMIT = LoginThrottle(lambda: 0.0).address_limit  # failures per address and window
+
+
+def admin_app(env: AdminEnv) -> Any:
+    """The admin sub-application mounted at /admin (its state holds the throttle)."""
+    return next(r.app for r in env.app.routes if isinstance(r, Mount) and r.path == "/admin")
+
+
 def flashes(html: str) -> list[str]:
     return re.findall(r'class="flash[^"]*"[^>]*>([^<]*)', html)
 
@@ -58,24 +68,50 @@ def test_pages_need_sign_in(admin_env: AdminEnv) -> None:
     assert anon.client.get("/admin").url.path == "/admin/login"
 
 
+def _login(client: Any, name: str, password: str, **extra: str) -> Any:
+    token = CSRF_RE.search(client.get("/admin/login").text).group(1)
+    return client.post(
+        "/admin/login",
+        data={"username": name, "password": password, "csrf_token": token, **extra},
+        follow_redirects=False,
+    )
+
+
 def test_wrong_password_unknown_user_and_throttle(admin_env: AdminEnv) -> None:
     anon = admin_env.as_user(None)
-    token = CSRF_RE.search(anon.client.get("/admin/login").text).group(1)
     for name, pw in (("ana", "wrong-password"), ("nobody", "whatever-pass")):
-        r = anon.client.post(
-            "/admin/login", data={"username": name, "password": pw, "csrf_token": token}
-        )
+        r = _login(anon.client, name, pw)
         assert r.status_code == 401 and "Wrong user name or password" in r.text
-    for _ in range(4):
-        anon.client.post(
-            "/admin/login", data={"username": "ana", "password": "nope", "csrf_token": token}
-        )
-    r = anon.client.post(
-        "/admin/login", data={"username": "ana", "password": PASSWORDS["ana"], "csrf_token": token}
-    )
-    assert r.status_code == 429  # even the right password waits after 5 failures
+    for _ in range(LIMIT - 2):
+        assert _login(anon.client, "ana", "nope").status_code == 401
+    # This address has failed LIMIT times: it waits, even with the right password...
+    r = _login(anon.client, "ana", PASSWORDS["ana"])
+    assert r.status_code == 429 and "from your address" in r.text
+    assert _login(anon.client, "pat", PASSWORDS["pat"]).status_code == 429
+    # ...but the real user, from another address, is not locked out.
+    real = TestClient(admin_env.app, client=("198.51.100.7", 40000))
+    admin_env.clients.append(real)
+    r = _login(real, "ana", PASSWORDS["ana"])
+    assert r.status_code == 303 and r.headers["location"] == "/admin/"
     actions = [e["action"] for e in AuditLog(admin_env.container.control).list(target="user:ana")]
-    assert actions.count("auth.failed") == 5 and "auth.throttled" in actions
+    assert actions.count("auth.failed") == LIMIT - 1 and "auth.throttled" in actions
+    assert actions.count("auth.login") == 1
+
+
+def test_a_flood_of_names_from_one_address_does_not_reset_the_throttle(
+    admin_env: AdminEnv,
+) -> None:
+    throttle = admin_app(admin_env).state.throttle
+    for i in range(LIMIT):
+        assert throttle.attempt("192.0.2.1", f"name{i}") is None
+    # The old throttle forgot everything after 10,000 names: this one keeps the
+    # address blocked however many names follow.
+    for i in range(12_000):
+        throttle.attempt("192.0.2.1", f"spray{i}")
+    wait = throttle.blocked_for("192.0.2.1", "ana")
+    assert wait is not None and wait.reason == "address"
+    assert len(throttle._addresses) <= throttle._addresses.cap
+    assert len(throttle._accounts) <= throttle._accounts.cap
 
 
 def test_session_cookie_flags_and_security_headers(admin_env: AdminEnv) -> None:

@@ -1,4 +1,7 @@
-"""Bounded waiting helpers for bus tests: every wait has a deadline, none sleeps blind."""
+"""Bounded waiting helpers for bus tests: every wait has a deadline, none sleeps blind.
+
+The waits go through ``tests.fixtures.waiting.wait_for``: their deadlines scale
+with ``KVADRUPEL_TEST_TIMEOUT_SCALE``."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import time
 from collections.abc import Sequence
 
 from engine.bus import Consumer, Message
+from tests.fixtures.waiting import wait_for
 
 # Kafka (Tansu) group joins take ~1 s and takeovers ~3 s with the test timings;
 # these deadlines are only hit when something is broken.
@@ -27,18 +31,20 @@ def collect(
     as it is received (the "ack"), as a worker would.
     """
     got: list[list[Message]] = [[] for _ in consumers]
-    deadline = time.monotonic() + timeout
-    while sum(map(len, got)) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"got {sum(map(len, got))} of {count} messages in {timeout}s: {got}"
-            )
-        for i, c in enumerate(consumers):
-            batch = c.poll(max_messages=500, timeout=0.05)
-            if batch:
-                got[i] += batch
-                if commit:
-                    c.commit(batch)
+
+    def poll_all() -> list[int]:
+        if sum(map(len, got)) < count:
+            for i, c in enumerate(consumers):
+                batch = c.poll(max_messages=500, timeout=0.05)
+                if batch:
+                    got[i] += batch
+                    if commit:
+                        c.commit(batch)
+        return [len(g) for g in got]
+
+    wait_for(poll_all, f"{count} messages on {len(consumers)} consumers (messages per consumer)",
+             until=lambda per: sum(per) >= count, timeout=timeout, every=0,
+             retry_on=())  # a failed poll or commit fails the test, as it always did
     return got
 
 
@@ -62,20 +68,19 @@ def settle(
     Every member holds something, no partition is held twice, none is missing.
     Nothing may be delivered meanwhile: call it before publishing.
     """
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def assignments() -> list[set[tuple[str, int]]]:
         for c in consumers:
             stray = c.poll(max_messages=500, timeout=0.05)
             assert stray == [], f"messages delivered while settling: {stray}"
-        held = [set(c.assignment()) for c in consumers]
+        return [set(c.assignment()) for c in consumers]
+
+    def settled(held: list[set[tuple[str, int]]]) -> bool:
         union = set().union(*held)
-        disjoint = sum(map(len, held)) == len(union)
-        if all(held) and disjoint and union == expected:
-            return held
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"group did not settle on {sorted(expected)} in {timeout}s: {held}"
-            )
+        return all(held) and sum(map(len, held)) == len(union) and union == expected
+
+    return wait_for(assignments, f"the group to settle on {sorted(expected)} (assignments)",
+                    until=settled, timeout=timeout, every=0)
 
 
 def values(messages: Sequence[Message]) -> list[bytes]:

@@ -20,27 +20,15 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tests.fixtures.kafka import TansuBroker, _free_port, _wait_ready, tansu_binary
+from tests.fixtures.waiting import scaled
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for(
-    predicate: Callable[[], Any], what: str, timeout: float = 30.0, every: float = 0.1
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = predicate()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
 
 
 # -- TCP proxy ---------------------------------------------------------------------
@@ -217,7 +205,7 @@ class Worker:
             return self.proc.returncode if self.proc else None
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=timeout)
+            return self.proc.wait(timeout=scaled(timeout))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)

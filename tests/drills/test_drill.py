@@ -52,11 +52,11 @@ from tests.drills.kit import (
     Worker,
     start_tansu_behind_proxy,
     table,
-    wait_for,
     worker_env,
     write_summary,
 )
 from tests.faults import pgcontrol
+from tests.fixtures.waiting import scaled, wait_for
 
 pytestmark = [pytest.mark.drill, pytest.mark.postgres, pytest.mark.kafka]
 
@@ -297,17 +297,20 @@ def test_drill(pg_factory: Any, smtp_server: Any, tmp_path: Path) -> None:
                 set(got) - set(oracle)
             )
 
-        wait_for(lambda: profile_mismatches() == 0, "profiles equal to the oracle", 60, 0.5)
-        infos = [c.runs.wait(r, timeout=60) for r in run_ids]
+        wait_for(profile_mismatches, "profiles equal to the oracle (profiles that differ)",
+                 until=lambda n: n == 0, timeout=60, every=0.5)
+        infos = [c.runs.wait(r, timeout=scaled(60)) for r in run_ids]
 
-        def settled() -> bool:
+        def settled() -> tuple[int, Counter[str]]:
+            """(banners that differ from the oracle's, e-mail ledger rows by status)"""
             got = {tuple(r) for r in _read_all(c, banners, [banners.c.user_id, banners.c.rule_key])}
             with c.control.connect() as conn:
                 led = conn.execute(select(ledger.c.status).where(ledger.c.channel == "email")).all()
-            return got == want_banners and bool(led) and all(r.status == "sent" for r in led)
+            return len(got ^ want_banners), Counter(r.status for r in led)
 
         try:
-            wait_for(settled, "banners and e-mails settled", 60, 0.5)
+            wait_for(settled, "banners and e-mails settled (banners off, e-mails by status)",
+                     until=lambda v: v[0] == 0 and set(v[1]) == {"sent"}, timeout=60, every=0.5)
         except AssertionError:
             pass  # the checks below say what differs
         time.sleep(1.5)  # anything still in flight shows now

@@ -35,8 +35,9 @@ from sqlalchemy import text
 
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
-from tests.drills.kit import ROOT, Worker, table, wait_for, worker_env, write_summary
+from tests.drills.kit import ROOT, Worker, table, worker_env, write_summary
 from tests.fixtures.kafka import _free_port
+from tests.fixtures.waiting import scaled, wait_for
 
 pytestmark = [pytest.mark.drill, pytest.mark.postgres]
 
@@ -91,7 +92,8 @@ def test_ingest_overload_memory_bounded_nothing_lost(
         c.migrate()
         c.bus.ensure_topics(c.bus.topics.values(), 4)
         ingest.start()
-        wait_for(lambda: ingest.rss_kib() > 0 and ingest.proc.poll() is None, "ingest started", 20)
+        wait_for(lambda: ingest.rss_kib() > 0 and ingest.proc.poll() is None, "ingest started",
+                 timeout=20, every=0.1)
         time.sleep(4)  # joined its group, imports done: the baseline
         base_rss = ingest.rss_kib()
         per_user = [0] * n_users
@@ -146,7 +148,7 @@ def test_ingest_overload_memory_bounded_nothing_lost(
                 backlog_peak = max(backlog_peak, sent - done)
                 if done >= n_events:
                     break
-                assert now - t_start < 90, f"ingest applied {done} of {n_events}"
+                assert now - t_start < scaled(90), f"ingest applied {done} of {n_events}"
             assert ingest.proc.poll() is None, ingest.log.read_text()[-2000:]
             time.sleep(0.05)
         drain_s = time.monotonic() - t_start
@@ -214,7 +216,7 @@ def _api(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
         except httpx.HTTPError:
             return False
 
-    wait_for(up, "API serving", 30, 0.1)
+    wait_for(up, f"the API serving /healthz on port {port}", timeout=30, every=0.1)
     return proc
 
 

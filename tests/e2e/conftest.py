@@ -26,6 +26,7 @@ from kvadrupel.container import Container
 from kvadrupel.demo import install_pack
 from kvadrupel.settings import Settings
 from rules.pack import BUILTIN_RULES
+from tests.fixtures.waiting import scaled
 
 AS_OF = date(2026, 11, 24)
 TOKENS = {"admin_token": "adm-" + "x" * 20, "ingest_token": "ing-" + "y" * 20,
@@ -44,22 +45,12 @@ class Pipeline:
     def auth(self, role: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {TOKENS[role + '_token']}"}
 
-    def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-            time.sleep(0.02)
-
     def settle(self, seconds: float = 1.0) -> None:
         """Let in-flight results reach the delivery worker."""
         bus = self.container.bus
         if hasattr(bus, "join"):
-            bus.join(bus.topic("jobs"), "kvadrupel-evaluate", timeout=10)
-            bus.join(bus.topic("results"), "kvadrupel-deliver", timeout=10)
+            bus.join(bus.topic("jobs"), "kvadrupel-evaluate", timeout=scaled(10))
+            bus.join(bus.topic("results"), "kvadrupel-deliver", timeout=scaled(10))
         else:
             time.sleep(seconds)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from tests.e2e.conftest import AS_OF, Pipeline
+from tests.fixtures.waiting import scaled, wait_for
 
 USER = 4_200_000_017
 
@@ -24,7 +25,7 @@ def post(p: Pipeline, *events: dict) -> None:
 def run_nightly(p: Pipeline) -> dict:
     r = p.client.post("/v1/runs", json={"as_of": AS_OF.isoformat()}, headers=p.auth("admin"))
     assert r.status_code == 202, r.text
-    run = p.container.runs.wait(r.json()["id"], timeout=30)
+    run = p.container.runs.wait(r.json()["id"], timeout=scaled(30))
     assert run["status"] == "done", run
     got = p.client.get(f"/v1/runs/{run['id']}", headers=p.auth("admin")).json()
     assert got["status"] == "done"
@@ -39,8 +40,10 @@ def test_licence_expiring_then_renewed(pipeline: Pipeline) -> None:
                      "driver_license": {"expires_on": (AS_OF + timedelta(days=20)).isoformat()}}})
 
     # Then the dl-expiring banner is served within 2 s and exactly one e-mail arrives
-    p.wait_for(lambda: "dl-expiring" in banner_rules(p), timeout=2.0, what="dl-expiring banner")
-    p.wait_for(lambda: len(p.mails()) >= 1, timeout=5.0, what="the e-mail")
+    wait_for(lambda: banner_rules(p), "the dl-expiring banner (banners served)",
+             until=lambda rules: "dl-expiring" in rules, timeout=2.0, every=0.02)
+    wait_for(lambda: [(m["To"], m["Subject"]) for m in p.mails()], "the e-mail (to, subject)",
+             until=lambda mails: len(mails) >= 1, timeout=5.0, every=0.02)
     mails = p.mails()
     assert len(mails) == 1
     assert mails[0]["To"] == "citizen@example.org"
@@ -62,14 +65,16 @@ def test_licence_expiring_then_renewed(pipeline: Pipeline) -> None:
                                         "renewed_on": AS_OF.isoformat()}}})
 
     # Then dl-expiring is gone and dl-renewed appears
-    p.wait_for(lambda: banner_rules(p) == ["dl-renewed"], timeout=2.0, what="dl-renewed only")
+    wait_for(lambda: banner_rules(p), "dl-renewed only (banners served)",
+             until=lambda rules: rules == ["dl-renewed"], timeout=2.0, every=0.02)
 
 
 def test_dismissed_banner_stays_hidden(pipeline: Pipeline) -> None:
     p = pipeline
     post(p, {"event_id": "d1", "user_id": USER + 1,
              "set": {"driver_license": {"expires_on": (AS_OF - timedelta(days=3)).isoformat()}}})
-    p.wait_for(lambda: banner_rules(p, USER + 1) == ["dl-expired"], timeout=2.0, what="dl-expired")
+    wait_for(lambda: banner_rules(p, USER + 1), "dl-expired only (banners served)",
+             until=lambda rules: rules == ["dl-expired"], timeout=2.0, every=0.02)
     banner_id = p.client.get(f"/v1/users/{USER + 1}/banners", headers=p.auth("portal")).json()[
         "banners"
     ][0]["id"]

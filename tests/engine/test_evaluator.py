@@ -19,6 +19,7 @@ from kvadrupel.demo import install_pack
 from rules.context import make_context
 from rules.pack import BUILTIN_RULES
 from scheduler.planner import start_run
+from shards.copytext import encode_rows
 from tests.scheduler.helpers import (
     AS_OF,
     AS_OF_MIDNIGHT,
@@ -224,12 +225,13 @@ def test_a_rule_that_overruns_its_budget_is_quarantined_only_if_it_does_again(
     spin = "def match(profile, ctx):\n    while True:\n        pass\n"
     with pack_plus(tmp_path, "spin", spin, rule_budget_ms=30) as (c, _):
         worker = c.evaluator_worker()
-        ctx = make_context(AS_OF, c.settings.timezone)
+        ctx = [AS_OF.isoformat(), c.settings.timezone]
         pack = worker.pack()
-        doc = {"birth_date": "1990-11-24"}
-        # A rule that is fine is not confirmed as overrunning (a CPU stall would be)
-        assert worker._times_out(pack, "birthday", doc, ctx) is False
-        assert worker._times_out(pack, "spin", doc, ctx) is True
+        row = encode_rows([(1, {"birth_date": "1990-11-24"}, None)])
+        # A rule that is fine is not confirmed as overrunning (a CPU stall would be);
+        # the confirmation runs in a sandbox child, as the evaluation does
+        assert worker._confirm("confirm_timeout", pack, "birthday", row, ctx) is False
+        assert worker._confirm("confirm_timeout", pack, "spin", row, ctx) is True
 
         info = run_once(c, worker)
         assert info["status"] == "done" and info["users"] == 200

@@ -3,7 +3,6 @@ commits that wait for every shard, and data a shard refuses."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from shards.router import ShardRouter
 from shards.shardset import ShardSet, open_shard
 from tests.engine.test_events import oracle
 from tests.faults import pgcontrol
+from tests.fixtures.waiting import wait_for
 
 
 @pytest.fixture(params=["memory", pytest.param("kafka", marks=pytest.mark.kafka)])
@@ -83,20 +83,30 @@ def drain(bus: Bus, topic: str, expect: int, timeout: float = 15.0, done=None) -
     consumer = bus.consumer(f"{bus.prefix}-reader-{uuid.uuid4().hex[:6]}", [topic])
     got: list = []
     done = done or (lambda msgs: len(msgs) >= expect)
-    deadline = time.monotonic() + timeout
+
+    def polled() -> list:
+        if not done(got):
+            got.extend(consumer.poll(100, 0.2))
+        return got
+
     try:
-        while not done(got) and time.monotonic() < deadline:
-            got += consumer.poll(100, 0.2)
+        wait_for(polled, f"the messages expected on {topic} ({expect} or as done() says)",
+                 until=done, timeout=timeout, every=0)
     finally:
         consumer.close()
     return got
 
 
 def run_until(w: IngestWorker, handled: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while w.handled < handled:
-        assert time.monotonic() < deadline, f"handled {w.handled} of {handled}"
-        w.step()
+    """Step ``w`` (in this thread) until it handled ``handled`` messages."""
+
+    def stepped() -> int:
+        if w.handled < handled:
+            w.step()
+        return w.handled
+
+    wait_for(stepped, f"the worker to handle {handled} messages (handled)",
+             until=lambda n: n >= handled, timeout=timeout, every=0, retry_on=())
 
 
 def profile(shards: ShardSet, uid: int) -> dict:
@@ -248,13 +258,14 @@ def test_a_message_its_shard_refuses_is_dead_lettered_alone(
     # When the worker runs through it (the first attempt fails, then it bisects)
     w = worker(bus, shards)
     try:
-        deadline = time.monotonic() + 20
-        while w.handled < len(events):
-            assert time.monotonic() < deadline
-            try:
-                w.step()
-            except Exception:  # noqa: BLE001 - the run loop would back off and retry
-                continue
+
+        def stepped() -> int:
+            if w.handled < len(events):
+                w.step()  # raises on the failed attempt: retried, as the run loop would
+            return w.handled
+
+        wait_for(stepped, f"the worker to handle all {len(events)} events (handled)",
+                 until=lambda n: n >= len(events), timeout=20, every=0)
     finally:
         w.close()
     # Then only that message is dead-lettered, and everything else applied once

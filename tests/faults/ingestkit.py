@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, Producer
 from engine.events import parse_event
 from kvadrupel.errors import EventError
 from tests.engine.test_events import oracle
+from tests.fixtures.waiting import scaled, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_BYTES = 2048  # small profile limit: some events fail on size
@@ -130,13 +131,16 @@ class Stream:
         self.offsets.clear()
         c = reader(bootstrap)
         c.subscribe([self.topic])
-        deadline = time.monotonic() + 30
+
+        def read() -> int:
+            for m in c.consume(1000, 0.2):
+                if m.error() is None:
+                    self.offsets[m.partition()][m.offset()] = m.value()
+            return sum(map(len, self.offsets.values()))
+
         try:
-            while sum(map(len, self.offsets.values())) < len(self.sent):
-                assert time.monotonic() < deadline, "cannot read the stream back"
-                for m in c.consume(1000, 0.2):
-                    if m.error() is None:
-                        self.offsets[m.partition()][m.offset()] = m.value()
+            wait_for(read, f"the {len(self.sent)} sent events read back from {self.topic}",
+                     until=lambda n: n >= len(self.sent), timeout=30, every=0)
         finally:
             c.close()
         assert sum(map(len, self.offsets.values())) == len(self.sent)
@@ -174,7 +178,9 @@ class Stream:
         return docs, bad
 
 
-def marks_reached(shard_urls: list[str], topic: str, last: dict[int, int]) -> bool:
+def marks_behind(shard_urls: list[str], topic: str, last: dict[int, int]) -> dict[int, str]:
+    """The partitions whose shards' best offset mark is short of ``last``, as
+    ``{partition: "mark/last"}``; empty once every event was applied."""
     best: dict[int, int] = {}
     for url in shard_urls:
         with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
@@ -182,15 +188,8 @@ def marks_reached(shard_urls: list[str], topic: str, last: dict[int, int]) -> bo
                 'SELECT partition, "offset" FROM ingest_marks WHERE topic = %s', (topic,)
             ):
                 best[p] = max(best.get(p, -1), off)
-    return all(best.get(p, -1) >= off for p, off in last.items())
+    return {p: f"{best.get(p, -1)}/{off}" for p, off in last.items() if best.get(p, -1) < off}
 
-
-def wait_until(predicate: Any, timeout: float, what: str, every: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 def stored_profiles(shard_urls: list[str]) -> dict[int, dict]:
@@ -224,7 +223,7 @@ def read_topic(bootstrap: str, topic: str, settle: float = 1.0, timeout: float =
     c = reader(bootstrap)
     c.subscribe([topic])
     got: list[Any] = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     quiet_since = time.monotonic()
     try:
         while time.monotonic() < deadline:

@@ -29,7 +29,7 @@ from kvadrupel.container import Container
 from shards.schema import ledger as ledger_table
 from tests.channels.deliverykit import MAIL_FROM, TOKENS, enter, pg_settings
 from tests.channels.deliverykit import make_worker as make_delivery_worker
-from tests.drills.kit import wait_for as _wait
+from tests.fixtures.waiting import scaled, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,11 +64,14 @@ def test_smtp_down_then_up_every_message_exactly_once(tmp_path: Path, pg_factory
     try:
         smtp_server.stop()
         _publish(kafka_bus, [enter(5_000_000 + i, "r1", 1) for i in range(n)])
-        _wait(lambda: _statuses(container)["pending"] == n
-              and min(e["attempts"] for e in ledger.entries(5_000_000)) >= 2,
-              "every message claimed and retried while the server is down", 20)
+        wait_for(lambda: (_statuses(container),
+                          [e["attempts"] for e in ledger.entries(5_000_000)]),
+                 "every message claimed and retried while the server is down "
+                 "(ledger by status, attempts of user 5000000)",
+                 until=lambda v: v[0]["pending"] == n and min(v[1]) >= 2, timeout=20, every=0.1)
         smtp_server.start()
-        _wait(lambda: _statuses(container)["sent"] == n, "every message sent", 20)
+        wait_for(lambda: _statuses(container), f"all {n} messages sent (ledger by status)",
+                 until=lambda st: st["sent"] == n, timeout=20, every=0.1)
         time.sleep(0.3)  # nothing more may arrive
         ids = [str(r.message["Message-ID"]) for r in smtp_server.messages]
         assert len(ids) == n
@@ -126,15 +129,17 @@ def test_kill_9_of_the_delivery_worker_never_sends_two_messages_for_one_episode(
         for until in (150,):
             proc = _deliver(env, log)
             procs.append(proc)
-            _wait(lambda u=until: len(smtp_server.messages) >= u, f"{until} messages", 30)
+            wait_for(lambda: len(smtp_server.messages), f"{until} messages received",
+                     until=lambda got, u=until: got >= u, timeout=30, every=0.1)
             os.kill(proc.pid, signal.SIGKILL)  # mid-send: no chance to record or commit
             proc.wait(timeout=10)
         smtp_server.accept()
         proc = _deliver(env, log)
         procs.append(proc)
-        _wait(lambda: _statuses(container)["sent"] == n, "every episode's e-mail sent", 40)
+        wait_for(lambda: _statuses(container), "every episode's e-mail sent (ledger by status)",
+                 until=lambda st: st["sent"] == n, timeout=40, every=0.1)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0, log.read_text()[-3000:]
+        assert proc.wait(timeout=scaled(20)) == 0, log.read_text()[-3000:]
         with container.control.connect() as conn:
             attempts = dict(
                 conn.execute(

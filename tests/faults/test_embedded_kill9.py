@@ -21,7 +21,8 @@ from typing import Any
 
 import orjson
 
-from tests.faults.ingestkit import ROOT, free_port, wait_until
+from tests.faults.ingestkit import ROOT, free_port
+from tests.fixtures.waiting import wait_for
 
 TOKENS = {
     "KVADRUPEL_ADMIN_TOKEN": "adm-" + "e" * 20,
@@ -53,7 +54,9 @@ class Embedded:
             [sys.executable, "-m", "kvadrupel.cli", "embedded", "--port", str(self.port)],
             cwd=ROOT, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL)
-        wait_until(self._healthy, 60, f"the embedded process to serve\n{self._tail()}")
+        wait_for(self._healthy,
+                 f"the embedded process to serve on port {self.port}\n{self._tail()}",
+                 timeout=60, every=0.1)
 
     def _tail(self) -> str:
         return self.log.read_text()[-2000:] if self.log.exists() else ""
@@ -156,8 +159,8 @@ def test_acknowledged_events_survive_kill_9_before_they_are_applied(tmp_path: Pa
     app.start()
     try:
         want = expected(requests)
-        wait_until(lambda: applied(data) >= sum(map(len, want.values())), 30,
-                   f"every acknowledged event applied\n{app._tail()}")
+        wait_for(lambda: applied(data), f"every acknowledged event applied\n{app._tail()}",
+                 until=lambda n: n >= sum(map(len, want.values())), timeout=30, every=0.1)
         assert counters(data) == want
 
         # And a client retrying a request (same event ids) changes nothing: the
@@ -167,8 +170,8 @@ def test_acknowledged_events_survive_kill_9_before_they_are_applied(tmp_path: Pa
         after = events("after", per_user=1)
         assert app.post(after) == 202
         want = expected([*requests, after])
-        wait_until(lambda: applied(data) >= sum(map(len, want.values())), 30,
-                   f"the events after the retry applied\n{app._tail()}")
+        wait_for(lambda: applied(data), f"the events after the retry applied\n{app._tail()}",
+                 until=lambda n: n >= sum(map(len, want.values())), timeout=30, every=0.1)
         assert counters(data) == want
     finally:
         app.stop()
@@ -198,9 +201,10 @@ def test_kill_9_right_after_202_loses_nothing_and_applies_nothing_twice(tmp_path
         # Then, restarted once more, it applies every acknowledged event exactly once
         app.start()
         want = expected(sent)
-        wait_until(lambda: applied(data) >= sum(map(len, want.values())), 30,
-                   f"every acknowledged event applied (behind at the kills: {behind})\n"
-                   f"{app._tail()}")
+        wait_for(lambda: applied(data),
+                 f"every acknowledged event applied (behind at the kills: {behind})\n"
+                 f"{app._tail()}",
+                 until=lambda n: n >= sum(map(len, want.values())), timeout=30, every=0.1)
         assert counters(data) == want, f"behind at the kills: {behind}"
     finally:
         app.stop()

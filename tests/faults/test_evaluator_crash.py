@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -33,6 +34,7 @@ from rules.pack import BUILTIN_RULES
 from scheduler.planner import start_run
 from shards.schema import banners, run_ranges, user_state
 from tests.fixtures.procs import stop_all
+from tests.fixtures.waiting import scaled, wait_for
 from tests.scheduler.helpers import AS_OF, TOKENS, load_users
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
@@ -103,24 +105,25 @@ def test_killed_worker_range_is_redone_exactly_once(
 
         # When both workers are busy and one is inside a range (it reported
         # progress, so some of the range's results are out), that one is killed
-        victim_range = None
-        deadline = time.monotonic() + 60
-        while victim_range is None:
-            assert time.monotonic() < deadline, c.runs.get(run_id)
+        def ranges() -> list:
             with c.control.connect() as conn:
-                rows = conn.execute(select(run_ranges).where(run_ranges.c.run_id == run_id)).all()
+                return conn.execute(select(run_ranges).where(run_ranges.c.run_id == run_id)).all()
+
+        def victim_of(rows: list) -> Any:  # a Row of run_ranges, or None
             if len({r.worker for r in rows if r.worker}) == 2:
-                victim_range = next(
-                    (r for r in rows if r.status == "running" and r.users > 0), None
-                )
-            time.sleep(0.05)
+                return next((r for r in rows if r.status == "running" and r.users > 0), None)
+            return None
+
+        rows = wait_for(ranges, f"both workers busy, one inside a range of run {run_id} (ranges)",
+                        until=lambda rows: victim_of(rows) is not None, timeout=60)
+        victim_range = victim_of(rows)
         victim_pid = int(victim_range.worker.rsplit(":", 1)[1])
         victim = next(p for p in procs if p.pid == victim_pid)
         os.kill(victim_pid, signal.SIGKILL)
         victim.wait(timeout=10)
 
         # Then the run completes: the other worker redid the range
-        info = c.runs.wait(run_id, timeout=90)
+        info = c.runs.wait(run_id, timeout=scaled(90))
         assert info["status"] == "done", info
         assert info["users"] == N and info["ranges"]["parked"] == 0
         with c.control.connect() as conn:
@@ -166,14 +169,11 @@ def test_killed_worker_range_is_redone_exactly_once(
                                                  .group_by(banners.c.rule_key)).all()))
             return out
 
-        deadline = time.monotonic() + 60
-        while banner_counts() != with_banner or c.ledger.counts().get("sent", 0) < emails_expected:
-            assert time.monotonic() < deadline, (
-                banner_counts(),
-                c.ledger.counts(),
-                emails_expected,
-            )
-            time.sleep(0.2)
+        wait_for(lambda: (banner_counts(), c.ledger.counts()),
+                 f"banners {dict(with_banner)} and {emails_expected} e-mails sent "
+                 "(banners by rule, ledger by status)",
+                 until=lambda v: v[0] == with_banner and v[1].get("sent", 0) >= emails_expected,
+                 timeout=60, every=0.2)
         time.sleep(1.0)  # anything still in flight would show now
         assert banner_counts() == with_banner
         assert c.ledger.counts() == {"sent": emails_expected}

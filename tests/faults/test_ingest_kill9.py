@@ -14,6 +14,7 @@ import pytest
 from engine.buses.kafka import KafkaBus
 from tests.faults import ingestkit as kit
 from tests.fixtures.kafka import TEST_TIMINGS, TansuBroker
+from tests.fixtures.waiting import scaled, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -58,17 +59,18 @@ def test_kill_9_mid_stream_and_restart(
     for _ in range(3):
         worker = kit.start_worker(env, log)
         before = progress(dbs.shards, stream.topic)
-        kit.wait_until(
-            lambda b=before: progress(dbs.shards, stream.topic) > b,
-            30,
-            f"the worker to make progress\n{log.read_text()[-2000:]}",
+        wait_for(
+            lambda: progress(dbs.shards, stream.topic),
+            f"the worker to make progress past {before}\n{log.read_text()[-2000:]}",
+            until=lambda now, b=before: now > b,
+            timeout=30,
             every=0.02,
         )
         time.sleep(rng.uniform(0.05, 0.6))
         worker.kill()
         worker.wait(10)
         seen.append(progress(dbs.shards, stream.topic))
-    producer.join(30)
+    producer.join(scaled(30))
     # Progress between kills. (Whether events are still left for the final restart
     # depends on timing: a fast worker may have caught up with the producer by the
     # third kill, which is fine — the restart must then find nothing to redo.)
@@ -76,10 +78,13 @@ def test_kill_9_mid_stream_and_restart(
     # ...and restarted once more
     worker = kit.start_worker(env, log)
     try:
-        kit.wait_until(
-            lambda: kit.marks_reached(dbs.shards, stream.topic, stream.last_offsets()),
-            40,
-            f"every event applied\n{log.read_text()[-2000:]}",
+        wait_for(
+            lambda: kit.marks_behind(dbs.shards, stream.topic, stream.last_offsets()),
+            "every event applied (partitions behind: offset mark/last offset)"
+            f"\n{log.read_text()[-2000:]}",
+            until=lambda behind: not behind,
+            timeout=40,
+            every=0.1,
         )
         dlq = kit.read_topic(kafka_broker.bootstrap, f"{prefix}.events.dlq")
     finally:

@@ -24,6 +24,7 @@ from shards.shardset import ShardSet, open_shard
 from tests.faults import ingestkit as kit
 from tests.faults import pgcontrol
 from tests.fixtures.kafka import TEST_TIMINGS, TansuBroker, _wait_ready, tansu_binary
+from tests.fixtures.waiting import scaled, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 BATCH = 50
@@ -106,7 +107,7 @@ def test_a_shard_database_down_for_a_while(kafka_broker: TansuBroker, pg_factory
         time.sleep(1.0)
         # When shard 1's database goes away for 3 s
         pgcontrol.down(urls[1])
-        kit.wait_until(lambda: worker.paused, 5, "the worker to pause")
+        wait_for(lambda: worker.paused, "the worker to pause", timeout=5, every=0.1)
         at_pause = committed(kafka_broker.bootstrap, f"{bus.prefix}-ingest", bus.topic("events"))
         time.sleep(3.0)
         # Then it stopped pulling: no offset moved, and it holds at most the
@@ -118,13 +119,12 @@ def test_a_shard_database_down_for_a_while(kafka_broker: TansuBroker, pg_factory
         )
         pgcontrol.up(urls[1])
         # ...and once the database is back it resumes by itself and catches up
-        producer.join(30)
-        kit.wait_until(
-            lambda: kit.marks_reached(urls, stream.topic, stream.last_offsets()),
-            30,
-            "every event applied",
-        )
-        kit.wait_until(lambda: not worker.paused, 5, "the worker to resume")
+        producer.join(scaled(30))
+        wait_for(lambda: kit.marks_behind(urls, stream.topic, stream.last_offsets()),
+                 "every event applied (partitions behind: offset mark/last offset)",
+                 until=lambda behind: not behind, timeout=30, every=0.1)
+        wait_for(lambda: worker.paused, "the worker to resume (paused?)",
+                 until=lambda paused: not paused, timeout=5, every=0.1)
     finally:
         pgcontrol.up(urls[1])
         run.close()
@@ -182,7 +182,8 @@ def test_the_worker_cut_off_from_the_broker_for_a_while(proxied_broker, pg_facto
     try:
         # Given a stream being ingested (the producer goes through the proxy too)
         producer = stream.publish_in_background(3000, rate=800)
-        kit.wait_until(lambda: worker.handled > 200, 15, "the worker to start")
+        wait_for(lambda: worker.handled, "the worker to start (events handled)",
+                 until=lambda handled: handled > 200, timeout=15, every=0.1)
         # When the network to the broker is cut for 4 s, mid-stream (longer than
         # the 2 s session timeout: the group drops the member)
         proxy.cut()
@@ -190,12 +191,10 @@ def test_the_worker_cut_off_from_the_broker_for_a_while(proxied_broker, pg_facto
         held_during_cut = run.max_held
         proxy.restore()
         # Then it rejoins by itself and finishes: every event applied once
-        producer.join(60)
-        kit.wait_until(
-            lambda: kit.marks_reached(urls, stream.topic, stream.last_offsets()),
-            40,
-            "every event applied",
-        )
+        producer.join(scaled(60))
+        wait_for(lambda: kit.marks_behind(urls, stream.topic, stream.last_offsets()),
+                 "every event applied (partitions behind: offset mark/last offset)",
+                 until=lambda behind: not behind, timeout=40, every=0.1)
         assert worker.failures > 0 and run.paused_seen  # it did notice the cut
     finally:
         run.close()

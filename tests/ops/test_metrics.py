@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 import urllib.request
 from collections import Counter
 
@@ -14,6 +13,7 @@ from engine.bus import Consumer
 from kvadrupel.ops import serve_ops
 from tests.bus.helpers import DEADLINE_S, collect
 from tests.fixtures.kafka import PARTITIONS, KafkaBusFactory
+from tests.fixtures.waiting import wait_for
 
 
 def free_port() -> int:
@@ -35,12 +35,15 @@ def lag_gauges(url: str, group: str) -> dict[tuple[str, int], float]:
 def wait_for_lag(consumer: Consumer, url: str, group: str,
                  expected: dict[tuple[str, int], float]) -> None:
     """Poll (statistics are handed over inside poll) until /metrics shows ``expected``."""
-    deadline = time.monotonic() + DEADLINE_S
-    seen = lag_gauges(url, group)
-    while seen != expected and time.monotonic() < deadline:
+    if lag_gauges(url, group) == expected:
+        return
+
+    def polled() -> dict[tuple[str, int], float]:
         assert consumer.poll(timeout=0.05) == []
-        seen = lag_gauges(url, group)
-    assert seen == expected
+        return lag_gauges(url, group)
+
+    wait_for(polled, f"/metrics to show the lag {expected}", until=lambda seen: seen == expected,
+             timeout=DEADLINE_S, every=0)
 
 
 @pytest.mark.kafka

@@ -26,6 +26,7 @@ from scheduler.cron import cron_trigger, last_fire_time
 from scheduler.service import SchedulerService
 from shards.schema import runs as runs_table
 from tests.fixtures.procs import stop_all
+from tests.fixtures.waiting import wait_for
 from tests.scheduler.helpers import TOKENS
 
 TZ = "Europe/Moscow"
@@ -97,13 +98,6 @@ def fired(c: Container) -> list[tuple[str, date, str]]:
             select(runs_table).where(runs_table.c.fire_key.is_not(None)).order_by(runs_table.c.id))]
 
 
-def wait_until(pred, timeout: float = 10.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def key_time(key: str) -> datetime:
     return datetime.fromisoformat(key.split("@", 1)[1])
 
@@ -111,7 +105,8 @@ def key_time(key: str) -> datetime:
 def test_nightly_fires_on_its_cron_as_of_the_scheduled_date(embedded: Settings) -> None:
     r = Replica(embedded)
     try:
-        wait_until(lambda: len(fired(r.container)) >= 2)
+        wait_for(lambda: fired(r.container), "two nightly firings (runs fired)",
+                 until=lambda runs: len(runs) >= 2)
         runs = fired(r.container)
         assert all(k.startswith("nightly@") and kind == "nightly" for k, _, kind in runs)
         assert all(as_of == key_time(k).date() for k, as_of, _ in runs)
@@ -124,7 +119,8 @@ def test_nightly_fires_on_its_cron_as_of_the_scheduled_date(embedded: Settings) 
 def test_a_run_missed_while_down_is_caught_up_once(embedded: Settings) -> None:
     # Given the scheduler ran, then was down for several firings
     r = Replica(embedded)
-    wait_until(lambda: len(fired(r.container)) >= 1)
+    wait_for(lambda: fired(r.container), "a nightly firing (runs fired)",
+             until=lambda runs: len(runs) >= 1)
     r.close()
     down_at = datetime.now(UTC)
     time.sleep(4.5)
@@ -132,7 +128,9 @@ def test_a_run_missed_while_down_is_caught_up_once(embedded: Settings) -> None:
     # When it starts again (catch-up window 60 s)
     r = Replica(embedded)
     try:
-        wait_until(lambda: any(down_at < key_time(k) < up_at for k, _, _ in fired(r.container)), 5)
+        wait_for(lambda: fired(r.container), "a run for the firings missed while down (runs fired)",
+                 until=lambda runs: any(down_at < key_time(k) < up_at for k, _, _ in runs),
+                 timeout=5)
         # Then exactly one run stands for the missed firings: the latest of them
         missed = [k for k, _, _ in fired(r.container) if down_at < key_time(k) < up_at]
         assert len(missed) == 1
@@ -147,7 +145,8 @@ def test_a_run_missed_beyond_the_window_is_skipped(tmp_path: Path) -> None:
     c.migrate()
     c.close()
     r = Replica(s)
-    wait_until(lambda: len(fired(r.container)) >= 1)
+    wait_for(lambda: fired(r.container), "a nightly firing (runs fired)",
+             until=lambda runs: len(runs) >= 1)
     r.close()
     down_at = datetime.now(UTC)
     time.sleep(4.5)
@@ -155,7 +154,8 @@ def test_a_run_missed_beyond_the_window_is_skipped(tmp_path: Path) -> None:
     r = Replica(s)
     try:
         # Then nothing runs for the firings older than the window; the cron goes on
-        wait_until(lambda: any(key_time(k) > up_at for k, _, _ in fired(r.container)), 5)
+        wait_for(lambda: fired(r.container), "a firing after the restart (runs fired)",
+                 until=lambda runs: any(key_time(k) > up_at for k, _, _ in runs), timeout=5)
         stale = [
             k
             for k, _, _ in fired(r.container)
@@ -182,8 +182,10 @@ def test_campaigns_fire_once_at_their_time_unless_cancelled_or_too_late(tmp_path
         campaigns.cancel(cancelled["id"])
         r = Replica(s)
         try:
-            wait_until(lambda: campaigns.get(restricted["id"])["status"] == "started"
-                       and campaigns.get(soon["id"])["status"] == "started")
+            wait_for(lambda: (campaigns.get(restricted["id"])["status"],
+                              campaigns.get(soon["id"])["status"]),
+                     "both due campaigns started (their statuses)",
+                     until=lambda statuses: statuses == ("started", "started"))
             time.sleep(0.5)
             got = {k: (as_of, kind) for k, as_of, kind in fired(r.container)}
             assert got == {
@@ -204,13 +206,13 @@ def test_campaigns_fire_once_at_their_time_unless_cancelled_or_too_late(tmp_path
 
 def test_a_second_embedded_scheduler_stands_by(embedded: Settings) -> None:
     a = Replica(embedded)
-    wait_until(a.service.leading.is_set)
+    wait_for(a.service.leading.is_set, "the first replica to lead")
     b = Replica(embedded)
     try:
         time.sleep(1.0)
         assert not b.service.leading.is_set()
         a.close()
-        wait_until(b.service.leading.is_set, 5)
+        wait_for(b.service.leading.is_set, "the second replica to take over", timeout=5)
     finally:
         b.close()
         a.close()
@@ -251,7 +253,8 @@ def test_replicas_fire_each_job_exactly_once_and_fail_over(pg_factory, kafka_bro
     ]
     try:
         # Given three replicas
-        wait_until(lambda: len(fired(c)) >= 3, 30)
+        wait_for(lambda: [k for k, _, _ in fired(c)], "three firings (keys fired)",
+                 until=lambda keys: len(keys) >= 3, timeout=30)
         assert len(leaders()) == 1
         # When the leader is killed (its lock goes with its session)
         with c.control.connect() as conn:
@@ -265,8 +268,10 @@ def test_replicas_fire_each_job_exactly_once_and_fail_over(pg_factory, kafka_bro
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(timeout=10)
         # Then another replica leads and the cron goes on
-        wait_until(lambda: len(leaders()) == 1 and leaders()[0] != leader_backend, 15)
-        wait_until(lambda: len(fired(c)) >= before + 3, 20)
+        wait_for(leaders, f"one new leader, not backend {leader_backend} (lock holders)",
+                 until=lambda pids: len(pids) == 1 and pids[0] != leader_backend, timeout=15)
+        wait_for(lambda: [k for k, _, _ in fired(c)], f"{before + 3} firings (keys fired)",
+                 until=lambda keys: len(keys) >= before + 3, timeout=20)
         keys = [k for k, _, _ in fired(c)]
         assert len(keys) == len(set(keys))  # every firing made one run
         assert Counter(key_time(k).second % 2 for k in keys) == {0: len(keys)}

@@ -10,6 +10,7 @@ import pytest
 
 from engine.events import Event, apply_events
 from shards.backends.sqlite import SqliteShardStore
+from shards.copytext import parse_rows
 from shards.migrations import runner
 from shards.router import MAX_USER_ID
 from shards.shardset import open_shard
@@ -109,6 +110,22 @@ def test_scans_read_documents_with_escapes_and_hand_written_whitespace(store: Sh
     # When they are scanned / Then they read back exactly
     rows = {uid: doc for chunk in store.scan_range(1, 2) for uid, doc, _ in chunk}
     assert rows == {1: tricky, 2: want_pretty}
+    # and so do the COPY text lines the evaluator hands its sandbox child
+    text_rows = {uid: doc for chunk in store.scan_range_text(1, 2)
+                 for uid, doc, _ in parse_rows(chunk)}
+    assert text_rows == {1: tricky, 2: want_pretty}
+
+
+def test_text_scans_carry_the_same_rows_and_states(store: ShardStore) -> None:
+    store.put_profiles([(u, {"u": u, "s": "t\tab"}) for u in range(1, 21)])
+    store.save_state([(5, {"r": [1, 1, 1, "2026-01-01"]})])
+    plain = sorted((u, d, s) for c in store.scan_range(1, 20) for u, d, s in c)
+    text = sorted(r for c in store.scan_range_text(1, 20, batch=6) for r in parse_rows(c))
+    assert text == plain and len(text) == 20
+    chunks = list(store.scan_users_text([5, 7, 404], batch=1))
+    assert [parse_rows(c) for c in chunks] == [[(5, {"u": 5, "s": "t\tab"},
+                                                 {"r": [1, 1, 1, "2026-01-01"]})],
+                                                [(7, {"u": 7, "s": "t\tab"}, None)]]
 
 
 def test_scan_users_skips_unknown_and_repeated_ids(store: ShardStore) -> None:

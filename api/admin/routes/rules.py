@@ -457,6 +457,9 @@ def launch_page(
         rule_status=_status(rule, _ever_live(request)),
         threshold=st.settings.admin_approval_audience,
         default_sample=_sample(request, None),
+        date_dep=_call(request, "date_dependence", key)[0],
+        date_note=DATE_NOTE,
+        lookahead_days=LOOKAHEAD_DAYS,
     )
 
 
@@ -544,16 +547,54 @@ def shadow(
 
 
 # -- activation -------------------------------------------------------------------
-def _blast_radius(
-    request: Request, key: str
-) -> tuple[int | None, dict[str, Any] | None, str | None]:
-    """Users who would match today: (upper bound used for the approval rule, preview, error)."""
-    result, err = _call(request, "preview", key, _today(request), _sample(request, None))
+LOOKAHEAD_DAYS = 365
+DATE_NOTE = "this rule's answer depends on today's date"
+
+
+def _high(result: dict[str, Any] | None) -> int | None:
     if result is None:
-        return None, None, err
+        return None
     aud = result.get("audience") or {}
     high = aud.get("high", aud.get("estimate", result.get("matches")))
-    return (int(high) if high is not None else None), result, err
+    return int(high) if high is not None else None
+
+
+def _blast_radius(request: Request, key: str) -> dict[str, Any]:
+    """What the approval rule compares with the threshold: the larger of the upper
+    bounds of today's audience (preview) and of the users the rule would match on any
+    day of the next 365 (lookahead), over the same sample setting. Unknown (``high``
+    None, so an approver is needed) when either cannot be computed.
+
+    ``{"high", "today", "today_high", "ahead", "ahead_high", "error", "ahead_error"}``.
+    """
+    today, sample = _today(request), _sample(request, None)
+    p, err = _call(request, "preview", key, today, sample)
+    ahead, ahead_err = _call(request, "lookahead", key, today, LOOKAHEAD_DAYS, sample)
+    today_high, ahead_high = _high(p), _high(ahead)
+    high = None if today_high is None or ahead_high is None else max(today_high, ahead_high)
+    return {"high": high, "today": p, "today_high": today_high, "ahead": ahead,
+            "ahead_high": ahead_high, "error": err, "ahead_error": ahead_err}
+
+
+def _blast_text(b: dict[str, Any]) -> str:
+    """Today's and the lookahead's counts in words, for flash messages."""
+    parts = [f"today up to {b['today_high']}" if b["today_high"] is not None
+             else f"today unknown ({b['error']})"]
+    ahead = b["ahead"]
+    if ahead is None:
+        parts.append(f"next {LOOKAHEAD_DAYS} days unknown ({b['ahead_error']})")
+    else:
+        text = f"on any day of the next {ahead.get('days', LOOKAHEAD_DAYS)} days "
+        if ahead.get("unbounded"):
+            text += f"up to {b['ahead_high']} (reads the real clock: counted as everyone)"
+        elif (ahead.get("audience") or {}).get("exact"):
+            text += f"{b['ahead_high']}"
+        else:
+            text += f"up to {b['ahead_high']} (upper bound, sampled)"
+        parts.append(text)
+        if ahead.get("date_dependent"):
+            parts.append(DATE_NOTE)
+    return "; ".join(parts)
 
 
 @router.get("/rules/{key}/blast")
@@ -562,16 +603,19 @@ def blast(
     request: Request,
     user: AnyUser,
 ) -> Response:
-    high, result, err = _blast_radius(request, key)
+    b = _blast_radius(request, key)
     threshold = request.app.state.settings.admin_approval_audience
     return render(
         request,
         "_blast.html",
-        p=result,
-        high=high,
-        error=err,
+        p=b["today"],
+        la=b["ahead"],
+        high=b["high"],
+        error=b["error"],
+        ahead_error=b["ahead_error"],
         threshold=threshold,
-        needs_approver=high is None or high > threshold,
+        needs_approver=b["high"] is None or b["high"] > threshold,
+        date_note=DATE_NOTE,
     )
 
 
@@ -595,7 +639,18 @@ def request_activation(
             "error",
         )
         return redirect(request, f"/rules/{key}/launch")
-    high, _, err = _blast_radius(request, key)
+    b = _blast_radius(request, key)
+    high = b["high"]
+    err = "; ".join(e for e in (b["error"], b["ahead_error"]) if e) or None
+    ahead = b["ahead"] or {}
+    detail = {
+        "audience_today": b["today_high"],
+        "audience_lookahead": b["ahead_high"],
+        "lookahead_days": LOOKAHEAD_DAYS,
+        "lookahead_sampled": not (ahead.get("audience") or {}).get("exact", False),
+        "date_dependent": ahead.get("date_dependent"),
+    }
+    words = _blast_text(b)
     note = str(form.get("note") or "").strip()[:2000] or None
     threshold = st.settings.admin_approval_audience
     if high is not None and high <= threshold:
@@ -616,11 +671,12 @@ def request_activation(
             version=rule["version"],
             audience=high,
             threshold=threshold,
+            **detail,
         )
         flash(
             request,
             f"{key} v{rule['version']} is live (blast radius {high} ≤ {threshold}: "
-            "no approval needed).",
+            f"no approval needed; {words}).",
         )
     else:
         req = st.activations.create(key, rule["version"], user["username"], high, note)
@@ -635,6 +691,7 @@ def request_activation(
             threshold=threshold,
             note=note,
             audience_error=err,
+            **detail,
         )
         why = (
             f"blast radius up to {high} users > {threshold}"
@@ -643,7 +700,7 @@ def request_activation(
         )
         flash(
             request,
-            f"Activation of {key} v{rule['version']} requested: {why}, "
+            f"Activation of {key} v{rule['version']} requested: {why} ({words}), "
             "so an approver (not you) must approve it.",
             "info",
         )
@@ -767,7 +824,14 @@ def approvals(
     request: Request,
     user: AnyUser,
 ) -> Response:
-    return render(request, "approvals.html", pending=request.app.state.activations.pending())
+    pending = request.app.state.activations.pending()
+    date_dep = {}
+    for p in pending:
+        dep, _ = _call(request, "date_dependence", p["rule_key"], p["version"])
+        date_dep[p["id"]] = dep
+    return render(
+        request, "approvals.html", pending=pending, date_dep=date_dep, date_note=DATE_NOTE
+    )
 
 
 # -- history and docs -------------------------------------------------------------
