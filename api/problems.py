@@ -17,6 +17,7 @@ from kvadrupel.errors import (
     Conflict,
     NotFound,
     RuleCompileError,
+    RuleError,
     RuleValidationError,
     ShardUnavailable,
 )
@@ -64,6 +65,12 @@ def install(app: FastAPI) -> None:
     async def _compile(_: Request, exc: RuleCompileError) -> Response:
         return problem(422, "Invalid rule", str(exc),
                        errors=[{"field": "source", "line": exc.line, "message": exc.reason}])
+
+    @app.exception_handler(RuleError)
+    async def _rule_failed(_: Request, exc: RuleError) -> Response:
+        # The rule's code failed in its sandbox child (it crashed the child, hit a
+        # limit, or a template failed): the rule's fault, reported; this process is fine.
+        return problem(422, "The rule failed", str(exc))
 
     @app.exception_handler(NotFound)
     async def _nf(_: Request, exc: NotFound) -> Response:

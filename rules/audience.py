@@ -168,6 +168,7 @@ MAX_LOOKAHEAD_EVALUATIONS = 2_000_000  # ~2 µs each: a few seconds of one core
 MAX_LOOKAHEAD_SECONDS = 10.0
 MAX_HELD = 50_000  # profiles kept in memory for the day-by-day scan (a uniform reservoir)
 SCAN_CHUNK = 1024  # users scanned together, day by day (one context switch per day)
+SCAN_BLOCK_MAX = 32  # days per sandbox request in the scan (blocks grow 1, 2, 4… to this)
 PROBE_OFFSETS = (-1, 1, 7, 30, 91, 182, 273, 365)
 PROBE_USERS = 256
 PROBE_MATCHED = 64
@@ -268,9 +269,45 @@ def date_dependence(source: str) -> dict[str, Any]:
     return {"reads_date": bool(reasons), "system_clock": system_clock, "reasons": reasons}
 
 
+class _Evaluator:
+    """One rule over documents × dates: through the sandbox's children (``runner``) or,
+    without one, a local :class:`RuleSet` under ``budget_ms``.
+
+    ``grid(docs, dates)`` → ``(rows, failed)``: ``rows[i][j]`` whether doc ``i``
+    matched at ``dates[j]``; ``failed``: the docs that raised or timed out on some date.
+    """
+
+    def __init__(self, spec: RuleSpec, tz: str, budget_ms: float,
+                 runner: RuleRunner | None) -> None:
+        self.spec, self.tz, self.runner = spec, tz, runner
+        self.rs = RuleSet([spec], budget_ms=budget_ms) if runner is None else None
+        self.evaluations = 0
+
+    def grid(self, docs: list[Any], dates: list[date]) -> tuple[list[list[bool]], set[int]]:
+        self.evaluations += len(docs) * len(dates)
+        if not docs or not dates:
+            return [[] for _ in docs], set()
+        if self.runner is not None:
+            g = self.runner.grid([self.spec], docs, dates, self.tz)
+            failed = {e[0] for e in g.errors} | {t[0] for t in g.timeouts}
+            return [[bool(m & 1) for m in row] for row in g.masks], failed
+        assert self.rs is not None
+        rows: list[list[bool]] = [[] for _ in docs]
+        failed = set()
+        for day in dates:  # date-major: one context per date for the whole batch
+            ctx = make_context(day, self.tz)
+            for i, doc in enumerate(docs):
+                out = self.rs.evaluate(doc, ctx)
+                rows[i].append(bool(out.matched))
+                if out.errors or out.timeouts:
+                    failed.add(i)
+        return rows, failed
+
+
 def lookahead(shards: Any, spec: RuleSpec, start: date, days: int = LOOKAHEAD_DAYS,
               sample: int | str = 20_000, tz: str = "Europe/Moscow", budget_ms: float = 50.0,
-              *, max_evaluations: int = MAX_LOOKAHEAD_EVALUATIONS,
+              *, runner: RuleRunner | None = None,
+              max_evaluations: int = MAX_LOOKAHEAD_EVALUATIONS,
               max_seconds: float = MAX_LOOKAHEAD_SECONDS,
               seed: int | None = None) -> dict[str, Any]:
     """How many users the rule matches on *any* day of ``[start, start + days]``.
@@ -281,37 +318,39 @@ def lookahead(shards: Any, spec: RuleSpec, start: date, days: int = LOOKAHEAD_DA
     2. a rule whose source does not read the date (:func:`date_dependence`) is
        still run on a few far-apart dates for a few hundred users; if no answer
        moves, the count is today's;
-    3. otherwise the users who do not match today are evaluated day by day, in a
-       random order, and a user is dropped from the scan on its first match. Work is
-       bounded by ``max_evaluations`` (and ``max_seconds``): when it runs out, the
-       users scanned so far are a uniform random subset of the rest, and the count is
+    3. otherwise the users who do not match today are evaluated day by day (in
+       blocks of days that grow from 1 to ``SCAN_BLOCK_MAX``), in a random order,
+       and a user leaves the scan at its first match. Work is bounded by
+       ``max_evaluations`` (and ``max_seconds``): when it runs out, the users
+       scanned so far are a uniform random subset of the rest, and the count is
        given with a one-sided 95 % upper bound (``sampled``: true).
 
     A rule that reads the real clock (``ctx.now.now()``) cannot be simulated: its
     upper bound is everyone (``unbounded``). ``audience`` is scaled to the
     population like :func:`preview` (``high`` is what an approval rule compares).
+    Rule code runs through ``runner`` (the sandbox's children) when given, else in
+    a local :class:`RuleSet` with ``budget_ms``.
     """
     t0 = time.perf_counter()
-    rs = RuleSet([spec], budget_ms=budget_ms)
+    ev = _Evaluator(spec, tz, budget_ms, runner)
     static = date_dependence(spec.source)
     rng = random.Random(seed)  # noqa: S311 - sampling, not secrets (None: seeded from the OS)
     batches, total, fraction = _population(shards, sample)
-    ctx0 = make_context(start, tz)
 
     # 1. today, over the whole sample; the rest goes to a uniform reservoir
     n = today_hits = errors = pending = 0
     held: list[ProfileRow] = []
     matched_rows: list[ProfileRow] = []
     for rows in batches:
-        for row in rows:
+        got, failed = ev.grid([r.doc for r in rows], [start])
+        for i, row in enumerate(rows):
             n += 1
-            out = rs.evaluate(row.doc, ctx0)
-            if out.matched:
+            if got[i][0]:
                 today_hits += 1
                 if len(matched_rows) < PROBE_MATCHED:
                     matched_rows.append(row)
                 continue
-            if out.errors or out.timeouts:
+            if i in failed:
                 errors += 1
             pending += 1
             if len(held) < MAX_HELD:
@@ -320,7 +359,6 @@ def lookahead(shards: Any, spec: RuleSpec, start: date, days: int = LOOKAHEAD_DA
                 j = rng.randrange(pending)
                 if j < MAX_HELD:
                     held[j] = row
-    evals = n
     per_eval = (time.perf_counter() - t0) / max(n, 1)
     rng.shuffle(held)
 
@@ -328,19 +366,16 @@ def lookahead(shards: Any, spec: RuleSpec, start: date, days: int = LOOKAHEAD_DA
     dependent = bool(static["reads_date"])
     probed_changes = 0
     # 2. a rule that does not read the date: check that its answers really stay put
-    if not dependent and n:
-        probe = [(r, False) for r in held[:PROBE_USERS]] + [(r, True) for r in matched_rows]
-        moved: set[int] = set()
-        for off in PROBE_OFFSETS:
-            ctx = make_context(start + timedelta(days=off), tz)
-            for row, base in probe:
-                if bool(rs.evaluate(row.doc, ctx).matched) != base:
-                    moved.add(row.user_id)
-            evals += len(probe)
-        probed_changes = len(moved)
+    if not dependent and n and not static["system_clock"]:
+        probe = held[:PROBE_USERS] + matched_rows
+        base = [False] * len(held[:PROBE_USERS]) + [True] * len(matched_rows)
+        dates = [start + timedelta(days=off) for off in PROBE_OFFSETS]
+        got, _ = ev.grid([r.doc for r in probe], dates)
+        moved = sum(any(m != base[i] for m in got[i]) for i in range(len(probe)))
+        probed_changes = moved
         if moved:
             dependent = True
-            reasons.append(f"the answer changed with the date for {len(moved)} of "
+            reasons.append(f"the answer changed with the date for {moved} of "
                            f"{len(probe)} probed users")
 
     result: dict[str, Any] = {
@@ -363,41 +398,42 @@ def lookahead(shards: Any, spec: RuleSpec, start: date, days: int = LOOKAHEAD_DA
     elif not dependent:
         result |= {"matches": today_hits, "audience": dict(result["today"])}
     else:
-        # 3. day by day, users who do not match today, in chunks, stopping at a match
-        ctxs = [make_context(start + timedelta(days=d), tz) for d in range(1, days + 1)]
+        # 3. day by day, users who do not match today, in chunks, leaving at a match
         checked = new_hits = 0
         first_new: date | None = None
         examples: list[dict[str, Any]] = []
-        scan_evals, t_scan = 0, time.perf_counter()
+        scan_start, t_scan = ev.evaluations, time.perf_counter()
         i = 0
         while i < len(held) and days > 0:
             elapsed = time.perf_counter() - t0
-            if scan_evals:
-                per_eval = (time.perf_counter() - t_scan) / scan_evals
+            if ev.evaluations > scan_start:
+                per_eval = (time.perf_counter() - t_scan) / (ev.evaluations - scan_start)
             by_time = (int((max_seconds - elapsed) / (per_eval * days))
                        if per_eval > 0 else SCAN_CHUNK)
-            size = min(SCAN_CHUNK, len(held) - i, (max_evaluations - evals) // days, by_time)
+            size = min(SCAN_CHUNK, len(held) - i, (max_evaluations - ev.evaluations) // days,
+                       by_time)
             if size <= 0:
                 break
             remaining = held[i:i + size]
             i += size
-            for d, ctx in enumerate(ctxs, 1):
+            d, block = 1, 1
+            while remaining and d <= days:
+                dates = [start + timedelta(days=k) for k in range(d, min(days, d + block - 1) + 1)]
+                got, _ = ev.grid([r.doc for r in remaining], dates)
                 still = []
-                for row in remaining:
-                    if rs.evaluate(row.doc, ctx).matched:
+                for row, marks in zip(remaining, got, strict=True):
+                    if any(marks):
                         new_hits += 1
-                        day = start + timedelta(days=d)
+                        day = dates[marks.index(True)]
                         if first_new is None or day < first_new:
                             first_new = day
                         if len(examples) < MAX_EXAMPLES:
                             examples.append({"user_id": row.user_id, "from": day.isoformat()})
                     else:
                         still.append(row)
-                evals += len(remaining)
-                scan_evals += len(remaining)
                 remaining = still
-                if not remaining:
-                    break
+                d += len(dates)
+                block = min(block * 2, SCAN_BLOCK_MAX)
             checked += size
         result |= {"checked": checked, "new_matches": new_hits,
                    "first_new_match": first_new.isoformat() if first_new else None,
@@ -422,6 +458,6 @@ def lookahead(shards: Any, spec: RuleSpec, start: date, days: int = LOOKAHEAD_DA
                 f"evaluation budget reached: {checked:,} of {pending:,} users not matching "
                 f"today were checked on every day; the count is a 95 % upper bound"
             )
-    result["evaluations"] = evals
+    result["evaluations"] = ev.evaluations
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result

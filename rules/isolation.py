@@ -106,6 +106,9 @@ class _Child:
     def __init__(self, module: str, limits: Limits) -> None:
         env = {k: v for k, v in os.environ.items() if k in SAFE_ENV}
         env["MALLOC_ARENA_MAX"] = "2"  # each thread's arena reserves address space
+        # Large blocks straight from (and back to) the kernel: what a rule hoarded is
+        # returned when it is dropped, not kept in the heap against the limit.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
         self.limits = limits
         self.proc = subprocess.Popen(  # noqa: S603 - our interpreter, our module
             [sys.executable, "-m", module, orjson.dumps({"memory_mb": limits.memory_mb}).decode()],
@@ -251,11 +254,11 @@ class SandboxPool:
         if cache is not None:
             child.seen.add(cache[0])
         with self._lock:
-            if not self._closed and len(self._idle) < self.size:
+            if not self._closed and len(self._idle) < self.size and not out.get("retire"):
                 self._idle.append(child)
                 child = None
         if child is not None:
-            child.close()
+            child.close()  # a retiring child exits once its stdin closes
         if not out.get("ok"):
             raise SandboxError(str(out.get("error") or "the request failed"))
         return out, data
@@ -301,36 +304,57 @@ def serve(handlers: dict[str, Handler]) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
     cache: dict[str, Any] = {}
-    while True:
-        try:
-            mlen, blen = _HDR.unpack(_read_exact(0, _HDR.size))
-            meta = orjson.loads(_read_exact(0, mlen))
-            body = _read_exact(0, blen) if blen else b""
-        except EOFError:
-            return
-        if "cache" in meta:
-            cache.update(meta.pop("cache"))
-            while len(cache) > 16:
-                cache.pop(next(iter(cache)))
-        soft = math.ceil(_cpu_used() + float(meta.get("cpu_s") or 30.0)) + 1
-        if cpu_hard != resource.RLIM_INFINITY:
-            soft = min(soft, cpu_hard)
-        resource.setrlimit(resource.RLIMIT_CPU, (soft, cpu_hard))
-        try:
-            handler = handlers[meta["op"]]
-            out, data = handler(meta, body, cache)
-            out["ok"] = True
-        except MemoryError:
-            os._exit(OOM_EXIT)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, the child lives on
-            out, data = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}, b""
-        try:
-            m = orjson.dumps(out)
-            os.write(out_fd, _HDR.pack(len(m), len(data)))
-            _write_all(out_fd, m)
-            _write_all(out_fd, data)
-        except MemoryError:
-            os._exit(OOM_EXIT)
+    try:
+        while _serve_one(handlers, cache, out_fd, cpu_hard, limit):
+            pass
+    except MemoryError:
+        os._exit(OOM_EXIT)
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _serve_one(handlers: dict[str, Handler], cache: dict[str, Any], out_fd: int,
+               cpu_hard: int, limit: int) -> bool:
+    """Answer one request; False when stdin closed or the child retires."""
+    try:
+        mlen, blen = _HDR.unpack(_read_exact(0, _HDR.size))
+        meta = orjson.loads(_read_exact(0, mlen))
+        body = _read_exact(0, blen) if blen else b""
+    except EOFError:
+        return False
+    if "cache" in meta:
+        cache.update(meta.pop("cache"))
+        while len(cache) > 16:
+            cache.pop(next(iter(cache)))
+    soft = math.ceil(_cpu_used() + float(meta.get("cpu_s") or 30.0)) + 1
+    if cpu_hard != resource.RLIM_INFINITY:
+        soft = min(soft, cpu_hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, cpu_hard))
+    try:
+        handler = handlers[meta["op"]]
+        out, data = handler(meta, body, cache)
+        out["ok"] = True
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, the child lives on
+        out, data = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}, b""
+    del body
+    # A rule that hoarded memory leaves the heap fragmented: a child past half its
+    # limit answers, then retires (the pool starts a fresh one; no death counted).
+    retire = bool(limit) and _rss() > limit // 2
+    if retire:
+        out["retire"] = True
+    m = orjson.dumps(out)
+    os.write(out_fd, _HDR.pack(len(m), len(data)))
+    _write_all(out_fd, m)
+    _write_all(out_fd, data)
+    return not retire
 
 
 def _write_all(fd: int, data: bytes) -> None:

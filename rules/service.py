@@ -373,8 +373,11 @@ class RuleService:
                   max_evaluations: int = audience.MAX_LOOKAHEAD_EVALUATIONS) -> dict[str, Any]:
         """Users the rule matches on any day of ``[start, start + days]`` (each once):
         see :func:`rules.audience.lookahead`."""
+        # Through the sandbox's children like the other audience questions, where this
+        # service has them (``runner``); a local rule set under the budget otherwise.
         return audience.lookahead(self._shardset(), self._spec(key, version), start, days,
                                   sample, self.timezone, self.budget_ms,
+                                  runner=getattr(self, "runner", None),
                                   max_evaluations=max_evaluations)
 
     def date_dependence(self, key: str, version: int | None = None) -> dict[str, Any]:

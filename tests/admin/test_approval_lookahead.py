@@ -71,7 +71,8 @@ def test_time_bomb_needs_an_approver(admin_env: AdminEnv) -> None:
     blast = _text(pat.client.get("/admin/rules/bomb/blast"))
     assert "Blast radius today: <strong>0</strong>" in blast
     ahead = re.search(r'data-testid="blast-lookahead">(.*?)</p>', blast, re.S).group(1)
-    assert f"<strong>{n}</strong> users (exact" in ahead and f"matches on {TOMORROW}" in ahead
+    assert f"<strong>{n}</strong> users (exact" in ahead
+    assert f"start matching from {TOMORROW}" in ahead
     note = re.search(r'data-testid="date-dependent">(.*?)</p>', blast, re.S).group(1)
     assert NOTE in note and "reads ctx.today" in note
     assert "Activation needs an approver" in blast
@@ -124,10 +125,13 @@ def test_rule_that_starts_matching_in_200_days_counts_those_users(admin_env: Adm
     form = _form(
         "permit",
         "    return days_until(get(profile, 'permit.expires_on'), ctx) == 0\n",
-        [(later, '{"permit": {"expires_on": "%s"}}' % later, True), (AS_OF.isoformat(), "{}", False)],
+        [
+            (later, '{"permit": {"expires_on": "' + later + '"}}', True),
+            (AS_OF.isoformat(), "{}", False),
+        ],
     )
     msg = _activate(admin_env, form)
     assert "must approve" in msg and "today up to 0" in msg, msg
     assert "on any day of the next 365 days 5" in msg and NOTE in msg
     blast = _text(admin_env.as_user("pat").client.get("/admin/rules/permit/blast"))
-    assert f"matches on {later}" in blast and "calls days_until(…, ctx)" in blast
+    assert f"start matching from {later}" in blast and "calls days_until(…, ctx)" in blast

@@ -5,15 +5,26 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
-from api.admin.security import LoginThrottle, csrf_form
+from api.admin.security import ClientAddress, LoginThrottle, csrf_form
 from api.admin.store import AccountStore, ActivationStore, AuditLog
-from tests.admin.conftest import CSRF_RE, PASSWORDS, AdminClient, AdminEnv
+from api.app import create_app
+from tests.admin.conftest import (
+    CSRF_RE,
+    PASSWORDS,
+    AdminClient,
+    AdminEnv,
+    make_container,
+    settings_for,
+)
 
 SOURCE = (
     "def match(profile, ctx):\n"
@@ -114,6 +125,112 @@ def test_a_flood_of_names_from_one_address_does_not_reset_the_throttle(
     assert len(throttle._accounts) <= throttle._accounts.cap
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_throttle_address_limit_ends_with_the_window() -> None:
+    clock = FakeClock()
+    t = LoginThrottle(clock, window=900, address_limit=3)
+    for _ in range(3):
+        assert t.attempt("192.0.2.1", "ana") is None
+    wait = t.attempt("192.0.2.1", "ana")
+    assert wait is not None and wait.reason == "address" and wait.seconds == 900
+    assert t.attempt("192.0.2.2", "ana") is None  # another address: not affected
+    clock.t += 899
+    assert t.blocked_for("192.0.2.1", "bob") is not None
+    clock.t += 1
+    assert t.attempt("192.0.2.1", "ana") is None
+
+
+def test_throttle_success_is_not_a_failure() -> None:
+    t = LoginThrottle(FakeClock(), address_limit=2)
+    for _ in range(5):
+        assert t.attempt("192.0.2.1", "ana") is None
+        t.succeeded("192.0.2.1", "ana")
+    assert t.attempt("192.0.2.1", "ana") is None
+    assert t.attempt("192.0.2.1", "ana") is None
+    assert t.attempt("192.0.2.1", "ana") is not None
+
+
+def test_throttle_slows_an_account_only_for_many_addresses() -> None:
+    clock = FakeClock()
+    t = LoginThrottle(clock, address_limit=20, account_addresses=3, account_delay_s=2,
+                      account_delay_max_s=8)
+    # One address hammering one name: its own limit stops it, the name is not slowed.
+    for _ in range(20):
+        t.attempt("203.0.113.66", "ana")
+    assert t.attempt("203.0.113.66", "ana").reason == "address"
+    assert t.blocked_for("198.51.100.7", "ana") is None
+    # Failures from 3 distinct addresses: every address waits 2 s after the last.
+    t.attempt("203.0.113.1", "ana")
+    t.attempt("203.0.113.2", "ana")
+    wait = t.blocked_for("198.51.100.7", "ana")
+    assert wait is not None and wait.reason == "account" and wait.seconds == 2
+    assert t.blocked_for("198.51.100.7", "bob") is None  # other names are not slowed
+    clock.t += 2
+    assert t.attempt("203.0.113.3", "ana") is None  # a 4th address: 4 s from now
+    clock.t += 3.5
+    assert t.blocked_for("198.51.100.7", "ana").seconds == 0.5
+    clock.t += 0.5
+    for i in range(4, 10):  # many more addresses: the delay stops at the maximum
+        assert t.attempt(f"203.0.113.{i}", "ana") is None
+        clock.t += 8
+    assert t.blocked_for("198.51.100.7", "ana") is None
+    t.attempt("203.0.113.99", "ana")
+    assert t.blocked_for("198.51.100.7", "ana").seconds == 8
+
+
+def test_an_address_that_signed_in_before_is_not_slowed_down() -> None:
+    clock = FakeClock()
+    t = LoginThrottle(clock, account_addresses=2, account_delay_s=30)
+    assert t.attempt("198.51.100.7", "ana") is None
+    t.succeeded("198.51.100.7", "ana")  # the real user, last week
+    clock.t += 7 * 86400
+    t.attempt("203.0.113.1", "ana")
+    t.attempt("203.0.113.2", "ana")
+    assert t.blocked_for("203.0.113.3", "ana").reason == "account"
+    assert t.attempt("198.51.100.7", "ana") is None
+
+
+def test_throttle_memory_is_bounded_without_forgetting_everything() -> None:
+    t = LoginThrottle(FakeClock(), address_limit=2, max_entries=100)
+    for i in range(500):  # fresh addresses and names
+        assert t.attempt(f"10.0.{i // 250}.{i % 250}", f"n{i}") is None
+        assert len(t._addresses) <= 100 and len(t._accounts) <= 100
+    # The least recently used entries went, one by one; a busy address stays.
+    t2 = LoginThrottle(FakeClock(), address_limit=1000, max_entries=100)
+    for i in range(500):
+        t2.attempt("192.0.2.1", f"n{i}")
+        t2.attempt(f"10.1.{i // 250}.{i % 250}", f"m{i}")
+    assert "192.0.2.1" in t2._addresses and len(t2._addresses) == 100
+
+
+def test_client_address_trusts_forwarded_for_only_from_trusted_proxies() -> None:
+    from starlette.requests import Request
+
+    def req(peer: str, xff: str | None = None) -> Request:
+        headers = [(b"x-forwarded-for", xff.encode())] if xff is not None else []
+        return Request({"type": "http", "client": (peer, 1), "headers": headers})
+
+    plain = ClientAddress([])
+    assert plain(req("192.0.2.9", "198.51.100.1")) == "192.0.2.9"  # not trusted: ignored
+    proxied = ClientAddress(["10.0.0.0/8", "127.0.0.1"])
+    assert proxied(req("10.1.2.3", "198.51.100.1")) == "198.51.100.1"
+    # A client cannot choose its address by sending X-Forwarded-For itself: the
+    # right-most untrusted hop is the one the proxy saw.
+    assert proxied(req("10.1.2.3", "1.2.3.4, 198.51.100.1, 10.9.9.9")) == "198.51.100.1"
+    assert proxied(req("10.1.2.3", "garbage")) == "10.1.2.3"
+    assert proxied(req("192.0.2.9", "198.51.100.1")) == "192.0.2.9"
+    # IPv6 counts per /64; IPv4-mapped addresses as IPv4.
+    assert plain(req("2001:db8:1:2:3:4:5:6")) == "2001:db8:1:2::/64"
+    assert plain(req("::ffff:192.0.2.5")) == "192.0.2.5"
+
+
 def test_session_cookie_flags_and_security_headers(admin_env: AdminEnv) -> None:
     anon = admin_env.as_user(None)
     r = anon.client.get("/admin/login")
@@ -140,6 +257,92 @@ def test_open_redirect_refused(admin_env: AdminEnv) -> None:
         )
         assert r.headers["location"] == "/admin/"
         token = CSRF_RE.search(anon.client.get("/admin/").text).group(1)
+
+
+def test_a_copied_cookie_is_refused_after_sign_out(admin_env: AdminEnv) -> None:
+    ana = admin_env.as_user("ana")
+    stolen = ana.client.cookies.get("kvadrupel_admin", path="/admin")
+    assert stolen
+    replay = TestClient(admin_env.app, cookies={"kvadrupel_admin": stolen})
+    admin_env.clients.append(replay)
+    assert replay.get("/admin/").url.path == "/admin/"  # the copy works while signed in
+    r = ana.post("/admin/logout")
+    assert r.url.path == "/admin/login"
+    # The copy still carries a valid signature, but the account's session generation
+    # moved on: the server refuses it.
+    replay = TestClient(admin_env.app, cookies={"kvadrupel_admin": stolen})
+    admin_env.clients.append(replay)
+    assert replay.get("/admin/").url.path == "/admin/login"
+    assert replay.get("/admin/runs", headers={"X-Requested-With": "fetch"}).status_code == 401
+    # Signing in again works (a fresh cookie with the new generation).
+    assert admin_env.as_user("ana").client.get("/admin/").url.path == "/admin/"
+
+
+def test_a_role_change_ends_sessions(admin_env: AdminEnv) -> None:
+    pat = admin_env.as_user("pat")
+    root = admin_env.as_user("root")
+    assert root.post("/admin/users/root", {"action": "role", "role": "admin"}).status_code == 200
+    assert root.client.get("/admin/users").url.path == "/admin/users"  # same role: no change
+    assert root.post("/admin/users/pat", {"action": "role", "role": "analyst"}).status_code == 200
+    assert pat.client.get("/admin/").url.path == "/admin/login"
+    assert AccountStore(admin_env.container.control).get("pat")["role"] == "analyst"
+
+
+@pytest.mark.parametrize(
+    "overrides,secure",
+    [
+        ({}, False),
+        ({"admin_cookie_secure": True}, True),
+        ({"public_url": "https://kvadrupel.example"}, True),
+        ({"public_url": "HTTPS://kvadrupel.example/base"}, True),
+        ({"public_url": "http://kvadrupel.example"}, False),
+    ],
+)
+def test_cookie_is_secure_behind_https(
+    tmp_path: Path, overrides: dict[str, Any], secure: bool
+) -> None:
+    c = make_container(settings_for(tmp_path / "data", **overrides))
+    try:
+        with TestClient(create_app(c)) as client:
+            cookie = client.get("/admin/login").headers["set-cookie"].lower()
+    finally:
+        c.close()
+    assert "httponly" in cookie
+    assert ("; secure" in cookie) is secure, cookie
+
+
+@pytest.mark.parametrize(
+    "nxt",
+    [
+        "/admin/rules\r\nSet-Cookie: evil=1",
+        "/admin/\nx",
+        "/admin/%0d%0aSet-Cookie:%20evil=1",
+        "/admin/../v1/rules",
+        "/admin/%2e%2e/v1/rules",
+        "/admin/rules/\x00",
+        "/admin/r\u00e9gle",
+        "/adminx/",
+        "/v1/rules",
+        "/admin/login?next=//evil.example",
+        "javascript:alert(1)",
+    ],
+)
+def test_next_is_sanitised(admin_env: AdminEnv, nxt: str) -> None:
+    anon = admin_env.as_user(None)
+    r = _login(anon.client, "ana", PASSWORDS["ana"], next=nxt)
+    assert r.status_code == 303 and r.headers["location"] == "/admin/"
+    page = anon.client.get("/admin/login", params={"next": nxt})
+    assert page.status_code == 200 and 'name="next" value="/admin/"' in page.text
+
+
+def test_next_keeps_admin_paths(admin_env: AdminEnv) -> None:
+    anon = admin_env.as_user(None)
+    nxt = "/admin/rules/vr-soon/launch?tab=forecast&x=1"
+    r = _login(anon.client, "ana", PASSWORDS["ana"], next=nxt)
+    assert r.status_code == 303 and r.headers["location"] == nxt
+    # The redirect to the sign-in page carries the path, quoted.
+    r = admin_env.as_user(None).client.get("/admin/rules/a%20b/launch", follow_redirects=False)
+    assert r.headers["location"] == "/admin/login?next=/admin/rules/a%20b/launch"
 
 
 def test_disabled_account_and_new_password_end_sessions(admin_env: AdminEnv) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -22,6 +23,7 @@ from shards.replica import replica_reads
 from shards.shardset import open_shard
 from shards.store import BannerChange, ShardStore
 from tests.fixtures.postgres import PG_HOST, _admin
+from tests.fixtures.waiting import scaled, wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -92,19 +94,11 @@ def pg_api(pg_factory: Any) -> Iterator[PgApi]:
         admin.close()
 
 
-def eventually(fn: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(0.01)
-
-
 def test_change_by_another_process_invalidates_via_notify(pg_api: PgApi,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     pg_api.writer(UID).apply_banner_changes([change(UID, "a", "A")])
-    r1 = eventually(lambda: (r := pg_api.get()).json()["banners"] and r)
+    r1 = wait_for(pg_api.get, "the banner written by another process",
+                  until=lambda r: r.json()["banners"], timeout=5, every=0.01)
     etag = r1.headers["etag"]
     store = pg_api.container.shards.stores[pg_api.shard()]
     calls: list[Any] = []
@@ -116,7 +110,8 @@ def test_change_by_another_process_invalidates_via_notify(pg_api: PgApi,
 
     t0 = time.monotonic()
     pg_api.writer(UID).apply_banner_changes([change(UID, "b", "B")])
-    r2 = eventually(lambda: (r := pg_api.get(**{"If-None-Match": etag})).status_code == 200 and r)
+    r2 = wait_for(lambda: pg_api.get(**{"If-None-Match": etag}), "a 200 showing the change",
+                  until=lambda r: r.status_code == 200, timeout=5, every=0.01)
     assert r2, "the change never showed"
     lag = time.monotonic() - t0
     assert lag < 1.0, lag
@@ -168,15 +163,20 @@ def test_reads_use_the_replica_and_fall_back_when_it_is_down(pg_api: PgApi) -> N
         admin.close()
     time.sleep(0.6)  # retry_s: the replica is tried again
     n = reads.replica_reads
-    eventually(lambda: pg_api.get(UID + 11 * 7).status_code == 200 and
-               sum(replica_reads(s).replica_reads for s in pg_api.container.shards.stores) > n)
+    with suppress(AssertionError):  # as before: waited for, not checked
+        stores = pg_api.container.shards.stores
+        wait_for(lambda: (pg_api.get(UID + 11 * 7).status_code,
+                          sum(replica_reads(s).replica_reads for s in stores)),
+                 f"a read from the replica again (status, replica reads; were {n})",
+                 until=lambda v: v[0] == 200 and v[1] > n, timeout=5, every=0.01)
 
 
 def test_replica_behind_falls_back_to_primary(pg_api: PgApi) -> None:
     """The copies never receive changes: every changed user's read must go to the primary."""
     etag = pg_api.get().headers["etag"]
     pg_api.writer(UID).apply_banner_changes([change(UID, "x", "Fresh")])
-    r = eventually(lambda: (r := pg_api.get(**{"If-None-Match": etag})).status_code == 200 and r)
+    r = wait_for(lambda: pg_api.get(**{"If-None-Match": etag}), "a 200 showing the change",
+                 until=lambda r: r.status_code == 200, timeout=5, every=0.01)
     assert [b["title"] for b in r.json()["banners"]] == ["Fresh"]
     reads = replica_reads(pg_api.container.shards.for_user(UID))
     assert reads.stale >= 1
@@ -194,9 +194,11 @@ def test_long_poll_woken_by_another_process(pg_api: PgApi) -> None:
 
     t = threading.Thread(target=poll)
     t.start()
-    eventually(lambda: pg_api.banner_api.waiting == 1)
+    with suppress(AssertionError):  # as before: waited for, not checked
+        wait_for(lambda: pg_api.banner_api.waiting, "the long poll to wait (waiters)",
+                 until=lambda n: n == 1, timeout=5, every=0.01)
     pg_api.writer(UID).apply_banner_changes([change(UID, "w", "Woken")])
-    t.join(timeout=25)
+    t.join(timeout=scaled(25))
     assert out["r"].status_code == 200, out["r"].text
     assert [b["title"] for b in out["r"].json()["banners"]] == ["Woken"]
     assert out["s"] < 5
@@ -221,8 +223,9 @@ def test_lost_listen_connection_means_no_cache_until_back(pg_api: PgApi) -> None
         replica.apply_banner_changes([change(UID, "l", "After loss")])
     finally:
         replica.close()
-    r = eventually(lambda: (r := pg_api.get(**{"If-None-Match": etag})).status_code == 200 and r)
+    r = wait_for(lambda: pg_api.get(**{"If-None-Match": etag}), "a 200 showing the change",
+                 until=lambda r: r.status_code == 200, timeout=5, every=0.01)
     assert [b["title"] for b in r.json()["banners"]] == ["After loss"]
-    assert eventually(lambda: sv.live, 10)
+    wait_for(lambda: sv.live, "the LISTEN connection to be back", timeout=10, every=0.01)
     r2 = pg_api.get(**{"If-None-Match": r.headers["etag"]})
     assert r2.status_code == 304

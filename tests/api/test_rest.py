@@ -201,3 +201,94 @@ def test_banners_of_unknown_user_are_empty_with_etag(api: tuple[TestClient, Cont
         "/v1/users/5/banners", headers=H["portal"] | {"If-None-Match": r.headers["etag"]}
     )
     assert r2.status_code == 304
+
+
+# -- hostile input: 4xx with a reason, never a 500 ------------------------------------------
+def _nested(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+@pytest.mark.parametrize("depth", [255, 260, 1000])
+def test_deeply_nested_event_is_a_422_with_a_reason(api: tuple[TestClient, Container],
+                                                    depth: int) -> None:
+    client, c = api
+    body = b'{"event_id": "e", "user_id": 5, "set": {"x": ' + _nested(depth) + b"}}"
+    r = client.post("/v1/events", content=body,
+                    headers=H["ingest"] | {"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert "nested" in r.json()["detail"] or "depth" in r.json()["detail"]
+    for wrapped in (b'{"events": [' + body + b"]}", b'{"event_id": "e", "user_id": 5, '
+                    b'"set": {"a": 1}, "zz": ' + _nested(depth) + b"}"):
+        r = client.post("/v1/events", content=wrapped, headers=H["ingest"])
+        assert r.status_code == 422, r.text
+    assert events_queued(c) == 0
+
+
+def test_a_failing_template_in_a_rule_test_is_a_422(api: tuple[TestClient, Container]) -> None:
+    client, _ = api
+    rule = RULE | {"key": "div", "banner": RULE["banner"] | {"title": "{{ 1 // profile.n }}"}}
+    assert client.post("/v1/rules", json=rule, headers=H["admin"]).status_code == 201
+    r = client.post("/v1/rules/div/test", headers=H["admin"],
+                    json={"profile": {"n": 0}, "as_of": "2026-11-24"})
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert "title" in r.json()["detail"] and "ZeroDivisionError" in r.json()["detail"]
+    ok = client.post("/v1/rules/div/test", headers=H["admin"],
+                     json={"profile": {"n": 1}, "as_of": "2026-11-24"})
+    assert ok.status_code == 200 and ok.json()["banner"]["title"] == "1"
+
+
+# -- banner links ----------------------------------------------------------------------------
+BAD_LINKS = ["javascript:alert(1)", "JavaScript:alert(1)", " \tjava\nscript:alert(1)",
+             "data:text/html,<script>alert(1)</script>", "vbscript:x", "file:///etc/passwd",
+             "javascript:{{ profile.x }}", "myapp://renew"]
+GOOD_LINKS = ["", "/renew", "renew?x=1", "#top", "https://x.test/renew", "http://x.test/",
+              "//x.test/renew", "https://x.test/{{ profile.id }}", "/u/{{ profile.id }}",
+              "{{ profile.deeplink }}"]
+
+
+@pytest.mark.parametrize("link", BAD_LINKS)
+def test_banner_link_with_a_foreign_scheme_is_refused(api: tuple[TestClient, Container],
+                                                      link: str) -> None:
+    client, c = api
+    for banner in ({"link": link}, {"translations": {"en": {"link": link}}},
+                   {"push": {"link": link}}):
+        rule = RULE | {"banner": RULE["banner"] | banner}
+        r = client.post("/v1/rules", json=rule, headers=H["admin"])
+        assert r.status_code == 422, (banner, r.text)
+        assert "link scheme" in r.json()["detail"] and "not allowed" in r.json()["detail"]
+    assert c.rules.list() == []
+    # A new version is checked too.
+    assert client.post("/v1/rules", json=RULE, headers=H["admin"]).status_code == 201
+    changed = RULE | {"banner": RULE["banner"] | {"link": link}}
+    changed.pop("key")
+    assert client.put("/v1/rules/dl-soon", json=changed, headers=H["admin"]).status_code == 422
+
+
+@pytest.mark.parametrize("link", GOOD_LINKS)
+def test_relative_and_web_links_are_accepted(api: tuple[TestClient, Container], link: str) -> None:
+    client, _ = api
+    rule = RULE | {"banner": RULE["banner"] | {"link": link}}
+    r = client.post("/v1/rules", json=rule, headers=H["admin"])
+    assert r.status_code == 201, r.text
+
+
+def test_the_apps_own_scheme_can_be_allowed(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import rules.models
+
+    monkeypatch.setattr(rules.models, "_link_schemes", None)  # restored afterwards
+    settings = Settings(data_dir=tmp_path, admin_token=ADMIN,
+                        banner_link_schemes="https, http, MyApp")  # type: ignore[arg-type]
+    c = Container(settings, clock=Clock.pinned(date(2026, 11, 24), settings.timezone))
+    c.migrate()
+    try:
+        with TestClient(create_app(c)) as client:
+            ok = RULE | {"banner": RULE["banner"] | {"link": "myapp://renew"}}
+            assert client.post("/v1/rules", json=ok, headers=H["admin"]).status_code == 201
+            bad = RULE | {"key": "js", "banner": RULE["banner"] | {"link": "javascript:x"}}
+            r = client.post("/v1/rules", json=bad, headers=H["admin"])
+            assert r.status_code == 422 and "myapp" in r.json()["detail"]
+    finally:
+        c.close()

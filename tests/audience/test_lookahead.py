@@ -134,6 +134,28 @@ def test_errors_do_not_count_as_matches(shards: Any) -> None:
     assert got["audience"]["high"] == N // 2
 
 
+def test_sandbox_children_give_the_same_answers(shards: Any) -> None:
+    """Through the sandbox's child processes (RuleRunner.grid, in growing day blocks)
+    the counts are the local rule set's."""
+    from rules.isolation import SandboxPool
+    from rules.remote import CHILD_MODULE, RuleRunner
+
+    runner = RuleRunner(SandboxPool(CHILD_MODULE, size=1), 50.0)
+    try:
+        for source in (
+            "    left = days_until(get(profile, 'doc.expires_on'), ctx)\n"
+            "    return left is not None and 0 <= left <= 7\n",
+            f"    return ctx.today >= date('{(AS_OF + timedelta(days=1)).isoformat()}')\n",
+            "    return has(profile, 'vehicle')\n",
+        ):
+            local = run(shards, source)
+            remote = run(shards, source, runner=runner)
+            for k in ("audience", "matches_today", "first_new_match", "date_dependent"):
+                assert remote[k] == local[k], (k, source)
+    finally:
+        runner.pool.close()
+
+
 def test_date_dependence_from_the_source() -> None:
     def dep(body: str, head: str = "def match(profile, ctx):\n") -> dict[str, Any]:
         return date_dependence(head + body)

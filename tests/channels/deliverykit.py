@@ -23,6 +23,7 @@ from channels.unsubscribe import Unsubscriber
 from engine.delivery import DeliveryWorker
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
+from tests.fixtures.waiting import scaled
 
 MAIL_FROM = "Kvadrupel <noreply@kvadrupel.test>"
 AS_OF = "2026-11-24"
@@ -114,7 +115,7 @@ class Rig:
         """Process until the worker has nothing more; then run the due chores once."""
         handled = 0
         idle = 0
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while time.monotonic() < deadline:
             n = self.worker.step()
             handled += n

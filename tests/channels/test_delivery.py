@@ -20,6 +20,7 @@ from tests.channels.deliverykit import (
     message_ids,
     pg_settings,
 )
+from tests.fixtures.waiting import wait_for
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -218,10 +219,14 @@ def test_malformed_results_are_dead_lettered(rig: Rig) -> None:
     rig.publish({"kind": "enter", "user_id": 5})  # no rule, episode...
     rig.drain()
     consumer = rig.bus.consumer("dlq-reader", [rig.bus.topic("results.dlq")])
-    got = []
-    for _ in range(50):
-        got += consumer.poll(10, 0.1)
-        if got:
-            break
-    consumer.close()
+    got: list = []
+
+    def polled() -> list:
+        got.extend(consumer.poll(10, 0.1))
+        return got
+
+    try:
+        wait_for(polled, "the result on results.dlq", timeout=5, every=0)
+    finally:
+        consumer.close()
     assert len(got) == 1

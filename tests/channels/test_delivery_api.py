@@ -4,13 +4,15 @@ impressions and clicks; delivery figures per rule."""
 
 from __future__ import annotations
 
+import html
+import re
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import jwt
 import pytest
@@ -25,6 +27,7 @@ from rules.models import RuleIn
 from shards.schema import banner_stats
 from tests.channels.deliverykit import TOKENS, embedded_settings
 from tests.channels.push_receiver import PushReceiver
+from tests.fixtures.waiting import wait_for
 
 AS_OF = date(2026, 11, 24)
 JWT_SECRET = "s" * 40
@@ -88,15 +91,6 @@ class Stack:
         r = self.client.post("/v1/events", json=list(events), headers=self.auth("ingest"))
         assert r.status_code == 202, r.text
 
-    def wait(self, predicate: Any, what: str, timeout: float = 8.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            v = predicate()
-            if v:
-                return v
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.02)
-
     def banners(self, uid: int) -> list[dict[str, Any]]:
         r = self.client.get(f"/v1/users/{uid}/banners", headers=self.auth("portal"))
         assert r.status_code == 200, r.text
@@ -142,14 +136,17 @@ def test_localised_channels_and_why(stack: Stack) -> None:
     s = stack
     s.post(_profile(EN, "en-GB", "Ann", devices={"phone": {"push_token": "tok-ann"}}),
            _profile(RU, "ru", "Иван"), _profile(PT, "pt-BR", "João"))
-    s.wait(lambda: all(s.banners(u) for u in (EN, RU, PT)), "three banners")
+    wait_for(lambda: {u: [b["id"] for b in s.banners(u)] for u in (EN, RU, PT)},
+             "three banners (banners per user)", until=lambda got: all(got.values()),
+             timeout=8, every=0.02)
     expires = (AS_OF + timedelta(days=10)).isoformat()
     assert s.banners(EN)[0]["title"] == f"Your licence expires on {expires}"  # en-GB → en
     assert s.banners(EN)[0]["body"] == "Renew it"
     assert s.banners(RU)[0]["title"] == f"Права истекают {expires}"  # the spec's own texts
     assert s.banners(PT)[0]["title"] == f"Права истекают {expires}"  # no pt: the fallback
 
-    s.wait(lambda: len(s.smtp.messages) == 3, "three e-mails")
+    wait_for(lambda: [m.rcpt_tos for m in s.smtp.messages], "three e-mails (recipients)",
+             until=lambda got: len(got) == 3, timeout=8, every=0.02)
     (en_mail,) = s.mails_to(EN)
     assert en_mail["Subject"] == "Your licence expires"
     en_text = en_mail.get_body(("plain",)).get_content()
@@ -161,7 +158,7 @@ def test_localised_channels_and_why(stack: Stack) -> None:
     assert ru_mail["Subject"] == "Права истекают"
     assert "Отписаться от этих писем" in ru_mail.get_body(("plain",)).get_content()
 
-    s.wait(lambda: s.receiver.delivered, "the push")
+    wait_for(lambda: s.receiver.delivered, "the push", timeout=8, every=0.02)
     (push,) = s.receiver.delivered
     assert push["token"] == "tok-ann"
     assert push["notification"] == {
@@ -176,8 +173,10 @@ def test_localised_channels_and_why(stack: Stack) -> None:
         s.client.get(f"/v1/users/{EN}/banners/{bid}/why", headers=s.auth("portal")).status_code
         == 401
     )
-    s.wait(lambda: all(m["status"] == "sent" for m in s.client.get(
-        f"/v1/users/{EN}/banners/{bid}/why", headers=s.auth("admin")).json()["messages"]), "sent")
+    wait_for(lambda: [m["status"] for m in s.client.get(
+        f"/v1/users/{EN}/banners/{bid}/why", headers=s.auth("admin")).json()["messages"]],
+        "every message of the banner sent (their statuses)",
+        until=lambda statuses: all(st == "sent" for st in statuses), timeout=8, every=0.02)
     why = s.client.get(f"/v1/users/{EN}/banners/{bid}/why", headers=s.auth("admin")).json()
     assert why["rule"] == "dl-soon" and why["version"] == 1 and why["episode"] == 1
     assert why["as_of"] == AS_OF.isoformat() and why["lang"] == "en"
@@ -200,36 +199,74 @@ def test_localised_channels_and_why(stack: Stack) -> None:
 def test_unsubscribe_link_end_to_end(stack: Stack) -> None:
     s = stack
     s.post(_profile(EN, "en", "Ann"))
-    s.wait(lambda: s.mails_to(EN), "the e-mail")
+    wait_for(lambda: [m["Subject"] for m in s.mails_to(EN)], "the e-mail (subjects)",
+             timeout=8, every=0.02)
     (mail,) = s.mails_to(EN)
     url = str(mail["List-Unsubscribe"]).strip("<>")
     assert url in mail.get_body(("html",)).get_content()
     path = urlsplit(url).path
 
-    page = s.client.get(path, headers={"Accept-Language": "en"})  # no login
-    assert page.status_code == 200
-    assert "You will no longer receive e-mails of the category “documents”" in page.text
-    prefs = s.client.get(f"/v1/users/{EN}/preferences", headers=s.user_auth(EN)).json()
+    # Following the link (a mail scanner, a link preview, the user) changes nothing: it
+    # shows a page whose button POSTs. No login.
+    prefs_url = f"/v1/users/{EN}/preferences"
+    for _ in range(3):
+        page = s.client.get(path, headers={"Accept-Language": "en"})
+        assert page.status_code == 200 and page.headers["referrer-policy"] == "no-referrer"
+        assert "You will stop receiving e-mails of the category “documents”" in page.text
+    assert s.client.get(prefs_url, headers=s.user_auth(EN)).json()["channel_categories"] == {}
+    form = re.search(r'<form method="post" action="([^"]+)">(.*?)</form>', page.text, re.S)
+    assert form is not None and urljoin(path, html.unescape(form.group(1))) == path
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">',
+                             form.group(2)))
+    assert fields["List-Unsubscribe"] == "One-Click"
+
+    # The page's button: the same URL, the RFC 8058 body; answered with a page.
+    done = s.client.post(path, data=fields, headers={"Accept-Language": "en"})
+    assert done.status_code == 200 and "text/html" in done.headers["content-type"]
+    assert "You will no longer receive e-mails of the category “documents”" in done.text
+    prefs = s.client.get(prefs_url, headers=s.user_auth(EN)).json()
     assert prefs["channel_categories"] == {"email": {"documents": False}}
+    assert prefs["channels"] == {}
+    # Its "everything" link leads to another confirmation page, which acts on nothing.
+    everything = re.search(r'<a href="([^"]+)">Unsubscribe from all e-mails</a>', done.text)
+    assert everything is not None
+    all_path = urljoin(path, html.unescape(everything.group(1)))
+    assert all_path != path and all_path.startswith("/v1/unsubscribe/")
+    assert "You will stop receiving e-mails." in s.client.get(
+        all_path, headers={"Accept-Language": "en"}).text
+    assert s.client.get(prefs_url, headers=s.user_auth(EN)).json()["channels"] == {}
 
     # the next episode shows the banner but sends no e-mail
     s.post({"event_id": "renewed", "user_id": EN,
             "set": {"driver_license": {"expires_on": (AS_OF + timedelta(days=400)).isoformat()}}})
-    s.wait(lambda: not s.banners(EN), "the exit")
+    wait_for(lambda: [b["id"] for b in s.banners(EN)], "the exit (banners)",
+             until=lambda ids: not ids, timeout=8, every=0.02)
     s.post(_profile(EN, "en", "Ann", days=5))
-    s.wait(lambda: s.banners(EN) and s.banners(EN)[0]["id"] == "dl-soon.2", "episode 2")
-    s.wait(lambda: {m["status"] for m in s.container.ledger.entries(EN)} == {"sent", "suppressed"},
-           "the suppressed e-mail")
+    wait_for(lambda: [b["id"] for b in s.banners(EN)], "episode 2 (banners)",
+             until=lambda ids: bool(ids) and ids[0] == "dl-soon.2", timeout=8, every=0.02)
+    wait_for(lambda: {m["status"] for m in s.container.ledger.entries(EN)},
+             "the suppressed e-mail (ledger statuses)",
+             until=lambda statuses: statuses == {"sent", "suppressed"}, timeout=8, every=0.02)
     assert len(s.mails_to(EN)) == 1
 
-    # the one-click POST (RFC 8058), a broken token
-    r = s.client.post(path)
+    # the one-click POST (RFC 8058) as a mail client sends it; a POST without the
+    # one-click body; a broken token
+    assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    r = s.client.post(path, content=b"List-Unsubscribe=One-Click",
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code == 200 and r.json() == {
         "unsubscribed": {"channel": "email", "category": "documents"}
     }
+    r = s.client.post(path, files={"List-Unsubscribe": (None, "One-Click")})  # multipart
+    assert r.status_code == 200 and r.json()["unsubscribed"]["category"] == "documents"
+    for body in ({}, {"List-Unsubscribe": "yes"}):
+        r = s.client.post(all_path, data=body)
+        assert r.status_code == 400 and "One-Click" in r.json()["detail"]
+    assert s.client.post(all_path, json={"List-Unsubscribe": "One-Click"}).status_code == 400
+    assert s.client.get(prefs_url, headers=s.user_auth(EN)).json()["channels"] == {}
     bad = path[:-3] + ("AAA" if not path.endswith("AAA") else "BBB")
     assert s.client.get(bad).status_code == 404
-    assert s.client.post(bad).status_code == 404
+    assert s.client.post(bad, data={"List-Unsubscribe": "One-Click"}).status_code == 404
 
 
 def test_preferences_api(stack: Stack) -> None:

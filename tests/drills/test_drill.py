@@ -168,7 +168,7 @@ def _read_all(c: Container, table_: Any, cols: list[Any]) -> list[Any]:
     return out
 
 
-@pytest.mark.timeout(240 + SOAK_S)
+@pytest.mark.timeout(scaled(240 + SOAK_S))
 def test_drill(pg_factory: Any, smtp_server: Any, tmp_path: Path) -> None:
     t_start = time.monotonic()
     dbs = pg_factory(2)

@@ -13,6 +13,7 @@ from rules.budget import BudgetExceeded
 from rules.context import make_context
 from rules.ruleset import RuleSet, RuleSpec
 from rules.sandbox import CompiledRule, compile_rule
+from tests.fixtures.waiting import wait_for
 
 BUDGET_MS = 30
 CTX = make_context("2024-05-10")
@@ -121,9 +122,7 @@ def test_a_sleeping_watchdog_is_woken_by_the_next_evaluation(
     monkeypatch.setattr(budget, "IDLE_AFTER_S", 0.05)
     rules = RuleSet([RuleSpec("loop", 1, LOOP)], budget_ms=BUDGET_MS)
     rules.evaluate({}, CTX)
-    deadline = time.monotonic() + 2
-    while not budget.WATCHDOG.idle and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: budget.WATCHDOG.idle, "the watchdog to park itself", timeout=10, every=0.01)
     assert budget.WATCHDOG.idle
 
     # When an endless rule is evaluated

@@ -20,6 +20,7 @@ import pytest
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 from kvadrupel.synthetic import users
+from tests.fixtures.waiting import scaled
 
 AS_OF = date(2026, 11, 24)
 AS_OF_MIDNIGHT = datetime(2026, 11, 24)  # clock_start: pins the container's clock to AS_OF
@@ -58,7 +59,7 @@ def drain_results(container: Container, expect: int, timeout: float = 20.0) -> l
     bus = container.bus
     consumer = bus.consumer(f"{bus.prefix}-reader-{uuid.uuid4().hex[:6]}", [bus.topic("results")])
     got: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     quiet_until = None
     try:
         while time.monotonic() < deadline:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ from shards.backends.pg_stream import bounds_from_histogram
 from shards.backends.postgres import PostgresShardStore
 from shards.backends.sql import ranges_from_bounds
 from shards.router import MAX_USER_ID
+from tests.fixtures.waiting import wait_for
 from tests.scheduler.helpers import AS_OF, KINDS, load_users, make_settings
 
 
@@ -108,11 +108,17 @@ def test_spread_keys_match_the_kafka_partitioner(kafka_bus_factory) -> None:  # 
     bus.flush()
     consumer = bus.consumer(f"{bus.prefix}-check", [topic])
     got: dict[int, int] = {}
-    deadline = time.monotonic() + 20
-    while len(got) < len(keys) and time.monotonic() < deadline:
+
+    def polled() -> dict[int, int]:
         for m in consumer.poll(100, 0.2):
             got[orjson.loads(m.value)] = m.partition
-    consumer.close()
+        return got
+
+    try:
+        wait_for(polled, f"the {len(keys)} jobs (job: partition)",
+                 until=lambda jobs: len(jobs) >= len(keys), timeout=20, every=0)
+    finally:
+        consumer.close()
     # Then the i-th job is on partition i mod 6: 4 on each
     assert got == {i: i % 6 for i in range(24)}
 
@@ -131,11 +137,17 @@ def test_start_run_publishes_one_job_per_range(kind: str, request: pytest.Fixtur
         assert info["rules"] == ["birthday"] and info["ranges"]["total"] >= 4
         consumer = c.bus.consumer(f"{c.bus.prefix}-check", [c.bus.topic("jobs")])
         jobs: list[dict] = []
-        deadline = time.monotonic() + 20
         total = info["ranges"]["total"] + c.runs.get(again)["ranges"]["total"]
-        while len(jobs) < total and time.monotonic() < deadline:
-            jobs += [orjson.loads(m.value) for m in consumer.poll(100, 0.2)]
-        consumer.close()
+
+        def polled() -> list[dict]:
+            jobs.extend(orjson.loads(m.value) for m in consumer.poll(100, 0.2))
+            return jobs
+
+        try:
+            wait_for(polled, f"the {total} jobs of both runs",
+                     until=lambda got: len(got) >= total, timeout=20, every=0)
+        finally:
+            consumer.close()
         mine = sorted((j for j in jobs if j["run_id"] == run_id), key=lambda j: j["range_no"])
         assert len(jobs) == total  # the repeated firing published nothing
         assert [j["range_no"] for j in mine] == list(range(info["ranges"]["total"]))
