@@ -19,9 +19,7 @@ from api.admin import charts, helpdocs
 from api.admin.app import flash, redirect, render
 from api.admin.forms import editor_values, parse_profile, rule_from_form
 from api.admin.security import APPROVERS, AnyUser, Approver, CsrfForm, Editor
-from channels.templates import render_content
 from kvadrupel.errors import Conflict, KvadrupelError, NotFound, RuleValidationError
-from rules.context import make_context
 from rules.models import RuleIn
 
 router = APIRouter()
@@ -369,12 +367,13 @@ def render_templates(
     as_of = _date(form.get("preview_as_of"), _today(request))
     out: dict[str, Any] = {"label": label, "error": err, "as_of": as_of}
     if profile is not None:
-        ctx = make_context(as_of, request.app.state.settings.timezone)
-        for part in ("banner", "email"):
-            try:
-                out[part] = render_content(values[part], profile, ctx)
-            except KvadrupelError as exc:
-                out[f"{part}_error"] = str(exc)
+        # Templates are analyst code: rendered in a sandbox child, never here.
+        try:
+            out |= _svc(request).runner.render(
+                {"banner": values["banner"], "email": values["email"]}, profile, as_of,
+                request.app.state.settings.timezone)
+        except KvadrupelError as exc:
+            out["banner_error"] = str(exc)
     return render(request, "_rendered.html", r=out)
 
 
@@ -414,14 +413,12 @@ def test_rule(
 
 def _explain(request: Request, rule: dict[str, Any], profile: Any, as_of: date) -> Any:
     """The fields the rule read, from the rules package's own explainer (the one the
-    evaluator uses for "why do I see this?"), where this build has it."""
+    evaluator uses for "why do I see this?"), run in a sandbox child."""
     try:
-        from rules.why import explain
-    except ImportError:
-        return None
-    s = request.app.state.settings
-    ctx = make_context(as_of, s.timezone)
-    return explain(rule["key"], rule["version"], rule["source"], profile, ctx, s.rule_budget_ms)
+        return _svc(request).runner.explain(rule["key"], rule["version"], rule["source"],
+                                            profile, as_of, request.app.state.settings.timezone)
+    except KvadrupelError as exc:
+        return {"error": str(exc), "fields": {}}
 
 
 # -- preview, forecast, diff, shadow ----------------------------------------------
