@@ -124,10 +124,13 @@ def settings_env(s: Settings) -> dict[str, str]:
     }
 
 
-def start_workers(s: Settings, n: int) -> list[subprocess.Popen[bytes]]:
+def start_workers(s: Settings, n: int, inprocess: bool = False) -> list[subprocess.Popen[bytes]]:
+    """``kvadrupel evaluate`` processes (rules in sandbox children), or with
+    ``inprocess`` the bench-only evaluator that runs them in itself (the A/B)."""
     env = {**os.environ, **settings_env(s)}
-    return [subprocess.Popen([sys.executable, "-m", "kvadrupel.cli", "evaluate"], env=env, cwd=ROOT)
-            for _ in range(n)]
+    cmd = ([sys.executable, str(ROOT / "bench" / "inprocess_evaluator.py")] if inprocess
+           else [sys.executable, "-m", "kvadrupel.cli", "evaluate"])
+    return [subprocess.Popen(cmd, env=env, cwd=ROOT) for _ in range(n)]
 
 
 def wait_group(bootstrap: str, group: str, timeout: float = 60.0) -> None:
@@ -179,11 +182,12 @@ def stop_workers(procs: list[subprocess.Popen[bytes]]) -> list[float]:
 
 # -- one night -----------------------------------------------------------------
 
-def night(base: Settings, as_of: date, workers: int, deliver: bool, label: str) -> dict[str, Any]:
+def night(base: Settings, as_of: date, workers: int, deliver: bool, label: str,
+          inprocess: bool = False) -> dict[str, Any]:
     s = base.model_copy(update={"kafka_topic_prefix": f"b{uuid.uuid4().hex[:8]}"})
     container = Container(s)
     bus = container.bus  # creates the topics
-    procs = start_workers(s, workers)
+    procs = start_workers(s, workers, inprocess)
     stop = threading.Event()
     delivery = container.delivery_worker() if deliver else None
     threads = [delivery.start_thread(stop)] if delivery else []
@@ -324,6 +328,9 @@ def main() -> None:
     ap.add_argument("--range-users", type=int, default=25_000)
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--profile", action="store_true", help="cProfile one range in-process")
+    ap.add_argument("--isolation-ab", action="store_true",
+                    help="run each measured night also with the rules in the evaluator process "
+                         "(bench/inprocess_evaluator.py): the cost of the sandbox children")
     ap.add_argument("--keep", action="store_true", help="keep the kvbench_* databases")
     ap.add_argument("--reuse", type=int, default=0, metavar="DAY",
                     help="reuse kept kvbench_* databases whose last night was D+DAY-1: "
@@ -369,10 +376,22 @@ def main() -> None:
                 setup.rules.set_enabled(r["key"], True)
         assert len(setup.rules.active()) == 50
         first = args.reuse or 1
-        for i, w in enumerate(worker_counts, start=first):
-            nights.append(night(base, AS_OF + timedelta(days=i), w, True, f"night D+{i}"))
+        day = first
+        for w in worker_counts:
+            nights.append(night(base, AS_OF + timedelta(days=day), w, True, f"night D+{day}"))
             log(_night_line(nights[-1], args.users))
-        last = AS_OF + timedelta(days=first + len(worker_counts) - 1)
+            day += 1
+            if args.isolation_ab:
+                nights.append(night(base, AS_OF + timedelta(days=day), w, True,
+                                    f"night D+{day} rules in-process", inprocess=True))
+                log(_night_line(nights[-1], args.users))
+                day += 1
+                a, b = nights[-2], nights[-1]
+                log(f"isolation, {w} worker(s): sandbox children {a['t_e2e']:.2f}s vs rules "
+                    f"in-process {b['t_e2e']:.2f}s = {a['t_e2e'] / b['t_e2e']:.3f}x; worker CPU "
+                    f"{sum(a['cpu']) / args.users * 1e6:.1f} vs "
+                    f"{sum(b['cpu']) / args.users * 1e6:.1f} us/user")
+        last = AS_OF + timedelta(days=day - 1)
         ceil = ceilings(setup, last)
         prof = profile_range(setup, last) if args.profile else ""
         report(args, nights, ceil, prof)
@@ -406,7 +425,8 @@ def report(
         "worker users/s (rule-evals/s)"
     )
     nights = [n for n in nights if n]
-    steady = [n for n in nights if n["workers"] and n["label"] != COLD]
+    inproc = [n for n in nights if "in-process" in n["label"]]
+    steady = [n for n in nights if n["workers"] and n["label"] != COLD and n not in inproc]
     for n in nights:
         info = n["run"]
         per = "; ".join(
@@ -473,6 +493,14 @@ def report(
             f"{'met' if best * 1_000_000 / args.users < 20 else 'not met'}); "
             f"sandboxed/plain {ceil['sandboxed'] / ceil['plain']:.2f}x (target <= 1.5x)"
         )
+    if inproc:
+        print("\n=== isolation: rules in sandbox children vs in the evaluator process (A/B)")
+        for b in inproc:
+            a = nights[nights.index(b) - 1]
+            print(f"  {a['workers']} worker(s): {a['t_e2e']:.2f}s vs {b['t_e2e']:.2f}s end to end "
+                  f"= {a['t_e2e'] / b['t_e2e']:.3f}x (target <= 1.05x); worker CPU incl. "
+                  f"children {sum(a['cpu']) / args.users * 1e6:.1f} vs "
+                  f"{sum(b['cpu']) / args.users * 1e6:.1f} us/user")
     if prof:
         print("\n=== cProfile, one range in-process (tottime)\n" + prof)
 

@@ -292,3 +292,20 @@ def test_the_apps_own_scheme_can_be_allowed(tmp_path: Path,
             assert r.status_code == 422 and "myapp" in r.json()["detail"]
     finally:
         c.close()
+
+
+def test_jinja2_pin_excludes_versions_with_known_sandbox_escapes() -> None:
+    """Rule templates run in Jinja2's sandbox: 3.1.5 and 3.1.6 fixed escapes from it
+    (CVE-2024-56326, CVE-2025-27516), so older versions must not be installable."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    (req,) = [Requirement(d) for d in pyproject["project"]["dependencies"]
+              if Requirement(d).name.lower() == "jinja2"]
+    for old in ("3.1.0", "3.1.4", "3.1.5"):
+        assert not req.specifier.contains(old), (str(req), old)
+    assert req.specifier.contains("3.1.6")
+    assert req.specifier.contains(version("jinja2"))  # and what is installed is one of them

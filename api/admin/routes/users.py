@@ -24,6 +24,8 @@ SHOWN_SETTINGS = (
     "admin_preview_sample",
     "admin_session_max_age_s",
     "admin_cookie_secure",
+    "admin_trusted_proxies",
+    "banner_link_schemes",
     "embedded_shards",
 )
 
