@@ -12,6 +12,7 @@ measured, not assumed: ``bench/bench_api.py`` serves the same app with both.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 __all__ = ["SERVERS", "app_from_env", "run"]
@@ -32,6 +33,9 @@ def app_from_env() -> Any:
     container = Container(settings)
     app = create_app(container)
     app.state.banner_api.closers.append(container.close)
+    # The test panel's first answer should not wait for a sandbox child to start.
+    threading.Thread(target=container.sandbox.warm, args=(1,), name="sandbox-warm",
+                     daemon=True).start()
     return app
 
 

@@ -154,6 +154,7 @@ class EvaluatorWorker(BatchWorker):
     # -- the loop -------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         self._stop = stop
+        self.sandbox.warm(1)  # the first job should not wait for a child to start
         if threading.current_thread() is threading.main_thread():
             # A worker process (``kvadrupel evaluate``) allocates a profile's worth of
             # small dicts per user and frees them a batch later: with the default
