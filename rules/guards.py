@@ -9,30 +9,62 @@ enough; the reachable objects are the profile (JSON types), the frozen
 
 Size limits exist because one C-level operation (``'a' * 10**10``) cannot be
 interrupted by the time budget (rules/budget.py); they bound what a single
-operation can produce:
+operation can produce, and every guard checks an upper bound of the result's
+size *before* the operation runs:
 
 * strings: :data:`MAX_STR` characters; lists/tuples: :data:`MAX_ITEMS` items;
 * ints: :data:`MAX_INT_BITS` bits; ``range``: :data:`MAX_RANGE` items.
+
+Operations that can multiply sizes, and how each is bounded:
+
+* text of a value (``str(x)``, f-string values, ``%s``/``%r``): :func:`text_size`
+  walks containers, dict views and exception arguments, counting the repr of
+  each string with its escapes (``repr`` up to 10 characters per character for
+  non-printable ones, ``ascii`` likewise for non-ASCII), and stops as soon as the
+  running total passes the limit (so the walk is at most ~limit/2 steps);
+* ``%``-formatting: :func:`percent_size` parses the format like CPython does and
+  adds, per directive, the size of its argument's text or number and its width;
+* f-strings: the policy gives each of the ``k`` values of one f-string
+  ``MAX_STR / k`` (and bounds the constant format specs), so the total is bounded;
+* string methods with a bounded growth factor (``upper`` 3x, ``lower`` 2x,
+  ``encode`` 4-100x by codec and error handler, ``bytes.hex`` 3x, ...): free when
+  ``len * factor`` is within the limit, else checked with the call's arguments;
+* ``join``, ``replace``, ``extend``, ``*``, ``+``, ``+=``, ``*=``, ``**``, ``<<``,
+  ``round``, ``range``, ``sum`` and ``[*a, *a]`` / ``f(*a, *a)`` unpacking.
 """
 
 from __future__ import annotations
 
+import _strptime  # noqa: F401 - imported lazily by datetime.strptime: see _rule_import
+import importlib
+import itertools
 import operator
-import re
+import sys
+import time  # noqa: F401 - imported lazily by date.strftime: see _rule_import
+from datetime import date as _date
+from datetime import time as _time
 from typing import Any
 
 from kvadrupel.errors import RuleRuntimeError
 from rules.budget import current_slot
 
 __all__ = [
+    "ASCII",
+    "MAX_DATE_FORMAT",
     "MAX_INT_BITS",
     "MAX_ITEMS",
     "MAX_RANGE",
     "MAX_STR",
+    "REPR",
     "SAFE_BUILTINS",
+    "STR",
+    "UNSAFE_ATTRS",
     "SafeStr",
+    "check_text_call",
     "container_ids",
     "make_rule_guards",
+    "percent_size",
+    "text_size",
 ]
 
 MAX_STR = 100_000
@@ -40,10 +72,23 @@ MAX_ITEMS = 100_000
 MAX_INT_BITS = 100_000
 MAX_RANGE = 1_000_000
 MAX_ROUND_DIGITS = 1_000
+MAX_DATE_FORMAT = 1_000  # strftime/strptime format and input (``%c`` is 12x its size)
 
 _SEQ = (str, bytes, list, tuple)
 _NoneType = type(None)
 _SCALARS = (int, float, bool, _NoneType)
+
+# Methods that are dangerous on objects a rule or template can reach, whatever the
+# arguments; the rule policy refuses them at compile time, the template sandbox
+# (channels/templates.py) at run time.
+# fmt: off
+UNSAFE_ATTRS = frozenset({
+    "mro",  # KeyError.mro() -> BaseException, object
+    "to_bytes", "from_bytes",  # (1).to_bytes(10**10); ints past MAX_INT_BITS
+    "clear_cache", "no_cache", "from_file",  # ZoneInfo (ctx.now.tzinfo) class methods
+    "with_traceback",
+})
+# fmt: on
 
 
 def _refuse(message: str) -> RuleRuntimeError:
@@ -56,6 +101,239 @@ def _check_len(n: int, seq: Any, what: str) -> None:
     if n > limit:
         unit = "characters" if text else "items"
         raise _refuse(f"{what} would have {n:,} {unit} (limit {limit:,})")
+
+
+# -- size of the text of a value --------------------------------------------------
+
+STR, REPR, ASCII = 0, 1, 2  # str(x), repr(x), ascii(x)
+_DICT_VIEWS = (type({}.keys()), type({}.values()))
+_DICT_ITEMS = type({}.items())
+_PRINTABLE_BYTES = bytes(range(32, 127))
+_chain = itertools.chain.from_iterable
+# Other types whose text shows their contents (channels/templates.py registers
+# Jinja's Namespace): type -> function giving what the text is made of.
+TEXT_EXPANDERS: dict[type, Any] = {}
+
+
+def _str_text(s: str, mode: int) -> int:
+    """Upper bound of the length of ``s`` rendered in ``mode``."""
+    n = len(s)
+    if mode == STR:
+        return n
+    if s.isascii() or mode == REPR:
+        if s.isprintable():  # only the quotes and backslashes are escaped
+            return n + 2 + s.count("\\") + s.count("'")
+        return (4 if s.isascii() else 10) * n + 2  # \x00 / \U000e0001
+    return 10 * n + 2  # ascii() of non-ASCII text: \U0001f600
+
+
+def _bytes_text(b: bytes) -> int:
+    odd = len(b.translate(None, _PRINTABLE_BYTES))  # bytes shown as \xNN
+    return len(b) + 3 + 3 * odd + b.count(b"\\") + b.count(b"'")
+
+
+def text_size(x: Any, limit: int, mode: int = STR) -> int:
+    """An upper bound of ``len(str(x))`` (``repr``/``ascii`` with ``mode``), computed
+    without building it; the count stops (returning more than ``limit``) as soon
+    as it passes ``limit``, so its cost is bounded by the limit, not by ``x``.
+
+    Needed because a list of 10**5 references to one 64 KB string is small in
+    memory but its text is 6.4 GB, produced in one C call; likewise a dict view
+    (``str(d.values())``), an exception carrying such a list, a ``%`` format
+    naming one big argument many times.
+    """
+    inner = ASCII if mode == ASCII else REPR
+    total = 0
+    stack = [x]
+    m = mode
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t is str:
+            total += _str_text(v, m)
+        elif t is int:
+            total += v.bit_length() // 3 + 2
+        elif t is float or t is bool or v is None:
+            total += 24
+        elif t is list or t is tuple or t is set or t is frozenset:
+            total += 12 + 2 * len(v)
+            if total > limit:
+                break
+            stack.extend(v)
+        elif t is dict:
+            total += 2 + 4 * len(v)
+            if total > limit:
+                break
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif t is bytes:
+            total += _bytes_text(v)
+        elif t in _DICT_VIEWS:
+            total += 20 + 2 * len(v)
+            if total > limit:
+                break
+            stack.extend(v)
+        elif t is _DICT_ITEMS:
+            total += 20 + 8 * len(v)
+            if total > limit:
+                break
+            stack.extend(_chain(v))
+        elif isinstance(v, str):  # str subclasses (Jinja's Markup)
+            total += _str_text(v, m) + 16
+        elif isinstance(v, dict):  # subclasses (rules/why.py's proxies): the raw items
+            total += 32 + 4 * len(v)
+            if total > limit:
+                break
+            stack.extend(dict.keys(v))
+            stack.extend(dict.values(v))
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            total += 32 + 2 * len(v)
+            if total > limit:
+                break
+            if isinstance(v, list):
+                stack.extend(list.__iter__(v))
+            else:
+                stack.extend(v)
+        elif isinstance(v, BaseException):
+            total += 40 + len(t.__name__)
+            stack.extend(v.args)
+        elif t is range:
+            total += 16
+            stack.extend((v.start, v.stop, v.step))
+        elif t in TEXT_EXPANDERS:
+            total += 32
+            stack.append(TEXT_EXPANDERS[t](v))
+        else:
+            total += 64  # dates, functions, iterators, ...: short fixed reprs
+        if total > limit:
+            break
+        m = inner
+    return total
+
+
+def _check_text(x: Any, limit: int, mode: int = STR) -> None:
+    if text_size(x, limit, mode) > limit:
+        raise _refuse(f"text of a {type(x).__name__} would exceed {limit:,} characters")
+
+
+# -- %-formatting --------------------------------------------------------------------
+
+_DIGITS = "0123456789"
+_INT_CONV = "diouxXc"
+_FLOAT_CONV = "eEfFgG"
+
+
+def _number_arg(
+    text: str, j: int, args: Any, state: list, max_width: int | None
+) -> tuple[int, int]:
+    """Parse a width/precision at ``text[j:]``: (value, next index)."""
+    n = len(text)
+    if j < n and text[j] == "*":
+        if max_width is not None:
+            raise _refuse(f"%-format width/precision must be a number up to {max_width}")
+        value = _next_arg(args, state)
+        return (abs(value) if type(value) is int else 0), j + 1
+    start = j
+    while j < n and text[j] in _DIGITS:
+        j += 1
+    digits = text[start:j]
+    if not digits:
+        return 0, j
+    if max_width is not None and len(digits) > len(str(max_width)):
+        raise _refuse(f"%-format width/precision must be a number up to {max_width}")
+    return (int(digits) if len(digits) < 12 else 10**12), j
+
+
+class _NoArg(Exception):
+    pass
+
+
+def _next_arg(args: Any, state: list) -> Any:
+    i = state[0]
+    if type(args) is tuple or isinstance(args, tuple):
+        if i >= len(args):
+            raise _NoArg
+        state[0] = i + 1
+        return args[i]
+    if i:
+        raise _NoArg
+    state[0] = 1
+    return args
+
+
+def percent_size(fmt: str | bytes, args: Any, limit: int, max_width: int | None = None) -> int:
+    """An upper bound of ``len(fmt % args)``, without formatting; stops counting
+    (returning more than ``limit``) as soon as it passes ``limit``.
+
+    Parses directives as CPython does (``%(key)``, flags, width, ``.precision``,
+    length modifier, conversion) and adds, per directive, the larger of its width
+    and the size of its argument: :func:`text_size` for ``%s``/``%r``/``%a``,
+    the digits of an int (or of a float, ~330) plus the precision for numbers.
+    A format CPython would reject ends the count there (the ``%`` then raises
+    before building anything bigger). ``max_width``: refuse ``*`` and widths or
+    precisions over it (the rules' policy).
+    """
+    is_bytes = isinstance(fmt, bytes)
+    text = fmt.decode("latin-1") if is_bytes else fmt
+    n = len(text)
+    total = n
+    state = [0]
+    i = text.find("%")
+    while i >= 0 and i + 1 < n:
+        j = i + 1
+        if text[j] == "%":
+            i = text.find("%", j + 1)
+            continue
+        key = None
+        if text[j] == "(":
+            depth, k = 1, j + 1
+            while k < n and depth:
+                c = text[k]
+                if c == "(":
+                    depth += 1
+                elif c == ")":
+                    depth -= 1
+                k += 1
+            if depth:
+                break
+            key, j = text[j + 1 : k - 1], k
+        while j < n and text[j] in "-+ #0":
+            j += 1
+        try:
+            width, j = _number_arg(text, j, args, state, max_width)
+            prec = 0
+            if j < n and text[j] == ".":
+                prec, j = _number_arg(text, j + 1, args, state, max_width)
+            if j < n and text[j] in "hlL":
+                j += 1
+            if j >= n:
+                break
+            conv = text[j]
+            if key is not None:
+                try:
+                    arg = args[key.encode("latin-1") if is_bytes else key]
+                except Exception:  # noqa: BLE001 - '%' raises the same error itself
+                    break
+            else:
+                arg = _next_arg(args, state)
+        except _NoArg:
+            break
+        if conv in "sra" or (is_bytes and conv == "b"):
+            if is_bytes and conv in "sb" and isinstance(arg, bytes):
+                size = len(arg)
+            else:
+                mode = STR if conv in "sb" else (ASCII if conv == "a" or is_bytes else REPR)
+                size = text_size(arg, limit, mode)
+        elif conv in _INT_CONV or conv in _FLOAT_CONV:
+            size = arg.bit_length() // 3 + 4 if isinstance(arg, int) else 330
+            size = max(size, 330) + prec if conv in _FLOAT_CONV else max(size, prec)
+        else:
+            break  # unsupported format character: ValueError
+        total += max(width, size) + 2
+        if total > limit:
+            return total
+        i = text.find("%", j + 1)
+    return total
 
 
 # -- arithmetic (wired in by the policy for *, **, <<, %, and + of two non-constants) --
@@ -105,71 +383,40 @@ def guarded_add(a: Any, b: Any) -> Any:
     return a + b
 
 
-# %-format directives: optional (name), flags, width, precision, conversion.
-_PERCENT = re.compile(r"%(?:\([^)]*\))?[#0 +\-]*(\*|\d*)(?:\.(\*|\d*))?")
-
-
 def guarded_mod(a: Any, b: Any) -> Any:
-    """``a % b``; for %-formatting of strings refuses ``*`` and widths/precisions over 999
-    and checks the size of the arguments' text."""
+    """``a % b``; for %-formatting of strings refuses ``*`` and widths/precisions over
+    999 and bounds the result (:func:`percent_size`) before formatting."""
     if not isinstance(a, (str, bytes)):
         return a % b
-    for m in _PERCENT.finditer(a if isinstance(a, str) else a.decode("latin-1")):
-        for part in m.groups():
-            if part and (part == "*" or len(part) > 3):
-                raise _refuse("%-format width/precision must be a number up to 999")
-    render_guard(b)
-    out = a % b
-    _check_len(len(out), out, "'%' result")
-    return out
+    if percent_size(a, b, MAX_STR, max_width=999) > MAX_STR:
+        raise _refuse(f"'%' result would exceed {MAX_STR:,} characters")
+    return a % b
 
 
-# -- text rendering (f-string values, str(), %-format arguments) -------------
+# -- text rendering (f-string values, str()) -------------------------------------
+
+# render_guard ``mode``: the conversion (STR/REPR/ASCII) | _SPEC when the f-string
+# value has a format spec (an int may then be shown in binary, with separators).
+_SPEC = 4
 
 
-def _render_size(x: Any, limit: int) -> None:
-    """Refuse when the text of ``x`` (str/repr) would exceed ``limit`` characters.
-
-    Needed because a list of 10**5 references to one 64 KB string is small in
-    memory but its repr is 6.4 GB, produced in one C call.
-    """
-    total = 0
-    stack = [x]
-    while stack:
-        v = stack.pop()
-        t = type(v)
-        if t is str or t is bytes:
-            total += len(v) + 2
-        elif t is int:
-            total += v.bit_length() // 3 + 2
-        elif t in _SCALARS:
-            total += 24
-        elif t is list or t is tuple or t is set or t is frozenset:
-            total += 2 + 2 * len(v)
-            stack.extend(v)
-        elif t is dict:
-            total += 2 + 4 * len(v)
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, BaseException):
-            total += 40
-            stack.extend(v.args)
-        else:
-            total += 64  # dates, functions, ...: short fixed reprs
-        if total > limit:
-            raise _refuse(f"text of a {type(x).__name__} would exceed {limit:,} characters")
-
-
-def render_guard(x: Any) -> Any:
-    """Return ``x`` unchanged if its text is within :data:`MAX_STR`; used around f-string values."""
+def render_guard(x: Any, limit: int = MAX_STR, mode: int = 0) -> Any:
+    """Return ``x`` unchanged if its text is within ``limit``; used around f-string
+    values (the policy passes ``MAX_STR / k`` for an f-string with ``k`` values,
+    and the conversion ``!r``/``!a``) and by ``str()``."""
     t = type(x)
-    if t is str:
-        if len(x) > MAX_STR:
-            raise _refuse(f"f-string value exceeds {MAX_STR:,} characters")
+    if t is str and not mode:
+        if len(x) > limit:
+            raise _refuse(f"f-string value exceeds {limit:,} characters")
         return x
-    if t in _SCALARS:
+    if t is float or t is bool or x is None:
         return x
-    _render_size(x, MAX_STR)
+    if t is int and mode & _SPEC:
+        size = x.bit_length() * 4 // 3 + 4  # {n:_b}
+    else:
+        size = text_size(x, limit, mode & 3)
+    if size > limit:
+        raise _refuse(f"text of a {t.__name__} would exceed {limit:,} characters")
     return x
 
 
@@ -226,6 +473,38 @@ def safe_round(number: Any, ndigits: Any = None) -> Any:
     return round(number, ndigits)
 
 
+def safe_unpack(x: Any, limit: int) -> Any:
+    """``*x`` in a list/tuple/set display or a call with ``k`` starred items: the
+    policy passes ``MAX_ITEMS / k``, so ``[*a, *a, ...]`` stays within MAX_ITEMS.
+    ``x`` is returned as it is (iterators are materialised once, as Python would)."""
+    try:
+        n = len(x)
+    except TypeError:
+        x = tuple(x)
+        n = len(x)
+    if n > limit:
+        raise _refuse(f"unpacking {n:,} items here would exceed {MAX_ITEMS:,} items in all")
+    return x
+
+
+_LAZY_IMPORTS = frozenset({"time", "_strptime"})
+
+
+def _rule_import(
+    name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0
+) -> Any:
+    """``__import__`` of the rule namespace, for C code only.
+
+    ``date.strftime`` / ``timetuple`` / ``datetime.strptime`` import ``time`` /
+    ``_strptime`` lazily through the ``__import__`` of the calling frame's builtins
+    (a rule's). Rules cannot name it (names starting with ``_`` are refused at
+    compile time); it returns only those two modules, both imported with this one.
+    """
+    if level == 0 and name in _LAZY_IMPORTS:
+        return sys.modules.get(name) or importlib.import_module(name)
+    raise ImportError(f"import of {name!r} is not allowed in rules")
+
+
 # Exceptions a rule may name in ``except``. Not ``Exception``: when the time-budget
 # interrupt lands at the recursion limit inside an ``except`` block, CPython fails
 # to instantiate it and raises RecursionError instead, which ``except Exception``
@@ -253,9 +532,132 @@ SAFE_BUILTINS: dict[str, Any] = {
     "True": True, "False": False, "None": None,
     "Exception": Exception,  # to raise, not to catch
     **CATCHABLE,
+    "__import__": _rule_import,  # for C code only: rules cannot name it
 }
 # fmt: on
 EXCEPTION_NAMES = frozenset(CATCHABLE) | {"Exception"}
+
+
+# -- methods of strings (and dates) whose result can be bigger than the object --------
+
+# Upper bound of len(result) / len(obj), whatever the arguments: only U+0130 grows
+# in lower() (2 characters), upper/title/swapcase/casefold/capitalize up to 3
+# ('ΐ'.upper()), encode 100 ('namereplace' writes \N{...} names of up to 88
+# letters), decode 4 ('backslashreplace': \xNN per byte), bytes.hex(sep) 3.
+# fmt: off
+GROWTH = {
+    "upper": 3, "lower": 2, "casefold": 3, "swapcase": 3, "title": 3, "capitalize": 3,
+    "encode": 100, "decode": 4, "hex": 3,
+}
+_ENCODINGS = {
+    "utf8": 4, "utf16": 4, "utf32": 4, "ascii": 1, "latin1": 1, "iso88591": 1, "cp1251": 1,
+    "cp1252": 1, "koi8r": 1, "unicodeescape": 10, "rawunicodeescape": 10,
+}
+_ERROR_HANDLERS = {
+    "strict": 1, "ignore": 1, "replace": 1, "surrogateescape": 1, "surrogatepass": 4,
+    "backslashreplace": 10, "xmlcharrefreplace": 10, "namereplace": 100,
+}
+# fmt: on
+# Names check_text_call knows (methods of str/bytes, or of dates for the last two).
+TEXT_CALLS = frozenset(GROWTH) | {
+    "join",
+    "replace",
+    "center",
+    "ljust",
+    "rjust",
+    "zfill",
+    "expandtabs",
+    "translate",
+    "strftime",
+    "strptime",
+}
+
+
+def _encode_factor(args: tuple, kwargs: dict) -> int:
+    enc = args[0] if args else kwargs.get("encoding", "utf-8")
+    err = args[1] if len(args) > 1 else kwargs.get("errors", "strict")
+    e = _ENCODINGS.get(enc.lower().replace("-", "").replace("_", ""), 10) if type(enc) is str else 1
+    r = _ERROR_HANDLERS.get(err, 100) if type(err) is str else 1
+    return max(e, r)
+
+
+def _lengths(items: Any, limit: int) -> int:
+    try:
+        return sum(map(len, items))
+    except TypeError:  # e.g. Markup.join escapes non-strings: their text
+        return sum(text_size(x, limit) for x in items)
+
+
+def check_text_call(obj: Any, name: str, args: tuple, kwargs: dict, limit: int = MAX_STR) -> tuple:
+    """Refuse (RuleRuntimeError) ``obj.name(*args, **kwargs)`` when its result could
+    exceed ``limit`` characters/bytes; return the arguments to call it with (an
+    iterable given to ``join`` comes back as a list, measured).
+
+    ``obj`` is a str/bytes (subclasses such as Jinja's Markup escape what they add:
+    counted 6x), or a date/time for ``strftime``/``strptime`` (format and input up
+    to :data:`MAX_DATE_FORMAT`). Names not in :data:`TEXT_CALLS` pass.
+    """
+    if name == "strftime" or name == "strptime":
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, str) and len(a) > MAX_DATE_FORMAT:
+                raise _refuse(f"{name}() format/input longer than {MAX_DATE_FORMAT:,} characters")
+        return args
+    if not isinstance(obj, (str, bytes)):
+        return args
+    n = len(obj)
+    esc = 1 if type(obj) is str or type(obj) is bytes else 6
+    if name in GROWTH:
+        size = n * (_encode_factor(args, kwargs) if name == "encode" else GROWTH[name]) + 8
+    elif name == "join":
+        if not args:
+            return args
+        items = args[0] if type(args[0]) in (list, tuple) else list(args[0])
+        args = (items, *args[1:])
+        size = esc * (_lengths(items, limit) + n * max(len(items) - 1, 0))
+    elif name == "replace":
+        old, new = (args + (None, None))[:2]
+        count = args[2] if len(args) > 2 else kwargs.get("count", -1)
+        if not (isinstance(old, (str, bytes)) and isinstance(new, (str, bytes))):
+            return args
+        k = obj.count(old) if old else n + 1
+        if isinstance(count, int) and count >= 0:
+            k = min(k, count)
+        size = n + k * max(esc * len(new) - len(old), 0)
+    elif name in ("center", "ljust", "rjust", "zfill"):
+        width = args[0] if args else kwargs.get("width", 0)
+        size = esc * max(n, width if isinstance(width, int) else 0)
+    elif name == "expandtabs":
+        tab = args[0] if args else kwargs.get("tabsize", 8)
+        tabs = obj.count("\t" if isinstance(obj, str) else b"\t")
+        size = esc * (n + tabs * max(tab if isinstance(tab, int) else 0, 1))
+    elif name == "translate":
+        table = args[0] if args else None
+        if isinstance(obj, bytes) or table is None:
+            return args
+        if isinstance(table, dict):
+            values = table.values()
+        elif isinstance(table, (list, tuple, str)):
+            values = table
+        else:
+            raise _refuse("translate() table must be a dict, list or string")
+        longest = max((len(v) for v in values if isinstance(v, str)), default=1)
+        size = esc * n * max(longest, 1)
+    else:
+        return args
+    if size > limit:
+        raise _refuse(f"{name}() result would have {size:,} characters (limit {limit:,})")
+    return args
+
+
+def _checked_method(obj: Any, name: str) -> Any:
+    method = getattr(obj, name)  # AttributeError as usual
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        args = check_text_call(obj, name, args, kwargs)
+        return method(*args, **kwargs)
+
+    return call
+
 
 # -- the profile is read-only --------------------------------------------------
 
@@ -268,7 +670,7 @@ MUTATORS = frozenset({
     "intersection_update", "symmetric_difference_update",
 })
 # fmt: on
-GUARDED_ATTRS = MUTATORS | {"join", "replace"}
+GUARDED_ATTRS = MUTATORS | {"join", "replace", "strftime", "strptime"} | set(GROWTH)
 
 
 def container_ids(root: Any) -> set[int]:
@@ -279,7 +681,7 @@ def container_ids(root: Any) -> set[int]:
         if isinstance(v, dict):
             if id(v) not in ids:
                 ids.add(id(v))
-                stack.extend(v.values())
+                stack.extend(dict.values(v))
         elif isinstance(v, (list, tuple, set)):
             if id(v) not in ids:
                 ids.add(id(v))
@@ -332,18 +734,28 @@ def make_rule_guards(protected: set[int]) -> dict[str, Any]:
 
     def getattr_guard(obj: Any, name: str) -> Any:
         """Loads of :data:`GUARDED_ATTRS` names (every other attribute is a plain load)."""
+        t = type(obj)
+        if t is str or t is bytes:
+            grow = GROWTH.get(name)
+            if grow is not None and len(obj) * grow <= MAX_STR:
+                return getattr(obj, name)  # fine whatever the arguments: no wrapper
+            if name == "join":
+                return _bounded_join(obj)
+            if name == "replace":
+                return _bounded_replace(obj)
+            return _checked_method(obj, name)
         if isinstance(obj, type):
-            # dict.update(profile, ...) would mutate through the unbound method.
-            raise _refuse(f"call .{name}() on a value, not on the type")
+            if name in MUTATORS:
+                # dict.update(profile, ...) would mutate through the unbound method.
+                raise _refuse(f"call .{name}() on a value, not on the type")
+            return _unbound(obj, name, getattr_guard)  # str.upper(s): guarded like s.upper()
         attr = getattr(obj, name)
         if name in MUTATORS and isinstance(obj, (dict, list, set)) and is_locked(obj):
             raise _refuse(f"the profile is read-only: .{name}() refused (copy it first)")
         if name == "extend" and isinstance(obj, list):
             return _bounded_extend(obj)
-        if name == "join" and isinstance(obj, (str, bytes)):
-            return _bounded_join(obj)
-        if name == "replace" and isinstance(obj, (str, bytes)):
-            return _bounded_replace(obj)
+        if name in TEXT_CALLS and isinstance(obj, (str, bytes, _date, _time)):
+            return _checked_method(obj, name)
         return attr
 
     def inplace_guard(op: str, x: Any, y: Any) -> Any:
@@ -372,7 +784,20 @@ def make_rule_guards(protected: set[int]) -> dict[str, Any]:
         "_add_": guarded_add,
         "_mod_": guarded_mod,
         "_render_": render_guard,
+        "_unpack_": safe_unpack,
     }
+
+
+def _unbound(cls: type, name: str, guard: Any) -> Any:
+    getattr(cls, name)  # AttributeError as usual
+    what = "str" if cls is SafeStr else cls.__name__
+
+    def call(self: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(self, cls):
+            raise TypeError(f"descriptor '{name}' requires a '{what}' object")
+        return guard(self, name)(*args, **kwargs)
+
+    return call
 
 
 def _bounded_extend(lst: list) -> Any:

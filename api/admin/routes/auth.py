@@ -77,8 +77,8 @@ async def login(
     # slip past the limits); a right password takes it back.
     wait = st.throttle.attempt(address, username)
     if wait is not None:
-        st.audit.record(
-            username or "?", "auth.throttled", f"user:{username}",
+        await run_in_threadpool(
+            st.audit.record, username or "?", "auth.throttled", f"user:{username}",
             {"address": address, "reason": wait.reason},
         )
         who = "from your address" if wait.reason == "address" else "for this account"
