@@ -35,8 +35,9 @@ RevokeCallback = Callable[[list[tuple[str, int]]], None]
 
 # Logical topic names. The full name is ``<prefix>.<logical>``; the prefix defaults
 # to "kvadrupel", which gives the names in the public contract
-# (kvadrupel.events, kvadrupel.events.dlq, kvadrupel.jobs, kvadrupel.results).
-TOPICS = ("events", "events.dlq", "jobs", "results", "results.dlq")
+# (kvadrupel.events, kvadrupel.events.dlq, kvadrupel.jobs, kvadrupel.jobs.dlq,
+# kvadrupel.results, kvadrupel.results.dlq).
+TOPICS = ("events", "events.dlq", "jobs", "jobs.dlq", "results", "results.dlq")
 
 
 def topic_names(prefix: str) -> dict[str, str]:

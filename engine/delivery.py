@@ -45,8 +45,10 @@ from channels.preferences import ALLOW_ALL, Preferences, load_preferences
 from channels.push import Push, Pusher
 from channels.unsubscribe import Unsubscriber
 from engine.bus import Bus, Consumer, Message
+from engine.messages import Enter, Exit, MessageError, dead_letter, decode_result
 from engine.worker import BatchWorker
 from kvadrupel import metrics
+from shards.router import MAX_USER_ID
 from shards.shardset import ShardSet
 from shards.store import BannerChange
 
@@ -117,27 +119,28 @@ class DeliveryWorker(BatchWorker):
         ended: set[tuple[int, str, int]] = set()
         for msg in batch:
             try:
-                r = orjson.loads(msg.value)
-                kind = r["kind"]
-                uid = int(r["user_id"])
-                rule, episode, version = r["rule"], int(r["episode"]), int(r["version"])
-                as_of = date.fromisoformat(r["as_of"])
-                priority = int(r.get("priority", 0))
-                if kind not in ("enter", "exit"):
-                    raise ValueError(f"unknown kind {kind!r}")
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                r = decode_result(msg.value)
+                as_of = date.fromisoformat(r.as_of)
+                if not 0 < r.user_id <= MAX_USER_ID:
+                    raise MessageError(f"user id {r.user_id} out of range")
+            except ValueError as exc:  # MessageError, or a bad date
                 log.error("dead-lettering malformed result at %s/%d@%d: %s",
                           msg.topic, msg.partition, msg.offset, exc)
-                self.bus.publish(self.bus.topic("results.dlq"), msg.value, key=msg.key)
+                source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+                self.bus.publish(self.bus.topic("results.dlq"),
+                                 dead_letter(str(exc), msg.value, source), key=msg.key)
                 continue
+            uid, rule, episode, version, priority = (r.user_id, r.rule, r.episode, r.version,
+                                                     r.priority)
             shard = self.shards.router.shard_of(uid)
-            if kind == "exit":
+            if type(r) is Exit:
                 changes.setdefault(shard, []).append(
                     BannerChange(uid, rule, episode, version, priority, as_of, None))
                 ends.setdefault(shard, []).append((uid, rule, episode))
                 ended.add((uid, rule, episode))
                 continue
-            banner = r.get("banner") if isinstance(r.get("banner"), dict) else None
+            assert type(r) is Enter
+            banner = r.banner
             expires = _parse_ts(banner.get("expires_at")) if banner else None
             if banner is not None and (expires is None or expires > now):
                 per = changes.setdefault(shard, [])
@@ -150,27 +153,17 @@ class DeliveryWorker(BatchWorker):
                     uid, rule, episode if banner is not None else episode - 1, version, priority,
                     as_of, None))
             starts.setdefault(shard, []).append(
-                EpisodeStart(
-                    uid,
-                    rule,
-                    episode,
-                    version,
-                    as_of,
-                    r.get("lang"),
-                    _why(r),
-                    expires,
-                    r.get("run_id"),
-                )
-            )
-            base = {"as_of": r["as_of"], "tz": r.get("tz"), "lang": r.get("lang"),
-                    "user_lang": r.get("user_lang"), "why": r.get("why")}
-            email = r.get("email")
-            if isinstance(email, dict) and email.get("to"):
-                candidates.append(Claim(uid, rule, episode, "email", version, r.get("run_id"),
+                EpisodeStart(uid, rule, episode, version, as_of, r.lang, _why(r), expires,
+                             r.run_id))
+            base = {"as_of": r.as_of, "tz": r.tz, "lang": r.lang, "user_lang": r.user_lang,
+                    "why": r.why}
+            email = r.email
+            if email and email.get("to"):
+                candidates.append(Claim(uid, rule, episode, "email", version, r.run_id,
                                         {**email, **base}))
-            push = r.get("push")
-            if self.pusher is not None and isinstance(push, dict) and push.get("tokens"):
-                candidates.append(Claim(uid, rule, episode, "push", version, r.get("run_id"),
+            push = r.push
+            if self.pusher is not None and push and push.get("tokens"):
+                candidates.append(Claim(uid, rule, episode, "push", version, r.run_id,
                                         {**push, **base}))
 
         users = {c.user_id for c in candidates} | {changes[sh][i].user_id for sh, i, _ in shows}
@@ -394,8 +387,8 @@ def _held_label(d: Decision) -> str:
     return "held_quiet_hours" if d.reason == "quiet hours" else "deferred_cap"
 
 
-def _why(r: dict[str, Any]) -> dict[str, Any] | None:
-    why = r.get("why")
+def _why(r: Enter) -> dict[str, Any] | None:
+    why = r.why
     if not isinstance(why, dict):
         return None
-    return {"rule": r["rule"], "version": r["version"], "as_of": r["as_of"], **why}
+    return {"rule": r.rule, "version": r.version, "as_of": r.as_of, **why}

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from channels.compose import compose
+from engine.messages import VERSION, Enter, Exit, Result
 from kvadrupel.errors import ChannelError, RuleError, RuleTimeout
 from rules.context import Context
 from rules.ruleset import RuleSet
@@ -160,7 +161,7 @@ def evaluate_rows(
     ctx: Context,
     run_id: int | None,
     stats: RangeStats,
-) -> tuple[list[dict[str, Any]], list[tuple[int, dict[str, list[Any]]]]]:
+) -> tuple[list[Result], list[tuple[int, dict[str, list[Any]]]]]:
     """Evaluate a batch of users. Returns (result messages, new states to save).
 
     ``rows``: ``(user_id, doc, state)`` tuples (or rows that unpack like them), or
@@ -173,7 +174,7 @@ def evaluate_rows(
     many rows were done; the caller decides about the rule and evaluates the rest
     (a rule stuck in a loop would otherwise cost its budget on every row).
     """
-    results: list[dict[str, Any]] = []
+    results: list[Result] = []
     states: list[tuple[int, dict[str, list[Any]]]] = []
     combos: dict[tuple[str, ...], int] = {}
     slot = pack.ruleset.open_batch(pack.batch_budget_ms) if pack.batch_budget_ms else _NO_BATCH
@@ -197,7 +198,7 @@ _NO_BATCH: Any = _NoBatch()
 
 
 def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id: int | None,
-                   stats: RangeStats, results: list[dict[str, Any]],
+                   stats: RangeStats, results: list[Result],
                    states: list[tuple[int, dict[str, list[Any]]]],
                    combos: dict[tuple[str, ...], int], slot: Any) -> None:
     as_of = ctx.today.isoformat()
@@ -256,11 +257,9 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
             new[k] = [p[0], 0, p[2], p[3]]
             stats.exits += 1
             rule = pack.all.get(k)
-            results.append({
-                "kind": "exit", "user_id": uid, "rule": k, "episode": p[0],
-                "version": p[2], "priority": rule.priority if rule else 0, "as_of": as_of,
-                "run_id": run_id,
-            })
+            results.append(Exit(v=VERSION, user_id=uid, rule=k, episode=p[0], version=p[2],
+                                priority=rule.priority if rule else 0, as_of=as_of,
+                                run_id=run_id))
         if new is not None:
             states.append((uid, new))
     if slot.over >= 0:  # a rule spent the batch budget on the last row done
@@ -344,7 +343,7 @@ def collector_off() -> Iterator[None]:
 
 
 def _enter(uid: int, doc: Any, rule: ActiveRule, episode: int, ctx: Context, run_id: int | None,
-           stats: RangeStats) -> dict[str, Any]:
+           stats: RangeStats) -> Enter:
     stats.enters += 1
     banner = email = None
     extra: dict[str, Any] = {}  # language, time zone, push, why-data (channels/compose.py)
@@ -354,9 +353,8 @@ def _enter(uid: int, doc: Any, rule: ActiveRule, episode: int, ctx: Context, run
         stats.errors[rule.key] += 1
         stats.error_samples.setdefault(rule.key, f"user {uid}: template: {exc}")
     to = doc.get("email") if isinstance(doc, dict) else None
-    return {
-        "kind": "enter", "user_id": uid, "rule": rule.key, "episode": episode,
-        "version": rule.version, "priority": rule.priority, "as_of": ctx.today.isoformat(),
-        "run_id": run_id, "banner": banner,
-        "email": (email | {"to": to}) if email and isinstance(to, str) and "@" in to else None,
-    } | extra
+    return Enter(
+        v=VERSION, user_id=uid, rule=rule.key, episode=episode, version=rule.version,
+        priority=rule.priority, as_of=ctx.today.isoformat(), run_id=run_id, banner=banner,
+        email=(email | {"to": to}) if email and isinstance(to, str) and "@" in to else None,
+        **extra)

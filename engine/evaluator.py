@@ -44,6 +44,17 @@ import orjson
 
 from engine.bus import Bus, Consumer, Message
 from engine.evaluation import RangeStats
+from engine.messages import (
+    Enter,
+    MessageError,
+    RangeJob,
+    Result,
+    UsersJob,
+    dead_letter,
+    decode_answer,
+    decode_job,
+    encode,
+)
 from engine.worker import BatchWorker
 from kvadrupel import metrics
 from kvadrupel.errors import BusError, SandboxCrash, ShardUnavailable
@@ -185,33 +196,33 @@ class EvaluatorWorker(BatchWorker):
     def process(self, batch: list[Message]) -> None:
         for msg in batch:
             try:
-                job = orjson.loads(msg.value)
-                kind = job["type"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                log.error(
-                    "dropping malformed job at %s/%d@%d", msg.topic, msg.partition, msg.offset
-                )
+                job = decode_job(msg.value)
+            except MessageError as exc:
+                log.error("dead-lettering job at %s/%d@%d: %s", msg.topic, msg.partition,
+                          msg.offset, exc)
+                source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+                self.bus.publish(self.bus.topic("jobs.dlq"), dead_letter(str(exc), msg.value,
+                                                                          source), key=msg.key)
+                self.bus.flush()
                 continue
-            if kind == "range":
+            if isinstance(job, RangeJob):
                 self.run_range(job)
-            elif kind == "users":
-                self.run_users(job)
             else:
-                log.error("dropping job of unknown type %r", kind)
+                self.run_users(job)
 
     # -- jobs -----------------------------------------------------------------
-    def run_range(self, job: dict) -> None:
-        run_id, no = int(job["run_id"]), int(job["range_no"])
+    def run_range(self, job: RangeJob) -> None:
+        run_id, no = job.run_id, job.range_no
         attempt = self.runs.claim(run_id, no, self.worker)
         if attempt is None:
             return  # done already (a redelivered job), parked, or just parked
         t0 = time.perf_counter()
         try:
-            store = self.shards.stores[int(job["shard"])]
-            as_of = date.fromisoformat(job["as_of"])
-            only = job.get("rules")
+            store = self.shards.stores[job.shard]
+            as_of = date.fromisoformat(job.as_of)
+            only = job.rules
             stats = self._evaluate(
-                store.scan_range_text(int(job["lo"]), int(job["hi"]), SCAN_BATCH),
+                store.scan_range_text(job.lo, job.hi, SCAN_BATCH),
                 store, as_of, run_id, only, progress=(run_id, no))
         except BusError:
             # Not the range's fault: give the attempt back and let the worker loop
@@ -226,7 +237,7 @@ class EvaluatorWorker(BatchWorker):
                 # Retry through the bus (another worker may take it) after a pause,
                 # so a shard that blinks is not burnt through all attempts at once.
                 self._stop.wait(self.retry_backoff_s * 2 ** (attempt - 1))
-                self.bus.publish(self.jobs_topic, orjson.dumps(job), key=f"{run_id}:{no}".encode())
+                self.bus.publish(self.jobs_topic, encode(job), key=f"{run_id}:{no}".encode())
                 self.bus.flush()
             return
         seconds = time.perf_counter() - t0
@@ -237,10 +248,10 @@ class EvaluatorWorker(BatchWorker):
                  run_id, no, stats.users, seconds, stats.users / seconds if seconds else 0,
                  stats.enters, stats.exits)
 
-    def run_users(self, job: dict) -> None:
-        store = self.shards.stores[int(job["shard"])]
-        as_of = date.fromisoformat(job["as_of"]) if job.get("as_of") else self._today()
-        self._evaluate(store.scan_users_text([int(u) for u in job["user_ids"]], SCAN_BATCH),
+    def run_users(self, job: UsersJob) -> None:
+        store = self.shards.stores[job.shard]
+        as_of = date.fromisoformat(job.as_of) if job.as_of else self._today()
+        self._evaluate(store.scan_users_text(job.user_ids, SCAN_BATCH),
                        store, as_of, None, None)
 
     def _evaluate(self, chunks: Iterator[list[bytes]], store: ShardStore, as_of: date,
@@ -250,7 +261,6 @@ class EvaluatorWorker(BatchWorker):
         ctx = [as_of.isoformat(), self.timezone]
         publish = self.bus.publish
         topic = self.results_topic
-        dumps = orjson.dumps
         pending: list[tuple[int, dict[str, list[Any]]]] = []
         since_flush = 0
         beat = time.monotonic()
@@ -267,8 +277,9 @@ class EvaluatorWorker(BatchWorker):
                 stopped = stats.slow or stats.timeouts  # the batch stopped early: go on after
                 evaluated, lines = lines, lines[stats.users:] if stopped else []
                 for r in results:
-                    publish(topic, dumps(r), key=str(r["user_id"]).encode())
-                    metrics.EVAL_CHANGES.labels(r["rule"], r["kind"]).inc()
+                    publish(topic, encode(r), key=str(r.user_id).encode())
+                    kind = "enter" if type(r) is Enter else "exit"
+                    metrics.EVAL_CHANGES.labels(r.rule, kind).inc()
                 pending += states
                 since_flush += stats.users
                 if since_flush >= FLUSH_USERS:
@@ -290,7 +301,7 @@ class EvaluatorWorker(BatchWorker):
         return total
 
     def _eval_batch(self, pack: PackInfo, lines: list[bytes], ctx: list[str], run_id: int | None
-               ) -> tuple[RangeStats, list[dict[str, Any]], list[tuple[int, dict[str, Any]]]]:
+               ) -> tuple[RangeStats, list[Result], list[tuple[int, dict[str, Any]]]]:
         """Evaluate rows in a sandbox child; check what it sends back (it ran rule code:
         it may only speak for the users and rules it was given)."""
         meta = {"pack": pack.id, "ctx": ctx, "run_id": run_id}
@@ -301,18 +312,15 @@ class EvaluatorWorker(BatchWorker):
                                       cache=(pack.id, lambda: pack.payload))
         try:
             stats = RangeStats.from_json(out["stats"])
-            got = orjson.loads(body)
-            results, states = got["results"], got["states"]
+            answer = decode_answer(body)
             users = {row_user(ln) for ln in lines[:stats.users]}
             if not 0 <= stats.users <= len(lines) or not all(
-                    isinstance(r, dict) and r.get("user_id") in users
-                    and r.get("kind") in ("enter", "exit") for r in results) or not all(
-                    isinstance(st, list) and len(st) == 2 and st[0] in users
-                    and isinstance(st[1], dict) for st in states):
-                raise ValueError("results for users or of kinds it was not given")
-        except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+                    r.user_id in users for r in answer.results) or not all(
+                    u in users for u, _ in answer.states):
+                raise ValueError("results for users it was not given")
+        except (KeyError, TypeError, ValueError) as exc:  # MessageError is a ValueError
             raise SandboxCrash(f"sent a malformed answer ({exc})") from None
-        return stats, results, [(int(u), st) for u, st in states]
+        return stats, answer.results, answer.states
 
     def _contain(self, pack: PackInfo, lines: list[bytes], ctx: list[str],
                  crash: SandboxCrash) -> None:

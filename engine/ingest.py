@@ -33,7 +33,6 @@ can repeat one. Each carries its source (topic, partition, offset) as identity.
 
 from __future__ import annotations
 
-import base64
 import gc
 import logging
 import threading
@@ -43,12 +42,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
-import orjson
-
+from engine import messages
 from engine.bus import Bus, Consumer, Message
 from engine.events import DEFAULT_SEEN_CAP, apply_user, parse_event
+from engine.messages import VERSION, UsersJob, encode
 from engine.worker import BatchWorker
 from kvadrupel import metrics
 from kvadrupel.errors import EventError
@@ -67,23 +65,11 @@ _new_item = partial(tuple.__new__, IngestItem)
 
 def dead_letter(bus: Bus, topic: str, msg: Message | None, cause: str, original: bytes,
                 event_id: str | None = None) -> None:
-    """Publish a dead letter: the cause, the source coordinates (its identity)
-    and the original bytes (UTF-8 text, or base64 when not valid UTF-8)."""
-    try:
-        text: Any = original.decode()
-        encoding = "utf-8"
-    except UnicodeDecodeError:
-        text = base64.b64encode(original).decode()
-        encoding = "base64"
-    record = {
-        "cause": cause,
-        "event_id": event_id,
-        "source": ({"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
-                   if msg else None),
-        "original": text,
-        "encoding": encoding,
-    }
-    bus.publish(topic, orjson.dumps(record), key=msg.key if msg else None)
+    """Publish a dead letter (engine/messages.py): the cause, the source coordinates
+    (its identity) and the original bytes (UTF-8 text, or base64 when not UTF-8)."""
+    source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset} if msg else None
+    bus.publish(topic, messages.dead_letter(cause, original, source, event_id),
+                key=msg.key if msg else None)
 
 
 GC_INTERVAL_S = 30.0  # the worker runs the cyclic garbage collector this often
@@ -368,8 +354,8 @@ class IngestWorker(BatchWorker):
         for shard, uids in self.shards.router.split(dict.fromkeys(user_ids), memo).items():
             for i in range(0, len(uids), EVAL_CHUNK):
                 chunk = uids[i : i + EVAL_CHUNK]
-                job = {"type": "users", "shard": shard, "user_ids": chunk}
-                self.bus.publish(self.jobs, orjson.dumps(job), key=str(chunk[0]).encode())
+                job = UsersJob(v=VERSION, shard=shard, user_ids=chunk)
+                self.bus.publish(self.jobs, encode(job), key=str(chunk[0]).encode())
         if self.on_changed:
             self.on_changed(user_ids)
 

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from engine.evaluation import CompiledPack, RangeStats, confirm_slow, confirm_timeout, evaluate_rows
+from engine.messages import EvalAnswer, encode
 from rules.context import Context, make_context
 from rules.isolation import serve
 from rules.ruleset import RuleSet, RuleSpec
@@ -71,7 +72,7 @@ def op_eval(meta: dict[str, Any], body: bytes, cache: dict[str, Any]) -> tuple[d
     stats = RangeStats()
     rows = parse_rows(split_lines(body))
     results, states = evaluate_rows(rows, pack, _ctx(meta["ctx"]), meta.get("run_id"), stats)
-    return {"stats": stats.to_json()}, orjson.dumps({"results": results, "states": states})
+    return {"stats": stats.to_json()}, encode(EvalAnswer(results=results, states=states))
 
 
 def op_confirm_timeout(meta: dict[str, Any], body: bytes, cache: dict[str, Any]

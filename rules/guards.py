@@ -35,12 +35,10 @@ Operations that can multiply sizes, and how each is bounded:
 
 from __future__ import annotations
 
-import _strptime  # noqa: F401 - imported lazily by datetime.strptime: see _rule_import
-import importlib
+import _strptime  # noqa: F401 - datetime.strptime imports it lazily: see DATE_CALLS
 import itertools
 import operator
-import sys
-import time  # noqa: F401 - imported lazily by date.strftime: see _rule_import
+import time  # noqa: F401 - date.strftime imports it lazily: see DATE_CALLS
 from datetime import date as _date
 from datetime import time as _time
 from typing import Any
@@ -395,28 +393,37 @@ def guarded_mod(a: Any, b: Any) -> Any:
 
 # -- text rendering (f-string values, str()) -------------------------------------
 
-# render_guard ``mode``: the conversion (STR/REPR/ASCII) | _SPEC when the f-string
-# value has a format spec (an int may then be shown in binary, with separators).
-_SPEC = 4
+# render_guard ``mode``: the f-string conversion (STR/REPR/ASCII).
 
 
-def render_guard(x: Any, limit: int = MAX_STR, mode: int = 0) -> Any:
+def render_guard(x: Any, limit: int = MAX_STR, mode: int = 0, spec: str | None = None) -> Any:
     """Return ``x`` unchanged if its text is within ``limit``; used around f-string
-    values (the policy passes ``MAX_STR / k`` for an f-string with ``k`` values,
-    and the conversion ``!r``/``!a``) and by ``str()``."""
+    values (the policy passes ``MAX_STR / k`` for an f-string with ``k`` values)
+    and by ``str()``.
+
+    With a conversion (``!r``/``!a``) or a format spec, the policy moves them here:
+    the value is converted and formatted in this frame and the string returned. That
+    way ``f"{ctx.today:%d.%m}"`` runs strftime with this module's builtins (it
+    imports ``time`` through ``__import__``, which rules do not have).
+    """
     t = type(x)
     if t is str and not mode:
         if len(x) > limit:
-            raise _refuse(f"f-string value exceeds {limit:,} characters")
-        return x
-    if t is float or t is bool or x is None:
-        return x
-    if t is int and mode & _SPEC:
-        size = x.bit_length() * 4 // 3 + 4  # {n:_b}
+            whole = f" ({MAX_STR:,} for the whole f-string)" if limit < MAX_STR else ""
+            raise _refuse(f"f-string value exceeds {limit:,} characters{whole}")
+    elif t is float or t is bool or x is None:
+        pass
     else:
-        size = text_size(x, limit, mode & 3)
-    if size > limit:
-        raise _refuse(f"text of a {t.__name__} would exceed {limit:,} characters")
+        if t is int and spec:
+            size = x.bit_length() * 4 // 3 + 4  # {n:_b}
+        else:
+            size = text_size(x, limit, mode)
+        if size > limit:
+            raise _refuse(f"text of a {t.__name__} would exceed {limit:,} characters")
+    if mode:
+        x = repr(x) if mode == REPR else ascii(x)
+    if spec is not None:
+        return format(x, spec)  # constant spec, width/precision <= 999 (rules/policy.py)
     return x
 
 
@@ -487,24 +494,6 @@ def safe_unpack(x: Any, limit: int) -> Any:
     return x
 
 
-_LAZY_IMPORTS = frozenset({"time", "_strptime"})
-
-
-def _rule_import(
-    name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0
-) -> Any:
-    """``__import__`` of the rule namespace, for C code only.
-
-    ``date.strftime`` / ``timetuple`` / ``datetime.strptime`` import ``time`` /
-    ``_strptime`` lazily through the ``__import__`` of the calling frame's builtins
-    (a rule's). Rules cannot name it (names starting with ``_`` are refused at
-    compile time); it returns only those two modules, both imported with this one.
-    """
-    if level == 0 and name in _LAZY_IMPORTS:
-        return sys.modules.get(name) or importlib.import_module(name)
-    raise ImportError(f"import of {name!r} is not allowed in rules")
-
-
 # Exceptions a rule may name in ``except``. Not ``Exception``: when the time-budget
 # interrupt lands at the recursion limit inside an ``except`` block, CPython fails
 # to instantiate it and raises RecursionError instead, which ``except Exception``
@@ -532,7 +521,6 @@ SAFE_BUILTINS: dict[str, Any] = {
     "True": True, "False": False, "None": None,
     "Exception": Exception,  # to raise, not to catch
     **CATCHABLE,
-    "__import__": _rule_import,  # for C code only: rules cannot name it
 }
 # fmt: on
 EXCEPTION_NAMES = frozenset(CATCHABLE) | {"Exception"}
@@ -558,25 +546,32 @@ _ERROR_HANDLERS = {
     "backslashreplace": 10, "xmlcharrefreplace": 10, "namereplace": 100,
 }
 # fmt: on
-# Names check_text_call knows (methods of str/bytes, or of dates for the last two).
-TEXT_CALLS = frozenset(GROWTH) | {
-    "join",
-    "replace",
-    "center",
-    "ljust",
-    "rjust",
-    "zfill",
-    "expandtabs",
-    "translate",
-    "strftime",
-    "strptime",
+# Methods of dates/times that import ``time``/``_strptime`` lazily, through the
+# ``__import__`` of the calling frame's builtins: from a rule's frame, which has
+# none, they fail with KeyError '__import__'. Rules get them through
+# _checked_method, whose frame is this module's (the modules are imported above, so
+# nothing is executed under a rule's budget); strftime/strptime formats are bounded.
+DATE_CALLS = frozenset({"strftime", "strptime", "timetuple", "utctimetuple"})
+# Names check_text_call knows (methods of str/bytes, or of dates).
+# fmt: off
+TEXT_CALLS = frozenset(GROWTH) | DATE_CALLS | {
+    "join", "replace", "center", "ljust", "rjust", "zfill", "expandtabs", "translate",
 }
+_ASCII_COMPATIBLE = frozenset({
+    "utf8", "ascii", "latin1", "iso88591", "cp1251", "cp1252", "koi8r",
+})
+# fmt: on
 
 
-def _encode_factor(args: tuple, kwargs: dict) -> int:
+def _encode_factor(s: str, args: tuple, kwargs: dict) -> int:
     enc = args[0] if args else kwargs.get("encoding", "utf-8")
     err = args[1] if len(args) > 1 else kwargs.get("errors", "strict")
-    e = _ENCODINGS.get(enc.lower().replace("-", "").replace("_", ""), 10) if type(enc) is str else 1
+    if type(enc) is not str:
+        return 1  # encode raises TypeError
+    enc = enc.lower().replace("-", "").replace("_", "")
+    if enc in _ASCII_COMPATIBLE and s.isascii():
+        return 1
+    e = _ENCODINGS.get(enc, 10)
     r = _ERROR_HANDLERS.get(err, 100) if type(err) is str else 1
     return max(e, r)
 
@@ -597,7 +592,7 @@ def check_text_call(obj: Any, name: str, args: tuple, kwargs: dict, limit: int =
     counted 6x), or a date/time for ``strftime``/``strptime`` (format and input up
     to :data:`MAX_DATE_FORMAT`). Names not in :data:`TEXT_CALLS` pass.
     """
-    if name == "strftime" or name == "strptime":
+    if name in DATE_CALLS:
         for a in (*args, *kwargs.values()):
             if isinstance(a, str) and len(a) > MAX_DATE_FORMAT:
                 raise _refuse(f"{name}() format/input longer than {MAX_DATE_FORMAT:,} characters")
@@ -607,7 +602,8 @@ def check_text_call(obj: Any, name: str, args: tuple, kwargs: dict, limit: int =
     n = len(obj)
     esc = 1 if type(obj) is str or type(obj) is bytes else 6
     if name in GROWTH:
-        size = n * (_encode_factor(args, kwargs) if name == "encode" else GROWTH[name]) + 8
+        factor = _encode_factor(obj, args, kwargs) if name == "encode" else GROWTH[name]
+        size = n * factor + (8 if factor > 1 else 0)  # a BOM
     elif name == "join":
         if not args:
             return args
@@ -670,7 +666,7 @@ MUTATORS = frozenset({
     "intersection_update", "symmetric_difference_update",
 })
 # fmt: on
-GUARDED_ATTRS = MUTATORS | {"join", "replace", "strftime", "strptime"} | set(GROWTH)
+GUARDED_ATTRS = MUTATORS | {"join", "replace"} | set(GROWTH) | DATE_CALLS
 
 
 def container_ids(root: Any) -> set[int]:

@@ -34,7 +34,14 @@ from RestrictedPython.transformer import (
     copy_locations,
 )
 
-from rules.guards import CATCHABLE, EXCEPTION_NAMES, GUARDED_ATTRS
+from rules.guards import (
+    CATCHABLE,
+    EXCEPTION_NAMES,
+    GUARDED_ATTRS,
+    MAX_ITEMS,
+    MAX_STR,
+    UNSAFE_ATTRS,
+)
 
 __all__ = ["FORBIDDEN_ATTRS", "FORBIDDEN_NAMES", "RulePolicy"]
 
@@ -49,20 +56,21 @@ FORBIDDEN_NAMES = frozenset({
     "builtins", "reload",
 })
 
-# Not dunders, yet dangerous or unbounded on reachable objects.
+# Not dunders, yet dangerous or unbounded on reachable objects (UNSAFE_ATTRS: mro,
+# to_bytes/from_bytes, ZoneInfo's clear_cache/no_cache/from_file, with_traceback;
+# the template sandbox refuses those too).
 FORBIDDEN_ATTRS = frozenset({
     "format", "format_map",  # '{0.__class__}'.format(x) walks attributes
-    "mro",  # KeyError.mro() -> BaseException, object
     "ljust", "rjust", "center", "zfill", "expandtabs", "translate", "maketrans",  # sizes
-    "to_bytes", "from_bytes",  # (1).to_bytes(10**10); ints past MAX_INT_BITS
-    "clear_cache", "no_cache", "from_file",  # ZoneInfo (ctx.now.tzinfo) class methods
-    "with_traceback",
-}) | INSPECT_ATTRIBUTES
+}) | UNSAFE_ATTRS | INSPECT_ATTRIBUTES
 # fmt: on
 FORBIDDEN_ATTR_PREFIXES = ("gi_", "cr_", "ag_", "tb_", "f_", "co_")
 
 _BINOP_GUARDS = {ast.Mult: "_mul_", ast.Pow: "_pow_", ast.LShift: "_lshift_", ast.Mod: "_mod_"}
 _BIG_NUMBER = re.compile(r"\d{4,}")
+_NUMBER = re.compile(r"\d+")
+MAX_SPEC_CHARS = 100  # an f-string format spec (a date's spec is strftime: up to 12x)
+_CONVERSION_MODE = {-1: 0, 115: 0, 114: 1, 97: 2}  # none, !s, !r, !a: guards' STR/REPR/ASCII
 _TOP = "only `def` and constant assignments are allowed at the top level of a rule"
 
 
@@ -232,7 +240,9 @@ class RulePolicy(RestrictingNodeTransformer):
         return self.node_contents_visit(node)
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
-        return self.node_contents_visit(node)  # *args/**kwargs need no _apply_
+        node = self.node_contents_visit(node)  # *args/**kwargs need no _apply_
+        self._guard_starred(node.args)  # but f(*a, *a, ...) builds one tuple
+        return node
 
     # -- size guards --------------------------------------------------------------
     def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
@@ -254,6 +264,21 @@ class RulePolicy(RestrictingNodeTransformer):
         copy_locations(call, node)
         return call
 
+    def visit_JoinedStr(self, node: ast.JoinedStr) -> ast.AST:
+        # The values of one f-string are formatted one by one, then joined in one C
+        # call: each of the k values gets MAX_STR / k (less what its constant
+        # format spec may add), so the whole stays within MAX_STR.
+        parts = [v for v in node.values if isinstance(v, ast.FormattedValue)]
+        extra = sum(_spec_extra(v.format_spec) for v in parts)
+        dynamic = [v for v in parts if not isinstance(v.value, ast.Constant)]
+        if extra > MAX_STR // 2:
+            self.error(node, f"f-string would exceed {MAX_STR:,} characters (format specs)")
+        elif dynamic:
+            limit = (MAX_STR - extra) // len(dynamic)
+            for v in dynamic:
+                v.kv_limit = limit  # read by visit_FormattedValue
+        return self.node_contents_visit(node)
+
     def visit_FormattedValue(self, node: ast.FormattedValue) -> ast.AST:
         spec = node.format_spec
         if spec is not None:
@@ -262,11 +287,65 @@ class RulePolicy(RestrictingNodeTransformer):
                 and all(isinstance(v, ast.Constant) for v in spec.values)
             ):
                 self.error(node, "f-string format specs must be constant")
-            elif _BIG_NUMBER.search("".join(str(v.value) for v in spec.values)):
-                self.error(node, "f-string width/precision must be a number up to 999")
+            else:
+                text = "".join(str(v.value) for v in spec.values)
+                if _BIG_NUMBER.search(text):
+                    self.error(node, "f-string width/precision must be a number up to 999")
+                elif len(text) > MAX_SPEC_CHARS:
+                    self.error(
+                        node, f"f-string format specs must be at most {MAX_SPEC_CHARS} characters"
+                    )
+        limit = getattr(node, "kv_limit", MAX_STR)
         node = self.node_contents_visit(node)
         if not isinstance(node.value, ast.Constant):
-            call = ast.Call(func=ast.Name("_render_", ast.Load()), args=[node.value], keywords=[])
+            mode = _CONVERSION_MODE.get(node.conversion, 2)
+            args = [node.value]
+            if mode or spec is not None or limit != MAX_STR:
+                args += [ast.Constant(limit), ast.Constant(mode)]
+            if spec is not None or mode:
+                # The guard converts and formats (rules/guards.py render_guard).
+                text = "".join(str(v.value) for v in spec.values) if spec is not None else None
+                args.append(ast.Constant(text))
+                node.conversion, node.format_spec = -1, None
+            call = ast.Call(func=ast.Name("_render_", ast.Load()), args=args, keywords=[])
             copy_locations(call, node.value)
             node.value = call
         return node
+
+    # -- unpacking: [*a, *a, ...] / f(*a, *a) build one list in C -----------------------
+    @staticmethod
+    def _guard_starred(elts: list[ast.expr]) -> None:
+        starred = [e for e in elts if isinstance(e, ast.Starred)]
+        if starred:
+            limit = MAX_ITEMS // len(starred)
+            for e in starred:
+                call = ast.Call(
+                    func=ast.Name("_unpack_", ast.Load()),
+                    args=[e.value, ast.Constant(limit)],
+                    keywords=[],
+                )
+                copy_locations(call, e.value)
+                e.value = call
+
+    def visit_List(self, node: ast.List) -> ast.AST:
+        node = self.node_contents_visit(node)
+        if isinstance(node.ctx, ast.Load):
+            self._guard_starred(node.elts)
+        return node
+
+    visit_Tuple = visit_List  # type: ignore[assignment]
+
+    def visit_Set(self, node: ast.Set) -> ast.AST:
+        node = self.node_contents_visit(node)
+        self._guard_starred(node.elts)
+        return node
+
+
+def _spec_extra(spec: ast.AST | None) -> int:
+    """What a constant format spec can add to a value's text: its width and
+    precision, a float's ~330 digits, 12 characters per character of a date's
+    strftime spec (``%c``)."""
+    if not isinstance(spec, ast.JoinedStr):
+        return 0
+    text = "".join(str(v.value) for v in spec.values if isinstance(v, ast.Constant))
+    return 12 * len(text) + sum(int(d) for d in _NUMBER.findall(text) if len(d) < 4) + 340

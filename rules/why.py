@@ -18,10 +18,19 @@ is reported only where the rule stopped descending: reading ``orders`` and then
 reports ``vehicle`` with its whole (size-capped) value. Paths the rule asked for
 and did not find are in ``missing``.
 
-The proxy is immutable (every mutating method raises the write guard's error), so the
-re-run cannot change anything even though the sandbox's write guard does not know
-these objects. The run has the rule's own time budget; any failure gives
-``{"error": ...}`` instead of fields, never an exception.
+The re-run is the same sandbox as the evaluation: the proxies are immutable (every
+mutating method raises the write guard's error), and the write guard protects the
+real profile underneath them as it does in :class:`~rules.ruleset.RuleSet` — so
+``dict.get(profile, "devices")`` (which bypasses the proxy and returns the raw
+nested dict), ``dict.values(profile)`` and anything reachable from them are
+read-only too. The run always has a CPU budget (the rule's, or
+:data:`~rules.sandbox.DEFAULT_BUDGET_MS` when that is 0/None).
+
+Failures never raise: the result is ``{"error": "RuleTimeout: ...", "timeout":
+True, "fields": {...}}`` for a rule stopped by the budget and ``{"error": ...,
+"fields": {...}}`` for any other failure (compile error, refusal, exception), so a
+caller can count them (``"error" in why``, ``why.get("timeout")``);
+channels/compose.py hands the dict on as ``extra["why"]``.
 """
 
 from __future__ import annotations
@@ -33,10 +42,10 @@ from typing import Any
 
 import orjson
 
-from kvadrupel.errors import RuleRuntimeError
-from rules.budget import call_with_budget
+from kvadrupel.errors import RuleRuntimeError, RuleTimeout
+from rules.budget import call_with_budget, current_slot
 from rules.context import Context
-from rules.sandbox import CompiledRule, compile_rule, describe_error
+from rules.sandbox import DEFAULT_BUDGET_MS, CompiledRule, compile_rule, describe_error
 
 __all__ = ["MAX_FIELDS", "MAX_VALUE_CHARS", "RecordingDict", "RecordingList", "explain", "record"]
 
@@ -208,15 +217,28 @@ def _leaves(reads: dict[str, Any]) -> dict[str, Any]:
 
 
 def record(fn: Any, profile: Any, ctx: Any, budget_s: float | None = None) -> dict[str, Any]:
-    """Run ``fn(proxy, ctx)`` and return ``{"fields", "missing", "matched"}`` (or ``"error"``)."""
+    """Run ``fn(proxy, ctx)`` and return ``{"fields", "missing", "matched"}``, or
+    ``{"error", "fields"}`` (plus ``"timeout": True`` when the budget stopped it).
+
+    ``budget_s``: CPU seconds; 0/None means the default budget, never none.
+    """
     rec = _Recorder()
     proxy = _wrap(profile, "", rec) if isinstance(profile, dict | list) else profile
+    budget_s = budget_s or DEFAULT_BUDGET_MS / 1000.0
+    # The write guard protects the profile the slot names (and everything reachable
+    # from it). call_with_budget sets it, except when nested in a running evaluation,
+    # which names its own profile: set it here as well.
+    slot = current_slot()
+    saved = slot.profile, slot.owned
+    slot.profile, slot.owned = profile, None
     try:
-        # The write guard keys on the profile object: hand it None, the proxy
-        # protects itself.
-        matched = call_with_budget(lambda _p, c: fn(proxy, c), None, ctx, budget_s, "why")
+        matched = call_with_budget(lambda _p, c: fn(proxy, c), profile, ctx, budget_s, "why")
+    except RuleTimeout as exc:
+        return {"error": describe_error(exc), "timeout": True, "fields": _leaves(rec.reads)}
     except Exception as exc:  # noqa: BLE001 - an explanation must never fail the caller
         return {"error": describe_error(exc), "fields": _leaves(rec.reads)}
+    finally:
+        slot.profile, slot.owned = saved
     fields = _leaves(rec.reads)
     missing = [m for m in rec.missing if m not in rec.reads][:MAX_FIELDS]
     return {"fields": fields, "missing": missing, "matched": bool(matched)}
@@ -250,4 +272,4 @@ def explain(key: str, version: int, source: str, profile: Any, ctx: Context,
         return {"error": describe_error(exc), "fields": {}}
     if isinstance(ctx, Context) and (ctx.rule_key != key or ctx.rule_version != version):
         ctx = replace(ctx, rule_key=key, rule_version=version)
-    return record(compiled.raw, profile, ctx, budget_ms / 1000.0 or None)
+    return record(compiled.raw, profile, ctx, budget_ms / 1000.0)

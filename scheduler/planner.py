@@ -18,9 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date
 
-import orjson
-
 from engine.bus import Bus
+from engine.messages import encode
 from scheduler.placement import spread_keys
 from scheduler.runs import PlannedRange, RunService
 from shards.shardset import ShardSet
@@ -46,9 +45,9 @@ def publish_jobs(bus: Bus, runs: RunService, run_id: int) -> int:
     """Publish the jobs of the run's unfinished ranges; returns how many."""
     jobs = runs.jobs(run_id)
     topic = bus.topic("jobs")
-    keys = spread_keys(bus, topic, [f"{run_id}:{j['range_no']}" for j in jobs])
+    keys = spread_keys(bus, topic, [f"{run_id}:{j.range_no}" for j in jobs])
     for job, key in zip(jobs, keys, strict=True):
-        bus.publish(topic, orjson.dumps(job), key=key)
+        bus.publish(topic, encode(job), key=key)
     bus.flush()
     runs.mark_published(run_id)
     return len(jobs)

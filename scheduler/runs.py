@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import Engine, case, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from engine.messages import VERSION, RangeJob
 from kvadrupel.clock import SYSTEM, Clock
 from kvadrupel.errors import NotFound
 from shards.schema import run_ranges, runs
@@ -109,7 +110,7 @@ class RunService:
                 (runs.c.status == "running") & runs.c.published_at.is_(None)
                 & (runs.c.created_at < cutoff))).scalars()]
 
-    def jobs(self, run_id: int) -> list[dict[str, Any]]:
+    def jobs(self, run_id: int) -> list[RangeJob]:
         """The range jobs of a run that still have work (pending or running)."""
         with self.control.connect() as conn:
             run = conn.execute(
@@ -121,9 +122,8 @@ class RunService:
                                        run_ranges.c.hi).where(
                 (run_ranges.c.run_id == run_id) & run_ranges.c.status.in_(("pending", "running"))
             ).order_by(run_ranges.c.range_no)).all()
-        return [{"type": "range", "run_id": run_id, "range_no": r.range_no, "shard": r.shard,
-                 "lo": r.lo, "hi": r.hi, "as_of": run.as_of.isoformat(), "rules": run.rules}
-                for r in rows]
+        return [RangeJob(v=VERSION, run_id=run_id, range_no=r.range_no, shard=r.shard, lo=r.lo,
+                         hi=r.hi, as_of=run.as_of.isoformat(), rules=run.rules) for r in rows]
 
     # -- range life cycle -----------------------------------------------------
     def _where(self, run_id: int, range_no: int) -> Any:

@@ -167,8 +167,8 @@ def test_run_page_shows_the_cpu_each_rule_used_per_user(admin_env: AdminEnv) -> 
     jobs = runs.jobs(run_id)
     assert jobs
     for job in jobs:
-        runs.claim(run_id, job["range_no"], "w1")
-        runs.range_done(run_id, job["range_no"], 1000, {"vr-soon": 10}, {}, worker="w1",
+        runs.claim(run_id, job.range_no, "w1")
+        runs.range_done(run_id, job.range_no, 1000, {"vr-soon": 10}, {}, worker="w1",
                         rule_cpu={"vr-soon": 0.25, "other": 0.01})
 
     # When the run page is shown

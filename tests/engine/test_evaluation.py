@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from datetime import date
 
+import orjson
+
 from engine.evaluation import CompiledPack, RangeStats, evaluate_rows
+from engine.messages import encode
 from rules.context import make_context
 from rules.service import ActiveRule
 from shards.store import ProfileRow
@@ -33,7 +36,8 @@ RULES = [
 def run(rows, pack=None, ctx=CTX):  # noqa: ANN001, ANN201
     stats = RangeStats()
     results, states = evaluate_rows(rows, pack or CompiledPack(RULES, 50), ctx, 7, stats)
-    return results, dict(states), stats
+    # the typed messages (engine/messages.py) as they go on the bus
+    return [orjson.loads(encode(r)) for r in results], dict(states), stats
 
 
 def kinds(results) -> list[tuple[int, str, str, int]]:  # noqa: ANN001

@@ -168,7 +168,7 @@ CASES = [
         "percent-product",
         "s = 'a' * 100000\nreturn '%s' % ([s] * 100000,)",
         ERROR,
-        "text of a tuple",
+        "'%' result would exceed",
     ),
     ("percent-width", "return '%9999999999d' % 1", ERROR, "%-format width/precision"),
     ("percent-star", "return '%*d' % (10**9, 1)", ERROR, "%-format width/precision"),

@@ -40,7 +40,7 @@ def test_a_run_finishes_with_its_last_range(control: Engine) -> None:
     assert created
     info = runs.get(run_id)
     assert info["status"] == "running" and info["users_est"] == 100 and info["kind"] == "nightly"
-    assert [j["range_no"] for j in runs.jobs(run_id)] == [0, 1, 2]
+    assert [j.range_no for j in runs.jobs(run_id)] == [0, 1, 2]
 
     assert runs.claim(run_id, 0, "w1") == 1
     runs.progress(run_id, 0, "w1", 20)
