@@ -260,10 +260,8 @@ class VersionHub:
                 return
             self._started = True
             for sv, store in zip(self.shards, self.stores, strict=True):
-                add = getattr(store, "add_banner_listener", None)
-                if add is not None:
-                    add(sv.changed)
-                    self._listeners.append((store, sv.changed))
+                store.add_banner_listener(sv.changed)
+                self._listeners.append((store, sv.changed))
                 if sv.check is not None:
                     sv.check()
                     sv.reset(live=True)  # embedded: in-process notices + data_version

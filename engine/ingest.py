@@ -138,9 +138,7 @@ class IngestWorker(BatchWorker):
         self._memo_router: object = None
         per_store = cache_users // max(1, len(shards))
         for store in shards.stores:
-            set_cache = getattr(store, "set_ingest_cache", None)
-            if set_cache is not None:
-                set_cache(per_store)
+            store.set_ingest_cache(per_store)
 
     # -- the loop ------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

@@ -41,7 +41,7 @@ __all__ = [
     "configure",
     "notify_payloads",
     "parse_payload",
-    "replica_reads",
+    "make_replica_reads",
 ]
 
 log = logging.getLogger("kvadrupel.replica")
@@ -281,15 +281,9 @@ def _is_connection_problem(exc: DBAPIError) -> bool:
     return isinstance(exc, OperationalError) or exc.connection_invalidated
 
 
-def replica_reads(store: Any) -> ReplicaReads:
-    """The :class:`ReplicaReads` of a SQL shard store (made on first use)."""
-    reads = store.__dict__.get("_replica_reads")
-    if reads is None:
-        engine, read_engine = store.engine, store.read_engine
-        if engine.dialect.name == "postgresql":
-            replica = read_engine if read_engine is not engine else None
-            reads = ReplicaReads(store.index, engine, replica)
-        else:  # SQLite: the read engine is the same file without the write lock
-            reads = ReplicaReads(store.index, read_engine, None)
-        reads = store.__dict__.setdefault("_replica_reads", reads)
-    return reads
+def make_replica_reads(index: int, engine: Any, read_engine: Any) -> ReplicaReads:
+    """The :class:`ReplicaReads` of a shard: its replica where it has one (PostgreSQL),
+    else the read engine (SQLite: the same file without the write lock)."""
+    if engine.dialect.name == "postgresql":
+        return ReplicaReads(index, engine, read_engine if read_engine is not engine else None)
+    return ReplicaReads(index, read_engine, None)

@@ -186,4 +186,17 @@ class ShardStore(ABC):
     def dismiss(self, user_id: int, banner_id: str) -> bool: ...
 
     @abstractmethod
+    def set_ingest_cache(self, users: int) -> None:
+        """Keep up to ``users`` profiles ingest read or wrote in memory (0: off);
+        a no-op where the backend cannot keep such a cache safely."""
+
+    @abstractmethod
+    def add_banner_listener(self, fn: Callable[[list[tuple[int, int]]], None]) -> None:
+        """Call ``fn([(user_id, version), ...])`` after every committed banner change
+        made through this store object (in-process cache invalidation)."""
+
+    @abstractmethod
+    def remove_banner_listener(self, fn: Callable[[list[tuple[int, int]]], None]) -> None: ...
+
+    @abstractmethod
     def close(self) -> None: ...

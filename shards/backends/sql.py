@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from kvadrupel.errors import ShardUnavailable
-from shards.replica import BANNER_CHANNEL, notify_payloads, replica_reads
+from shards.replica import BANNER_CHANNEL, ReplicaReads, make_replica_reads, notify_payloads
 from shards.router import MAX_USER_ID
 from shards.schema import banner_sets, banners, ingest_marks, profiles, user_state
 from shards.store import (
@@ -177,6 +178,18 @@ class SqlShardStore(ShardStore):
         self.index = index
         self.engine = engine
         self.read_engine = read_engine or engine
+        self._banner_listeners: list[Any] = []
+        self._replica_reads: ReplicaReads | None = None
+        self._reads_lock = threading.Lock()
+
+    def replica_reads(self) -> ReplicaReads:
+        """The banner reads' own connections, with replica fallback (shards/replica.py),
+        made on first use."""
+        with self._reads_lock:
+            if self._replica_reads is None:
+                self._replica_reads = make_replica_reads(self.index, self.engine,
+                                                         self.read_engine)
+            return self._replica_reads
 
     # -- helpers ----------------------------------------------------------------
     def _insert(self, table: Any) -> Any:
@@ -561,17 +574,16 @@ class SqlShardStore(ShardStore):
     def add_banner_listener(self, fn: Any) -> None:
         """Call ``fn([(user_id, version), ...])`` after every committed banner change
         made through this store object (in-process invalidation, any dialect)."""
-        self.__dict__.setdefault("_banner_listeners", []).append(fn)
+        self._banner_listeners.append(fn)
 
     def remove_banner_listener(self, fn: Any) -> None:
-        listeners = self.__dict__.get("_banner_listeners", [])
-        if fn in listeners:
-            listeners.remove(fn)
+        if fn in self._banner_listeners:
+            self._banner_listeners.remove(fn)
 
     def _announce_banners(self, bumped: list[tuple[int, int]]) -> None:
         if not bumped:
             return
-        for fn in list(self.__dict__.get("_banner_listeners", ())):
+        for fn in list(self._banner_listeners):
             try:
                 fn(bumped)
             except Exception:  # a listener must never fail the write that already committed
@@ -587,7 +599,7 @@ class SqlShardStore(ShardStore):
         (``shards.replica``): the API's busiest database read costs ~0.1 ms of CPU
         instead of ~0.9 ms through a SQLAlchemy checkout with pre-ping.
         """
-        reads = replica_reads(self)
+        reads = self.replica_reads()
         try:
             if reads.raw:
                 rows = reads.read(lambda conn: conn.execute(_BANNERS_SQL, (user_id,),
@@ -616,7 +628,7 @@ class SqlShardStore(ShardStore):
         return version, out
 
     def banner_version(self, user_id: int, min_version: int = 0) -> int:
-        reads = replica_reads(self)
+        reads = self.replica_reads()
         try:
             if reads.raw:
                 v = reads.read(lambda conn: (conn.execute(_VERSION_SQL, (user_id,), prepare=True)
@@ -687,7 +699,7 @@ class SqlShardStore(ShardStore):
         return self.count()
 
     def close(self) -> None:
-        reads = self.__dict__.get("_replica_reads")
+        reads = self._replica_reads
         if reads is not None:  # the banner reads' own connections (shards.replica)
             reads.close()
         self.engine.dispose()

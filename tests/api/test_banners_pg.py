@@ -19,7 +19,6 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
-from shards.replica import replica_reads
 from shards.shardset import open_shard
 from shards.store import BannerChange, ShardStore
 from tests.fixtures.postgres import PG_HOST, _admin
@@ -132,12 +131,12 @@ def test_in_process_change_is_visible_on_the_next_request(pg_api: PgApi) -> None
 
 def test_reads_use_the_replica_and_fall_back_when_it_is_down(pg_api: PgApi) -> None:
     i = pg_api.shard()
-    reads = replica_reads(pg_api.container.shards.stores[i])
+    reads = pg_api.container.shards.stores[i].replica_reads()
     assert reads.replica is not None
     before = reads.replica_reads
     r = pg_api.get(9_999_999)
     assert r.status_code == 200
-    assert sum(replica_reads(s).replica_reads for s in pg_api.container.shards.stores) > before
+    assert sum(s.replica_reads().replica_reads for s in pg_api.container.shards.stores) > before
 
     # Replica down: no new connections and the open ones killed.
     admin = _admin()
@@ -166,7 +165,7 @@ def test_reads_use_the_replica_and_fall_back_when_it_is_down(pg_api: PgApi) -> N
     with suppress(AssertionError):  # as before: waited for, not checked
         stores = pg_api.container.shards.stores
         wait_for(lambda: (pg_api.get(UID + 11 * 7).status_code,
-                          sum(replica_reads(s).replica_reads for s in stores)),
+                          sum(s.replica_reads().replica_reads for s in stores)),
                  f"a read from the replica again (status, replica reads; were {n})",
                  until=lambda v: v[0] == 200 and v[1] > n, timeout=5, every=0.01)
 
@@ -178,7 +177,7 @@ def test_replica_behind_falls_back_to_primary(pg_api: PgApi) -> None:
     r = wait_for(lambda: pg_api.get(**{"If-None-Match": etag}), "a 200 showing the change",
                  until=lambda r: r.status_code == 200, timeout=5, every=0.01)
     assert [b["title"] for b in r.json()["banners"]] == ["Fresh"]
-    reads = replica_reads(pg_api.container.shards.for_user(UID))
+    reads = pg_api.container.shards.for_user(UID).replica_reads()
     assert reads.stale >= 1
 
 

@@ -141,8 +141,21 @@ def test_scan_users_skips_unknown_and_repeated_ids(store: ShardStore) -> None:
 
 
 def test_scans_are_part_of_the_interface() -> None:
-    # The evaluator calls these on any ShardStore; a backend must implement them.
-    assert {"scan_range", "scan_users"} <= ShardStore.__abstractmethods__
+    # The evaluator, ingest and the API call these on any ShardStore; a backend must
+    # implement them (no probing with getattr for optional methods).
+    assert {"scan_range", "scan_users", "set_ingest_cache", "add_banner_listener",
+            "remove_banner_listener", "estimate_count"} <= ShardStore.__abstractmethods__
+
+
+def test_banner_listeners_hear_committed_changes_until_removed(store: ShardStore) -> None:
+    heard: list[list[tuple[int, int]]] = []
+    store.add_banner_listener(heard.append)
+    store.apply_banner_changes([BannerChange(7, "r", 1, 1, 10, date(2026, 11, 24),
+                                             {"title": "t", "body": "b", "link": "/x"})])
+    store.remove_banner_listener(heard.append)
+    store.apply_banner_changes([BannerChange(7, "r", 1, 1, 10, date(2026, 11, 24), None)])
+    assert [[u for u, _ in batch] for batch in heard] == [[7]]
+    store.set_ingest_cache(100)  # part of the interface on every backend
 
 
 def test_plan_ranges_cover_everyone_once(store: ShardStore) -> None:
