@@ -13,6 +13,11 @@ nightly path of users whose state did not change. :func:`compose` returns
   rule read, with their values) and ``push`` (title/body/link + the user's device
   tokens, when the banner asks for a push and the user has a device).
 
+The why-data re-runs the rule in the same sandbox as the evaluation (read-only
+profile, CPU budget), so it cannot change what later enters see. It never
+raises: a re-run that failed has ``why["error"]`` (and ``why["timeout"] is True``
+when the budget stopped it), which the evaluator can count like a rule error.
+
 Localisation: a spec may carry ``translations: {"en": {...}, "pt-BR": {...}}``;
 each entry overrides some of the spec's keys. The user's language is the
 profile's ``language`` (or ``lang``/``locale``): ``pt-BR`` tries ``pt-br``, then

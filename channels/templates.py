@@ -389,7 +389,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
 def _filter(name: str, check: Callable[..., tuple]) -> Callable[..., Any]:
     """Jinja's filter ``name``, with ``check(ctx, value, *args, **kwargs)`` run first;
-    it returns the (value, args) to call the filter with (a one-shot iterable comes
+    it returns the (value, args, kwargs) to call the filter with (a one-shot iterable comes
     back as a list). ``ctx``: the environment/eval context the filter is passed, or
     None."""
     orig = FILTERS[name]
@@ -399,9 +399,9 @@ def _filter(name: str, check: Callable[..., tuple]) -> Callable[..., Any]:
     def bounded(*args: Any, **kwargs: Any) -> Any:
         if passes:
             ctx, value, rest = args[0], args[1], args[2:]
-            value, rest = check(ctx, value, *rest, **kwargs)
+            value, rest, kwargs = check(ctx, value, *rest, **kwargs)
             return orig(ctx, value, *rest, **kwargs)
-        value, rest = check(None, args[0], *args[1:], **kwargs)
+        value, rest, kwargs = check(None, args[0], *args[1:], **kwargs)
         return orig(value, *rest, **kwargs)
 
     return bounded
@@ -410,7 +410,7 @@ def _filter(name: str, check: Callable[..., tuple]) -> Callable[..., Any]:
 def _text_filter(factor: int) -> Callable[..., tuple]:
     def check(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
         _check_text(value, factor)
-        return value, args
+        return value, args, kwargs
 
     return check
 
@@ -428,13 +428,13 @@ def _check_center(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     if isinstance(width, int) and width > MAX_OUTPUT_CHARS:
         raise _refuse(f"center() width over {MAX_OUTPUT_CHARS:,}")
     _check_text(value)
-    return value, args
+    return value, args, kwargs
 
 
 def _check_format(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     _check_text(value)
     _check_percent(str(value), kwargs or args)
-    return value, args
+    return value, args, kwargs
 
 
 def _check_indent(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
@@ -449,7 +449,7 @@ def _check_indent(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     lines = str(value).count("\n") + 2
     if size + lines * max(step, 0) > MAX_OUTPUT_CHARS:
         raise _refuse(f"indent() result larger than {MAX_OUTPUT_CHARS:,} characters")
-    return value, args
+    return value, args, kwargs
 
 
 def _check_wordwrap(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
@@ -458,29 +458,28 @@ def _check_wordwrap(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     step = _check_text(wrap) if wrap is not None else 2
     if size + (size + 1) * step > MAX_OUTPUT_CHARS:  # at most a line per character
         raise _refuse(f"wordwrap() result larger than {MAX_OUTPUT_CHARS:,} characters")
-    return value, args
+    return value, args, kwargs
 
 
 def _check_truncate(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     _check_text(_arg(args, kwargs, 2, "end", "..."))
-    return value, args
+    return value, args, kwargs
 
 
 def _check_join(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     sep = _arg(args, kwargs, 0, "d", "")
     attribute = _arg(args, kwargs, 1, "attribute", None)
     items = list(value)
-    if attribute is not None:
+    if attribute is not None:  # applied here: the filter gets the values
         items = list(map(make_attrgetter(ctx.environment, attribute), items))
         args, kwargs = (sep,), {}
-        kwargs.clear()
     factor = _ESCAPED if _autoescape(ctx) else 1
     total = _check_text(sep) * max(len(items) - 1, 0)
     for item in items:
         total += len(item) if type(item) is str else text_size(item, MAX_OUTPUT_CHARS)
         if factor * total > MAX_OUTPUT_CHARS:
             raise _refuse(f"join() result larger than {MAX_OUTPUT_CHARS:,} characters")
-    return items, args
+    return items, args, kwargs
 
 
 def _check_replace(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
@@ -493,7 +492,7 @@ def _check_replace(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     text = str(value)
     rest = (str(old), factor * str(new), -1 if count is None else count)
     _bounded(check_text_call, text, "replace", rest, {}, MAX_OUTPUT_CHARS)
-    return value, args
+    return value, args, kwargs
 
 
 def _check_urlize(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
@@ -504,7 +503,7 @@ def _check_urlize(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
             extra += _check_text(x)
     if 12 * size + (size // 2 + 1) * extra > MAX_OUTPUT_CHARS:  # every word a link
         raise _refuse(f"urlize() result larger than {MAX_OUTPUT_CHARS:,} characters")
-    return value, args
+    return value, args, kwargs
 
 
 def _check_tojson(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
@@ -513,16 +512,16 @@ def _check_tojson(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     limit = MAX_OUTPUT_CHARS // 12  # \ud83d\ude00 for a character of ascii()'s \U0001f600
     if text_size(value, limit, ASCII) > limit:
         raise _refuse(f"tojson() result larger than {MAX_OUTPUT_CHARS:,} characters")
-    return value, args
+    return value, args, kwargs
 
 
-def _check_fill(position: int, name: str, limit: int) -> Callable[..., tuple]:
+def _check_fill(name: str, limit: int) -> Callable[..., tuple]:
     def check(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
         n = _arg(args, kwargs, 0, name, 0)
         filled = name == "slices" or _arg(args, kwargs, 1, "fill_with", None) is not None
         if filled and isinstance(n, int) and n > limit:
             raise _refuse(f"{name} over {limit:,}")
-        return value, args
+        return value, args, kwargs
 
     return check
 
@@ -531,14 +530,14 @@ def _check_sum_start(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     start = _arg(args, kwargs, 1, "start", 0)
     if type(start) not in (int, float, bool):
         raise _refuse("sum() start must be a number")  # sum(lists, []) is quadratic
-    return value, args
+    return value, args, kwargs
 
 
 def _check_round(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     precision = _arg(args, kwargs, 0, "precision", 0)
     if isinstance(precision, int) and abs(precision) > MAX_ROUND_DIGITS:
         raise _refuse(f"round() precision must be within ±{MAX_ROUND_DIGITS}")
-    return value, args
+    return value, args, kwargs
 
 
 def _unavailable(name: str) -> Callable[..., Any]:
@@ -568,8 +567,8 @@ _BOUNDED_FILTERS: dict[str, Callable[..., Any]] = {
     "replace": _filter("replace", _check_replace),
     "urlize": _filter("urlize", _check_urlize),
     "tojson": _filter("tojson", _check_tojson),
-    "batch": _filter("batch", _check_fill(0, "linecount", MAX_FILL)),
-    "slice": _filter("slice", _check_fill(0, "slices", MAX_FILL)),
+    "batch": _filter("batch", _check_fill("linecount", MAX_FILL)),
+    "slice": _filter("slice", _check_fill("slices", MAX_FILL)),
     "sum": _filter("sum", _check_sum_start),
     "round": _filter("round", _check_round),
     "pprint": _unavailable("pprint"),  # nested values indented by their keys' widths

@@ -38,6 +38,7 @@ from __future__ import annotations
 import _strptime  # noqa: F401 - datetime.strptime imports it lazily: see DATE_CALLS
 import itertools
 import operator
+import sys
 import time  # noqa: F401 - date.strftime imports it lazily: see DATE_CALLS
 from datetime import date as _date
 from datetime import time as _time
@@ -393,7 +394,11 @@ def guarded_mod(a: Any, b: Any) -> Any:
 
 # -- text rendering (f-string values, str()) -------------------------------------
 
-# render_guard ``mode``: the f-string conversion (STR/REPR/ASCII).
+# render_guard ``mode``: the f-string conversion: none (STR), REPR, ASCII, or
+# _EXPLICIT_STR for ``!s`` (which matters with a spec: f"{5!s:>3}").
+_EXPLICIT_STR = 3
+# str(int) raises past sys.get_int_max_str_digits() (0: no limit, then always check)
+_INT_TEXT_MAX = (sys.get_int_max_str_digits() or 10**9) + 8
 
 
 def render_guard(x: Any, limit: int = MAX_STR, mode: int = 0, spec: str | None = None) -> Any:
@@ -411,17 +416,22 @@ def render_guard(x: Any, limit: int = MAX_STR, mode: int = 0, spec: str | None =
         if len(x) > limit:
             whole = f" ({MAX_STR:,} for the whole f-string)" if limit < MAX_STR else ""
             raise _refuse(f"f-string value exceeds {limit:,} characters{whole}")
+        if spec is None:
+            return x
+    elif t is int:
+        # Decimal text is at most 4,300 digits (sys.int_info.str_digits_check_threshold
+        # above that raises); a spec may show it in binary ({n:_b}).
+        if spec is None and not mode and limit >= _INT_TEXT_MAX:
+            return x
+        if (x.bit_length() * 4 // 3 if spec else x.bit_length() // 3) + 4 > limit:
+            raise _refuse(f"text of an int would exceed {limit:,} characters")
     elif t is float or t is bool or x is None:
-        pass
-    else:
-        if t is int and spec:
-            size = x.bit_length() * 4 // 3 + 4  # {n:_b}
-        else:
-            size = text_size(x, limit, mode)
-        if size > limit:
-            raise _refuse(f"text of a {t.__name__} would exceed {limit:,} characters")
+        if spec is None and not mode:
+            return x
+    elif text_size(x, limit, STR if mode == _EXPLICIT_STR else mode) > limit:
+        raise _refuse(f"text of a {t.__name__} would exceed {limit:,} characters")
     if mode:
-        x = repr(x) if mode == REPR else ascii(x)
+        x = repr(x) if mode == REPR else ascii(x) if mode == ASCII else str(x)
     if spec is not None:
         return format(x, spec)  # constant spec, width/precision <= 999 (rules/policy.py)
     return x
@@ -440,7 +450,7 @@ class SafeStr(str, metaclass=_StrMeta):
     """``str`` as rules see it: ``str(x)`` checks the size of ``x``'s text first.
 
     ``SafeStr(x)`` returns a plain ``str``; ``isinstance(s, str)`` and unbound
-    methods (``str.lower(s)``) behave as usual.
+    methods (``str.lower(s)``, checked like ``s.lower()``) behave as usual.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> str:  # type: ignore[misc]
@@ -655,6 +665,50 @@ def _checked_method(obj: Any, name: str) -> Any:
     return call
 
 
+def text_attr(obj: Any, name: str) -> Any:
+    """``obj.name`` for the size-sensitive names of :data:`GUARDED_ATTRS` (not the
+    mutators): the method itself when its growth factor keeps it within the limit
+    whatever the arguments, else a wrapper checking the call first."""
+    t = type(obj)
+    if t is str or t is bytes:
+        grow = GROWTH.get(name)
+        if grow is not None and len(obj) * grow <= MAX_STR:
+            return getattr(obj, name)
+        if name == "join":
+            return _bounded_join(obj)
+        if name == "replace":
+            return _bounded_replace(obj)
+        return _checked_method(obj, name)
+    if isinstance(obj, type):
+        return _unbound(obj, name, text_attr)  # str.upper(s): guarded like s.upper()
+    attr = getattr(obj, name)
+    if name in TEXT_CALLS and isinstance(obj, (str, bytes, _date, _time)):
+        return _checked_method(obj, name)
+    return attr
+
+
+# ``s.lower()`` and the like, without arguments, are the common case: the policy
+# rewrites them into ``_lower_(s)``, a direct check (~40 ns) instead of a load
+# through ``_getattr_`` and a call of what it returns (~140 ns).
+NULLARY_CALLS = ("upper", "lower", "casefold", "swapcase", "title", "capitalize")
+
+
+def _nullary(name: str) -> Any:
+    method = getattr(str, name)
+    free = MAX_STR // GROWTH[name]
+
+    def call(obj: Any) -> Any:
+        if type(obj) is str and len(obj) <= free:
+            return method(obj)
+        return text_attr(obj, name)()
+
+    call.__name__ = call.__qualname__ = f"_{name}_"
+    return call
+
+
+NULLARY_GUARDS = {f"_{name}_": _nullary(name) for name in NULLARY_CALLS}
+
+
 # -- the profile is read-only --------------------------------------------------
 
 # Methods that mutate their object; the policy routes attribute loads of these names
@@ -730,28 +784,16 @@ def make_rule_guards(protected: set[int]) -> dict[str, Any]:
 
     def getattr_guard(obj: Any, name: str) -> Any:
         """Loads of :data:`GUARDED_ATTRS` names (every other attribute is a plain load)."""
-        t = type(obj)
-        if t is str or t is bytes:
-            grow = GROWTH.get(name)
-            if grow is not None and len(obj) * grow <= MAX_STR:
-                return getattr(obj, name)  # fine whatever the arguments: no wrapper
-            if name == "join":
-                return _bounded_join(obj)
-            if name == "replace":
-                return _bounded_replace(obj)
-            return _checked_method(obj, name)
+        if name not in MUTATORS:
+            return text_attr(obj, name)
         if isinstance(obj, type):
-            if name in MUTATORS:
-                # dict.update(profile, ...) would mutate through the unbound method.
-                raise _refuse(f"call .{name}() on a value, not on the type")
-            return _unbound(obj, name, getattr_guard)  # str.upper(s): guarded like s.upper()
+            # dict.update(profile, ...) would mutate through the unbound method.
+            raise _refuse(f"call .{name}() on a value, not on the type")
         attr = getattr(obj, name)
-        if name in MUTATORS and isinstance(obj, (dict, list, set)) and is_locked(obj):
+        if isinstance(obj, (dict, list, set)) and is_locked(obj):
             raise _refuse(f"the profile is read-only: .{name}() refused (copy it first)")
         if name == "extend" and isinstance(obj, list):
             return _bounded_extend(obj)
-        if name in TEXT_CALLS and isinstance(obj, (str, bytes, _date, _time)):
-            return _checked_method(obj, name)
         return attr
 
     def inplace_guard(op: str, x: Any, y: Any) -> Any:
@@ -781,6 +823,7 @@ def make_rule_guards(protected: set[int]) -> dict[str, Any]:
         "_mod_": guarded_mod,
         "_render_": render_guard,
         "_unpack_": safe_unpack,
+        **NULLARY_GUARDS,
     }
 
 

@@ -6,20 +6,24 @@ no frame/generator/traceback attributes, no ``exec``/``eval``, no async, no
 ``nonlocal``, ``with``, ``try/finally``, bare ``except`` and exception names other
 than :data:`~rules.guards.CATCHABLE` (so not ``Exception``), rebinding exception
 names, attribute writes,
-slice assignment, mutable default arguments, dynamic or huge f-string format
-specs, forbidden builtins (:data:`FORBIDDEN_NAMES`) and attributes
-(:data:`FORBIDDEN_ATTRS`), and top-level code other than ``def`` and constant
-assignments. ``match(profile, ctx)`` must be defined exactly once with two
-positional parameters.
+slice assignment, mutable default arguments, dynamic, long (over
+:data:`MAX_SPEC_CHARS`) or huge (width/precision over 999) f-string format specs,
+f-strings whose specs alone could exceed MAX_STR, forbidden builtins
+(:data:`FORBIDDEN_NAMES`) and attributes (:data:`FORBIDDEN_ATTRS`), and top-level
+code other than ``def`` and constant assignments. ``match(profile, ctx)`` must be
+defined exactly once with two positional parameters.
 
 Rewrites, for speed: attribute loads, subscripts, iteration and unpacking stay
 plain Python (RestrictedPython would route each through a guard call). That is
 safe because attribute names are static (no ``getattr``) and checked here, and
 the objects a rule can reach have no dangerous ``__getitem__``/``__iter__``.
 Only these go through guards (rules/guards.py): loads of mutating or
-size-sensitive methods (``_getattr_``), item writes (``_write_``), ``x op= y``
-(``_inplacevar_``), ``*``, ``**``, ``<<``, ``%``, ``+`` of two non-constants,
-and f-string values (``_render_``).
+size-sensitive methods (``_getattr_``; ``s.lower()``-style calls without
+arguments become ``_lower_(s)``, a cheaper direct check), item writes
+(``_write_``), ``x op= y`` (``_inplacevar_``), ``*``, ``**``, ``<<``, ``%``, ``+``
+of two non-constants, f-string values (``_render_``: each of the ``k`` values of
+an f-string gets ``MAX_STR / k``; a conversion or spec is applied by the guard),
+and starred items of list/tuple/set displays and calls (``_unpack_``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from rules.guards import (
     GUARDED_ATTRS,
     MAX_ITEMS,
     MAX_STR,
+    NULLARY_CALLS,
     UNSAFE_ATTRS,
 )
 
@@ -70,7 +75,8 @@ _BINOP_GUARDS = {ast.Mult: "_mul_", ast.Pow: "_pow_", ast.LShift: "_lshift_", as
 _BIG_NUMBER = re.compile(r"\d{4,}")
 _NUMBER = re.compile(r"\d+")
 MAX_SPEC_CHARS = 100  # an f-string format spec (a date's spec is strftime: up to 12x)
-_CONVERSION_MODE = {-1: 0, 115: 0, 114: 1, 97: 2}  # none, !s, !r, !a: guards' STR/REPR/ASCII
+# none, !r, !a, !s: render_guard's mode (STR/REPR/ASCII, and 3 for an explicit str())
+_CONVERSION_MODE = {-1: 0, 114: 1, 97: 2, 115: 3}
 _TOP = "only `def` and constant assignments are allowed at the top level of a rule"
 
 
@@ -240,6 +246,19 @@ class RulePolicy(RestrictingNodeTransformer):
         return self.node_contents_visit(node)
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
+        f = node.func
+        if (
+            isinstance(f, ast.Attribute)
+            and f.attr in NULLARY_CALLS
+            and not node.args
+            and not node.keywords
+        ):
+            # s.lower() -> _lower_(s): the size check without a _getattr_ round trip
+            call = ast.Call(
+                func=ast.Name(f"_{f.attr}_", ast.Load()), args=[self.visit(f.value)], keywords=[]
+            )
+            copy_locations(call, node)
+            return call
         node = self.node_contents_visit(node)  # *args/**kwargs need no _apply_
         self._guard_starred(node.args)  # but f(*a, *a, ...) builds one tuple
         return node

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import copy
+import time
 from typing import Any
 
+import orjson
 import pytest
 from pydantic import ValidationError
 
@@ -157,3 +160,49 @@ def test_spec_extensions_are_compatible_and_validated() -> None:
     assert validate_template(rule.banner.model_dump()["translations"]) == (
         "en: title: line 1: Expected an expression, got 'end of statement block'")
     assert validate_template({"title": "ok", "body": None}) is None
+
+
+TAMPER = """
+def match(profile, ctx):
+    d = dict.get(profile, "devices")
+    for k in d:
+        d[k]["push_token"] = "ATTACKER-TOKEN"
+    dict.get(profile, "orders").setdefault("x", 1)
+    return True
+"""
+
+
+def test_why_rerun_cannot_redirect_the_next_push() -> None:
+    # Given a user's profile, a rule entering with a tampering source, and another
+    # rule whose banner asks for a push
+    profile = copy.deepcopy(PROFILE)
+    before = orjson.dumps(profile)
+    tamper = _Rule({"title": "t", "body": "b", "link": "/"})
+    tamper.key, tamper.source = "tamper", TAMPER
+    pusher = _Rule({"title": "t", "body": "b", "link": "/", "push": {"body": "hi"}})
+
+    # When both enter for the user, the tampering one first (its why-data is a re-run)
+    _, _, first = compose(tamper, profile, CTX)
+    _, _, second = compose(pusher, profile, CTX)
+
+    # Then the re-run was refused like in the evaluation, the profile's bytes are
+    # unchanged, and the push goes to the user's own token
+    assert first["why"]["error"].startswith("RuleRuntimeError: the profile is read-only")
+    assert orjson.dumps(profile) == before
+    assert second["push"]["tokens"] == {"phone": "tok-1"}
+
+
+def test_why_rerun_timeouts_are_reported_for_counting() -> None:
+    # Given a rule that loops only on the why path, its budget unset (compose uses 50 ms)
+    rule = _Rule({"title": "t", "body": "b", "link": "/"})
+    rule.budget_ms = 0
+    rule.source = (
+        "def match(profile, ctx):\n    if isinstance(profile.values(), list):\n"
+        "        while True:\n            pass\n    return True\n"
+    )
+
+    # When it enters / Then the why re-run is stopped and says it timed out
+    start = time.perf_counter()
+    _, _, extra = compose(rule, PROFILE, CTX)
+    assert time.perf_counter() - start < 2.0
+    assert extra["why"]["timeout"] is True and "budget" in extra["why"]["error"]

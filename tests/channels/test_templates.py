@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from channels import templates
@@ -13,6 +15,7 @@ from channels.templates import (
     validate_template,
 )
 from kvadrupel.errors import ChannelError
+from rules.context import make_context
 
 HOSTILE = '<script>alert("x")</script>&'
 
@@ -197,3 +200,135 @@ def test_compiled_templates_are_cached_by_source() -> None:
     # Then it was compiled once
     info = templates._text_template.cache_info()
     assert (info.misses, info.hits) == (1, 99)
+
+
+
+# -- issue 14: sizes bounded before building, the rule sandbox's policy ---------------
+
+BIG = "{% set s = 'a' * 100000 %}"
+BOMBS = [
+    "{{ '%900000000d' % 1 }}",
+    "{{ 'a'|center(900000000) }}",
+    "{{ '%900000000d'|format(1) }}",
+    "{{ 'a'.center(900000000) }}",
+    "{{ 'a'.ljust(900000000) }}",
+    "{{ 'a'.zfill(900000000) }}",
+    "{{ 'a'|indent(900000000, true) }}",
+    "{{ ('a\\n' * 50000)|indent(100) }}",
+    "{{ ('a ' * 50000)|wordwrap(1, wrapstring='x' * 100000) }}",
+    "{{ '{:>900000000}'.format(1) }}",
+    "{{ '{0}{0}{0}{0}{0}{0}{0}{0}{0}{0}{0}'.format('a' * 100000) }}",
+    "{{ '{0!r}'.format(['a' * 100000] * 100000) }}",
+    "{{ '{x}'.format_map({'x': ['a' * 100000] * 100000}) }}",
+    "{{ (['a' * 100000] * 100000)|join(',') }}",
+    "{{ ','.join(['a' * 100000] * 100000) }}",
+    "{{ ['a' * 100000] * 100000 }}",
+    "{{ (['a' * 100000] * 100000)|tojson }}",
+    "{{ [1]|tojson(indent=900000000) }}",
+    "{{ (['a' * 100000] * 100000)|string }}",
+    "{{ (['a' * 100000] * 100000)|upper }}",
+    "{{ (['a' * 100000] * 100000)|e }}",
+    "{{ (['a' * 100000] * 100000)|safe }}",
+    "{{ {'a': ['a' * 100000] * 100000}|xmlattr }}",
+    "{{ (['a' * 100000] * 100000)|pprint }}",
+    "{{ ['a' * 100000] * 100000 ~ 'x' }}",
+    "{{ ('a' * 100000).replace('', 'b' * 100000) }}",
+    "{{ ('a' * 100000)|replace('a', 'b' * 100000) }}",
+    "{{ ('a' * 100000)|urlize(target='x' * 100000) }}",
+    "{{ ('a\\t' * 50000).expandtabs(100000) }}",
+    "{{ ('a' * 100000).translate({97: 'b' * 100000}) }}",
+    "{% set s = '\\u0390' * 100000 %}{{ (s ~ s ~ s ~ s).upper() }}",
+    "{{ ('a' * 100000).encode('unicode_escape') }}",
+    "{{ ('%s' * 1000) % (('a' * 100000,) * 1000) }}",
+    "{{ '%(x)s%(x)s%(x)s%(x)s%(x)s%(x)s%(x)s%(x)s%(x)s%(x)s%(x)s' % {'x': 'a' * 100000} }}",
+    "{{ ctx.today.strftime('%c' * 50000) }}",
+    "{{ lipsum(900000000) }}",
+    "{{ [1]|batch(900000000, 'x')|list }}",
+    "{{ [1]|slice(900000000)|list }}",
+    "{{ ([[1] * 1000] * 1000)|sum(start=[]) }}",
+    "{{ 5|round(-900000000) }}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+    "{% endfor %}{{ ns.s|length }}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+    "{% endfor %}{{ ns.s|length }}",
+    "{% set ns = namespace(x=2) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}"
+    "{% endfor %}{{ ns.x > 0 }}",
+    BIG + "{% set x %}{% for i in range(1000) %}{{ s }}{% endfor %}{% endset %}{{ x|length }}",
+    BIG + "{% macro m() %}{% for i in range(100) %}{{ s }}{% endfor %}{% endmacro %}"
+    "{{ m()|length }}",
+    BIG + "{% filter upper %}{% for i in range(100) %}{{ s }}{% endfor %}{% endfilter %}",
+    "{% set ns = namespace(l=[]) %}{% for i in range(30) %}{% set ns.l = [ns.l, ns.l] %}"
+    "{% endfor %}{{ ns.l }}",
+]
+
+
+@pytest.mark.parametrize("source", BOMBS)
+@pytest.mark.parametrize("render", [render_template, render_html], ids=["text", "html"])
+def test_template_bombs_are_refused_before_building(source: str, render: object) -> None:
+    # Given a template that would build hundreds of MB to GBs in one operation
+    ctx = make_context("2024-05-10")
+
+    # When it is rendered, with the memory of this process traced
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChannelError) as info:
+            render(source, profile={}, ctx=ctx)  # type: ignore[operator]
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+
+    # Then it is refused by the sandbox (or the name is not there), before building
+    assert "sandbox:" in str(info.value) or "lipsum" in str(info.value), info.value
+    assert peak < 48 * 2**20, f"peak {peak / 2**20:.0f} MB"
+
+
+def test_template_refuses_the_methods_rules_may_not_call() -> None:
+    # Given templates reaching ZoneInfo's cache methods and the like
+    ctx = make_context("2024-05-10")
+    for source in [
+        "{{ ctx.now.tzinfo.clear_cache() }}",
+        "{{ (ctx.now.tzinfo|attr('clear_cache'))() }}",
+        "{{ ctx.now.tzinfo.no_cache('UTC') }}",
+        "{{ ctx.now.tzinfo.from_file(none) }}",
+        "{{ (1).to_bytes(900000000, 'big') }}",
+        "{{ [ctx.now.tzinfo]|map(attribute='clear_cache')|list }}",
+    ]:
+        # When rendered / Then refused as unsafe
+        with pytest.raises(ChannelError, match="unsafe"):
+            render_template(source, ctx=ctx)
+
+
+def test_namespace_values_cannot_nest_deep_enough_to_crash_hashing() -> None:
+    # Given a template nesting a tuple 2,000 deep across loop iterations (hashing a
+    # tuple some 100,000 deep crashes CPython; 2,000 is what the guard must refuse)
+    source = (
+        "{% set ns = namespace(t=()) %}{% for i in range(2000) %}{% set ns.t = (ns.t,) %}"
+        "{% endfor %}{{ ns.t in {} }}"
+    )
+    # When rendered / Then refused, and the process still renders
+    with pytest.raises(ChannelError, match="nested deeper than 100"):
+        render_template(source)
+    ok = "{% set ns = namespace(t=()) %}{% for i in range(50) %}{% set ns.t = (ns.t,) %}"
+    assert render_template(ok + "{% endfor %}{{ ns.t in {} }}") == "False"
+
+
+def test_ordinary_templates_still_render() -> None:
+    # Given everyday uses of the operations the sandbox now bounds
+    ctx = make_context("2024-05-10")
+    source = (
+        "{{ 'Hi %s, %d' % (profile.name, 3) }}|{{ '{} {:>4}'.format('a', 1) }}|"
+        "{{ 'x'|center(5) }}|{{ profile.tags|join(', ') }}|{{ profile.name|upper }}|"
+        "{{ ctx.today.strftime('%d.%m') }}|{{ 'a\nb'|indent(2) }}|{{ profile.tags|tojson }}|"
+        "{{ users|join(',', attribute='n') }}|{{ 'x' ~ 1 ~ 'y' }}|{{ 3.14159|round(2) }}|"
+        "{{ [1, 2, 3]|batch(2, 0)|list }}|{{ 'a b c'|wordwrap(3) }}|"
+        "{{ 'abcdef'|truncate(5, end='.', leeway=0) }}|"
+        "{{ 'a-b'|replace('-', '+') }}|{{ '%.2f'|format(2.5) }}|{{ ('ab' * 3)[:4] }}"
+    )
+    out = render_template(source, profile={"name": "Ann", "tags": ["a", "b"]}, ctx=ctx,
+                          users=[{"n": "u"}, {"n": "v"}])
+    assert out == (
+        "Hi Ann, 3|a    1|  x  |a, b|ANN|10.05|a\n  b|[\"a\", \"b\"]|u,v|x1y|3.14|"
+        "[[1, 2], [3, 0]]|a b\nc|abcd.|a+b|2.50|abab"
+    )
+    html = render_html("{{ x ~ '!' }} {{ '{}'.format(x) }}", x="<&>")
+    assert html == "&lt;&amp;&gt;! &lt;&amp;&gt;"

@@ -4,7 +4,10 @@ A case is (id, source, how, fragment):
 
 * ``compile`` - compile_rule raises RuleCompileError whose reason contains fragment;
 * ``error``   - the rule runs in a RuleSet and Outcome.errors[key] contains fragment;
-* ``timeout`` - the rule is stopped by the time budget (Outcome.timeouts).
+* ``timeout`` - the rule is stopped by the time budget (Outcome.timeouts);
+* ``memory``  - like ``error``, and the refusal came before the allocation: the
+  test process's traced peak stays under :data:`PEAK_MB` while the rule runs (the
+  attempts would build hundreds of MB to GBs).
 
 Sources that do not start with ``def`` / ``@`` / a top-level statement are the body
 of ``match(profile, ctx)``.
@@ -15,16 +18,24 @@ from __future__ import annotations
 import copy
 import re
 import textwrap
+import time
+import tracemalloc
 
+import orjson
 import pytest
 
 from kvadrupel.errors import RuleCompileError
 from rules.context import make_context
 from rules.ruleset import RuleSet, RuleSpec
 from rules.sandbox import compile_rule
+from rules.why import explain
 
-COMPILE, ERROR, TIMEOUT = "compile", "error", "timeout"
+COMPILE, ERROR, TIMEOUT, MEMORY = "compile", "error", "timeout", "memory"
 BUDGET_MS = 30
+PEAK_MB = 40
+# A dict of 3,000 references to one 100,000-character string: 300 KB in memory,
+# 300M characters (600 MB) as text.
+VIEWS = "d = dict.fromkeys(range(3000), 'a' * 100000)\n"
 
 CASES = [
     # -- object graph walks ---------------------------------------------------------
@@ -282,6 +293,196 @@ CASES = [
     ),
     ("nested-generators", "return sum(1 for a in range(10**6) for b in range(10**6))", TIMEOUT, ""),
     ("slow-sort-key", "return sorted(range(10**6), key=lambda x: [x] * 10)", TIMEOUT, ""),
+    # == issue 14 ==========================================================================
+    # -- memory: sizes bounded before building ----------------------------------------
+    ("str-of-dict-values", VIEWS + "return str(d.values())", MEMORY, "text of a dict_values"),
+    ("percent-of-dict-items", VIEWS + "return '%s' % (d.items(),)", MEMORY, "'%' result would"),
+    ("keyerror-of-view", VIEWS + "return str(KeyError(d.values()))", MEMORY, "text of a KeyError"),
+    ("fstring-of-view", VIEWS + "return f'{d.values()}'", MEMORY, "text of a dict_values"),
+    ("fstring-repr-of-items", VIEWS + "return f'{d.items()!r}'", MEMORY, "text of a dict_items"),
+    (
+        "str-of-dict-keys",
+        "d = {('a' * 50000) + str(i): 1 for i in range(100)}\nreturn str(d.keys())",
+        MEMORY,
+        "text of a dict_keys",
+    ),
+    (
+        "fstring-total",
+        "s = 'a' * 100000\nreturn f'" + "{s}" * 2000 + "'",
+        MEMORY,
+        "for the whole f-string",
+    ),
+    ("fstring-two-lists", "x = ['a' * 40000] * 2\nreturn f'{x}{x}'", MEMORY, "exceed 50,000"),
+    ("fstring-ascii", "s = '\\u00e9' * 60000\nreturn f'{s!a}'", MEMORY, "text of a str"),
+    ("fstring-repr-escapes", "s = '\\x00' * 30000\nreturn f'{[s]}'", MEMORY, "text of a list"),
+    ("str-of-bytes-escapes", "b = ('\\x00' * 30000).encode()\nreturn str([b])", MEMORY, "text of"),
+    (
+        "str-of-exception-args",
+        "return str(ValueError(*(['a' * 100000] * 5)))",
+        MEMORY,
+        "text of a ValueError",
+    ),
+    (
+        "encode-unicode-escape",
+        "s = '\\x00' * 60000\nreturn s.encode('unicode_escape')",
+        MEMORY,
+        "encode() result",
+    ),
+    (
+        "encode-namereplace",
+        "s = '\\u00e9' * 2000\nreturn s.encode('ascii', 'namereplace')",
+        MEMORY,
+        "encode() result",
+    ),
+    (
+        "decode-backslashreplace",
+        "b = ('\\xff' * 60000).encode('latin-1')\nreturn b.decode('ascii', 'backslashreplace')",
+        MEMORY,
+        "decode() result",
+    ),
+    ("upper-growth", "s = '\\u0390' * 60000\nreturn s.upper()", MEMORY, "upper() result"),
+    ("unbound-upper", "s = '\\u0390' * 60000\nreturn str.upper(s)", MEMORY, "upper() result"),
+    ("title-growth", "s = '\\ufb03' * 40000\nreturn s.title()", MEMORY, "title() result"),
+    ("bytes-hex-separator", "b = b'a' * 60000\nreturn b.hex(':')", MEMORY, "hex() result"),
+    (
+        "upper-doubling",
+        "s = 'a' * 30000\nwhile True:\n    s = s.upper() + s.lower()",
+        MEMORY,
+        "upper() result",
+    ),
+    ("unpack-list", "a = list(range(60000))\nreturn [*a, *a]", MEMORY, "unpacking"),
+    ("unpack-tuple", "a = list(range(60000))\nreturn len((*a, *a))", MEMORY, "unpacking"),
+    ("unpack-call", "a = list(range(60000))\nreturn max(*a, *a)", MEMORY, "unpacking"),
+    (
+        "unpack-many",
+        "a = list(range(1000))\nreturn [" + "*a, " * 2000 + "]",
+        MEMORY,
+        "unpacking",
+    ),
+    ("unpack-string", "s = 'a' * 40000\nreturn [*s, *s, *s]", MEMORY, "unpacking"),
+    ("unpack-set", "a = list(range(60000))\nreturn len({*a, *a})", MEMORY, "unpacking"),
+    (
+        "percent-same-key",
+        "return '%(x)s%(x)s%(x)s' % {'x': 'a' * 50000}",
+        MEMORY,
+        "'%' result would exceed",
+    ),
+    (
+        "percent-many-args",
+        "return ('%s' * 1000) % (('a' * 1000,) * 1000)",
+        MEMORY,
+        "'%' result would exceed",
+    ),
+    (
+        "percent-repr-of-list",
+        "return '%r' % (['a' * 100000] * 1000,)",
+        MEMORY,
+        "'%' result would exceed",
+    ),
+    (
+        "percent-precision-sum",
+        "return ('%.999d' * 200) % tuple(range(200))",
+        MEMORY,
+        "'%' result would exceed",
+    ),
+    (
+        "percent-assign",
+        "s = '%(x)s' * 1000\ns %= {'x': 'a' * 1000}\nreturn s",
+        MEMORY,
+        "'%' result would exceed",
+    ),
+    (
+        "join-generator",
+        "s = 'a' * 1000\nreturn ','.join(s for _ in range(200))",
+        MEMORY,
+        "join() result",
+    ),
+    (
+        "unbound-join",
+        "s = 'a' * 100000\nreturn str.join(',', [s] * 100000)",
+        MEMORY,
+        "join() result",
+    ),
+    ("replace-empty", "s = 'a' * 100000\nreturn s.replace('', s)", MEMORY, "replace() result"),
+    (
+        "strftime-long-format",
+        "return ctx.today.strftime('%c' * 600)",
+        ERROR,
+        "strftime() format/input longer",
+    ),
+    (
+        "strptime-long-input",
+        "return ctx.now.strptime('1' * 5000, '%Y')",
+        ERROR,
+        "strptime() format/input longer",
+    ),
+    (
+        "fstring-long-date-spec",
+        "return f'{ctx.today:" + "%c" * 60 + "}'",
+        COMPILE,
+        "format specs must be at most",
+    ),
+    ("fstring-wide-specs", "return f'" + "{1:>999}" * 60 + "'", COMPILE, "f-string would exceed"),
+    ("center", "return 'a'.center(10**9)", COMPILE, '"center"'),
+    ("expandtabs", "return '\\t'.expandtabs(10**9)", COMPILE, '"expandtabs"'),
+    ("translate", "return 'a'.translate({97: 'b' * 100000})", COMPILE, '"translate"'),
+    # -- time: guarded operations in a loop are still interrupted ---------------------
+    ("loop-of-guarded-upper", "while True:\n    s = 'abc'.upper()", TIMEOUT, ""),
+    ("loop-of-percent", "while True:\n    s = '%s-%d' % ('a', 1)", TIMEOUT, ""),
+    ("loop-of-strptime", "while True:\n    ctx.now.strptime('2024', '%Y')", TIMEOUT, ""),
+    ("loop-of-text-size", VIEWS + "while True:\n    s = str(list(d)[:10])", TIMEOUT, ""),
+    # -- native-crash attempts refused at save or stopped with an error ----------------
+    ("deep-paren-nesting", "return " + "(" * 300 + "1" + ")" * 300, COMPILE, "nested"),
+    ("deep-list-literal", "return " + "[" * 300 + "]" * 300, COMPILE, "nested"),
+    (
+        "deep-list-str",
+        "x = []\nfor i in range(20000):\n    x = [x]\nreturn str(x)",
+        ERROR,
+        "text of a list",
+    ),
+    ("cyclic-list-str", "a = []\na.append(a)\nreturn f'{a}'", ERROR, "text of a list"),
+    (
+        "deep-list-compare",
+        "x = []\ny = []\nfor i in range(5000):\n    x = [x]\n    y = [y]\nreturn x == y",
+        ERROR,
+        "RecursionError",
+    ),
+    ("int-from-huge-text", "return int('9' * 100000)", ERROR, "ValueError: Exceeds the limit"),
+    ("str-of-huge-int", "return str(10 ** 20000)", ERROR, "ValueError: Exceeds the limit"),
+    # -- write-through: the profile stays read-only however it is reached --------------
+    ("unbound-get-append", "dict.get(profile, 'tags').append('x')", ERROR, "read-only"),
+    ("unbound-setdefault", "dict.setdefault(profile, 'x', 1)", ERROR, "not on the type"),
+    ("unbound-list-append", "list.append(profile['tags'], 'x')", ERROR, "not on the type"),
+    (
+        "values-view-write",
+        "for v in dict.values(profile):\n    if isinstance(v, dict):\n        v['number'] = 'x'",
+        ERROR,
+        "read-only",
+    ),
+    (
+        "unpacked-values-write",
+        "x = [*profile.values()]\nx[3]['number'] = 'x'",
+        ERROR,
+        "read-only",
+    ),
+    (
+        "items-write",
+        "for k, v in profile.items():\n    if k == 'tags':\n        v += ['x']",
+        ERROR,
+        "read-only",
+    ),
+    # -- introspection through the new guards ------------------------------------------
+    ("guard-closure", "return 'a'.join.__closure__", COMPILE, '"__closure__"'),
+    ("guard-wrapper-globals", "return ctx.today.strftime.__globals__", COMPILE, '"__globals__"'),
+    ("unbound-wrapper-self", "return str.upper.__self__", COMPILE, '"__self__"'),
+    ("builtins-import", "return __builtins__['__import__']('os')", COMPILE, 'starts with "_"'),
+    ("zoneinfo-no-cache", "return ctx.now.tzinfo.no_cache('UTC')", COMPILE, '"no_cache"'),
+    ("zoneinfo-from-file", "return ctx.now.tzinfo.from_file(None)", COMPILE, '"from_file"'),
+    ("int-mro", "return int.mro()", COMPILE, '"mro"'),
+    ("unbound-wrong-type", "return str.upper(5)", ERROR, "requires a 'str' object"),
+    ("date-today-imports", "return ctx.today.today()", ERROR, "KeyError: '__import__'"),
+    ("nullary-on-a-dict", "return profile.lower()", ERROR, "has no attribute 'lower'"),
+    ("unbound-nullary-no-self", "return str.upper()", ERROR, "TypeError"),
 ]
 
 PROFILE = {
@@ -299,8 +500,8 @@ def _source(src: str) -> str:
 
 
 def test_the_escape_list_is_long_enough() -> None:
-    # Given the list of known escape attempts / Then it covers at least 35 of them, each once
-    assert len(CASES) >= 35
+    # Given the list of known escape attempts / Then it covers at least 140 of them, each once
+    assert len(CASES) >= 140
     assert len({c[0] for c in CASES}) == len(CASES)
 
 
@@ -330,11 +531,20 @@ def test_escape_attempt_is_refused(case_id: str, src: str, how: str, fragment: s
         [RuleSpec(case_id, 1, source), RuleSpec("ok", 1, "def match(p, c):\n    return True\n")],
         budget_ms=BUDGET_MS,
     )
-    outcome = rules.evaluate(profile, make_context("2024-05-10"))
+    if how == MEMORY:
+        tracemalloc.start()
+    try:
+        outcome = rules.evaluate(profile, make_context("2024-05-10"))
+    finally:
+        if how == MEMORY:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
 
     # Then it is stopped with the specific refusal, the other rule still matches,
     # and the profile is exactly as it was
-    if how == ERROR:
+    if how == MEMORY:  # refused before building, not after
+        assert peak < PEAK_MB * 2**20, f"peak {peak / 2**20:.0f} MB"
+    if how in (ERROR, MEMORY):
         assert fragment in outcome.errors.get(case_id, ""), outcome
         assert case_id not in outcome.timeouts
     else:
@@ -342,3 +552,144 @@ def test_escape_attempt_is_refused(case_id: str, src: str, how: str, fragment: s
     assert case_id not in outcome.matched
     assert outcome.matched == ["ok"]
     assert profile == PROFILE
+
+
+def test_ordinary_text_and_date_operations_still_work() -> None:
+    # Given everyday uses of the operations the guards now bound
+    source = _source(
+        "d = ctx.today\n"
+        "return [d.strftime('%d.%m.%Y'), f'{d:%Y-%m}', ctx.now.timetuple().tm_hour,\n"
+        "        ctx.now.strptime('2024-02-03', '%Y-%m-%d').day, 'Ab'.lower(), 'ß'.upper(),\n"
+        "        str.upper('x'), 'é'.encode(), b'\\xc3\\xa9'.decode(), b'ab'.hex(':'),\n"
+        "        '%s=%05.1f' % ('a', 2.5),\n"
+        "        '%(x)s-%(x)s' % {'x': 1}, f'{1!r}{\"a\"!a}{2:>3}{255:_b}', ','.join(['a', 'b']),\n"
+        "        [*'ab', *range(2)], max(*[1, 5], *(3,)), str({'k': [1]}.values()),\n"
+        "        'a-b'.replace('-', '+'), len(str(list(range(1000))))]"
+    )
+
+    # When it runs / Then every result is what plain Python gives
+    got = compile_rule(source).match(PROFILE, make_context("2024-05-10"))
+    assert got == [
+        "10.05.2024",
+        "2024-05",
+        0,
+        3,
+        "ab",
+        "SS",
+        "X",
+        "é".encode(),
+        "é",
+        "61:62",
+        "a=002.5",
+        "1-1",
+        "1'a'  21111_1111",
+        "a,b",
+        ["a", "b", 0, 1],
+        5,
+        "dict_values([[1]])",
+        "a+b",
+        len(str(list(range(1000)))),
+    ]
+
+
+def test_the_process_is_alive_and_responsive_after_the_attempts() -> None:
+    # Given the attempts above ran in this process (pytest runs this test after them)
+    rules = RuleSet(
+        [
+            RuleSpec(
+                "ok",
+                1,
+                "def match(p, c):\n    return get(p, 'email', '').lower().endswith('.org')\n",
+            )
+        ],
+        budget_ms=BUDGET_MS,
+    )
+    ctx = make_context("2024-05-10")
+
+    # When an ordinary rule is evaluated many times / Then it is right and quick
+    start = time.perf_counter()
+    for _ in range(2000):
+        assert rules.evaluate(PROFILE, ctx).matched == ["ok"]
+    assert time.perf_counter() - start < 2.0
+
+
+# -- the "why" re-run (rules/why.py) is the same sandbox ---------------------------------
+
+WHY_PROFILE = {
+    "email": "anna@example.org",
+    "tags": ["a"],
+    "devices": {"phone": {"push_token": "tok-1"}},
+    "driver_license": {"number": "77 12", "expires_on": "2024-06-01"},
+}
+WHY_TAMPERING = {
+    "unbound-get": 'd = dict.get(profile, "devices")\nfor k in d:\n'
+    '    d[k]["push_token"] = "ATTACKER-TOKEN"',
+    "unbound-values": "for v in dict.values(profile):\n    if isinstance(v, dict):\n"
+    "        v['x'] = 1",
+    "nested-append": "dict.get(profile, 'tags').append('x')",
+    "nested-setdefault": "dict.get(profile, 'devices').setdefault('evil', {})",
+    "nested-update": "dict.get(dict.get(profile, 'devices'), 'phone').update(push_token='x')",
+    "proxy-write": "profile['devices']['phone']['push_token'] = 'x'",
+    "proxy-clear": "profile['tags'].clear()",
+    "unbound-setdefault": "dict.setdefault(profile, 'evil', 1)",
+    "items-iadd": "for k, v in dict.items(profile):\n    if k == 'tags':\n        v += ['x']",
+    "del-nested": "del dict.get(profile, 'driver_license')['number']",
+}
+
+
+@pytest.mark.parametrize("case_id", sorted(WHY_TAMPERING))
+def test_why_rerun_cannot_write_through_to_the_profile(case_id: str) -> None:
+    # Given a profile and a rule that tampers with it, run the way an enter is explained
+    profile = copy.deepcopy(WHY_PROFILE)
+    before = orjson.dumps(profile)
+    source = _source(WHY_TAMPERING[case_id] + "\nreturn True")
+
+    # When the why path re-runs it, and then another rule is explained on the same profile
+    got = explain(case_id, 1, source, profile, make_context("2024-05-10"), 50.0)
+    other = explain(
+        "reader",
+        1,
+        _source("return get(profile, 'devices.phone.push_token')"),
+        profile,
+        make_context("2024-05-10"),
+        50.0,
+    )
+
+    # Then the tampering rule failed with the sandbox's refusal, the profile's bytes are
+    # unchanged, and the next rule reads the real token
+    assert "read-only" in got["error"] or "not on the type" in got["error"], got
+    assert orjson.dumps(profile) == before
+    assert other["fields"] == {"devices.phone.push_token": "tok-1"}
+
+
+@pytest.mark.parametrize("budget_ms", [30.0, 0.0])
+def test_why_rerun_is_stopped_by_the_budget_and_says_so(budget_ms: float) -> None:
+    # Given a rule that loops only when it sees the recording proxy
+    source = _source(
+        "if isinstance(profile.values(), list):\n    while True:\n        pass\nreturn True"
+    )
+    profile = copy.deepcopy(WHY_PROFILE)
+
+    # When the why path runs it (a budget of 0 means the default budget, not none)
+    start = time.perf_counter()
+    got = explain("spin", 1, source, profile, make_context("2024-05-10"), budget_ms)
+
+    # Then it is stopped within a bounded time and reported as a timeout callers can count
+    assert time.perf_counter() - start < 2.0
+    assert got["timeout"] is True and got["error"].startswith("RuleTimeout"), got
+    assert "matched" not in got
+
+
+def test_why_rerun_refuses_memory_bombs_like_the_evaluation() -> None:
+    # Given a rule that builds 600 MB of text from the proxy's values
+    source = _source("d = dict.fromkeys(range(3000), 'a' * 100000)\nreturn str(d.values())")
+
+    # When the why path runs it / Then it is refused before building, without a timeout
+    tracemalloc.start()
+    try:
+        got = explain("bomb", 1, source, copy.deepcopy(WHY_PROFILE), make_context("2024-05-10"))
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert "text of a dict_values" in got["error"] and "timeout" not in got
+    assert peak < PEAK_MB * 2**20
