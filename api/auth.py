@@ -38,7 +38,7 @@ import jwt
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from kvadrupel.errors import ConfigError
+from base.errors import ConfigError
 from shards.router import parse_user_id
 
 __all__ = ["AuthError", "Authenticator", "Principal", "bearer_scheme", "require"]

@@ -28,8 +28,8 @@ import orjson
 
 from api.auth import Authenticator, AuthError
 from api.versions import ShardVersions, VersionHub
-from kvadrupel import metrics
-from kvadrupel.errors import ShardUnavailable
+from base import metrics
+from base.errors import ShardUnavailable
 from shards import replica
 
 __all__ = ["BannerApi", "BannerFastPath", "Reply", "install"]

@@ -11,7 +11,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 from sqlalchemy import func, select
 
-from kvadrupel import metrics
+from base import metrics
 from shards.schema import ledger, rules, runs
 
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.auth import AuthError
-from kvadrupel.errors import (
+from base.errors import (
     Conflict,
     NotFound,
     RuleCompileError,

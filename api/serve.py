@@ -24,7 +24,7 @@ TARGET = "api.serve:app_from_env"
 def app_from_env() -> Any:
     """The ASGI app of one worker process, from ``KVADRUPEL_*`` settings."""
     from api.app import create_app
-    from kvadrupel import logs
+    from base import logs
     from kvadrupel.container import Container
     from kvadrupel.settings import Settings
 

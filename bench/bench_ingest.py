@@ -193,7 +193,7 @@ def copy_ceiling(shard_urls: list[str], tries: int = 3) -> tuple[int, float, int
 
 
 def check_sample(shard_urls: list[str], sample: list, preloaded: bool) -> int:
-    from engine.events import parse_event
+    from engine.ingest.events import parse_event
 
     router = ShardRouter.uniform(len(shard_urls))
     conns = [psycopg.connect(dsn(u)) for u in shard_urls]
@@ -207,7 +207,7 @@ def check_sample(shard_urls: list[str], sample: list, preloaded: bool) -> int:
         )
         expected = oracle([parse_event(e) for e in evs], 64 * 1024, None) if not preloaded else None
         if preloaded:
-            from engine.events import apply_user
+            from engine.ingest.events import apply_user
 
             expected = apply_user(
                 base[uid], [], [parse_event(e) for e in evs], max_bytes=64 * 1024, seen_cap=10_000

@@ -28,15 +28,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.rules50 import RULES50  # noqa: E402
-from engine.evaluation import CompiledPack, RangeStats, evaluate_rows  # noqa: E402
-from engine.evaluator import PackInfo  # noqa: E402
+from engine.evaluate.evaluation import CompiledPack, RangeStats, evaluate_rows  # noqa: E402
+from engine.evaluate.worker import PackInfo  # noqa: E402
 from kvadrupel.synthetic import users  # noqa: E402
 from rules.context import make_context  # noqa: E402
 from rules.isolation import SandboxPool  # noqa: E402
 from rules.models import RuleIn  # noqa: E402
 from rules.remote import CHILD_MODULE, RuleRunner  # noqa: E402
-from rules.ruleset import RuleSpec  # noqa: E402
-from rules.service import ActiveRule  # noqa: E402
+from rules.ruleset import (
+    ActiveRule,  # noqa: E402
+    RuleSpec,  # noqa: E402
+)
 from shards.copytext import encode_rows, parse_rows  # noqa: E402
 
 AS_OF = date(2026, 11, 24)

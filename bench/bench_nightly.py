@@ -52,7 +52,7 @@ import orjson  # noqa: E402
 import psycopg  # noqa: E402
 
 from bench.rules50 import RULES50, plain_functions  # noqa: E402
-from engine.evaluation import CompiledPack, RangeStats, evaluate_rows  # noqa: E402
+from engine.evaluate.evaluation import CompiledPack, RangeStats, evaluate_rows  # noqa: E402
 from kvadrupel.container import Container  # noqa: E402
 from kvadrupel.demo import install_pack  # noqa: E402
 from kvadrupel.settings import Settings  # noqa: E402
@@ -294,7 +294,7 @@ def ceilings(container: Container, as_of: date) -> dict[str, Any]:
 
 def profile_range(container: Container, as_of: date) -> str:
     """cProfile of one evaluator working through one range in-process."""
-    from engine.evaluator import EvaluatorWorker
+    from engine.evaluate.worker import EvaluatorWorker
 
     c = container
     worker = EvaluatorWorker(

@@ -206,7 +206,7 @@ def run_all(evaluate, profiles, ctx) -> None:
 
 def run_batched(ruleset: RuleSet, profiles, ctx, batch: int = 256) -> None:
     """As the nightly evaluator runs: batches of 256 profiles, each with the per-batch
-    budget open (the watchdog charges every rule's CPU; engine/evaluation.py)."""
+    budget open (the watchdog charges every rule's CPU; engine/evaluate/evaluation.py)."""
     evaluate = ruleset.evaluate
     for i in range(0, len(profiles), batch):
         slot = ruleset.open_batch(1000)

@@ -16,12 +16,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.evaluation import CompiledPack, RangeStats, evaluate_rows  # noqa: E402
-from engine.evaluator import EvaluatorWorker, PackInfo  # noqa: E402
+from engine.evaluate.evaluation import CompiledPack, RangeStats, evaluate_rows  # noqa: E402
+from engine.evaluate.worker import EvaluatorWorker, PackInfo  # noqa: E402
 from kvadrupel import cli  # noqa: E402
 from kvadrupel.container import Container  # noqa: E402
 from rules.context import make_context  # noqa: E402
-from rules.service import ActiveRule  # noqa: E402
+from rules.ruleset import ActiveRule  # noqa: E402
 from shards.copytext import parse_rows  # noqa: E402
 
 

@@ -90,6 +90,6 @@ def pusher_from_settings(settings: Settings) -> Pusher | None:
 
         return WebhookPusher(settings.push_webhook_url, settings.push_webhook_secret,
                              concurrency=settings.push_concurrency, timeout=settings.push_timeout_s)
-    from kvadrupel.errors import ConfigError
+    from base.errors import ConfigError
 
     raise ConfigError(f"KVADRUPEL_PUSH_PROVIDER must be fcm or webhook, got {provider!r}")

@@ -16,7 +16,7 @@ Semantics every implementation keeps (and ``tests/bus`` checks on both):
   partition count, and :meth:`Bus.partition_of` tells it.
 * ``publish`` may buffer; ``flush`` returns once everything the calling thread
   published so far is durably accepted by the bus, or raises
-  :class:`~kvadrupel.errors.BusError` for a failure of one of those messages:
+  :class:`~base.errors.BusError` for a failure of one of those messages:
   threads sharing a bus neither take nor hide each other's failures.
 """
 

@@ -8,7 +8,7 @@ Producers build these classes and :func:`encode` them; consumers :func:`decode_j
 :func:`decode_result`, which raise :class:`MessageError` with the cause for bytes that
 are not a valid message of a version this build reads; the consumer then publishes a
 :class:`DeadLetter` and goes on (never a crash). Ingest events have their own
-validating parser (engine/events.py), whose failures dead-letter the same way.
+validating parser (engine/ingest/events.py), whose failures dead-letter the same way.
 
 Versions. Every message carries ``v`` (:data:`VERSION`). A message without it was
 written by a build from before the field existed (version 0): it has the same
@@ -101,7 +101,7 @@ Result = Enter | Exit
 
 
 class EvalAnswer(msgspec.Struct):
-    """A sandbox child's answer to an evaluated batch (engine/sandbox_child.py): the
+    """A sandbox child's answer to an evaluated batch (engine/evaluate/child.py): the
     result messages and the users' new states. Decoded with its types checked — a
     child ran rule code and is not trusted beyond that."""
 

@@ -20,8 +20,8 @@ import sys
 import threading
 from datetime import date
 
+from base.errors import ConfigError, KvadrupelError
 from kvadrupel import runs_cli, users_cli
-from kvadrupel.errors import ConfigError, KvadrupelError
 
 log = logging.getLogger("kvadrupel")
 
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from kvadrupel import logs
+    from base import logs
     from kvadrupel.settings import Settings
 
     try:

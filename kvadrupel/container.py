@@ -10,20 +10,20 @@ import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from base.clock import Clock
+from base.errors import ConfigError
+from catalogue.service import RuleService
 from channels.ledger import Ledger
 from channels.mail import Mailer, mailer_from_settings
 from engine.bus import Bus
 from engine.buses.memory import MemoryBus
-from engine.delivery import DeliveryWorker
-from engine.evaluator import EvaluatorWorker
-from engine.ingest import IngestWorker
-from kvadrupel.clock import Clock
-from kvadrupel.errors import ConfigError
+from engine.deliver.worker import DeliveryWorker
+from engine.evaluate.worker import EvaluatorWorker
+from engine.ingest.worker import IngestWorker
+from engine.runs import RunService
 from kvadrupel.settings import Settings
 from rules.isolation import Limits, SandboxPool
 from rules.remote import CHILD_MODULE, RuleRunner
-from rules.service import RuleService
-from scheduler.runs import RunService
 from shards.migrations import runner
 from shards.shardset import ShardSet, control_engine, load_router, open_shard
 

@@ -9,12 +9,12 @@ import time
 from datetime import date
 from typing import Any
 
+from base.errors import NotFound
+from catalogue.service import RuleService
 from kvadrupel.container import Container
-from kvadrupel.errors import NotFound
 from kvadrupel.settings import Settings
 from kvadrupel.synthetic import users as synthetic_users
 from rules.models import RuleIn
-from rules.service import RuleService
 
 
 def install_pack(svc: RuleService, pack: list[dict[str, Any]]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from kvadrupel.errors import ConfigError
+from base.errors import ConfigError
 from kvadrupel.settings import Settings
 
 __all__ = ["check_settings", "check_reachable"]

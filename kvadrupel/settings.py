@@ -92,7 +92,7 @@ class Settings(BaseSettings):
 
     # Rules and evaluation.
     timezone: str = "Europe/Moscow"
-    # Pin the one clock (kvadrupel/clock.py) to this instant for drills, replays and
+    # Pin the one clock (base/clock.py) to this instant for drills, replays and
     # tests: an ISO date or datetime (naive: in ``timezone``); it advances in real
     # time from there. Empty: the system clock.
     clock_start: datetime | None = None

@@ -58,7 +58,7 @@ def run_user(args: argparse.Namespace, container: Any) -> int:
     from sqlalchemy import inspect
 
     from api.admin.store import AccountStore, AuditLog
-    from kvadrupel.errors import Conflict, NotFound
+    from base.errors import Conflict, NotFound
 
     if not inspect(container.control).has_table("admin_users"):
         print("kvadrupel: no accounts table yet: run `kvadrupel migrate` first", file=sys.stderr)

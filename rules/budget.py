@@ -33,7 +33,7 @@ a fixed list of specific exceptions may be named, and the names cannot be
 rebound; see "Races" for why not even ``Exception``),
 ``try/finally`` (a ``finally`` could loop or ``return`` after the interrupt) and
 ``with``. The evaluator translates it into a timeout (``Outcome.timeouts`` /
-:class:`~kvadrupel.errors.RuleTimeout`).
+:class:`~base.errors.RuleTimeout`).
 
 Races, and why they are harmless
 --------------------------------
@@ -70,7 +70,7 @@ Guarantees and limits
 * CPU time of a thread includes garbage collection that the rule's allocations
   happen to trigger; a long collection can push a healthy rule over. The
   evaluator therefore confirms an overrun before it quarantines (re-runs the rule
-  alone, with the collector off): engine/evaluator.py.
+  alone, with the collector off): engine/evaluate/worker.py.
 * Asynchronous exceptions are only delivered between bytecodes: one long C call
   is not interrupted. The sandbox bounds those (rules/guards.py: ``*``, ``**``,
   ``<<``, ``%``, ``+``, ``range``, ``sum``, ``str``, ``join``, ``replace``,
@@ -93,7 +93,7 @@ profiler works: each rule's charge is an unbiased estimate of the CPU it used,
 noisy by about one tick, which is negligible next to a 1 s budget. When one
 rule's charge reaches the batch budget the watchdog records its index in
 ``slot.over`` and interrupts it; the evaluator stops the batch after that profile,
-confirms and quarantines (engine/evaluation.py, engine/evaluator.py). The same
+confirms and quarantines (engine/evaluate/evaluation.py, engine/evaluate/worker.py). The same
 charges feed the ``kvadrupel_rule_cpu_seconds_total`` metric, so operators see
 what each rule costs.
 """
@@ -106,7 +106,7 @@ import threading
 import time
 import weakref
 
-from kvadrupel.errors import RuleTimeout
+from base.errors import RuleTimeout
 
 __all__ = [
     "BudgetExceeded",
@@ -346,7 +346,7 @@ def call_with_budget(fn, profile, ctx, budget_s: float | None, what: str = "rule
     """Call ``fn(profile, ctx)`` with the profile protected by the write guard and,
     when ``budget_s`` is set, interrupted after that many seconds.
 
-    Raises :class:`~kvadrupel.errors.RuleTimeout` on timeout. The slow, general
+    Raises :class:`~base.errors.RuleTimeout` on timeout. The slow, general
     path (``CompiledRule.match``); RuleSet inlines the same protocol.
     """
     slot = current_slot()

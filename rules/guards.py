@@ -44,7 +44,7 @@ from datetime import date as _date
 from datetime import time as _time
 from typing import Any
 
-from kvadrupel.errors import RuleRuntimeError
+from base.errors import RuleRuntimeError
 from rules.budget import current_slot
 
 __all__ = [
@@ -79,7 +79,7 @@ _SCALARS = (int, float, bool, _NoneType)
 
 # Methods that are dangerous on objects a rule or template can reach, whatever the
 # arguments; the rule policy refuses them at compile time, the template sandbox
-# (channels/templates.py) at run time.
+# (rules/templates.py) at run time.
 # fmt: off
 UNSAFE_ATTRS = frozenset({
     "mro",  # KeyError.mro() -> BaseException, object
@@ -109,7 +109,7 @@ _DICT_VIEWS = (type({}.keys()), type({}.values()))
 _DICT_ITEMS = type({}.items())
 _PRINTABLE_BYTES = bytes(range(32, 127))
 _chain = itertools.chain.from_iterable
-# Other types whose text shows their contents (channels/templates.py registers
+# Other types whose text shows their contents (rules/templates.py registers
 # Jinja's Namespace): type -> function giving what the text is made of.
 TEXT_EXPANDERS: dict[type, Any] = {}
 

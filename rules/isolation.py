@@ -18,9 +18,9 @@ child process of a :class:`SandboxPool`:
   parent never unpickles anything a child sends: a child that ran hostile code is
   not trusted with more than data the caller validates.
 
-A child that dies raises :class:`~kvadrupel.errors.SandboxCrash` in the caller
+A child that dies raises :class:`~base.errors.SandboxCrash` in the caller
 (with the reason in words), is counted in ``kvadrupel_sandbox_deaths_total`` and
-replaced; finding the rule responsible is the caller's job (engine/evaluator.py
+replaced; finding the rule responsible is the caller's job (engine/evaluate/worker.py
 re-runs a crashed batch rule by rule). Children are kept warm between requests
 (a spawn costs ~0.2 s): the pool holds up to ``size`` idle ones.
 """
@@ -44,8 +44,8 @@ from typing import Any
 
 import orjson
 
-from kvadrupel import metrics
-from kvadrupel.errors import RuleError, SandboxCrash
+from base import metrics
+from base.errors import RuleError, SandboxCrash
 
 __all__ = ["SAFE_ENV", "Limits", "SandboxError", "SandboxPool", "serve"]
 

@@ -2,7 +2,7 @@
 
 Each entry is ``{"key", "name", "group", "priority", "source", "banner", "email",
 "examples"}`` (the shape of :class:`rules.models.RuleIn`). Templates are Jinja2
-strings rendered elsewhere (channels/templates.py) with ``profile`` and the
+strings rendered elsewhere (rules/templates.py) with ``profile`` and the
 context's fields (``today``...). Every rule ships with examples (at least one
 matching, one not) that tests/rules/test_pack.py runs.
 

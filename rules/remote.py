@@ -1,10 +1,10 @@
 """Rule code on behalf of the API, the CLI and audience questions, run in the
-sandbox's child processes (rules/isolation.py, engine/sandbox_child.py).
+sandbox's child processes (rules/isolation.py, engine/evaluate/child.py).
 
 :class:`RuleRunner` is what callers use instead of a local :class:`RuleSet`:
 ``grid`` evaluates rule sets over documents × dates and returns match masks,
 ``render`` fills banner/e-mail templates, ``explain`` gives the "why". A child that
-dies on the way raises :class:`~kvadrupel.errors.SandboxCrash`; callers answer
+dies on the way raises :class:`~base.errors.SandboxCrash`; callers answer
 with a clear error (HTTP 422), never with a dead process.
 """
 
@@ -22,7 +22,7 @@ from rules.ruleset import RuleSpec
 
 __all__ = ["CHILD_MODULE", "Grid", "RuleRunner"]
 
-CHILD_MODULE = "engine.sandbox_child"
+CHILD_MODULE = "engine.evaluate.child"
 CHUNK = 2000  # documents per request: a crash loses little, memory stays bounded
 
 

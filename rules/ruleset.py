@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from kvadrupel.errors import RuleCompileError
+from base.errors import RuleCompileError
 from rules.budget import WATCHDOG, BudgetExceeded, Slot, clear_async_exc, current_slot
 from rules.context import Context
 from rules.sandbox import compile_rule, describe_error
@@ -104,7 +104,7 @@ class RuleSet:
     """Compiled rules, evaluated together on one profile at a time.
 
     ``budget_ms`` limits each rule on each profile (``0``/``None``: no limit).
-    Raises :class:`~kvadrupel.errors.RuleCompileError` naming the rule (``.key``)
+    Raises :class:`~base.errors.RuleCompileError` naming the rule (``.key``)
     when a source does not compile, ``ValueError`` for duplicate keys.
     """
 
@@ -237,3 +237,19 @@ class RuleSet:
         evaluate = self.evaluate
         for uid, profile in profiles:
             yield uid, evaluate(profile, ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveRule:
+    key: str
+    version: int
+    name: str
+    group: str | None
+    priority: int
+    source: str
+    banner: dict[str, Any] | None
+    email: dict[str, Any] | None
+
+    def spec(self) -> RuleSpec:
+        return RuleSpec(key=self.key, version=self.version, source=self.source,
+                        priority=self.priority, group=self.group)

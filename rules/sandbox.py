@@ -3,7 +3,7 @@
 A rule is Python source defining ``def match(profile, ctx): ... return True/False``.
 :func:`compile_rule` parses it, applies :class:`~rules.policy.RulePolicy` through
 RestrictedPython's ``compile_restricted_exec`` (compile-time refusals become
-:class:`~kvadrupel.errors.RuleCompileError` with the 1-based source line), runs
+:class:`~base.errors.RuleCompileError` with the 1-based source line), runs
 the module (only ``def`` and constant assignments, so this is instant and has no
 side effects) in a namespace whose ``__builtins__`` are the restricted builtins,
 the helpers and the rule's guards, and returns a :class:`CompiledRule`.
@@ -23,7 +23,7 @@ from typing import Any
 
 from RestrictedPython import compile_restricted_exec
 
-from kvadrupel.errors import RuleCompileError, RuleError, RuleRuntimeError
+from base.errors import RuleCompileError, RuleError, RuleRuntimeError
 from rules.budget import call_with_budget
 from rules.guards import SAFE_BUILTINS, container_ids, make_rule_guards
 from rules.helpers import HELPERS
@@ -78,8 +78,8 @@ class CompiledRule:
     """A compiled rule.
 
     ``match(profile, ctx)`` runs it standalone: the profile is read-only, the run is
-    limited to ``budget_ms`` (:class:`~kvadrupel.errors.RuleTimeout`), and anything
-    the rule raises comes out as :class:`~kvadrupel.errors.RuleRuntimeError`
+    limited to ``budget_ms`` (:class:`~base.errors.RuleTimeout`), and anything
+    the rule raises comes out as :class:`~base.errors.RuleRuntimeError`
     ("KeyError: 'x'"). ``raw`` is the sandboxed function itself, without that set-up,
     for :class:`~rules.ruleset.RuleSet`, which does it once per profile for all rules.
     """
@@ -114,7 +114,7 @@ def compile_rule(
 ) -> CompiledRule:
     """Compile ``source`` (which must define ``match(profile, ctx)``) into a :class:`CompiledRule`.
 
-    Raises :class:`~kvadrupel.errors.RuleCompileError` (``.reason``, ``.line``: 1-based)
+    Raises :class:`~base.errors.RuleCompileError` (``.reason``, ``.line``: 1-based)
     for syntax errors and sandbox policy violations.
     """
     if not isinstance(source, str):

@@ -30,7 +30,7 @@ Failures never raise: the result is ``{"error": "RuleTimeout: ...", "timeout":
 True, "fields": {...}}`` for a rule stopped by the budget and ``{"error": ...,
 "fields": {...}}`` for any other failure (compile error, refusal, exception), so a
 caller can count them (``"error" in why``, ``why.get("timeout")``);
-channels/compose.py hands the dict on as ``extra["why"]``.
+engine/evaluate/compose.py hands the dict on as ``extra["why"]``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from kvadrupel.errors import RuleRuntimeError, RuleTimeout
+from base.errors import RuleRuntimeError, RuleTimeout
 from rules.budget import call_with_budget, current_slot
 from rules.context import Context
 from rules.sandbox import DEFAULT_BUDGET_MS, CompiledRule, compile_rule, describe_error

@@ -22,8 +22,8 @@ from typing import Any
 
 from sqlalchemy import Engine, select, update
 
-from kvadrupel.clock import SYSTEM, Clock
-from kvadrupel.errors import Conflict, NotFound
+from base.clock import SYSTEM, Clock
+from base.errors import Conflict, NotFound
 from shards.schema import campaigns, rules
 
 __all__ = ["CampaignService", "UnknownRules", "check_rules"]

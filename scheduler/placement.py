@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from base.errors import BusError
 from engine.bus import Bus
-from kvadrupel.errors import BusError
 
 __all__ = ["spread_keys"]
 

@@ -20,8 +20,8 @@ from datetime import date
 
 from engine.bus import Bus
 from engine.messages import encode
+from engine.runs import PlannedRange, RunService
 from scheduler.placement import spread_keys
-from scheduler.runs import PlannedRange, RunService
 from shards.shardset import ShardSet
 
 __all__ = ["plan", "publish_jobs", "republish", "start_run"]

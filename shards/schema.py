@@ -69,7 +69,7 @@ profiles = Table(
     Column("user_id", BigInteger, primary_key=True, autoincrement=False),
     Column("doc", JsonText, nullable=False),
     # The last event ids applied to this profile: a client retry is recognised and
-    # applied once (see engine.events). Capped, so it costs one small column.
+    # applied once (see engine.ingest.events). Capped, so it costs one small column.
     Column("seen", JsonText, nullable=False),
     Column("version", BigInteger, nullable=False, default=0),
     Column("updated_at", UtcDateTime(), nullable=False),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, NamedTuple
 
-from kvadrupel.errors import StorageError
+from base.errors import StorageError
 from shards.copytext import encode_rows
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
 Doc = dict[str, Any]
 # (doc or None, seen ids, events) -> either (doc, seen ids, rejected [(event, reason)],
 # applied count), or an object with those attributes plus ``changed`` (the document
-# differs) and ``encoded`` (its JSON bytes), like engine.events.apply_user's result.
+# differs) and ``encoded`` (its JSON bytes), like engine.ingest.events.apply_user's result.
 ApplyFn = Callable[[Doc | None, list[str], list[Any]], Any]
 # What scan_range/scan_users yield per user: (user_id, profile doc, state or None).
 ScanRow = tuple[int, Doc, dict[str, list[Any]] | None]

@@ -29,8 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.admin import security
 from api.admin.store import AccountStore, ActivationStore, AuditLog
+from base.errors import Conflict, NotFound
 from kvadrupel.container import Container
-from kvadrupel.errors import Conflict, NotFound
 from rules.models import set_link_schemes
 
 __all__ = ["cookie_secure", "create_admin_app", "mount_admin", "render"]

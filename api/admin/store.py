@@ -2,7 +2,7 @@
 activation requests.
 
 Rules and runs are *not* here: the UI reads and writes them only through
-:class:`rules.service.RuleService` and :class:`scheduler.runs.RunService`. What lives
+:class:`catalogue.service.RuleService` and :class:`engine.runs.RunService`. What lives
 here is what only the UI needs — who may sign in, who did what, and who asked for a
 rule to go live and who approved it.
 """
@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import Engine, case, func, select, update
 
 from api.admin.passwords import hash_password, needs_rehash, verify_password
-from kvadrupel.clock import SYSTEM, Clock
-from kvadrupel.errors import Conflict, NotFound
+from base.clock import SYSTEM, Clock
+from base.errors import Conflict, NotFound
 from shards.schema import activation_requests, admin_audit, admin_users
 
 __all__ = ["ROLES", "AccountStore", "ActivationStore", "AuditLog"]

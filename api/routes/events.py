@@ -28,9 +28,9 @@ from fastapi.responses import Response
 
 from api.auth import require
 from api.problems import problem
+from base.errors import BusError, EventError
 from engine.bus import Bus
-from engine.events import MAX_DEPTH, apply_user, parse_event
-from kvadrupel.errors import BusError, EventError
+from engine.ingest.events import MAX_DEPTH, apply_user, parse_event
 
 router = APIRouter(tags=["ingest"])
 log = logging.getLogger("kvadrupel.api.events")

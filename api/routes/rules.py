@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
 from api.problems import problem, problem_responses
-from kvadrupel.errors import ChannelError
+from base.errors import ChannelError
 from rules.models import RuleIn
 
 router = APIRouter(prefix="/v1/rules", tags=["rules"], dependencies=[Depends(require("admin"))])

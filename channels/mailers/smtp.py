@@ -39,8 +39,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
 
+from base.errors import ChannelError, ConfigError
 from channels.mail import Email, Mailer, SendResult, envelope_address, render_message
-from kvadrupel.errors import ChannelError, ConfigError
 
 __all__ = ["SmtpEndpoint", "SmtpMailer", "parse_smtp_url"]
 

@@ -37,8 +37,8 @@ from typing import Any
 import httpx
 import jwt
 
+from base.errors import ConfigError
 from channels.push import Push, Pusher, PushResult
-from kvadrupel.errors import ConfigError
 
 __all__ = ["FCM_ENDPOINT", "FCM_SCOPE", "FcmPusher", "load_service_account"]
 

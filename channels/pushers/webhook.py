@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import httpx
 import orjson
 
+from base.errors import ConfigError
 from channels.push import Push, Pusher, PushResult
-from kvadrupel.errors import ConfigError
 
 __all__ = ["SIGNATURE_HEADER", "TIMESTAMP_HEADER", "WebhookPusher", "sign"]
 

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvadrupel.errors import BusError
+from base.errors import BusError
 
 __all__ = ["LogState", "SqliteLog"]
 

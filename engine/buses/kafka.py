@@ -26,7 +26,7 @@ settings that happen to also be what Tansu needs (``group.protocol=classic``,
   ``socket.*``), a key prefixed ``producer.``, ``consumer.`` or ``admin.`` only to
   that client (``producer.message.timeout.ms``).
 
-confluent-kafka's exceptions are translated to :class:`~kvadrupel.errors.BusError`
+confluent-kafka's exceptions are translated to :class:`~base.errors.BusError`
 at this boundary.
 """
 
@@ -47,9 +47,9 @@ from confluent_kafka import Message as _KMessage
 from confluent_kafka import Producer as _KProducer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from base import metrics
+from base.errors import BusError, ConfigError
 from engine.bus import Bus, Consumer, Message, RevokeCallback
-from kvadrupel import metrics
-from kvadrupel.errors import BusError, ConfigError
 
 if TYPE_CHECKING:
     from kvadrupel.settings import Settings

@@ -28,9 +28,9 @@ import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from base.errors import BusError
 from engine.bus import Bus, Consumer, Message, RevokeCallback
 from engine.buses.durable import SqliteLog
-from kvadrupel.errors import BusError
 
 __all__ = ["MemoryBus"]
 

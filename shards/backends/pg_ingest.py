@@ -30,7 +30,7 @@ import orjson
 import psycopg
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
-from kvadrupel.errors import StorageError
+from base.errors import StorageError
 from shards.backends.sql import ProfileWrite, _as_update
 from shards.store import ApplyFn, IngestOutcome
 

@@ -28,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
-from kvadrupel.errors import ShardUnavailable
+from base.errors import ShardUnavailable
 from shards.replica import BANNER_CHANNEL, ReplicaReads, make_replica_reads, notify_payloads
 from shards.router import MAX_USER_ID
 from shards.schema import banner_sets, banners, ingest_marks, profiles, user_state

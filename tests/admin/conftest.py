@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from api.admin.store import AccountStore
 from api.app import create_app
-from kvadrupel.clock import Clock
+from base.clock import Clock
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 from tests.fixtures.waiting import wait_for

@@ -12,8 +12,8 @@ from sqlalchemy import Engine, create_engine, select
 
 from api.admin.passwords import hash_password, verify_password
 from api.admin.store import AccountStore, ActivationStore, AuditLog
+from base.errors import Conflict, NotFound
 from kvadrupel import cli
-from kvadrupel.errors import Conflict, NotFound
 from shards.migrations import runner
 from shards.schema import admin_users
 

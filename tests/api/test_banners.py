@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
 from api.fast import BannerFastPath
-from kvadrupel.clock import Clock
+from base.clock import Clock
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 from shards.store import BannerChange

@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from engine.events import parse_event
-from kvadrupel.clock import Clock
+from base.clock import Clock
+from engine.ingest.events import parse_event
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 

@@ -10,8 +10,8 @@ from collections import defaultdict
 
 import pytest
 
+from base.errors import BusError
 from engine.bus import Bus, Message
-from kvadrupel.errors import BusError
 from tests.bus.helpers import collect, partitions_of, poll_for, settle, values
 from tests.fixtures.kafka import PARTITIONS
 

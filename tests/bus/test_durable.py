@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from base.errors import BusError
 from engine.bus import Message
 from engine.buses.memory import MemoryBus
-from kvadrupel.errors import BusError
 from tests.bus.helpers import collect, poll_for
 
 PARTS = 4

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from base.errors import BusError, ConfigError
 from engine.bus import Message
 from engine.buses.kafka import KafkaBus, _split_extra
-from kvadrupel.errors import BusError, ConfigError
 from kvadrupel.settings import Settings
 from tests.bus.helpers import collect, partitions_of, poll_for, settle, values
 from tests.fixtures.kafka import PARTITIONS, KafkaBusFactory

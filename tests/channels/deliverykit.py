@@ -2,7 +2,7 @@
 
 ``make_rig(settings, ...)`` builds the container's storage and bus, a ledger and a
 channel policy on a :class:`FakeClock`, an SMTP mailer (to the ``smtp_server``
-fixture) and a :class:`~engine.delivery.DeliveryWorker`. Tests publish rule
+fixture) and a :class:`~engine.deliver.worker.DeliveryWorker`. Tests publish rule
 results (``enter(...)``/``exit_(...)``) and ``drain()`` the worker.
 """
 
@@ -20,7 +20,7 @@ from channels.mailers.smtp import SmtpMailer
 from channels.policy import ChannelPolicy
 from channels.push import Pusher
 from channels.unsubscribe import Unsubscriber
-from engine.delivery import DeliveryWorker
+from engine.deliver.worker import DeliveryWorker
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 from tests.fixtures.waiting import scaled

@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
+from base.clock import Clock
 from channels.pushers.fcm import FcmPusher
-from kvadrupel.clock import Clock
 from kvadrupel.container import Container
 from rules.models import RuleIn
 from shards.schema import banner_stats

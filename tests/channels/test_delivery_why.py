@@ -1,5 +1,5 @@
 """The content of an enter: the why-data (rules/why.py) and localisation
-(channels/compose.py), and the rule-spec extensions they read."""
+(engine/evaluate/compose.py), and the rule-spec extensions they read."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from channels.compose import compose, device_tokens, language_of, timezone_of
-from channels.templates import validate_template
+from engine.evaluate.compose import compose, device_tokens, language_of, timezone_of
 from rules.context import make_context
 from rules.models import BannerSpec, EmailSpec, RuleIn
+from rules.templates import validate_template
 from rules.why import explain
 
 CTX = make_context("2026-11-24")

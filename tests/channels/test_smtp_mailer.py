@@ -12,10 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from base.errors import ChannelError, ConfigError
 from channels.mail import Email, mailer_from_settings
 from channels.mailers.outbox import OutboxMailer
 from channels.mailers.smtp import SmtpEndpoint, SmtpMailer, parse_smtp_url
-from kvadrupel.errors import ChannelError, ConfigError
 from kvadrupel.settings import Settings
 from tests.channels.helpers import (
     MAIL_FROM,

@@ -11,7 +11,7 @@ injected in turn:
 * the SMTP server answering 451 to everything for a while.
 
 After recovery: every profile equals the oracle (the produced events applied one
-by one with ``engine.events.apply_event``), every range of the run is done, the
+by one with ``engine.ingest.events.apply_event``), every range of the run is done, the
 banners equal a from-scratch evaluation of the final profiles, and every e-mail
 in the ledger arrived (by Message-ID) and nothing else did. A summary table goes
 to stdout and ``test-artifacts/drills-summary.txt``.
@@ -39,8 +39,8 @@ from sqlalchemy import select
 
 from api.app import create_app
 from engine.buses.kafka import KafkaBus
-from engine.evaluation import CompiledPack
-from engine.events import apply_event, parse_event
+from engine.evaluate.evaluation import CompiledPack
+from engine.ingest.events import apply_event, parse_event
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 from rules.context import make_context

@@ -20,8 +20,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from base.clock import Clock
 from channels.mailers.outbox import read_outbox
-from kvadrupel.clock import Clock
 from kvadrupel.container import Container
 from kvadrupel.demo import install_pack
 from kvadrupel.settings import Settings

@@ -29,8 +29,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.app import create_app
-from engine.evaluation import CompiledPack
-from kvadrupel.clock import Clock
+from base.clock import Clock
+from engine.evaluate.evaluation import CompiledPack
 from kvadrupel.container import Container
 from kvadrupel.demo import install_pack
 from kvadrupel.settings import Settings

@@ -6,10 +6,10 @@ from datetime import date
 
 import orjson
 
-from engine.evaluation import CompiledPack, RangeStats, evaluate_rows
+from engine.evaluate.evaluation import CompiledPack, RangeStats, evaluate_rows
 from engine.messages import encode
 from rules.context import make_context
-from rules.service import ActiveRule
+from rules.ruleset import ActiveRule
 from shards.store import ProfileRow
 
 AS_OF = date(2026, 11, 24)

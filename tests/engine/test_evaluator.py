@@ -52,7 +52,7 @@ def start_evaluators(c: Container, n: int = 2) -> tuple[threading.Event, list[th
 
 
 def expected_matches(c: Container, docs: dict, as_of) -> Counter[str]:  # noqa: ANN001
-    from engine.evaluation import CompiledPack
+    from engine.evaluate.evaluation import CompiledPack
 
     pack = CompiledPack(c.rules.active(), 0)
     ctx = make_context(as_of, c.settings.timezone)

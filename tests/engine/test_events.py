@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.events import (
+from base.errors import EventError
+from engine.ingest.events import (
     MAX_DEPTH,
     Event,
     FastEvent,
@@ -19,7 +20,6 @@ from engine.events import (
     apply_user,
     parse_event,
 )
-from kvadrupel.errors import EventError
 
 BIG = 64 * 1024
 

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.events import apply_user, parse_event
-from kvadrupel.errors import StorageError
+from base.errors import StorageError
+from engine.ingest.events import apply_user, parse_event
 from shards.backends.sqlite import SqliteShardStore
 from shards.migrations import runner
 from shards.shardset import open_shard

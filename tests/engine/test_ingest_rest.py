@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from base.errors import BusError
 from engine.buses.memory import MemoryBus
 from kvadrupel.container import Container
-from kvadrupel.errors import BusError
 from kvadrupel.settings import Settings
 
 TOKEN = "ing-" + "y" * 20

@@ -22,8 +22,8 @@ import orjson
 import psycopg
 from confluent_kafka import Consumer, Producer
 
-from engine.events import parse_event
-from kvadrupel.errors import EventError
+from base.errors import EventError
+from engine.ingest.events import parse_event
 from tests.engine.test_events import oracle
 from tests.fixtures.waiting import scaled, wait_for
 

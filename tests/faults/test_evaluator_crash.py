@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy import func, select
 
 from channels.mailers.outbox import read_outbox
-from engine.evaluation import CompiledPack
+from engine.evaluate.evaluation import CompiledPack
 from kvadrupel.container import Container
 from kvadrupel.demo import install_pack
 from kvadrupel.settings import Settings

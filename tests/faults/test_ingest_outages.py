@@ -18,7 +18,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from engine.buses.kafka import KafkaBus
-from engine.ingest import IngestWorker
+from engine.ingest.worker import IngestWorker
 from shards.router import ShardRouter
 from shards.shardset import ShardSet, open_shard
 from tests.faults import ingestkit as kit

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kvadrupel.errors import RuleTimeout
+from base.errors import RuleTimeout
 from rules import budget
 from rules.budget import BudgetExceeded
 from rules.context import make_context

@@ -24,7 +24,7 @@ import tracemalloc
 import orjson
 import pytest
 
-from kvadrupel.errors import RuleCompileError
+from base.errors import RuleCompileError
 from rules.context import make_context
 from rules.ruleset import RuleSet, RuleSpec
 from rules.sandbox import compile_rule

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import REGISTRY
 
-from kvadrupel.errors import SandboxCrash
+from base.errors import SandboxCrash
 from rules.isolation import Limits, SandboxError, SandboxPool
 
 MODULE = "tests.rules.crashing_child"

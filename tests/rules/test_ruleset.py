@@ -10,7 +10,7 @@ from datetime import date, timedelta
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from kvadrupel.errors import RuleCompileError
+from base.errors import RuleCompileError
 from rules import helpers
 from rules.context import make_context
 from rules.pack import BUILTIN_RULES

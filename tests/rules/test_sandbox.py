@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvadrupel.errors import RuleCompileError, RuleRuntimeError
+from base.errors import RuleCompileError, RuleRuntimeError
 from rules.context import Context, make_context
 from rules.sandbox import MAX_SOURCE_CHARS, compile_rule
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.events import Event, apply_events
+from engine.ingest.events import Event, apply_events
 from shards.backends.sqlite import SqliteShardStore
 from shards.copytext import parse_rows
 from shards.migrations import runner

@@ -19,7 +19,7 @@ from api.admin import charts, helpdocs
 from api.admin.app import flash, redirect, render
 from api.admin.forms import editor_values, parse_profile, rule_from_form
 from api.admin.security import APPROVERS, AnyUser, Approver, CsrfForm, Editor
-from kvadrupel.errors import Conflict, KvadrupelError, NotFound, RuleValidationError
+from base.errors import Conflict, KvadrupelError, NotFound, RuleValidationError
 from rules.models import RuleIn
 
 router = APIRouter()

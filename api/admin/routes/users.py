@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from api.admin.app import flash, redirect, render
 from api.admin.security import Admin, Approver, CsrfForm
 from api.admin.store import ROLES
-from kvadrupel.errors import Conflict
+from base.errors import Conflict
 
 router = APIRouter()
 

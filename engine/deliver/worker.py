@@ -37,6 +37,7 @@ from typing import Any
 
 import orjson
 
+from base import metrics
 from channels.episodes import EpisodeStart, end_episodes, expire_due, start_episodes
 from channels.ledger import Claim, Ledger, Outcome
 from channels.mail import Email, Mailer
@@ -44,10 +45,9 @@ from channels.policy import ChannelPolicy, Decision
 from channels.preferences import ALLOW_ALL, Preferences, load_preferences
 from channels.push import Push, Pusher
 from channels.unsubscribe import Unsubscriber
+from engine.batch import BatchWorker
 from engine.bus import Bus, Consumer, Message
 from engine.messages import Enter, Exit, MessageError, dead_letter, decode_result
-from engine.worker import BatchWorker
-from kvadrupel import metrics
 from shards.router import MAX_USER_ID
 from shards.shardset import ShardSet
 from shards.store import BannerChange

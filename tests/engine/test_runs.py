@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from scheduler.runs import PlannedRange, RunService
+from engine.runs import PlannedRange, RunService
 from shards.migrations import runner
 from shards.shardset import control_engine
 from tests.scheduler.helpers import AS_OF

@@ -52,7 +52,7 @@ from typing import Annotated, Any, NamedTuple
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from kvadrupel.errors import EventError
+from base.errors import EventError
 from shards.router import MAX_USER_ID, parse_user_id
 
 __all__ = [

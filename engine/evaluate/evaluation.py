@@ -34,12 +34,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from channels.compose import compose
+from base.errors import ChannelError, RuleError, RuleTimeout
+from engine.evaluate.compose import compose
 from engine.messages import VERSION, Enter, Exit, Result
-from kvadrupel.errors import ChannelError, RuleError, RuleTimeout
 from rules.context import Context
-from rules.ruleset import RuleSet
-from rules.service import ActiveRule
+from rules.ruleset import ActiveRule, RuleSet
 from shards.store import ProfileRow
 
 __all__ = ["CompiledPack", "RangeStats", "confirm_slow", "confirm_timeout", "evaluate_rows"]
@@ -346,7 +345,7 @@ def _enter(uid: int, doc: Any, rule: ActiveRule, episode: int, ctx: Context, run
            stats: RangeStats) -> Enter:
     stats.enters += 1
     banner = email = None
-    extra: dict[str, Any] = {}  # language, time zone, push, why-data (channels/compose.py)
+    extra: dict[str, Any] = {}  # language, time zone, push, why-data (engine/evaluate/compose.py)
     try:
         banner, email, extra = compose(rule, doc, ctx)
     except ChannelError as exc:

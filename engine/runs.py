@@ -30,9 +30,9 @@ from typing import Any
 from sqlalchemy import Engine, case, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from base.clock import SYSTEM, Clock
+from base.errors import NotFound
 from engine.messages import VERSION, RangeJob
-from kvadrupel.clock import SYSTEM, Clock
-from kvadrupel.errors import NotFound
 from shards.schema import run_ranges, runs
 
 __all__ = ["PlannedRange", "RunService"]

@@ -6,16 +6,16 @@ import tracemalloc
 
 import pytest
 
-from channels import templates
-from channels.templates import (
+from base.errors import ChannelError
+from rules import templates
+from rules.context import make_context
+from rules.templates import (
     render_content,
     render_html,
     render_template,
     validate_content,
     validate_template,
 )
-from kvadrupel.errors import ChannelError
-from rules.context import make_context
 
 HOSTILE = '<script>alert("x")</script>&'
 

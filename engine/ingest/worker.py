@@ -24,7 +24,7 @@ no-op for shards that had committed it, so every event applies exactly once.
 Users of a replayed stretch are re-evaluated (their request may have been lost).
 If a shard fails, nothing later is written to it: the worker waits for the
 writes in flight, keeps every uncommitted message, pauses the consumer and
-retries them in order with backoff (see :class:`~engine.worker.BatchWorker`);
+retries them in order with backoff (see :class:`~engine.batch.BatchWorker`);
 shards that had committed skip them by their marks.
 
 Dead letters are at least once: a crash between publishing them and committing
@@ -43,13 +43,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
+from base import metrics
+from base.errors import EventError
 from engine import messages
+from engine.batch import BatchWorker
 from engine.bus import Bus, Consumer, Message
-from engine.events import DEFAULT_SEEN_CAP, apply_user, parse_event
+from engine.ingest.events import DEFAULT_SEEN_CAP, apply_user, parse_event
 from engine.messages import VERSION, UsersJob, encode
-from engine.worker import BatchWorker
-from kvadrupel import metrics
-from kvadrupel.errors import EventError
 from shards.shardset import ShardSet
 from shards.store import IngestDataError, IngestItem, IngestOutcome
 

@@ -1,6 +1,6 @@
 """What a rule's *enter* carries to the channels: localised content, the why-data.
 
-Called by the evaluator (engine/evaluation.py) once per enter, never on the
+Called by the evaluator (engine/evaluate/evaluation.py) once per enter, never on the
 nightly path of users whose state did not change. :func:`compose` returns
 
 * ``banner``: ``{title, body, link}`` rendered in the user's language, plus
@@ -38,7 +38,7 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from channels.templates import render_content, render_template
+from rules.templates import render_content, render_template
 
 __all__ = ["BANNER_KEYS", "EMAIL_KEYS", "PUSH_KEYS", "compose", "device_tokens",
            "language_of", "localised", "timezone_of"]
@@ -157,7 +157,7 @@ def _expiry(source: Any, profile: Any, ctx: Any, tz: str) -> str | None:
 
 def compose(rule: Any, profile: Any, ctx: Any) -> tuple[dict | None, dict | None, dict[str, Any]]:
     """``(banner, email, extra)`` for an enter of ``rule`` (an ``ActiveRule``) on
-    ``profile``. Raises :class:`~kvadrupel.errors.ChannelError` for a template
+    ``profile``. Raises :class:`~base.errors.ChannelError` for a template
     that fails; the why-data never raises."""
     from rules.why import explain  # rules → channels is the usual direction; keep imports lazy
 

@@ -1,11 +1,11 @@
-"""The rule sandbox child process: ``python -m engine.sandbox_child``.
+"""The rule sandbox child process: ``python -m engine.evaluate.child``.
 
 Started and fed by a :class:`rules.isolation.SandboxPool`; every piece of analyst
 code (rules, templates, "why") that the engine, the API or the CLI runs is
 evaluated here. The ops, each ``(meta, body) -> (meta, body)``:
 
 * ``eval``: a batch of profile rows (COPY text, shards/copytext.py) through a
-  compiled pack (engine/evaluation.py): result messages, new states, figures;
+  compiled pack (engine/evaluate/evaluation.py): result messages, new states, figures;
 * ``confirm_timeout`` / ``confirm_slow``: re-run one rule alone before quarantine;
 * ``grid``: a rule set over docs × dates, match bit masks (audience questions,
   examples, the test panel);
@@ -13,7 +13,7 @@ evaluated here. The ops, each ``(meta, body) -> (meta, body)``:
 * ``explain``: the "why" of one rule on one profile.
 
 This process holds no connection and no secret; if a rule crashes it, the
-caller finds out which (engine/evaluator.py) and nothing else is lost.
+caller finds out which (engine/evaluate/worker.py) and nothing else is lost.
 """
 
 from __future__ import annotations
@@ -24,12 +24,17 @@ from typing import Any
 
 import orjson
 
-from engine.evaluation import CompiledPack, RangeStats, confirm_slow, confirm_timeout, evaluate_rows
+from engine.evaluate.evaluation import (
+    CompiledPack,
+    RangeStats,
+    confirm_slow,
+    confirm_timeout,
+    evaluate_rows,
+)
 from engine.messages import EvalAnswer, encode
 from rules.context import Context, make_context
 from rules.isolation import serve
-from rules.ruleset import RuleSet, RuleSpec
-from rules.service import ActiveRule
+from rules.ruleset import ActiveRule, RuleSet, RuleSpec
 from shards.copytext import parse_rows, split_lines
 
 _rulesets: dict[str, RuleSet] = {}
@@ -118,7 +123,7 @@ def op_grid(meta: dict[str, Any], body: bytes, _cache: dict[str, Any]) -> tuple[
 
 
 def op_render(meta: dict[str, Any], body: bytes, _cache: dict[str, Any]) -> tuple[dict, bytes]:
-    from channels.templates import render_content
+    from rules.templates import render_content
 
     profile = orjson.loads(body)
     ctx = _ctx(meta["ctx"])

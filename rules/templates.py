@@ -29,7 +29,7 @@ context). They are rendered per user per match, so:
 * HTML is autoescaped (a ``<script>`` in a profile value arrives as text); plain
   text and subjects are not escaped.
 
-Every failure is a :class:`~kvadrupel.errors.ChannelError` whose message says the
+Every failure is a :class:`~base.errors.ChannelError` whose message says the
 line. :func:`validate_template` / :func:`validate_content` give the same message
 without raising, for checking a rule when it is saved.
 
@@ -60,7 +60,7 @@ from jinja2.sandbox import (
 )
 from markupsafe import Markup
 
-from kvadrupel.errors import ChannelError, RuleRuntimeError
+from base.errors import ChannelError, RuleRuntimeError
 from rules.guards import (
     ASCII,
     REPR,

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from catalogue.audience import date_dependence, lookahead, wilson_cc
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
-from rules.audience import date_dependence, lookahead, wilson_cc
 from rules.ruleset import RuleSpec
 
 AS_OF = date(2026, 11, 24)

@@ -10,15 +10,13 @@ from __future__ import annotations
 import difflib
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, select, update
 
-from channels.templates import validate_template
-from kvadrupel.clock import SYSTEM, Clock
-from kvadrupel.errors import (
+from base.clock import SYSTEM, Clock
+from base.errors import (
     ChannelError,
     Conflict,
     NotFound,
@@ -26,31 +24,16 @@ from kvadrupel.errors import (
     RuleValidationError,
     SandboxCrash,
 )
-from rules import audience
+from catalogue import audience
 from rules.isolation import SandboxPool
 from rules.models import RuleIn
 from rules.remote import CHILD_MODULE, RuleRunner
-from rules.ruleset import RuleSpec
+from rules.ruleset import ActiveRule, RuleSpec
 from rules.sandbox import compile_rule
+from rules.templates import validate_template
 from shards.schema import rule_versions, rules
 
 __all__ = ["ActiveRule", "RuleService"]
-
-
-@dataclass(frozen=True, slots=True)
-class ActiveRule:
-    key: str
-    version: int
-    name: str
-    group: str | None
-    priority: int
-    source: str
-    banner: dict[str, Any] | None
-    email: dict[str, Any] | None
-
-    def spec(self) -> RuleSpec:
-        return RuleSpec(key=self.key, version=self.version, source=self.source,
-                        priority=self.priority, group=self.group)
 
 
 
@@ -372,7 +355,7 @@ class RuleService:
                   sample: int | str = 20_000, version: int | None = None,
                   max_evaluations: int = audience.MAX_LOOKAHEAD_EVALUATIONS) -> dict[str, Any]:
         """Users the rule matches on any day of ``[start, start + days]`` (each once):
-        see :func:`rules.audience.lookahead`."""
+        see :func:`catalogue.audience.lookahead`."""
         # Through the sandbox's children like the other audience questions, where this
         # service has them (``runner``); a local rule set under the budget otherwise.
         return audience.lookahead(self._shardset(), self._spec(key, version), start, days,
@@ -382,5 +365,5 @@ class RuleService:
 
     def date_dependence(self, key: str, version: int | None = None) -> dict[str, Any]:
         """Whether the rule's source reads the date (no profiles read): see
-        :func:`rules.audience.date_dependence`."""
+        :func:`catalogue.audience.date_dependence`."""
         return audience.date_dependence(self.version(key, version)["source"])

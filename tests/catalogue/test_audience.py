@@ -11,10 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from catalogue.audience import wilson
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 from kvadrupel.synthetic import users
-from rules.audience import wilson
 from rules.models import RuleIn
 
 AS_OF = date(2026, 11, 24)

@@ -4,7 +4,7 @@ Workers form one consumer group on the jobs topic (``kvadrupel evaluate``; start
 more to scale out). For a range job a worker
 
 1. claims the range in the control DB (an attempt is counted; a range started
-   too often without finishing is parked there instead: scheduler/runs.py);
+   too often without finishing is parked there instead: engine/runs.py);
 2. reads the range from its shard in one streaming query (COPY on PostgreSQL),
    evaluates every rule of the run on each user, compares with the user's
    previous state and publishes only the changes (keyed by user id);
@@ -42,8 +42,12 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from base import metrics
+from base.errors import BusError, SandboxCrash, ShardUnavailable
+from catalogue.service import RuleService
+from engine.batch import BatchWorker
 from engine.bus import Bus, Consumer, Message
-from engine.evaluation import RangeStats
+from engine.evaluate.evaluation import RangeStats
 from engine.messages import (
     Enter,
     MessageError,
@@ -55,13 +59,10 @@ from engine.messages import (
     decode_job,
     encode,
 )
-from engine.worker import BatchWorker
-from kvadrupel import metrics
-from kvadrupel.errors import BusError, SandboxCrash, ShardUnavailable
+from engine.runs import RunService
 from rules.isolation import SandboxPool
 from rules.remote import CHILD_MODULE
-from rules.service import ActiveRule, RuleService
-from scheduler.runs import RunService
+from rules.ruleset import ActiveRule
 from shards.copytext import row_user
 from shards.shardset import ShardSet
 from shards.store import ShardStore
@@ -82,7 +83,7 @@ def worker_id() -> str:
 @dataclass(frozen=True, slots=True)
 class PackInfo:
     """The rules a batch is evaluated with, as the evaluator knows them: metadata
-    only. The code is compiled and run in the sandbox child (engine/sandbox_child.py),
+    only. The code is compiled and run in the sandbox child (engine/evaluate/child.py),
     which gets ``payload`` once per child under the cache key ``id``."""
 
     id: str
@@ -329,7 +330,7 @@ class EvaluatorWorker(BatchWorker):
         then the first row it dies on. A rule that killed a child twice (the batch,
         then alone) is quarantined with the reason and that user; it does not run
         again until a new version is saved. No rule to blame: the range fails (and
-        is retried, then parked: scheduler/runs.py)."""
+        is retried, then parked: engine/runs.py)."""
         log.error("a sandbox child died on a batch of %d rows: %s; finding the rule",
                   len(lines), crash.reason)
         blamed = False
