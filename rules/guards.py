@@ -58,6 +58,7 @@ __all__ = [
     "SAFE_BUILTINS",
     "STR",
     "UNSAFE_ATTRS",
+    "reads_clock",
     "SafeStr",
     "check_text_call",
     "container_ids",
@@ -720,7 +721,17 @@ MUTATORS = frozenset({
     "intersection_update", "symmetric_difference_update",
 })
 # fmt: on
-GUARDED_ATTRS = MUTATORS | {"join", "replace"} | set(GROWTH) | DATE_CALLS
+# Class methods of date/datetime that read the machine's clock: reachable as
+# ``ctx.now.now()``, they would bypass the one clock (and a pinned test date).
+CLOCK_READS = frozenset({"now", "today", "utcnow", "fromtimestamp", "utcfromtimestamp"})
+GUARDED_ATTRS = MUTATORS | {"join", "replace"} | set(GROWTH) | DATE_CALLS | CLOCK_READS
+
+
+def reads_clock(obj: Any, name: str) -> bool:
+    """``obj.name`` would read the machine's clock (``ctx.now.now()``,
+    ``ctx.today.today()``); ``ctx.now`` itself is fine."""
+    return name in CLOCK_READS and (
+        isinstance(obj, _date) or (isinstance(obj, type) and issubclass(obj, _date)))
 
 
 def container_ids(root: Any) -> set[int]:
@@ -785,6 +796,8 @@ def make_rule_guards(protected: set[int]) -> dict[str, Any]:
     def getattr_guard(obj: Any, name: str) -> Any:
         """Loads of :data:`GUARDED_ATTRS` names (every other attribute is a plain load)."""
         if name not in MUTATORS:
+            if reads_clock(obj, name):
+                raise _refuse(f".{name}() reads the machine's clock: use ctx.today / ctx.now")
             return text_attr(obj, name)
         if isinstance(obj, type):
             # dict.update(profile, ...) would mutate through the unbound method.

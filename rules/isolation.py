@@ -52,7 +52,8 @@ __all__ = ["SAFE_ENV", "Limits", "SandboxError", "SandboxPool", "serve"]
 _HDR = struct.Struct(">II")  # meta length, body length
 MAX_FRAME = 1 << 30
 SAFE_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "PYTHONHASHSEED",
-            "PYTHONDONTWRITEBYTECODE", "SYSTEMROOT")
+            "PYTHONDONTWRITEBYTECODE", "SYSTEMROOT",
+            "KVADRUPEL_BANNER_LINK_SCHEMES")  # read by the link check after rendering
 OOM_EXIT = 3  # a child that ran out of memory outside a rule exits with this
 
 

@@ -69,6 +69,7 @@ from rules.guards import (
     UNSAFE_ATTRS,
     check_text_call,
     percent_size,
+    reads_clock,
     text_size,
 )
 
@@ -322,7 +323,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         self.globals["namespace"] = _Namespace
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
-        return attr not in UNSAFE_ATTRS and super().is_safe_attribute(obj, attr, value)
+        return (attr not in UNSAFE_ATTRS and not reads_clock(obj, attr)
+                and super().is_safe_attribute(obj, attr, value))
 
     def is_safe_callable(self, obj: Any) -> bool:
         if getattr(obj, "__name__", None) in UNSAFE_ATTRS:  # e.g. ZoneInfo.clear_cache

@@ -38,7 +38,10 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from base.errors import ChannelError
+from rules.models import link_problem
 from rules.templates import render_content, render_template
+from rules.why import explain
 
 __all__ = ["BANNER_KEYS", "EMAIL_KEYS", "PUSH_KEYS", "compose", "device_tokens",
            "language_of", "localised", "timezone_of"]
@@ -155,12 +158,19 @@ def _expiry(source: Any, profile: Any, ctx: Any, tz: str) -> str | None:
     return at.astimezone(UTC).isoformat()
 
 
+def _check_link(link: Any, what: str) -> None:
+    """A link's scheme is judged again once rendered: the template check at save time
+    cannot see a scheme that comes from the profile (``{{ profile.url }}``)."""
+    if isinstance(link, str) and link:
+        problem = link_problem(link, template=False)
+        if problem:
+            raise ChannelError(f"{what} as rendered: {problem}")
+
+
 def compose(rule: Any, profile: Any, ctx: Any) -> tuple[dict | None, dict | None, dict[str, Any]]:
     """``(banner, email, extra)`` for an enter of ``rule`` (an ``ActiveRule``) on
     ``profile``. Raises :class:`~base.errors.ChannelError` for a template
     that fails; the why-data never raises."""
-    from rules.why import explain  # rules → channels is the usual direction; keep imports lazy
-
     lang = language_of(profile)
     tz = timezone_of(profile)
     banner = email = push = None
@@ -169,6 +179,7 @@ def compose(rule: Any, profile: Any, ctx: Any) -> tuple[dict | None, dict | None
     if bspec is not None:
         texts, used = localised(bspec, BANNER_KEYS, lang)
         banner = render_content(texts, profile, ctx) | _flags(bspec)
+        _check_link(banner.get("link"), "banner link")
         expires = _expiry(bspec.get("expires_at"), profile, ctx, tz or getattr(ctx, "tz", "UTC"))
         if expires:
             banner["expires_at"] = expires
@@ -179,6 +190,7 @@ def compose(rule: Any, profile: Any, ctx: Any) -> tuple[dict | None, dict | None
                 ptexts, _ = localised(pspec, PUSH_KEYS, lang)
                 rendered = render_content(ptexts, profile, ctx) or {}
                 push = {k: rendered.get(k) or banner.get(k, "") for k in PUSH_KEYS}
+                _check_link(push.get("link"), "push link")
                 own = {k: v for k, v in pspec.items() if k in ("category", "importance") and v}
                 push |= _flags({**bspec, **own})
                 push["tokens"] = tokens

@@ -351,6 +351,14 @@ def _enter(uid: int, doc: Any, rule: ActiveRule, episode: int, ctx: Context, run
     except ChannelError as exc:
         stats.errors[rule.key] += 1
         stats.error_samples.setdefault(rule.key, f"user {uid}: template: {exc}")
+    why = extra.get("why")
+    if isinstance(why, dict) and why.get("timeout"):
+        # The explain re-run is the rule's code too: a rule that stalls only there
+        # (it can tell the recording proxy from a dict) counts as failing, and the
+        # error-rate policing quarantines it.
+        stats.errors[rule.key] += 1
+        stats.error_samples.setdefault(
+            rule.key, f"user {uid}: ran past its budget when re-run to explain the match")
     to = doc.get("email") if isinstance(doc, dict) else None
     return Enter(
         v=VERSION, user_id=uid, rule=rule.key, episode=episode, version=rule.version,

@@ -115,3 +115,43 @@ def test_profile_rows_and_tuples_give_the_same_result() -> None:
     r1, s1, _ = run([(5, doc, None)])
     r2, s2, _ = run([ProfileRow(5, doc, {})])
     assert r1 == r2 and s1 == s2
+
+
+def test_a_rule_that_stalls_only_when_explained_counts_as_failing() -> None:
+    # Given a rule that matches everyone but loops on the why re-run (it can tell the
+    # recording proxy from a dict)
+    stalls = ActiveRule(
+        key="stall", version=1, name="stall", group=None, priority=100,
+        source=("def match(profile, ctx):\n    if isinstance(profile.values(), list):\n"
+                "        while True:\n            pass\n    return True\n"),
+        banner={"title": "t", "body": "", "link": ""}, email=None)
+    rows = [ProfileRow(1, {"a": 1}, {}), ProfileRow(2, {"a": 2}, {})]
+
+    # When the users enter
+    results, _, stats = run(rows, CompiledPack([stalls], 20))
+
+    # Then they enter (the match stands) and each stalled explain counts as an error
+    # of the rule, which the error-rate policing quarantines
+    assert kinds(results) == [(1, "enter", "stall", 1), (2, "enter", "stall", 1)]
+    assert stats.errors["stall"] == 2
+    assert "explain" in stats.error_samples["stall"]
+
+
+def test_a_link_that_becomes_unsafe_when_rendered_is_refused() -> None:
+    # Given a banner whose link comes from the profile
+    linked = ActiveRule(
+        key="linked", version=1, name="linked", group=None, priority=100,
+        source="def match(profile, ctx):\n    return True\n",
+        banner={"title": "t", "body": "", "link": "{{ profile.url }}"}, email=None)
+    rows = [ProfileRow(1, {"url": "javascript:alert(1)"}, {}),
+            ProfileRow(2, {"url": "/renew"}, {})]
+
+    # When both enter
+    results, _, stats = run(rows, CompiledPack([linked], 50))
+
+    # Then the unsafe one goes out without content and is counted; the safe one shows
+    by_user = {r["user_id"]: r for r in results}
+    assert by_user[1]["banner"] is None
+    assert by_user[2]["banner"]["link"] == "/renew"
+    assert stats.errors["linked"] == 1
+    assert "javascript" in stats.error_samples["linked"]
