@@ -34,13 +34,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 from sqlalchemy import Engine, and_, bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from base.clock import SYSTEM
 from shards.schema import ledger
 
 __all__ = ["Claim", "Ledger", "Outcome", "OPEN", "STATUSES"]
@@ -48,10 +49,6 @@ __all__ = ["Claim", "Ledger", "Outcome", "OPEN", "STATUSES"]
 STATUSES = ("pending", "held", "sent", "failed", "suppressed", "dropped", "cancelled")
 OPEN = ("pending", "held")  # not final: due() picks these up
 _CHUNK = 500
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +145,7 @@ class Ledger:
         self.base_delay_s = base_delay_s
         self.max_delay_s = max_delay_s
         self.claim_timeout = timedelta(seconds=claim_timeout_s)
-        self.clock = clock or _utcnow
+        self.clock = clock or SYSTEM.now
         self._pg = control.dialect.name == "postgresql"
 
     def _insert(self) -> Any:

@@ -24,15 +24,33 @@ __all__ = [
     "IngestItem",
     "IngestOutcome",
     "ProfileRow",
+    "ProfileUpdate",
     "ScanRow",
     "ShardStore",
 ]
 
 Doc = dict[str, Any]
-# (doc or None, seen ids, events) -> either (doc, seen ids, rejected [(event, reason)],
-# applied count), or an object with those attributes plus ``changed`` (the document
-# differs) and ``encoded`` (its JSON bytes), like engine.ingest.events.apply_user's result.
-ApplyFn = Callable[[Doc | None, list[str], list[Any]], Any]
+
+
+@dataclass(slots=True)
+class ProfileUpdate:
+    """What applying one user's events gave: what :data:`ApplyFn` returns (the ingest
+    stage's ``engine.ingest.events.apply_user`` builds it; the store writes it)."""
+
+    doc: Doc
+    seen: list[str]  # the event ids now applied (capped)
+    rejected: list[tuple[Any, str]]  # (event, reason)
+    applied: int
+    changed: bool  # the document differs from the one given (not just ``seen``)
+    encoded: bytes  # ``orjson.dumps(doc)``, ready to store
+
+
+# (doc or None, seen ids, events) -> a ProfileUpdate, or the short form (doc, seen ids,
+# rejected [(event, reason)], applied count) for simple callers (tests, tools).
+ApplyFn = Callable[
+    [Doc | None, list[str], list[Any]],
+    ProfileUpdate | tuple[Doc, list[str], list[tuple[Any, str]], int],
+]
 # What scan_range/scan_users yield per user: (user_id, profile doc, state or None).
 ScanRow = tuple[int, Doc, dict[str, list[Any]] | None]
 

@@ -38,6 +38,7 @@ from typing import Any
 import orjson
 
 from base import metrics
+from base.clock import SYSTEM
 from channels.episodes import EpisodeStart, end_episodes, expire_due, start_episodes
 from channels.ledger import Claim, Ledger, Outcome
 from channels.mail import Email, Mailer
@@ -57,10 +58,6 @@ __all__ = ["DeliveryWorker"]
 log = logging.getLogger("kvadrupel.deliver")
 
 _FINAL = {"suppress": "suppressed", "drop": "dropped"}
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _parse_ts(value: Any) -> datetime | None:
@@ -92,7 +89,7 @@ class DeliveryWorker(BatchWorker):
         self.pusher = pusher
         self.policy = policy or ChannelPolicy(caps={}, quiet=None)
         self.unsubscriber = unsubscriber
-        self.clock = clock or _utcnow
+        self.clock = clock or SYSTEM.now
         self.on_banners = on_banners
         self.chore_interval_s = chore_interval_s
         self.due_batch = due_batch

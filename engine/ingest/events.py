@@ -45,7 +45,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, NamedTuple
 
@@ -54,11 +53,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 
 from base.errors import EventError
 from shards.router import MAX_USER_ID, parse_user_id
+from shards.store import ProfileUpdate
 
 __all__ = [
     "Event",
     "FastEvent",
-    "UserUpdate",
     "apply_event",
     "apply_events",
     "apply_user",
@@ -516,18 +515,6 @@ def _keep(doc: dict[str, Any], name: str, ops: dict[str, Any], keep_new: Any) ->
             parent[leaf] = value
 
 
-@dataclass(slots=True)
-class UserUpdate:
-    """What applying a user's events gave (see :func:`apply_user`)."""
-
-    doc: dict[str, Any]
-    seen: list[str]
-    rejected: list[tuple[AnyEvent, str]]
-    applied: int
-    changed: bool  # the document differs from the one given (not just ``seen``)
-    encoded: bytes  # ``orjson.dumps(doc)``, ready to store
-
-
 def apply_user(
     doc: dict[str, Any] | bytes | str | None,
     seen: list[str] | None,
@@ -535,11 +522,11 @@ def apply_user(
     *,
     max_bytes: int,
     seen_cap: int = DEFAULT_SEEN_CAP,
-) -> UserUpdate:
+) -> ProfileUpdate:
     """Apply one user's events in order, skipping ids in ``seen``.
 
     ``doc`` is the stored document: a dict (changed in place), its JSON text, or
-    orjson bytes (as :attr:`UserUpdate.encoded`; no re-serialisation needed).
+    orjson bytes (as :attr:`ProfileUpdate.encoded`; no re-serialisation needed).
     Equal to applying the events one at a time: a refused event (wrong type, path
     into a non-object, result over ``max_bytes``) leaves no trace. One
     serialisation per event serves as the size check, the rollback snapshot and,
@@ -593,7 +580,7 @@ def apply_user(
         if len(seen) > seen_cap:
             seen_set.discard(seen.pop(0))
         applied += 1
-    return UserUpdate(doc, seen, rejected, applied, snapshot != before, snapshot)
+    return ProfileUpdate(doc, seen, rejected, applied, snapshot != before, snapshot)
 
 
 def apply_events(

@@ -7,7 +7,6 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -28,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
+from base.clock import SYSTEM
 from base.errors import ShardUnavailable
 from shards.replica import BANNER_CHANNEL, ReplicaReads, make_replica_reads, notify_payloads
 from shards.router import MAX_USER_ID
@@ -39,6 +39,7 @@ from shards.store import (
     IngestItem,
     IngestOutcome,
     ProfileRow,
+    ProfileUpdate,
     ScanRow,
     ShardStore,
 )
@@ -68,10 +69,6 @@ _VERSION_SQL = "SELECT version FROM banner_sets WHERE user_id = %s"
 
 def json_dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 def banner_id(rule_key: str, episode: int) -> str:
@@ -128,21 +125,11 @@ class ProfileCache:
             self._d.pop(uid, None)
 
 
-@dataclass(slots=True)
-class _Update:
-    doc: dict[str, Any]
-    seen: list[str]
-    rejected: list[tuple[Any, str]]
-    applied: int
-    changed: bool
-    encoded: bytes
-
-
-def _as_update(result: Any) -> Any:
+def _as_update(result: Any) -> ProfileUpdate:
     """An ApplyFn result as an object with ``changed`` and ``encoded``."""
     if isinstance(result, tuple):  # the short form: (doc, seen, rejected, applied)
         doc, seen, rejected, applied = result
-        return _Update(doc, seen, rejected, applied, applied > 0, orjson.dumps(doc))
+        return ProfileUpdate(doc, seen, rejected, applied, applied > 0, orjson.dumps(doc))
     return result
 
 
@@ -327,7 +314,7 @@ class SqlShardStore(ShardStore):
 
     def _write_profiles(self, conn: Any, rows: list[ProfileWrite]) -> None:
         """Store the new documents (``version`` is the one loaded, 0: none)."""
-        ts = now()
+        ts = SYSTEM.now()
         ins = self._insert(profiles)
         conn.execute(
             ins.on_conflict_do_update(
@@ -340,7 +327,7 @@ class SqlShardStore(ShardStore):
         )
 
     def _upsert_profiles(self, conn: Any, rows: list[tuple[int, Any, list[str]]]) -> None:
-        ts = now()
+        ts = SYSTEM.now()
         ins = self._insert(profiles)
         conn.execute(
             ins.on_conflict_do_update(
@@ -451,7 +438,7 @@ class SqlShardStore(ShardStore):
     def save_state(self, states: Sequence[tuple[int, dict[str, list[Any]]]]) -> None:
         if not states:
             return
-        ts = now()
+        ts = SYSTEM.now()
         ins = self._insert(user_state)
         try:
             with self.engine.begin() as conn:
@@ -472,7 +459,7 @@ class SqlShardStore(ShardStore):
     def apply_banner_changes(self, changes: Sequence[BannerChange]) -> list[int]:
         if not changes:
             return []
-        ts = now()
+        ts = SYSTEM.now()
         changed: dict[int, None] = {}
         bumped: list[tuple[int, int]] = []
         try:
@@ -653,7 +640,7 @@ class SqlShardStore(ShardStore):
                         & (banners.c.id == bid)
                         & banners.c.dismissed_at.is_(None)
                     )
-                    .values(dismissed_at=now())
+                    .values(dismissed_at=SYSTEM.now())
                     .returning(banners.c.user_id)
                 )
                 if res.first() is not None:
