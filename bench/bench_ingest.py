@@ -193,7 +193,7 @@ def copy_ceiling(shard_urls: list[str], tries: int = 3) -> tuple[int, float, int
 
 
 def check_sample(shard_urls: list[str], sample: list, preloaded: bool) -> int:
-    from engine.ingest.events import parse_event
+    from engine.messages.event import parse_event
 
     router = ShardRouter.uniform(len(shard_urls))
     conns = [psycopg.connect(dsn(u)) for u in shard_urls]

@@ -38,7 +38,8 @@ from bench.ingest_common import (  # noqa: E402
     event,
     profiles,
 )
-from engine.ingest.events import apply_user, parse_event  # noqa: E402
+from engine.ingest.events import apply_user
+from engine.messages.event import parse_event
 from shards.backends.pg_ingest import FORMS  # noqa: E402
 from shards.backends.postgres import PostgresShardStore  # noqa: E402
 from shards.store import IngestItem  # noqa: E402

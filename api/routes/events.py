@@ -30,7 +30,8 @@ from api.auth import require
 from api.problems import problem
 from base.errors import BusError, EventError
 from engine.bus import Bus
-from engine.ingest.events import MAX_DEPTH, apply_user, parse_event
+from engine.ingest.events import apply_user
+from engine.messages.event import MAX_DEPTH, parse_event
 
 router = APIRouter(tags=["ingest"])
 log = logging.getLogger("kvadrupel.api.events")

@@ -48,8 +48,9 @@ from base.errors import EventError
 from engine import messages
 from engine.batch import BatchWorker
 from engine.bus import Bus, Consumer, Message
-from engine.ingest.events import DEFAULT_SEEN_CAP, apply_user, parse_event
+from engine.ingest.events import DEFAULT_SEEN_CAP, apply_user
 from engine.messages import VERSION, UsersJob, encode
+from engine.messages.event import parse_event
 from shards.shardset import ShardSet
 from shards.store import IngestDataError, IngestItem, IngestOutcome
 

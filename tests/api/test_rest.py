@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from base.clock import Clock
-from engine.ingest.events import parse_event
+from engine.messages.event import parse_event
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 

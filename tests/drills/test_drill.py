@@ -40,7 +40,8 @@ from sqlalchemy import select
 from api.app import create_app
 from engine.buses.kafka import KafkaBus
 from engine.evaluate.evaluation import CompiledPack
-from engine.ingest.events import apply_event, parse_event
+from engine.ingest.events import apply_event
+from engine.messages.event import parse_event
 from kvadrupel.container import Container
 from kvadrupel.settings import Settings
 from rules.context import make_context

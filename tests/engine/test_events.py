@@ -10,16 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from base.errors import EventError
-from engine.ingest.events import (
-    MAX_DEPTH,
-    Event,
-    FastEvent,
-    _fast,
-    apply_event,
-    apply_events,
-    apply_user,
-    parse_event,
-)
+from engine.ingest.events import apply_event, apply_events, apply_user
+from engine.messages.event import MAX_DEPTH, Event, FastEvent, _fast, parse_event
 
 BIG = 64 * 1024
 

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from base.errors import StorageError
-from engine.ingest.events import apply_user, parse_event
+from engine.ingest.events import apply_user
+from engine.messages.event import parse_event
 from shards.backends.sqlite import SqliteShardStore
 from shards.migrations import runner
 from shards.shardset import open_shard

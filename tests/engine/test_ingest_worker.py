@@ -12,8 +12,8 @@ import pytest
 
 from engine.bus import Bus
 from engine.buses.memory import MemoryBus
-from engine.ingest.events import parse_event
 from engine.ingest.worker import IngestWorker
+from engine.messages.event import parse_event
 from shards.backends.sqlite import SqliteShardStore
 from shards.migrations import runner
 from shards.router import ShardRouter

@@ -23,7 +23,7 @@ import psycopg
 from confluent_kafka import Consumer, Producer
 
 from base.errors import EventError
-from engine.ingest.events import parse_event
+from engine.messages.event import parse_event
 from tests.engine.test_events import oracle
 from tests.fixtures.waiting import scaled, wait_for
 

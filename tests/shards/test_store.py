@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.ingest.events import Event, apply_events
+from engine.ingest.events import apply_events
+from engine.messages.event import Event
 from shards.backends.sqlite import SqliteShardStore
 from shards.copytext import parse_rows
 from shards.migrations import runner
