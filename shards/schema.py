@@ -84,6 +84,10 @@ user_state = Table(
     # {rule_key: [episode, active (0/1), version, since (ISO date)]}
     Column("matches", Json, nullable=False),
     Column("updated_at", UtcDateTime(), nullable=False),
+    # The wake-up index (shard_0004): the date the state was computed for, and the
+    # earliest date an answer could change with the profile unchanged (NULL: never).
+    Column("as_of", Date, nullable=True),
+    Column("wake_on", Date, nullable=True, index=True),
 )
 
 banners = Table(

@@ -27,6 +27,7 @@ __all__ = [
     "ProfileUpdate",
     "ScanRow",
     "ShardStore",
+    "StateWrite",
 ]
 
 Doc = dict[str, Any]
@@ -89,6 +90,20 @@ class ProfileRow:
     state: dict[str, list[Any]]
 
 
+class StateWrite(NamedTuple):
+    """A user's evaluation state to store, with its place in the wake-up index.
+
+    ``as_of``: the date the state was computed for; ``wake_on``: the earliest date
+    on which an answer could change with the profile unchanged (the minimum of the
+    rules' time horizons; None: never by time alone). A bare ``(user_id, matches)``
+    pair stores neither: the user is due at the next run."""
+
+    user_id: int
+    matches: dict[str, list[Any]]
+    as_of: date | None = None
+    wake_on: date | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class BannerChange:
     """Show (``content`` given) or remove (``content`` None) a user's banner for a rule."""
@@ -138,24 +153,30 @@ class ShardStore(ABC):
     # in storage order (an ORDER BY would cost the nightly run a sort or an index
     # walk), the portable backend happens to page in id order.
     @abstractmethod
-    def scan_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[Sequence[ScanRow]]:
+    def scan_range(self, lo: int, hi: int, batch: int = 2000,
+                   due_on: date | None = None) -> Iterator[Sequence[ScanRow]]:
         """The users with ``lo <= user_id <= hi``, in chunks of at most ``batch`` rows.
 
         A row unpacks as ``(user_id, doc, state)`` (a tuple, or a tuple-like
         database row): ``doc`` the profile document, ``state`` the evaluation
         state as :meth:`save_state` last stored it, or None for a user never
-        evaluated. No order (see above)."""
+        evaluated. No order (see above).
+
+        ``due_on``: only the users due for an evaluation as of that date — never
+        evaluated, stored without an ``as_of``, computed for a later date (a
+        replay), or with ``wake_on`` on or before it (:class:`StateWrite`)."""
 
     @abstractmethod
     def scan_users(self, user_ids: Sequence[int], batch: int = 2000) -> Iterator[Sequence[ScanRow]]:
         """The listed users that have a profile, as :meth:`scan_range` rows, in chunks
         of at most ``batch`` rows; unknown ids are left out, repeated ids come once."""
 
-    def scan_range_text(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[bytes]]:
+    def scan_range_text(self, lo: int, hi: int, batch: int = 2000,
+                        due_on: date | None = None) -> Iterator[list[bytes]]:
         """:meth:`scan_range` as COPY text lines (shards/copytext.py), what the
         evaluator hands its sandbox child. PostgreSQL passes its COPY stream through
         unparsed; this default encodes the rows."""
-        for rows in self.scan_range(lo, hi, batch):
+        for rows in self.scan_range(lo, hi, batch, due_on):
             yield encode_rows(rows)
 
     def scan_users_text(self, user_ids: Sequence[int], batch: int = 2000) -> Iterator[list[bytes]]:
@@ -186,7 +207,17 @@ class ShardStore(ABC):
 
     # -- evaluation state -----------------------------------------------------
     @abstractmethod
-    def save_state(self, states: Sequence[tuple[int, dict[str, list[Any]]]]) -> None: ...
+    def save_state(self, states: Sequence[tuple[int, dict[str, list[Any]]] | StateWrite],
+                   *, merge_wake: bool = False) -> None:
+        """Store users' evaluation states (a :class:`StateWrite` or a bare
+        ``(user_id, matches)`` pair). ``merge_wake``: keep the earlier of the stored
+        and the new ``wake_on`` (a run restricted to some rules saw only their
+        horizons; the others' still stand)."""
+
+    @abstractmethod
+    def count_due(self, due_on: date) -> int:
+        """How many users :meth:`scan_range` with ``due_on`` would give over the
+        whole shard (the run's "due" figure)."""
 
     # -- banners --------------------------------------------------------------
     @abstractmethod

@@ -27,6 +27,7 @@ never analysed, or grown to over twice its analysed size, is analysed first
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from datetime import date
 from typing import Any
 
 import orjson
@@ -40,14 +41,22 @@ __all__ = ["bounds_from_histogram", "plan_bounds", "save_states", "scan_range", 
 _SELECT = ("SELECT p.user_id, p.doc, s.matches FROM profiles p "
            "LEFT JOIN user_state s ON s.user_id = p.user_id{s_where} WHERE {p_where}")
 
-def scan_range(
-    engine: Engine, lo: int, hi: int, batch: int = 2000
-) -> Iterator[list[tuple[int, Any, Any]]]:
-    """``(user_id, doc, state or None)`` for ``lo <= user_id <= hi``, in lists of ``batch``."""
+def _range_query(lo: int, hi: int, due_on: date | None) -> str:
     lo, hi = int(lo), int(hi)
     between = f"BETWEEN {lo} AND {hi}"
-    yield from _copy_rows(engine, _SELECT.format(s_where=f" AND s.user_id {between}",
-                                                 p_where=f"p.user_id {between}"), batch)
+    p_where = f"p.user_id {between}"
+    if due_on is not None:  # the wake-up index (ShardStore.scan_range); a date is safe text
+        d = f"DATE '{date.isoformat(due_on)}'"
+        p_where += (f" AND (s.user_id IS NULL OR s.as_of IS NULL OR s.as_of > {d}"
+                    f" OR s.wake_on <= {d})")
+    return _SELECT.format(s_where=f" AND s.user_id {between}", p_where=p_where)
+
+
+def scan_range(
+    engine: Engine, lo: int, hi: int, batch: int = 2000, due_on: date | None = None
+) -> Iterator[list[tuple[int, Any, Any]]]:
+    """``(user_id, doc, state or None)`` for ``lo <= user_id <= hi``, in lists of ``batch``."""
+    yield from _copy_rows(engine, _range_query(lo, hi, due_on), batch)
 
 
 def scan_users(
@@ -61,12 +70,10 @@ def scan_users(
         )
 
 
-def scan_range_text(engine: Engine, lo: int, hi: int, batch: int = 2000) -> Iterator[list[bytes]]:
+def scan_range_text(engine: Engine, lo: int, hi: int, batch: int = 2000,
+                    due_on: date | None = None) -> Iterator[list[bytes]]:
     """The rows of :func:`scan_range` as COPY text lines, unparsed (shards/copytext.py)."""
-    lo, hi = int(lo), int(hi)
-    between = f"BETWEEN {lo} AND {hi}"
-    yield from _copy_lines(engine, _SELECT.format(s_where=f" AND s.user_id {between}",
-                                                  p_where=f"p.user_id {between}"), batch)
+    yield from _copy_lines(engine, _range_query(lo, hi, due_on), batch)
 
 
 def scan_users_text(engine: Engine, user_ids: Sequence[int], batch: int = 2000
@@ -110,19 +117,29 @@ def _copy_lines(engine: Engine, query: str, batch: int) -> Iterator[list[bytes]]
         raw.close()
 
 
-def save_states(engine: Engine, states: Sequence[tuple[int, Any]]) -> None:
-    """Upsert ``(user_id, state)`` pairs in one statement (sorted by id, so two
-    writers of overlapping batches lock rows in the same order)."""
+def save_states(engine: Engine, states: Sequence[tuple[Any, ...]], merge_wake: bool = False
+                ) -> None:
+    """Upsert states — ``(user_id, matches[, as_of, wake_on])`` — in one statement
+    (sorted by id, so two writers of overlapping batches lock rows in the same
+    order). ``merge_wake``: keep the earlier ``wake_on`` (LEAST ignores NULL, which
+    means "never")."""
     if not states:
         return
-    pairs = sorted(states, key=lambda s: s[0])
+    rows = sorted(states, key=lambda s: s[0])
+    wake = ("CASE WHEN user_state.as_of IS NULL THEN EXCLUDED.wake_on "
+            "ELSE LEAST(user_state.wake_on, EXCLUDED.wake_on) END"
+            if merge_wake else "EXCLUDED.wake_on")
     with engine.begin() as conn:
         conn.exec_driver_sql(
-            "INSERT INTO user_state (user_id, matches, updated_at) "
-            "SELECT u, m::jsonb, now() FROM unnest(%(u)s::bigint[], %(m)s::text[]) AS t(u, m) "
+            "INSERT INTO user_state (user_id, matches, updated_at, as_of, wake_on) "
+            "SELECT u, m::jsonb, now(), a, w FROM unnest(%(u)s::bigint[], %(m)s::text[], "
+            "%(a)s::date[], %(w)s::date[]) AS t(u, m, a, w) "
             "ON CONFLICT (user_id) DO UPDATE "
-            "SET matches = EXCLUDED.matches, updated_at = EXCLUDED.updated_at",
-            {"u": [u for u, _ in pairs], "m": [orjson.dumps(m).decode() for _, m in pairs]},
+            "SET matches = EXCLUDED.matches, updated_at = EXCLUDED.updated_at, "
+            f"as_of = EXCLUDED.as_of, wake_on = {wake}",
+            {"u": [s[0] for s in rows], "m": [orjson.dumps(s[1]).decode() for s in rows],
+             "a": [s[2] if len(s) > 2 else None for s in rows],
+             "w": [s[3] if len(s) > 3 else None for s in rows]},
         )
 
 

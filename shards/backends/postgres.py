@@ -9,6 +9,7 @@ planner's statistics instead of counting rows (all in pg_stream.py), and ingest
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from datetime import date
 from typing import Any
 
 import orjson
@@ -19,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 from shards.backends import pg_stream
 from shards.backends.pg_ingest import PgIngestMixin
 from shards.backends.sql import SqlShardStore, json_dumps, ranges_from_bounds
-from shards.store import ScanRow
+from shards.store import ScanRow, StateWrite
 
 __all__ = ["PostgresShardStore", "postgres_engine"]
 
@@ -45,9 +46,10 @@ class PostgresShardStore(PgIngestMixin, SqlShardStore):  # ingest: see pg_ingest
     # -- the nightly evaluation (pg_stream.py): COPY reads, unnest state writes --
     # Evaluation reads the primary, not a replica: the state it diffs against must
     # be the one it (and the ingest-triggered re-evaluations) last wrote.
-    def scan_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[ScanRow]]:
+    def scan_range(self, lo: int, hi: int, batch: int = 2000,
+                   due_on: date | None = None) -> Iterator[list[ScanRow]]:
         try:
-            yield from pg_stream.scan_range(self.engine, lo, hi, batch)
+            yield from pg_stream.scan_range(self.engine, lo, hi, batch, due_on)
         except (OperationalError, psycopg.OperationalError) as exc:
             raise self._unavailable(exc) from exc
 
@@ -57,9 +59,10 @@ class PostgresShardStore(PgIngestMixin, SqlShardStore):  # ingest: see pg_ingest
         except (OperationalError, psycopg.OperationalError) as exc:
             raise self._unavailable(exc) from exc
 
-    def scan_range_text(self, lo: int, hi: int, batch: int = 2000) -> Iterator[list[bytes]]:
+    def scan_range_text(self, lo: int, hi: int, batch: int = 2000,
+                        due_on: date | None = None) -> Iterator[list[bytes]]:
         try:
-            yield from pg_stream.scan_range_text(self.engine, lo, hi, batch)
+            yield from pg_stream.scan_range_text(self.engine, lo, hi, batch, due_on)
         except (OperationalError, psycopg.OperationalError) as exc:
             raise self._unavailable(exc) from exc
 
@@ -69,9 +72,10 @@ class PostgresShardStore(PgIngestMixin, SqlShardStore):  # ingest: see pg_ingest
         except (OperationalError, psycopg.OperationalError) as exc:
             raise self._unavailable(exc) from exc
 
-    def save_state(self, states: Sequence[tuple[int, dict[str, list[Any]]]]) -> None:
+    def save_state(self, states: Sequence[tuple[int, dict[str, list[Any]]] | StateWrite],
+                   *, merge_wake: bool = False) -> None:
         try:
-            pg_stream.save_states(self.engine, states)
+            pg_stream.save_states(self.engine, states, merge_wake)
         except (OperationalError, psycopg.OperationalError) as exc:
             raise self._unavailable(exc) from exc
 

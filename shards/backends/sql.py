@@ -6,6 +6,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import date
 from typing import Any, NamedTuple
 
 import orjson
@@ -13,10 +14,13 @@ from sqlalchemy import (
     Engine,
     and_,
     bindparam,
+    case,
     func,
+    or_,
     select,
     tablesample,
     text,
+    true,
     update,
 )
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
@@ -34,6 +38,7 @@ from shards.store import (
     ProfileUpdate,
     ScanRow,
     ShardStore,
+    StateWrite,
 )
 
 _log = logging.getLogger("kvadrupel.shards")
@@ -315,16 +320,18 @@ class SqlShardStore(SqlBanners, ShardStore):
     # The evaluator's reads (the contract: ShardStore.scan_range). ``scan_*`` yield
     # database rows, which unpack as ``(user_id, doc, state or None)``; ``stream_*``
     # wrap them in ProfileRow.
-    def scan_range(self, lo: int, hi: int, batch: int = 2000) -> Iterator[Sequence[ScanRow]]:
+    def scan_range(self, lo: int, hi: int, batch: int = 2000,
+                   due_on: date | None = None) -> Iterator[Sequence[ScanRow]]:
         """Keyset pages in id order, one short query each (SQLite keeps no long
         read open)."""
         last = lo - 1
+        due = true() if due_on is None else _due(due_on)
         try:
             while True:
                 with self.read_engine.connect() as conn:
                     rows = conn.execute(
                         self._rows_query()
-                        .where(and_(profiles.c.user_id > last, profiles.c.user_id <= hi))
+                        .where(and_(profiles.c.user_id > last, profiles.c.user_id <= hi, due))
                         .order_by(profiles.c.user_id)
                         .limit(batch)
                     ).all()
@@ -379,11 +386,20 @@ class SqlShardStore(SqlBanners, ShardStore):
         return ranges_from_bounds(bounds)
 
     # -- evaluation state -------------------------------------------------------
-    def save_state(self, states: Sequence[tuple[int, dict[str, list[Any]]]]) -> None:
+    def save_state(self, states: Sequence[tuple[int, dict[str, list[Any]]] | StateWrite],
+                   *, merge_wake: bool = False) -> None:
         if not states:
             return
         ts = SYSTEM.now()
         ins = self._insert(user_state)
+        new_wake = ins.excluded.wake_on
+        wake = new_wake if not merge_wake else case(
+            (user_state.c.as_of.is_(None), new_wake),  # nothing stored to keep
+            (user_state.c.wake_on.is_(None), new_wake),
+            (new_wake.is_(None), user_state.c.wake_on),
+            (new_wake < user_state.c.wake_on, new_wake),
+            else_=user_state.c.wake_on)
+        rows = [StateWrite(*s) for s in states]
         try:
             with self.engine.begin() as conn:
                 conn.execute(
@@ -392,10 +408,23 @@ class SqlShardStore(SqlBanners, ShardStore):
                         set_={
                             "matches": ins.excluded.matches,
                             "updated_at": ins.excluded.updated_at,
+                            "as_of": ins.excluded.as_of,
+                            "wake_on": wake,
                         },
                     ),
-                    [{"user_id": u, "matches": m, "updated_at": ts} for u, m in states],
+                    [{"user_id": s.user_id, "matches": s.matches, "updated_at": ts,
+                      "as_of": s.as_of, "wake_on": s.wake_on} for s in rows],
                 )
+        except OperationalError as exc:
+            raise self._unavailable(exc) from exc
+
+    def count_due(self, due_on: date) -> int:
+        query = (select(func.count()).select_from(
+            profiles.outerjoin(user_state, profiles.c.user_id == user_state.c.user_id))
+            .where(_due(due_on)))
+        try:
+            with self.read_engine.connect() as conn:
+                return int(conn.execute(query).scalar() or 0)
         except OperationalError as exc:
             raise self._unavailable(exc) from exc
 
@@ -434,6 +463,12 @@ class SqlShardStore(SqlBanners, ShardStore):
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()
+
+
+def _due(due_on: date) -> Any:
+    """The users due for an evaluation as of ``due_on`` (see ShardStore.scan_range)."""
+    return or_(user_state.c.user_id.is_(None), user_state.c.as_of.is_(None),
+               user_state.c.as_of > due_on, user_state.c.wake_on <= due_on)
 
 
 def ranges_from_bounds(bounds: list[int]) -> list[tuple[int, int]]:

@@ -15,7 +15,7 @@ from shards.copytext import parse_rows
 from shards.migrations import runner
 from shards.router import MAX_USER_ID
 from shards.shardset import open_shard
-from shards.store import BannerChange, IngestItem, ShardStore
+from shards.store import BannerChange, IngestItem, ShardStore, StateWrite
 
 APPLY = partial(apply_events, max_bytes=64 * 1024)
 
@@ -200,3 +200,60 @@ def test_dismiss_hides_for_the_episode(store: ShardStore) -> None:
     store.apply_banner_changes([_banner(2, "a", 1, None), _banner(2, "a", 2, "A")])  # new episode
     assert [b["id"] for b in store.banners(2)[1]] == ["a.2"]
     assert store.dismiss(2, "nope.1") is False
+
+
+# -- the wake-up index -----------------------------------------------------------
+D = date(2026, 12, 1)
+
+
+def _due(store: ShardStore, on: date, text: bool = False) -> list[int]:
+    if text:
+        return sorted(u for c in store.scan_range_text(1, 100, 4, due_on=on)
+                      for u, _, _ in parse_rows(c))
+    return sorted(u for c in store.scan_range(1, 100, 4, due_on=on) for u, _, _ in c)
+
+
+def test_a_range_scan_for_a_date_reads_only_the_users_due(store: ShardStore) -> None:
+    # Given users never evaluated (1), stored without a date (2), computed for D with
+    # horizons before, on and after D+1, with none (never by time), and for a later date
+    store.put_profiles([(u, {"u": u}) for u in range(1, 9)])
+    st = {"r": [1, 1, 1, "2026-11-30"]}
+    store.save_state([
+        (2, st),
+        StateWrite(3, st, D, date(2026, 12, 1)),
+        StateWrite(4, st, D, date(2026, 12, 2)),
+        StateWrite(5, st, D, date(2026, 12, 3)),
+        StateWrite(6, st, D, None),
+        StateWrite(7, st, date(2026, 12, 5), date(2027, 1, 1)),
+        StateWrite(8, st, D, date(2026, 11, 1)),
+    ])
+    # When the night of D+1 scans the range (rows and COPY text alike)
+    for text in (False, True):
+        # Then it reads the never-evaluated, the undated, the horizons on or before
+        # D+1, and the state computed for a later date (a replay evaluates it again)
+        assert _due(store, date(2026, 12, 2), text) == [1, 2, 3, 4, 7, 8]
+    # and a scan without a date reads everyone; the count agrees with the scan
+    assert sorted(u for c in store.scan_range(1, 100) for u, _, _ in c) == list(range(1, 9))
+    assert store.count_due(date(2026, 12, 2)) == 6
+    assert store.count_due(date(2027, 6, 1)) == 7  # 6 sleeps until its profile changes
+
+
+def test_a_restricted_run_keeps_the_earlier_horizon(store: ShardStore) -> None:
+    store.put_profiles([(u, {"u": u}) for u in range(1, 5)])
+    st = {"r": [1, 1, 1, "2026-11-30"]}
+    store.save_state([StateWrite(1, st, D, date(2026, 12, 10)),
+                      StateWrite(2, st, D, date(2026, 12, 10)),
+                      StateWrite(3, st, D, None)])
+    # When a run of some rules only stores new horizons with merge_wake
+    store.save_state([StateWrite(1, st, D, date(2026, 12, 4)),
+                      StateWrite(2, st, D, date(2026, 12, 20)),
+                      StateWrite(3, st, D, date(2026, 12, 6)),
+                      StateWrite(4, st, D, date(2026, 12, 8))], merge_wake=True)
+    # Then each user keeps the earliest of the two (None: never)
+    assert _due(store, date(2026, 12, 5)) == [1]
+    assert _due(store, date(2026, 12, 7)) == [1, 3]
+    assert _due(store, date(2026, 12, 9)) == [1, 3, 4]
+    assert _due(store, date(2026, 12, 10)) == [1, 2, 3, 4]
+    # and a full write replaces it
+    store.save_state([StateWrite(1, st, D, None)])
+    assert _due(store, date(2026, 12, 10)) == [2, 3, 4]
