@@ -15,6 +15,10 @@ EVAL_CHANGES = Counter(
     "kvadrupel_rule_changes_total", "Rule state changes emitted", ["rule", "kind"]
 )
 EVAL_ERRORS = Counter("kvadrupel_rule_errors_total", "Rule errors and timeouts", ["rule"])
+EVAL_MISMATCHES = Counter(
+    "kvadrupel_eval_mismatches_total",
+    "Answers a verifying pass found different from the stored state (incremental "
+    "evaluation missed them; must stay 0)")
 RULE_CPU = Counter("kvadrupel_rule_cpu_seconds_total",
                    "CPU time spent in each rule by the evaluator (sampled by the budget watchdog)",
                    ["rule"])

@@ -269,6 +269,11 @@ class RuleService:
             for r in rows
         ]
 
+    def active_versions(self) -> dict[str, int]:
+        """``{key: version}`` of the active rules: what a run evaluates (engine/runs.py
+        compares it with the last complete run's to sweep changed rules)."""
+        return {r.key: r.version for r in self.active()}
+
     def generation(self) -> tuple[Any, ...]:
         """Changes whenever any rule changes: evaluators reload when it does."""
         with self.control.connect() as conn:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -59,7 +59,9 @@ class RunService:
     # -- creation -------------------------------------------------------------
     def create(self, as_of: date, ranges: Sequence[PlannedRange | tuple[int, int, int]], *,
                kind: str = "manual", rules: Sequence[str] | None = None,
-               fire_key: str | None = None) -> tuple[int, bool]:
+               fire_key: str | None = None, mode: str = "full",
+               sweep: Sequence[str] | None = None,
+               covers: Mapping[str, int] | None = None) -> tuple[int, bool]:
         """Record a run with its ranges; returns ``(run id, created)``.
 
         With ``fire_key`` (a scheduler firing: ``nightly@2026-11-24T02:00:00+03:00``)
@@ -76,6 +78,8 @@ class RunService:
                     kind=kind, rules=list(rules) if rules is not None else None, fire_key=fire_key,
                     published_at=None if planned else ts,
                     users_est=sum(r.est_users for r in planned),
+                    mode=mode, sweep=list(sweep) if sweep else None,
+                    covers=dict(covers) if covers is not None else None,
                 ).returning(runs.c.id)).scalar_one()
                 if planned:
                     conn.execute(run_ranges.insert(), [
@@ -114,7 +118,8 @@ class RunService:
         """The range jobs of a run that still have work (pending or running)."""
         with self.control.connect() as conn:
             run = conn.execute(
-                select(runs.c.as_of, runs.c.rules).where(runs.c.id == run_id)
+                select(runs.c.as_of, runs.c.rules, runs.c.mode, runs.c.sweep)
+                .where(runs.c.id == run_id)
             ).first()
             if run is None:
                 raise NotFound(f"no run {run_id}")
@@ -123,7 +128,27 @@ class RunService:
                 (run_ranges.c.run_id == run_id) & run_ranges.c.status.in_(("pending", "running"))
             ).order_by(run_ranges.c.range_no)).all()
         return [RangeJob(v=VERSION, run_id=run_id, range_no=r.range_no, shard=r.shard, lo=r.lo,
-                         hi=r.hi, as_of=run.as_of.isoformat(), rules=run.rules) for r in rows]
+                         hi=r.hi, as_of=run.as_of.isoformat(), rules=run.rules, mode=run.mode,
+                         sweep=run.sweep) for r in rows]
+
+    def last_covers(self) -> dict[str, int] | None:
+        """The rule versions the latest complete run evaluated (``done``: every range;
+        a run with a parked range does not count), or None when there is none."""
+        with self.control.connect() as conn:
+            covers = conn.execute(
+                select(runs.c.covers).where((runs.c.status == "done") & runs.c.covers.is_not(None))
+                .order_by(runs.c.id.desc()).limit(1)).scalar()
+        return {str(k): int(v) for k, v in covers.items()} if covers is not None else None
+
+    def last_full_check(self) -> date | None:
+        """The as-of date of the latest complete run that evaluated every user with
+        every rule (mode full or verify)."""
+        with self.control.connect() as conn:
+            d = conn.execute(
+                select(runs.c.as_of).where((runs.c.status == "done") & runs.c.covers.is_not(None)
+                                           & runs.c.mode.in_(("full", "verify")))
+                .order_by(runs.c.id.desc()).limit(1)).scalar()
+        return d if isinstance(d, date) else None
 
     # -- range life cycle -----------------------------------------------------
     def _where(self, run_id: int, range_no: int) -> Any:
@@ -198,12 +223,14 @@ class RunService:
     def range_done(self, run_id: int, range_no: int, users: int, matches: dict[str, int],
                    errors: dict[str, int], *, enters: int = 0, exits: int = 0,
                    seconds: float = 0.0, worker: str | None = None,
-                   rule_cpu: dict[str, float] | None = None) -> None:
+                   rule_cpu: dict[str, float] | None = None, swept: int = 0,
+                   mismatches: int = 0) -> None:
         with self.control.begin() as conn:
             self._lock_run(conn, run_id)
             values: dict[str, Any] = {
                 "status": "done", "users": users, "matches": matches, "errors": errors,
-                "enters": enters, "exits": exits, "seconds": seconds,
+                "enters": enters, "exits": exits, "seconds": seconds, "swept": swept,
+                "mismatches": mismatches,
                 "updated_at": self.clock.now(),
                 "rule_cpu": {k: round(v, 6) for k, v in (rule_cpu or {}).items()}}
             if worker is not None:
@@ -252,7 +279,7 @@ class RunService:
         matches: Counter[str] = Counter()
         errors: Counter[str] = Counter()
         cpu: Counter[str] = Counter()
-        users = live = done = running = enters = exits = 0
+        users = live = done = running = enters = exits = swept = mismatches = 0
         parked = []
         workers: dict[str, list[float]] = {}
         for r in ranges:
@@ -261,6 +288,8 @@ class RunService:
                 users += r.users
                 enters += r.enters
                 exits += r.exits
+                swept += r.swept
+                mismatches += r.mismatches
                 matches.update(r.matches)
                 errors.update(r.errors)
                 cpu.update(r.rule_cpu or {})
@@ -293,6 +322,12 @@ class RunService:
             "id": run.id, "as_of": run.as_of.isoformat(), "status": run.status,
             "kind": run.kind, "rules": run.rules, "fire_key": run.fire_key,
             "users": seen, "users_est": run.users_est,
+            # Incremental nights: "users" are the users due (and evaluated); the
+            # others were skipped (their answers cannot have changed, engine/runs.py).
+            "mode": run.mode, "sweep": run.sweep,
+            "users_due": seen if run.mode != "full" else None,
+            "skipped": max(0, run.users_est - seen) if run.mode != "full" else 0,
+            "swept": swept, "mismatches": mismatches,
             "matches": dict(sorted(matches.items())), "errors": dict(sorted(errors.items())),
             "enters": enters, "exits": exits,
             "rule_cpu": {k: {"seconds": round(v, 3),

@@ -50,8 +50,11 @@ def _keys(value: str) -> list[str]:
 
 
 def add_parsers(sub: Any) -> None:
-    r = sub.add_parser("run-nightly", help="start a run over every user now")
+    r = sub.add_parser("run-nightly", help="start a nightly run now (the users whose "
+                       "answers can have changed; --full: everyone, counting mismatches)")
     r.add_argument("--as-of", type=_date, default=None)
+    r.add_argument("--full", action="store_true",
+                   help="also re-evaluate every user and count what incremental nights missed")
     r.add_argument(
         "--rules", type=_keys, default=None, help="only these rules (comma-separated keys)"
     )
@@ -88,8 +91,11 @@ def dispatch(args: argparse.Namespace, container: Any, out: IO[str] = sys.stdout
         from scheduler.planner import start_run
 
         as_of = args.as_of or container.clock.today()
+        incremental = settings.incremental and args.rules is None
         run_id = start_run(container.shards, container.runs, container.bus, as_of,
-                           settings.range_target_users, rules=args.rules)
+                           settings.range_target_users, rules=args.rules,
+                           active=container.rules.active_versions() if incremental else None,
+                           full=args.full, verify_every_days=settings.verify_every_days)
         print(f"run {run_id} started as of {as_of}", file=out, flush=True)
         return follow(container.runs, run_id, out) if args.wait else 0
     if args.cmd == "run":
@@ -146,8 +152,12 @@ def render_progress(info: dict[str, Any], width: int = 28) -> str:
     extra += f", {r['parked']} parked" if r["parked"] else ""
     eta = info["eta_s"]
     eta_text = "-" if eta is None else (f"{eta:.0f}s" if eta < 600 else f"{eta / 60:.0f}m")
+    users = (f"users {info['users']:,}" if info.get("mode", "full") == "full" else
+             f"due {info['users']:,} skipped {info['skipped']:,}"
+             + (f" swept {info['swept']:,}" if info.get("swept") else "")
+             + (f" MISMATCHES {info['mismatches']:,}" if info.get("mismatches") else ""))
     return (f"run {info['id']} [{bar}] {frac * 100:5.1f}%  ranges {r['done']}/{r['total']}{extra}  "
-            f"users {info['users']:,}  {info['users_per_s']:,.0f}/s  ETA {eta_text}")
+            f"{users}  {info['users_per_s']:,.0f}/s  ETA {eta_text}")
 
 
 def follow(runs: Any, run_id: int, out: IO[str] = sys.stdout, *, as_json: bool = False,
@@ -197,6 +207,13 @@ def _summary(info: dict[str, Any]) -> str:
         ),
         f"  changes  {info['enters']:,} enters, {info['exits']:,} exits",
     ]
+    if info.get("mode", "full") != "full":
+        lines.insert(3, f"  mode     {info['mode']}: {info['users']:,} due and evaluated, "
+                        f"{info['skipped']:,} skipped (answers cannot have changed)"
+                        + (f", {info['swept']:,} swept for {', '.join(info['sweep'] or [])}"
+                           if info.get("swept") else "")
+                        + (f"; verifying pass: {info['mismatches']:,} mismatches"
+                           if info["mode"] == "verify" else ""))
     if info["rules"]:
         lines.append("  rules    " + ", ".join(info["rules"]))
     if info["matches"]:

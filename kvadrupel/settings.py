@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     rule_error_rate_quarantine: float = 0.5
     rule_error_min_samples: int = 100
     range_target_users: int = 50_000
+    # Incremental nights (docs/scaling.md): scheduled runs evaluate only the users
+    # whose answers can have changed; every N days a run also re-evaluates everyone
+    # and counts what the incremental nights missed (must be 0).
+    incremental: bool = True
+    verify_every_days: int = 7
 
     # Ingest.
     ingest_batch_max: int = 10_000  # docs/ingest.md: larger batches coalesce more events per row

@@ -213,8 +213,11 @@ class SchedulerService:
         c = self.container
         for attempt in range(1, _FIRE_ATTEMPTS + 1):
             try:
+                incremental = c.settings.incremental and kind == "nightly" and rules is None
                 run_id = start_run(c.shards, c.runs, c.bus, as_of, self.target_users,
-                                   rules=rules, kind=kind, fire_key=key)
+                                   rules=rules, kind=kind, fire_key=key,
+                                   active=c.rules.active_versions() if incremental else None,
+                                   verify_every_days=c.settings.verify_every_days)
             except Exception:  # noqa: BLE001 - a shard or the bus down: try again shortly
                 log.exception("%s: could not start the run (attempt %d)", key, attempt)
                 time.sleep(min(30.0, 2.0 * attempt))

@@ -210,6 +210,11 @@ runs = Table(
     Column("fire_key", Text, nullable=True),
     Column("published_at", UtcDateTime(), nullable=True),
     Column("users_est", BigInteger, nullable=False, server_default="0"),
+    # Incremental nights (control_0006, engine/runs.py): full | due | verify; the rule
+    # keys evaluated over every user besides the users due; {key: version} evaluated.
+    Column("mode", Text, nullable=False, server_default="full"),
+    Column("sweep", Json, nullable=True),
+    Column("covers", Json, nullable=True),
 )
 Index("runs_fire_key", runs.c.fire_key, unique=True)
 
@@ -239,6 +244,10 @@ run_ranges = Table(
     Column("seconds", Float, nullable=False, server_default="0"),
     # rule key -> CPU seconds it used on the range (sampled: rules/budget.py).
     Column("rule_cpu", Json, nullable=True),
+    # Users evaluated for the sweep rules only; (user, rule) answers a verifying
+    # pass found different from the stored state (must be 0).
+    Column("swept", Integer, nullable=False, server_default="0"),
+    Column("mismatches", Integer, nullable=False, server_default="0"),
     PrimaryKeyConstraint("run_id", "range_no"),
 )
 

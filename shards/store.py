@@ -211,8 +211,9 @@ class ShardStore(ABC):
                    *, merge_wake: bool = False) -> None:
         """Store users' evaluation states (a :class:`StateWrite` or a bare
         ``(user_id, matches)`` pair). ``merge_wake``: keep the earlier of the stored
-        and the new ``wake_on`` (a run restricted to some rules saw only their
-        horizons; the others' still stand)."""
+        and the new ``wake_on`` and the stored ``as_of`` (a run restricted to some
+        rules saw only their horizons; the others' still stand, and a user with no
+        stored state stays due for a full evaluation)."""
 
     @abstractmethod
     def count_due(self, due_on: date) -> int:

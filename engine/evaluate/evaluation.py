@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any
 
 from base.errors import ChannelError, RuleError, RuleTimeout
@@ -41,7 +42,8 @@ from rules.context import Context
 from rules.ruleset import ActiveRule, RuleSet
 from shards.store import ProfileRow
 
-__all__ = ["CompiledPack", "RangeStats", "confirm_slow", "confirm_timeout", "evaluate_rows"]
+__all__ = ["CompiledPack", "RangeStats", "StateOut", "confirm_slow", "confirm_timeout",
+           "evaluate_rows"]
 
 log = logging.getLogger("kvadrupel.evaluate")
 
@@ -154,17 +156,26 @@ class RangeStats:
         self.slow.update(other.slow)
 
 
+# What evaluate_rows gives per evaluated user: (user_id, state, wake_on as ISO date or
+# None: the earliest date on which an answer could change with the profile unchanged).
+StateOut = tuple[int, dict[str, list[Any]], str | None]
+
+
 def evaluate_rows(
     rows: Sequence[Row] | Iterable[Any],
     pack: CompiledPack,
     ctx: Context,
     run_id: int | None,
     stats: RangeStats,
-) -> tuple[list[Result], list[tuple[int, dict[str, list[Any]]]]]:
-    """Evaluate a batch of users. Returns (result messages, new states to save).
+) -> tuple[list[Result], list[StateOut]]:
+    """Evaluate a batch of users. Returns (result messages, states to save).
 
     ``rows``: ``(user_id, doc, state)`` tuples (or rows that unpack like them), or
     :class:`shards.store.ProfileRow`.
+
+    Every evaluated user gets a state to save — changed or not — with the date it
+    must be evaluated again at the latest (its place in the wake-up index,
+    shards/store.py ``StateWrite``): a nightly run reads only the users due.
 
     With a batch budget (``pack.batch_budget_ms``) the rules' CPU is charged while
     the batch runs (``stats.cpu``). A rule that spends the budget is interrupted and
@@ -174,7 +185,7 @@ def evaluate_rows(
     (a rule stuck in a loop would otherwise cost its budget on every row).
     """
     results: list[Result] = []
-    states: list[tuple[int, dict[str, list[Any]]]] = []
+    states: list[StateOut] = []
     combos: dict[tuple[str, ...], int] = {}
     slot = pack.ruleset.open_batch(pack.batch_budget_ms) if pack.batch_budget_ms else _NO_BATCH
     try:
@@ -198,9 +209,10 @@ _NO_BATCH: Any = _NoBatch()
 
 def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id: int | None,
                    stats: RangeStats, results: list[Result],
-                   states: list[tuple[int, dict[str, list[Any]]]],
+                   states: list[StateOut],
                    combos: dict[tuple[str, ...], int], slot: Any) -> None:
     as_of = ctx.today.isoformat()
+    wake_of = _wake_of(ctx)
     evaluate = pack.ruleset.evaluate
     keys = pack.keys
     restricted = pack.restricted
@@ -227,13 +239,16 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
             matched = pack.resolve_groups(matched, prev)
         key = tuple(matched)
         combos[key] = combos.get(key, 0) + 1
+        wake = wake_of(outcome, failed)
         if not prev:
             if not matched:
+                states.append((uid, {}, wake))
                 continue  # the common case: nothing before, nothing now
             prev = {}
         else:
             active = [k for k, v in prev.items() if v[1]]
             if active == matched or (len(active) == len(matched) and set(active) == set(matched)):
+                states.append((uid, prev, wake))
                 continue  # nothing changed
         new: dict[str, list[Any]] | None = None
         for k in matched:
@@ -259,11 +274,22 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
             results.append(Exit(v=VERSION, user_id=uid, rule=k, episode=p[0], version=p[2],
                                 priority=rule.priority if rule else 0, as_of=as_of,
                                 run_id=run_id))
-        if new is not None:
-            states.append((uid, new))
+        states.append((uid, prev if new is None else new, wake))
     if slot.over >= 0:  # a rule spent the batch budget on the last row done
         stats.slow[pack.ruleset.keys[slot.over]] = uid
     stats.users += n
+
+
+def _wake_of(ctx: Context) -> Any:
+    """``wake(outcome, failed) -> ISO date or None`` for one evaluation date: the
+    earliest of the rules' time horizons (rules/horizon.py); a rule that failed is
+    tried again tomorrow."""
+    tomorrow = (ctx.today + timedelta(days=1)).isoformat()
+
+    def wake(outcome: Any, failed: set[str] | None) -> str | None:
+        return tomorrow
+
+    return wake
 
 
 def _record_failures(outcome: Any, uid: int, doc: Any, stats: RangeStats) -> set[str]:

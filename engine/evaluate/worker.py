@@ -65,7 +65,7 @@ from rules.remote import CHILD_MODULE
 from rules.ruleset import ActiveRule
 from shards.copytext import row_user
 from shards.shardset import ShardSet
-from shards.store import ShardStore
+from shards.store import ShardStore, StateWrite
 
 __all__ = ["EvaluatorWorker", "worker_id"]
 
@@ -219,12 +219,7 @@ class EvaluatorWorker(BatchWorker):
             return  # done already (a redelivered job), parked, or just parked
         t0 = time.perf_counter()
         try:
-            store = self.shards.stores[job.shard]
-            as_of = date.fromisoformat(job.as_of)
-            only = job.rules
-            stats = self._evaluate(
-                store.scan_range_text(job.lo, job.hi, SCAN_BATCH),
-                store, as_of, run_id, only, progress=(run_id, no))
+            stats, swept, mismatches = self._run_passes(job)
         except BusError:
             # Not the range's fault: give the attempt back and let the worker loop
             # retry the job once the bus is back.
@@ -244,10 +239,45 @@ class EvaluatorWorker(BatchWorker):
         seconds = time.perf_counter() - t0
         self.runs.range_done(run_id, no, stats.users, dict(stats.matches), dict(stats.errors),
                              enters=stats.enters, exits=stats.exits, seconds=seconds,
-                             worker=self.worker, rule_cpu=dict(stats.cpu))
+                             worker=self.worker, rule_cpu=dict(stats.cpu), swept=swept,
+                             mismatches=mismatches)
         log.info("range %d/%d done: %d users in %.2fs (%.0f users/s), %d enters, %d exits",
                  run_id, no, stats.users, seconds, stats.users / seconds if seconds else 0,
                  stats.enters, stats.exits)
+
+    def _run_passes(self, job: RangeJob) -> tuple[RangeStats, int, int]:
+        """The passes of a range job: ``(stats of the main pass, users swept,
+        mismatches)``. full: every user. due: the sweep rules over every user
+        (their horizons merged into the index), then the users due with every rule.
+        verify: due, then every user again — an answer that changes then was missed
+        by the incremental nights: counted, logged and corrected (the changes go
+        out like any other)."""
+        run_id, no = job.run_id, job.range_no
+        store = self.shards.stores[job.shard]
+        as_of = date.fromisoformat(job.as_of)
+        progress = (run_id, no)
+        if job.mode not in ("due", "verify"):
+            stats = self._evaluate(store.scan_range_text(job.lo, job.hi, SCAN_BATCH), store,
+                                   as_of, run_id, job.rules, progress=progress,
+                                   merge_wake=job.rules is not None)
+            return stats, 0, 0
+        swept = 0
+        if job.sweep:
+            swept = self._evaluate(store.scan_range_text(job.lo, job.hi, SCAN_BATCH), store,
+                                   as_of, run_id, job.sweep, merge_wake=True).users
+        stats = self._evaluate(store.scan_range_text(job.lo, job.hi, SCAN_BATCH, due_on=as_of),
+                               store, as_of, run_id, None, progress=progress)
+        mismatches = 0
+        if job.mode == "verify":
+            check = self._evaluate(store.scan_range_text(job.lo, job.hi, SCAN_BATCH), store,
+                                   as_of, run_id, None)
+            mismatches = check.enters + check.exits
+            if mismatches:
+                metrics.EVAL_MISMATCHES.inc(mismatches)
+                log.error("range %d/%d: the verifying pass found %d answers the incremental "
+                          "nights missed (corrected: their changes were published)",
+                          run_id, no, mismatches)
+        return stats, swept, mismatches
 
     def run_users(self, job: UsersJob) -> None:
         store = self.shards.stores[job.shard]
@@ -257,12 +287,16 @@ class EvaluatorWorker(BatchWorker):
 
     def _evaluate(self, chunks: Iterator[list[bytes]], store: ShardStore, as_of: date,
                   run_id: int | None, only: Iterable[str] | None,
-                  progress: tuple[int, int] | None = None) -> RangeStats:
+                  progress: tuple[int, int] | None = None,
+                  merge_wake: bool = False) -> RangeStats:
+        """Evaluate the rows; publish the changes; save every user's state with its
+        place in the wake-up index (``merge_wake``: only some rules were evaluated,
+        keep the earlier of the stored and the new date)."""
         total = RangeStats()
         ctx = [as_of.isoformat(), self.timezone]
         publish = self.bus.publish
         topic = self.results_topic
-        pending: list[tuple[int, dict[str, list[Any]]]] = []
+        pending: list[StateWrite] = []
         since_flush = 0
         beat = time.monotonic()
         label = "range" if run_id is not None else "users"
@@ -281,10 +315,10 @@ class EvaluatorWorker(BatchWorker):
                     publish(topic, encode(r), key=str(r.user_id).encode())
                     kind = "enter" if type(r) is Enter else "exit"
                     metrics.EVAL_CHANGES.labels(r.rule, kind).inc()
-                pending += states
+                pending += [StateWrite(u, s, as_of, _wake_date(w)) for u, s, w in states]
                 since_flush += stats.users
                 if since_flush >= FLUSH_USERS:
-                    self._save(store, pending)
+                    self._save(store, pending, merge_wake)
                     pending = []
                     since_flush = 0
                 total.merge(stats)
@@ -298,11 +332,11 @@ class EvaluatorWorker(BatchWorker):
                 if progress is not None and time.monotonic() - beat >= PROGRESS_S:
                     beat = time.monotonic()
                     self.runs.progress(progress[0], progress[1], self.worker, total.users)
-        self._save(store, pending)
+        self._save(store, pending, merge_wake)
         return total
 
     def _eval_batch(self, pack: PackInfo, lines: list[bytes], ctx: list[str], run_id: int | None
-               ) -> tuple[RangeStats, list[Result], list[tuple[int, dict[str, Any]]]]:
+               ) -> tuple[RangeStats, list[Result], list[tuple[int, dict[str, Any], str | None]]]:
         """Evaluate rows in a sandbox child; check what it sends back (it ran rule code:
         it may only speak for the users and rules it was given)."""
         meta = {"pack": pack.id, "ctx": ctx, "run_id": run_id}
@@ -317,7 +351,7 @@ class EvaluatorWorker(BatchWorker):
             users = {row_user(ln) for ln in lines[:stats.users]}
             if not 0 <= stats.users <= len(lines) or not all(
                     r.user_id in users for r in answer.results) or not all(
-                    u in users for u, _ in answer.states):
+                    u in users for u, _, _ in answer.states):
                 raise ValueError("results for users it was not given")
         except (KeyError, TypeError, ValueError) as exc:  # MessageError is a ValueError
             raise SandboxCrash(f"sent a malformed answer ({exc})") from None
@@ -364,12 +398,12 @@ class EvaluatorWorker(BatchWorker):
                 hi = mid
         return row_user(lines[lo]) if lines else None
 
-    def _save(self, store: ShardStore, states: list[tuple[int, dict[str, list[Any]]]]) -> None:
+    def _save(self, store: ShardStore, states: list[StateWrite], merge_wake: bool) -> None:
         # Results first (flush: durably accepted by the bus), then the state that
         # records them: a crash in between re-emits, it never loses.
         self.bus.flush()
         if states:
-            store.save_state(states)
+            store.save_state(states, merge_wake=merge_wake)
 
     def _police(self, stats: RangeStats, pack: PackInfo, ctx: list[str],
                 rows: list[bytes]) -> None:
@@ -424,3 +458,7 @@ class EvaluatorWorker(BatchWorker):
         except SandboxCrash:
             return True
         return out.get("confirmed") is True
+
+
+def _wake_date(text: str | None) -> date | None:
+    return date.fromisoformat(text) if text is not None else None

@@ -56,6 +56,11 @@ class RangeJob(_Msg, tag_field="type", tag="range"):
     hi: int
     as_of: str  # ISO date
     rules: list[str] | None = None  # None: every active rule
+    # full: every user of the range; due: the users due in the wake-up index, after
+    # ``sweep`` (rule keys whose version changed) over every user; verify: due, then
+    # every user, counting what changes as mismatches. Absent (older builds): full.
+    mode: str = "full"
+    sweep: list[str] | None = None
 
 
 class UsersJob(_Msg, tag_field="type", tag="users"):
@@ -109,7 +114,8 @@ class EvalAnswer(msgspec.Struct):
     child ran rule code and is not trusted beyond that."""
 
     results: list[Result]
-    states: list[tuple[int, dict[str, list[Any]]]]
+    # (user_id, state, wake_on ISO date or None) for every user evaluated
+    states: list[tuple[int, dict[str, list[Any]], str | None]]
 
 
 class DeadLetter(_Msg):

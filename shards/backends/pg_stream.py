@@ -122,7 +122,7 @@ def save_states(engine: Engine, states: Sequence[tuple[Any, ...]], merge_wake: b
     """Upsert states — ``(user_id, matches[, as_of, wake_on])`` — in one statement
     (sorted by id, so two writers of overlapping batches lock rows in the same
     order). ``merge_wake``: keep the earlier ``wake_on`` (LEAST ignores NULL, which
-    means "never")."""
+    means "never") and the stored ``as_of`` (a new row gets none: due)."""
     if not states:
         return
     rows = sorted(states, key=lambda s: s[0])
@@ -136,9 +136,10 @@ def save_states(engine: Engine, states: Sequence[tuple[Any, ...]], merge_wake: b
             "%(a)s::date[], %(w)s::date[]) AS t(u, m, a, w) "
             "ON CONFLICT (user_id) DO UPDATE "
             "SET matches = EXCLUDED.matches, updated_at = EXCLUDED.updated_at, "
-            f"as_of = EXCLUDED.as_of, wake_on = {wake}",
+            f"as_of = {'user_state.as_of' if merge_wake else 'EXCLUDED.as_of'}, "
+            f"wake_on = {wake}",
             {"u": [s[0] for s in rows], "m": [orjson.dumps(s[1]).decode() for s in rows],
-             "a": [s[2] if len(s) > 2 else None for s in rows],
+             "a": [s[2] if len(s) > 2 and not merge_wake else None for s in rows],
              "w": [s[3] if len(s) > 3 else None for s in rows]},
         )
 

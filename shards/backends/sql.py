@@ -408,12 +408,13 @@ class SqlShardStore(SqlBanners, ShardStore):
                         set_={
                             "matches": ins.excluded.matches,
                             "updated_at": ins.excluded.updated_at,
-                            "as_of": ins.excluded.as_of,
+                            "as_of": user_state.c.as_of if merge_wake else ins.excluded.as_of,
                             "wake_on": wake,
                         },
                     ),
                     [{"user_id": s.user_id, "matches": s.matches, "updated_at": ts,
-                      "as_of": s.as_of, "wake_on": s.wake_on} for s in rows],
+                      "as_of": None if merge_wake else s.as_of, "wake_on": s.wake_on}
+                     for s in rows],
                 )
         except OperationalError as exc:
             raise self._unavailable(exc) from exc

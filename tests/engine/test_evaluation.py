@@ -36,8 +36,14 @@ RULES = [
 def run(rows, pack=None, ctx=CTX):  # noqa: ANN001, ANN201
     stats = RangeStats()
     results, states = evaluate_rows(rows, pack or CompiledPack(RULES, 50), ctx, 7, stats)
+    # Every evaluated user gets a state to save (its place in the wake-up index);
+    # the tests below look at the states that changed.
+    given = [(r.user_id, r.state) if isinstance(r, ProfileRow) else (r[0], r[2]) for r in rows]
+    assert [u for u, _, _ in states] == [u for u, _ in given][:len(states)]
+    before = {u: s or {} for u, s in given}
+    changed = {u: s for u, s, _ in states if s != before[u]}
     # the typed messages (engine/messages.py) as they go on the bus
-    return [orjson.loads(encode(r)) for r in results], dict(states), stats
+    return [orjson.loads(encode(r)) for r in results], changed, stats
 
 
 def kinds(results) -> list[tuple[int, str, str, int]]:  # noqa: ANN001

@@ -249,11 +249,12 @@ def test_a_restricted_run_keeps_the_earlier_horizon(store: ShardStore) -> None:
                       StateWrite(2, st, D, date(2026, 12, 20)),
                       StateWrite(3, st, D, date(2026, 12, 6)),
                       StateWrite(4, st, D, date(2026, 12, 8))], merge_wake=True)
-    # Then each user keeps the earliest of the two (None: never)
-    assert _due(store, date(2026, 12, 5)) == [1]
-    assert _due(store, date(2026, 12, 7)) == [1, 3]
-    assert _due(store, date(2026, 12, 9)) == [1, 3, 4]
+    # Then each user keeps the earliest of the two (None: never), and user 4, who had
+    # no state, stays due for a full evaluation
+    assert _due(store, date(2026, 12, 5)) == [1, 4]
+    assert _due(store, date(2026, 12, 7)) == [1, 3, 4]
     assert _due(store, date(2026, 12, 10)) == [1, 2, 3, 4]
     # and a full write replaces it
-    store.save_state([StateWrite(1, st, D, None)])
+    store.save_state([StateWrite(1, st, D, None), StateWrite(4, st, D, date(2026, 12, 8))])
+    assert _due(store, date(2026, 12, 7)) == [3]
     assert _due(store, date(2026, 12, 10)) == [2, 3, 4]
