@@ -143,13 +143,6 @@ class Authenticator:
         self._cache: dict[bytes, tuple[int, float]] = {}  # token -> (user id, exp)
         self._cache_size = cache_size
 
-    @classmethod
-    def from_settings(cls, s: Any, clock: Callable[[], float] = time.time) -> Authenticator:
-        return cls(service_tokens=[s.portal_token, s.admin_token], jwt_algorithms=s.jwt_algorithms,
-                   jwt_secret=s.jwt_secret, jwt_public_key=s.jwt_public_key,
-                   audience=s.jwt_audience, issuer=s.jwt_issuer, leeway_s=s.jwt_leeway_s,
-                   clock=clock)
-
     def authenticate(self, header: bytes | None) -> Principal:
         if not header:
             raise AuthError(401, "missing bearer token")

@@ -22,15 +22,18 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from api.auth import Authenticator, AuthError
+from api.auth import AuthError
 from api.versions import ShardVersions, VersionHub
 from base import metrics
 from base.errors import ShardUnavailable
 from shards import replica
+
+if TYPE_CHECKING:
+    from api.services import Services
 
 __all__ = ["BannerApi", "BannerFastPath", "Reply", "install"]
 
@@ -73,11 +76,11 @@ def etag_matches(header: bytes, etag: bytes) -> bool:
 class BannerApi:
     """Banner reads for one API process: shared by the fast path and the FastAPI route."""
 
-    def __init__(self, container: Any) -> None:
-        s = container.settings
-        self.container = container
+    def __init__(self, services: Services) -> None:
+        s = services.settings
+        self.services = services
         self.settings = s
-        self.auth = Authenticator.from_settings(s, container.clock.time)
+        self.auth = services.authenticator()
         replica.configure(retry_s=s.replica_retry_s, max_lag_bytes=s.replica_max_lag_bytes)
         self._cc = (b"cache-control", f"private, max-age={s.banner_max_age_s}".encode())
         # Waiting long-polls hold slots of the load shedder (api/shedding.py): keep at
@@ -90,7 +93,7 @@ class BannerApi:
         self._hub: VersionHub | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.poll_s = 1.0  # re-check period of a waiter whose cache cannot be trusted alone
-        self.closers: list[Any] = []  # run at close (a worker process closes its container)
+        self.closers: list[Any] = []  # run at close (a worker process closes its services)
 
     # -- lifetime ----------------------------------------------------------------------
     @property
@@ -98,7 +101,7 @@ class BannerApi:
         hub = self._hub
         if hub is None:
             s = self.settings
-            shards = self.container.shards
+            shards = self.services.shards
             hub = VersionHub(shards.stores, users=s.banner_cache_users,
                              bodies=s.banner_cache_bodies)
             self.router = shards.router
@@ -343,10 +346,10 @@ class BannerFastPath:
         return wrapped
 
 
-def install(app: Any, container: Any) -> BannerApi:
+def install(app: Any, services: Services) -> BannerApi:
     """Put the fast path in front of ``app``'s routing (the route module uses
     ``app.state.banner_api``)."""
-    api = BannerApi(container)
+    api = BannerApi(services)
     app.state.banner_api = api
     app.add_middleware(BannerFastPath, api=api)
     return api

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 INGEST_EVENTS = Counter("kvadrupel_ingest_events_total", "Events consumed by ingest", ["outcome"])
 INGEST_BATCH = Histogram("kvadrupel_ingest_batch_size", "Events per ingest batch",
@@ -40,3 +49,13 @@ SANDBOX_DEATHS = Counter("kvadrupel_sandbox_deaths_total",
                          "Rule sandbox child processes that died or were killed", ["reason"])
 SANDBOX_CALLS = Counter("kvadrupel_sandbox_calls_total", "Requests served by rule sandbox "
                         "child processes", ["op"])
+
+
+def metrics_payload() -> bytes:
+    """Every metric of this process in the Prometheus text format; with
+    ``PROMETHEUS_MULTIPROC_DIR`` set, those of every process writing there."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()

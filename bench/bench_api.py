@@ -56,7 +56,7 @@ def version_of(uid: int) -> int:
 
 def trivial_app():  # noqa: ANN201 - the server's app factory (bench only)
     """The real app plus ``/bench/trivial``: a plain FastAPI endpoint, constant small JSON."""
-    from api.serve import app_from_env
+    from kvadrupel.serve import app_from_env
 
     app = app_from_env()
 
@@ -131,7 +131,7 @@ def free_port() -> int:
 
 
 def start_server(server: str, workers: int, port: int, env: dict[str, str]) -> subprocess.Popen:
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from api.serve import run; "
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from kvadrupel.serve import run; "
             f"run({server!r}, '127.0.0.1', {port}, {workers}, "
             "target='bench.bench_api:trivial_app')")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,

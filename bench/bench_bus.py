@@ -138,10 +138,10 @@ def embedded(n: int, partitions: int, group: int, threads: int, sync: str | None
 
 
 def rest_path(n: int, partitions: int, clients: int, sync: str | None, base: Path) -> float:
-    """Events/s through the REST publisher (api.routes.events.GroupPublisher: one
+    """Events/s through the REST publisher (engine.ingest.publisher.GroupPublisher: one
     thread publishes and flushes the requests of ``clients`` concurrent callers in
     groups), 100 events per request: the part of POST /v1/events after validation."""
-    from api.routes.events import GroupPublisher
+    from engine.ingest.publisher import GroupPublisher
 
     with tempfile.TemporaryDirectory(dir=base) as tmp:
         path = Path(tmp) / "bus.db" if sync else None

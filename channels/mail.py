@@ -3,7 +3,8 @@
 Two implementations live in :mod:`channels.mailers`: ``outbox`` (the embedded
 default: one ``.eml`` file per message under ``data_dir/outbox``) and ``smtp``
 (aiosmtplib over a small pool of persistent connections).
-:func:`mailer_from_settings` picks one: the outbox when ``smtp_url`` is empty.
+The composition root picks one (``kvadrupel.factories.mailer_from_settings``): the
+outbox when ``smtp_url`` is empty.
 
 Semantics every implementation keeps (and ``tests/channels`` checks on both):
 
@@ -42,11 +43,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import BytesParser
 from functools import lru_cache
-from typing import TYPE_CHECKING
 from urllib.parse import quote
-
-if TYPE_CHECKING:
-    from kvadrupel.settings import Settings
 
 __all__ = [
     "Email",
@@ -55,7 +52,6 @@ __all__ = [
     "SendResult",
     "build_message",
     "envelope_address",
-    "mailer_from_settings",
     "message_id_header",
     "parse_message",
     "render_message",
@@ -100,26 +96,6 @@ class Mailer(ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def mailer_from_settings(settings: Settings) -> Mailer:
-    """The outbox folder when ``smtp_url`` is empty, else SMTP."""
-    if not settings.smtp_url:
-        from channels.mailers.outbox import OutboxMailer
-
-        return OutboxMailer(settings.data_dir / "outbox", settings.mail_from,
-                            fsync=settings.outbox_fsync)
-
-    from channels.mailers.smtp import SmtpMailer
-
-    return SmtpMailer(
-        settings.smtp_url,
-        settings.mail_from,
-        username=settings.smtp_username or None,
-        password=settings.smtp_password or None,
-        timeout=settings.smtp_timeout_s,
-        concurrency=settings.smtp_concurrency,
-    )
 
 
 # -- message building, shared by the implementations ---------------------------

@@ -31,7 +31,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from functools import lru_cache
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from channels.ledger import Claim
@@ -86,13 +85,6 @@ class ChannelPolicy:
         if self.cap_policy not in ("defer", "drop"):
             raise ValueError(f"cap policy must be defer or drop, got {self.cap_policy!r}")
         _zone(self.default_tz)
-
-    @classmethod
-    def from_settings(cls, s: Any) -> ChannelPolicy:
-        return cls(caps=dict(s.channel_caps), cap_window_s=s.channel_cap_window_s,
-                   cap_policy=s.channel_cap_policy, quiet=parse_quiet_hours(s.quiet_hours),
-                   quiet_channels=frozenset(s.quiet_hours_channels),
-                   quiet_spread_s=s.quiet_hours_spread_s, default_tz=s.timezone)
 
     # -- quiet hours -------------------------------------------------------------------
     def quiet_until(self, now: datetime, tz: str | None, user_id: int) -> datetime | None:

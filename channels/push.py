@@ -3,8 +3,9 @@
 Implementations live in :mod:`channels.pushers`: ``fcm`` (Firebase Cloud
 Messaging HTTP v1, OAuth2 service-account credentials) and ``webhook`` (a JSON
 POST signed with HMAC-SHA256, for an in-house gateway).
-:func:`pusher_from_settings` picks one from ``KVADRUPEL_PUSH_PROVIDER``; with none
-configured the channel is off (no push is claimed).
+The composition root picks one from ``KVADRUPEL_PUSH_PROVIDER``
+(``kvadrupel.factories.pusher_from_settings``); with none configured the channel is
+off (no push is claimed).
 
 Semantics every implementation keeps (``tests/channels/test_push*.py`` checks both
 against a real HTTP server on loopback):
@@ -28,12 +29,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from kvadrupel.settings import Settings
-
-__all__ = ["Push", "PushResult", "Pusher", "pusher_from_settings"]
+__all__ = ["Push", "PushResult", "Pusher"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,22 +71,3 @@ class Pusher(ABC):
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-
-def pusher_from_settings(settings: Settings) -> Pusher | None:
-    """The configured provider, or None (push off)."""
-    provider = settings.push_provider.strip().lower()
-    if not provider:
-        return None
-    if provider == "fcm":
-        from channels.pushers.fcm import FcmPusher
-
-        return FcmPusher(settings.push_fcm_credentials, endpoint=settings.push_fcm_url or None,
-                         concurrency=settings.push_concurrency, timeout=settings.push_timeout_s)
-    if provider == "webhook":
-        from channels.pushers.webhook import WebhookPusher
-
-        return WebhookPusher(settings.push_webhook_url, settings.push_webhook_secret,
-                             concurrency=settings.push_concurrency, timeout=settings.push_timeout_s)
-    from base.errors import ConfigError
-
-    raise ConfigError(f"KVADRUPEL_PUSH_PROVIDER must be fcm or webhook, got {provider!r}")

@@ -15,9 +15,10 @@ whole channel when the category is empty). So one URL serves the footer link, th
 ``List-Unsubscribe`` header and one-click. Tokens do not expire: an unsubscribe
 link in an old e-mail must keep working.
 
-The secret: ``KVADRUPEL_UNSUBSCRIBE_SECRET``; if unset, derived from the admin
-token; if that is unset too (a bare embedded setup), a random key kept in
-``data_dir/unsubscribe.key``. Every process of a deployment must see the same one.
+The secret (chosen by ``kvadrupel.factories.unsubscribe_secret_from_settings``):
+``KVADRUPEL_UNSUBSCRIBE_SECRET``; if unset, derived from the admin token; if that is
+unset too (a bare embedded setup), a random key kept in ``data_dir/unsubscribe.key``.
+Every process of a deployment must see the same one.
 """
 
 from __future__ import annotations
@@ -26,14 +27,10 @@ import base64
 import hashlib
 import hmac
 import html
-import os
 import re
-import secrets
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-__all__ = ["UnsubscribeScope", "Unsubscriber", "secret_from_settings"]
+__all__ = ["UnsubscribeScope", "Unsubscriber"]
 
 _TAG_BYTES = 16
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
@@ -58,36 +55,6 @@ class UnsubscribeScope:
     category: str | None  # None: the whole channel
 
 
-def secret_from_settings(settings: Any) -> bytes:
-    if settings.unsubscribe_secret:
-        return settings.unsubscribe_secret.encode()
-    if settings.admin_token:
-        return hmac.new(
-            settings.admin_token.encode(), b"kvadrupel-unsubscribe", hashlib.sha256
-        ).digest()
-    path = Path(settings.data_dir) / "unsubscribe.key"
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except (OSError, ValueError):
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, key.hex().encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # atomic, and fails if another process got there first
-    except FileExistsError:
-        key = bytes.fromhex(path.read_text().strip())
-    finally:
-        tmp.unlink(missing_ok=True)
-    return key
-
-
 class Unsubscriber:
     """Makes and checks tokens; builds the link, the headers and the footer."""
 
@@ -97,10 +64,6 @@ class Unsubscriber:
         self._secret = secret
         self.base = public_url.rstrip("/")
         self.default_language = default_language
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> Unsubscriber:
-        return cls(secret_from_settings(settings), settings.public_url, settings.default_language)
 
     def _tag(self, body: bytes) -> bytes:
         return hmac.new(self._secret, body, hashlib.sha256).digest()[:_TAG_BYTES]

@@ -132,7 +132,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:  # noqa: ANN001
             check_settings(settings, args.cmd)
             check_reachable(container)
         if args.cmd == "api":
-            from api.serve import run  # each worker process builds its own container
+            from kvadrupel.serve import run  # each worker process builds its own container
 
             run(args.server or settings.api_server, args.host, args.port,
                 args.workers or settings.api_workers)

@@ -7,25 +7,39 @@ the demo) create one :class:`Container`, pass its parts in, and close it at exit
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from base.clock import Clock
 from base.errors import ConfigError
 from catalogue.service import RuleService
 from channels.ledger import Ledger
-from channels.mail import Mailer, mailer_from_settings
+from channels.mail import Mailer
+from channels.unsubscribe import Unsubscriber
 from engine.bus import Bus
 from engine.buses.memory import MemoryBus
 from engine.deliver.worker import DeliveryWorker
 from engine.evaluate.worker import EvaluatorWorker
 from engine.ingest.worker import IngestWorker
 from engine.runs import RunService
+from kvadrupel import __version__, ops
+from kvadrupel.factories import (
+    authenticator_from_settings,
+    delivery_channel_parts,
+    kafka_bus_from_settings,
+    mailer_from_settings,
+    unsubscriber_from_settings,
+)
 from kvadrupel.settings import Settings
 from rules.isolation import Limits, SandboxPool
 from rules.remote import CHILD_MODULE, RuleRunner
 from shards.migrations import runner
 from shards.shardset import ShardSet, control_engine, load_router, open_shard
+
+if TYPE_CHECKING:
+    from api.auth import Authenticator
 
 __all__ = ["Container"]
 
@@ -38,6 +52,11 @@ _shared_lock = threading.Lock()
 
 @dataclass
 class Container:
+    """Every backend and service of one process, built lazily from ``settings``.
+
+    It is what the web layer is given (``api.services.Services``: the attributes and
+    methods below that the API uses)."""
+
     settings: Settings
     bus_override: Bus | None = None
     clock: Clock = None  # type: ignore[assignment]  # None: built from settings
@@ -118,9 +137,7 @@ class Container:
         elif s.embedded_bus:
             bus = MemoryBus(s.kafka_topic_prefix, partitions=4)
         else:
-            from engine.buses.kafka import KafkaBus
-
-            bus = KafkaBus.from_settings(s)
+            bus = kafka_bus_from_settings(s)
         bus.ensure_topics(bus.topics.values(), s.kafka_partitions)
         return bus
 
@@ -149,6 +166,28 @@ class Container:
     def mailer(self) -> Mailer:
         return mailer_from_settings(self.settings)
 
+    def unsubscriber(self) -> Unsubscriber:
+        """Unsubscribe tokens and links, with this deployment's secret."""
+        return unsubscriber_from_settings(self.settings)
+
+    def authenticator(self) -> Authenticator:
+        """The banner API's bearer-token check, on this container's clock."""
+        return authenticator_from_settings(self.settings, self.clock.time)
+
+    # -- for the web layer and the ops endpoints ------------------------------------
+    @property
+    def version(self) -> str:
+        return __version__
+
+    def readiness(self, timeout: float = 2.0) -> tuple[bool, dict[str, str]]:
+        """Whether the control DB, every shard and the bus are reachable, per check."""
+        return ops.readiness(self, timeout)
+
+    def add_closer(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` at :meth:`close`, before the container's own parts are closed
+        (last added, first run): for parts built on top of the container's."""
+        self._closers.append(fn)
+
     # -- workers --------------------------------------------------------------
     def group(self, kind: str) -> str:
         """Consumer group of a worker kind: ``<prefix>-ingest``, ``-evaluate``, ``-deliver``."""
@@ -174,10 +213,9 @@ class Container:
 
     def delivery_worker(self, **kw) -> DeliveryWorker:  # noqa: ANN003
         consumer = self.bus.consumer(self.group("deliver"), [self.bus.topic("results")])
-        from channels.delivery_setup import channel_parts  # policy, push, unsubscribe links
-
-        return DeliveryWorker(consumer, self.bus, self.shards, self.ledger, self.mailer(),
-                              **(channel_parts(self.settings) | {"clock": self.clock.now} | kw))
+        return DeliveryWorker(  # channel parts: policy, push, unsubscribe links
+            consumer, self.bus, self.shards, self.ledger, self.mailer(),
+            **(delivery_channel_parts(self.settings) | {"clock": self.clock.now} | kw))
 
     def start_workers(
         self,

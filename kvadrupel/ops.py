@@ -13,14 +13,15 @@ small HTTP server on ``KVADRUPEL_OPS_PORT`` (0 = none) that serves the same thre
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
+
+from base.metrics import metrics_payload
 
 __all__ = ["metrics_payload", "readiness", "serve_ops"]
 
@@ -51,14 +52,6 @@ def readiness(container: Any, timeout: float = 2.0) -> tuple[bool, dict[str, str
         probe(f"shard_{store.index}", db(store.engine))
     probe("bus", lambda: container.bus.ping(timeout))
     return all(v == "ok" for v in checks.values()), checks
-
-
-def metrics_payload() -> bytes:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
-    return generate_latest()
 
 
 def serve_ops(container: Any, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer | None:  # noqa: S104

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from kvadrupel.container import Container
+    from api.services import Services
 
 __all__ = ["mount_admin"]
 
 
-def mount_admin(app: FastAPI, container: Container) -> None:
+def mount_admin(app: FastAPI, services: Services) -> None:
     """Mount the admin UI at ``/admin`` (imported lazily: the CLI's ``user``
     commands need only :mod:`api.admin.store`)."""
     from api.admin.app import mount_admin as _mount
 
-    _mount(app, container)
+    _mount(app, services)

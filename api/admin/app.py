@@ -3,39 +3,35 @@
 It has its own session middleware (cookie path ``/admin``), security headers,
 static files (including the vendored CodeMirror build) and error pages, so none of
 that touches the REST API it is mounted beside. Every page works through the same
-services as the REST API: ``container.rules`` (RuleService) and ``container.runs``
+services as the REST API: ``services.rules`` (RuleService) and ``services.runs``
 (RunService); only accounts, the audit log and activation requests are its own
-(:mod:`api.admin.store`).
+(:mod:`api.admin.store`). Pages are rendered by :mod:`api.admin.pages`.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.admin import security
+from api.admin.pages import HERE, base_url, is_fetch, render
 from api.admin.store import AccountStore, ActivationStore, AuditLog
+from api.services import Services
 from base.errors import Conflict, NotFound
-from kvadrupel.container import Container
 from rules.models import set_link_schemes
 
-__all__ = ["cookie_secure", "create_admin_app", "mount_admin", "render"]
+__all__ = ["cookie_secure", "create_admin_app", "mount_admin"]
 
-HERE = Path(__file__).parent
 log = logging.getLogger("kvadrupel.admin")
 PREFIX = "/admin"
 
@@ -44,25 +40,6 @@ CSP = (
     "img-src 'self' data:; font-src 'self'; connect-src 'self'; object-src 'none'; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-
-_ENV = Environment(
-    loader=FileSystemLoader(HERE / "templates"),
-    autoescape=select_autoescape(default=True, default_for_string=True),
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
-_ENV.filters["pretty"] = lambda v: orjson.dumps(
-    v, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str
-).decode()
-_ENV.filters["num"] = lambda v: (
-    "–" if v is None else (f"{v:,.0f}" if isinstance(v, int | float) else v)
-)
-_ENV.filters["ts"] = lambda v: (
-    v.strftime("%Y-%m-%d %H:%M:%S UTC")
-    if isinstance(v, datetime)
-    else str(v or "")[:19].replace("T", " ")
-)
-
 
 class _SecurityHeaders:
     """CSP (no inline or foreign scripts), no framing, no sniffing, no caching of pages."""
@@ -93,42 +70,6 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def base_url(request: Request) -> str:
-    return request.scope.get("root_path", "") or ""
-
-
-def is_fetch(request: Request) -> bool:
-    return request.headers.get("x-requested-with") == "fetch"
-
-
-def render(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
-    """Render a page (or a fragment) with the common context."""
-    user = getattr(request.state, "user", None)
-    flashes = request.session.pop("flash", []) if not template.startswith("_") else []
-    html = _ENV.get_template(template).render(
-        request=request,
-        base=base_url(request),
-        user=user,
-        csrf=security.csrf_token(request),
-        flashes=flashes,
-        role=(user or {}).get("role"),
-        settings=request.app.state.settings,
-        APPROVERS=security.APPROVERS,
-        EDITORS=security.EDITORS,
-        ADMINS=security.ADMINS,
-        **context,
-    )
-    return HTMLResponse(html, status_code=status)
-
-
-def flash(request: Request, text: str, level: str = "ok") -> None:
-    request.session["flash"] = [*request.session.get("flash", []), [level, text]][-5:]
-
-
-def redirect(request: Request, path: str) -> RedirectResponse:
-    return RedirectResponse(base_url(request) + path, status_code=303)
-
-
 def _error(request: Request, status: int, title: str, detail: str) -> Response:
     if is_fetch(request):
         return render(request, "_error.html", status, title=title, detail=detail)
@@ -146,19 +87,19 @@ def cookie_secure(settings: Any) -> bool:
     return bool(settings.admin_cookie_secure) or public.startswith("https://")
 
 
-def create_admin_app(container: Container) -> FastAPI:
-    s = container.settings
+def create_admin_app(services: Services) -> FastAPI:
+    s = services.settings
     # The links banners may carry (checked when a rule is saved): this deployment's list.
     set_link_schemes(s.banner_link_schemes)
     app = FastAPI(title="Kvadrupel admin", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.container = container
+    app.state.services = services
     app.state.settings = s
-    app.state.accounts = AccountStore(container.control, container.clock)
-    app.state.audit = AuditLog(container.control, container.clock)
-    app.state.activations = ActivationStore(container.control, container.clock)
-    app.state.throttle = security.LoginThrottle(container.clock.time)
+    app.state.accounts = AccountStore(services.control, services.clock)
+    app.state.audit = AuditLog(services.control, services.clock)
+    app.state.activations = ActivationStore(services.control, services.clock)
+    app.state.throttle = security.LoginThrottle(services.clock.time)
     app.state.client_address = security.ClientAddress(s.admin_trusted_proxies)
-    app.state.today = container.clock.today
+    app.state.today = services.clock.today
 
     from api.admin.routes import auth, rules, runs, users
 
@@ -221,9 +162,9 @@ def create_admin_app(container: Container) -> FastAPI:
     return app
 
 
-def mount_admin(app: FastAPI, container: Container) -> None:
+def mount_admin(app: FastAPI, services: Services) -> None:
     """Mount the admin UI at ``/admin`` of the REST app (uses its ``today``)."""
-    admin = create_admin_app(container)
+    admin = create_admin_app(services)
 
     @app.get(PREFIX, include_in_schema=False)
     def _admin_root() -> RedirectResponse:

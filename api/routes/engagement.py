@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Authenticator, bearer_scheme, require
 from api.problems import problem, problem_responses
+from api.services import Services
 from channels.engagement import EngagementCounter
 from channels.episodes import read_episode
 from channels.preferences import merge_preferences, read_preferences, write_preferences
@@ -77,17 +78,18 @@ router = APIRouter(tags=["engagement"], lifespan=_lifespan)
 
 # -- shared state (lazily on app.state) ---------------------------------------------
 
-def _container(app: Any) -> Any:
-    return app.state.container
+def _services(app: Any) -> Services:
+    services: Services = app.state.services
+    return services
 
 
 def _counter(app: Any) -> EngagementCounter:
     c = getattr(app.state, "engagement", None)
     if c is None:
-        s = _container(app).settings
-        c = app.state.engagement = EngagementCounter(_container(app).control, s.timezone,
+        s = _services(app).settings
+        c = app.state.engagement = EngagementCounter(_services(app).control, s.timezone,
                                                      s.engagement_flush_s,
-                                                     clock=_container(app).clock.now)
+                                                     clock=_services(app).clock.now)
     return c
 
 
@@ -105,15 +107,14 @@ def _authenticator(app: Any) -> Authenticator:
         return banner_api.auth
     auth = getattr(app.state, "engagement_auth", None)
     if auth is None:
-        auth = app.state.engagement_auth = Authenticator.from_settings(
-            _container(app).settings, _container(app).clock.time)
+        auth = app.state.engagement_auth = _services(app).authenticator()
     return auth
 
 
 def _unsubscriber(app: Any) -> Unsubscriber:
     u = getattr(app.state, "unsubscriber", None)
     if u is None:
-        u = app.state.unsubscriber = Unsubscriber.from_settings(_container(app).settings)
+        u = app.state.unsubscriber = _services(app).unsubscriber()
     return u
 
 
@@ -122,7 +123,7 @@ def _rule_keys(app: Any) -> set[str]:
     now = time.monotonic()
     if cached is not None and now - cached[0] < _RULE_KEYS_TTL_S:
         return cached[1]
-    with _container(app).control.connect() as conn:
+    with _services(app).control.connect() as conn:
         keys = {r[0] for r in conn.execute(select(rules_table.c.key))}
     app.state.engagement_rule_keys = (now, keys)
     return keys
@@ -212,8 +213,8 @@ async def rule_engagement(
 
 # -- why ---------------------------------------------------------------------------------
 
-def _why(container: Any, uid: int, rule: str, episode: int) -> dict[str, Any] | None:
-    ep = read_episode(container.shards.for_user(uid), uid, rule)
+def _why(services: Services, uid: int, rule: str, episode: int) -> dict[str, Any] | None:
+    ep = read_episode(services.shards.for_user(uid), uid, rule)
     if ep is None or ep["episode"] != episode:
         return None
     why = ep.get("why") or {}
@@ -223,7 +224,7 @@ def _why(container: Any, uid: int, rule: str, episode: int) -> dict[str, Any] | 
         "attempts": m["attempts"], "error": m["error"], "run_id": m["run_id"],
         "created_at": _iso(m["created_at"]), "sent_at": _iso(m["sent_at"]),
         "lang": (m.get("payload") or {}).get("lang"),
-    } for m in container.ledger.entries(uid, rule, episode)]
+    } for m in services.ledger.entries(uid, rule, episode)]
     return {
         "user_id": uid, "banner_id": f"{rule}.{episode}", "rule": rule, "episode": episode,
         "version": ep["version"], "as_of": ep["as_of"].isoformat(), "status": ep["status"],
@@ -257,7 +258,7 @@ async def why(request: Request, user_id: UserId, banner_id: BannerId) -> Any:
     if isinstance(uid, Response):
         return uid
     rule, episode = _split_banner_id(banner_id)
-    out = await run_in_threadpool(_why, _container(request.app), uid, rule, episode)
+    out = await run_in_threadpool(_why, _services(request.app), uid, rule, episode)
     if out is None:
         return problem(404, "Not found", f"user {uid} has no episode {banner_id!r}")
     return out
@@ -273,7 +274,7 @@ async def messages(request: Request, user_id: UserId) -> Any:
     uid = _uid(user_id)
     if isinstance(uid, Response):
         return uid
-    rows = await run_in_threadpool(_container(request.app).ledger.entries, uid)
+    rows = await run_in_threadpool(_services(request.app).ledger.entries, uid)
     out = []
     for m in rows:
         p = m.pop("payload", None) or {}
@@ -291,7 +292,7 @@ async def deliveries(
     run_id: Annotated[int | None, Query(description="only this run")] = None,
     limit: Annotated[int, Query(ge=0, le=1000, description="dead letters listed")] = 100,
 ) -> dict[str, Any]:
-    ledger = _container(request.app).ledger
+    ledger = _services(request.app).ledger
     summary = await run_in_threadpool(ledger.summary, rule, run_id)
     dead = await run_in_threadpool(ledger.dead_letters, rule, run_id, limit)
     return {"rule": rule, "run_id": run_id, **summary, "dead_letters": dead}
@@ -321,7 +322,7 @@ async def get_preferences(request: Request, user_id: UserId) -> Any:
     uid = _user(request, user_id)
     if isinstance(uid, Response):
         return uid
-    return await run_in_threadpool(read_preferences, _container(request.app).shards, uid)
+    return await run_in_threadpool(read_preferences, _services(request.app).shards, uid)
 
 
 @router.put("/v1/users/{user_id}/preferences", summary="Replace a user's channel preferences",
@@ -331,7 +332,7 @@ async def put_preferences(request: Request, user_id: UserId, body: PreferencesIn
     uid = _user(request, user_id)
     if isinstance(uid, Response):
         return uid
-    return await run_in_threadpool(write_preferences, _container(request.app).shards, uid,
+    return await run_in_threadpool(write_preferences, _services(request.app).shards, uid,
                                    body.model_dump())
 
 
@@ -342,7 +343,7 @@ async def patch_preferences(request: Request, user_id: UserId, body: Preferences
     uid = _user(request, user_id)
     if isinstance(uid, Response):
         return uid
-    return await run_in_threadpool(merge_preferences, _container(request.app).shards, uid,
+    return await run_in_threadpool(merge_preferences, _services(request.app).shards, uid,
                                    body.model_dump())
 
 
@@ -465,7 +466,7 @@ async def unsubscribe_one_click(request: Request,
         patch = {"channel_categories": {scope.channel: {scope.category: False}}}
     else:
         patch = {"channels": {scope.channel: False}}
-    await run_in_threadpool(merge_preferences, _container(app).shards, scope.user_id, patch)
+    await run_in_threadpool(merge_preferences, _services(app).shards, scope.user_id, patch)
     log.info("user %d unsubscribed from %s/%s", scope.user_id, scope.channel, scope.category or "*")
     if not form.get("page"):
         return Response(orjson.dumps({"unsubscribed": {"channel": scope.channel,

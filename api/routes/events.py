@@ -6,10 +6,8 @@ paths into non-objects and type clashes the request makes itself); one bad event
 → 422 with the reason per event, and nothing of the request is queued.
 
 Durability: the events of concurrent requests are published and flushed in
-groups by one publisher thread (group commit). A group is acknowledged only
-after ``flush`` confirmed every message of it (Kafka: ``acks=all`` on the
-process's idempotent producer, whose ``flush`` reports the failures of the
-calling thread's messages only; embedded: see :mod:`engine.buses.memory`); if
+groups by one publisher thread (group commit, :mod:`engine.ingest.publisher`). A
+group is acknowledged only after ``flush`` confirmed every message of it; if
 anything in the group failed, every request of the group gets 503 and retries,
 which is harmless: an ``event_id`` already applied to a profile is skipped.
 """
@@ -19,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from concurrent.futures import Future
 from typing import Any
 
 import orjson
@@ -28,78 +25,17 @@ from fastapi.responses import Response
 
 from api.auth import require
 from api.problems import problem
+from api.services import Services
 from base.errors import BusError, EventError
-from engine.bus import Bus
 from engine.ingest.events import apply_user
+from engine.ingest.publisher import GroupPublisher
 from engine.messages.event import MAX_DEPTH, parse_event
 
 router = APIRouter(tags=["ingest"])
 log = logging.getLogger("kvadrupel.api.events")
 MAX_EVENTS = 10_000
 MAX_BODY_BYTES = 16 * 1024 * 1024
-FLUSH_TIMEOUT_S = 10.0
-GROUP_MAX = 20_000  # messages per group commit
 TOO_DEEP = f"nested too deeply (an event's values may be nested at most {MAX_DEPTH} levels)"
-
-
-class GroupPublisher:
-    """Publishes batches of keyed messages; each caller learns whether *its*
-    messages are durably on the bus. One thread does every publish and flush:
-    one flush (one round of acks) per group of concurrent requests."""
-
-    def __init__(self, bus: Bus, topic: str) -> None:
-        self.bus = bus
-        self.topic = topic
-        self._queue: list[tuple[list[tuple[bytes, bytes]], Future[None]]] = []
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="rest-publisher", daemon=True)
-        self._thread.start()
-
-    def submit(self, messages: list[tuple[bytes, bytes]]) -> Future[None]:
-        fut: Future[None] = Future()
-        with self._cond:
-            if self._closed:
-                fut.set_exception(BusError("the API is shutting down"))
-                return fut
-            self._queue.append((messages, fut))
-            self._cond.notify()
-        return fut
-
-    def close(self) -> None:
-        """Finish what was submitted, stop the thread."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=FLUSH_TIMEOUT_S + 5)
-
-    def _take(self) -> list[tuple[list[tuple[bytes, bytes]], Future[None]]]:
-        with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
-            group, size = [], 0
-            while self._queue and (not group or size + len(self._queue[0][0]) <= GROUP_MAX):
-                item = self._queue.pop(0)
-                group.append(item)
-                size += len(item[0])
-            return group
-
-    def _run(self) -> None:
-        while True:
-            group = self._take()
-            if not group:  # closed and drained
-                return
-            try:
-                for messages, _ in group:
-                    for value, key in messages:
-                        self.bus.publish(self.topic, value, key=key)
-                self.bus.flush(FLUSH_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - every caller of the group hears it
-                for _, fut in group:
-                    fut.set_exception(exc)
-            else:
-                for _, fut in group:
-                    fut.set_result(None)
 
 
 _publishers_lock = threading.Lock()
@@ -112,9 +48,9 @@ def _publisher(request: Request) -> GroupPublisher:
         with _publishers_lock:
             pub = getattr(state, "event_publisher", None)
             if pub is None:
-                container = state.container
-                pub = GroupPublisher(container.bus, container.bus.topic("events"))
-                container._closers.append(pub.close)
+                services: Services = state.services
+                pub = GroupPublisher(services.bus, services.bus.topic("events"))
+                services.add_closer(pub.close)
                 state.event_publisher = pub
     return pub
 
@@ -192,8 +128,7 @@ async def post_events(request: Request) -> Response:
         return problem(422, "Invalid request", "no events")
     if len(items) > MAX_EVENTS:
         return problem(413, "Payload too large", f"at most {MAX_EVENTS} events per request")
-    container = request.app.state.container
-    max_bytes = container.settings.profile_max_bytes
+    max_bytes = request.app.state.services.settings.profile_max_bytes
     if len(items) > 100:  # keep the event loop free for big requests
         events, errors = await asyncio.to_thread(_check_request, items, max_bytes)
     else:

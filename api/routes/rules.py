@@ -39,7 +39,7 @@ class RuleUpdate(BaseModel):
 
 
 def _svc(request: Request):  # noqa: ANN202
-    return request.app.state.container.rules
+    return request.app.state.services.rules
 
 
 @router.get("", summary="List rules")

@@ -55,12 +55,12 @@ class CampaignIn(BaseModel):
 
 
 def _campaigns(request: Request) -> CampaignService:
-    return CampaignService(request.app.state.container.control, request.app.state.container.clock)
+    return CampaignService(request.app.state.services.control, request.app.state.services.clock)
 
 
 def _check_rules(request: Request, keys: list[str] | None) -> None:
     try:
-        with request.app.state.container.control.connect() as conn:
+        with request.app.state.services.control.connect() as conn:
             check_rules(conn, keys)
     except UnknownRules as exc:
         raise HTTPException(422, str(exc)) from None
@@ -68,7 +68,7 @@ def _check_rules(request: Request, keys: list[str] | None) -> None:
 
 @router.post("/v1/runs", status_code=202, summary="Start a run now (all rules, or the given ones)")
 async def create_run(request: Request, body: RunIn | None = None) -> dict[str, Any]:
-    c = request.app.state.container
+    c = request.app.state.services
     body = body or RunIn()
     _check_rules(request, body.rules)
     as_of = body.as_of or request.app.state.today()
@@ -79,12 +79,12 @@ async def create_run(request: Request, body: RunIn | None = None) -> dict[str, A
 
 @router.get("/v1/runs", summary="Recent runs")
 def list_runs(request: Request, limit: int = Query(50, ge=1, le=500)) -> dict[str, Any]:
-    return {"runs": request.app.state.container.runs.list(limit)}
+    return {"runs": request.app.state.services.runs.list(limit)}
 
 
 @router.get("/v1/runs/{run_id}", summary="A run's progress and figures")
 def get_run(run_id: int, request: Request) -> dict[str, Any]:
-    return request.app.state.container.runs.get(run_id)
+    return request.app.state.services.runs.get(run_id)
 
 
 @router.post(
@@ -93,7 +93,7 @@ def get_run(run_id: int, request: Request) -> dict[str, Any]:
 def create_campaign(request: Request, body: CampaignIn) -> dict[str, Any]:
     at = body.at
     if at.tzinfo is None:
-        at = at.replace(tzinfo=ZoneInfo(request.app.state.container.settings.timezone))
+        at = at.replace(tzinfo=ZoneInfo(request.app.state.services.settings.timezone))
     try:
         return _campaigns(request).create(at, body.rules, as_of=body.as_of, name=body.name)
     except UnknownRules as exc:
@@ -110,7 +110,7 @@ def list_campaigns(request: Request, status: str | None = None,
 def get_campaign(campaign_id: int, request: Request) -> dict[str, Any]:
     campaign = _campaigns(request).get(campaign_id)
     if campaign["run_id"] is not None:
-        campaign["run"] = request.app.state.container.runs.get(campaign["run_id"])
+        campaign["run"] = request.app.state.services.runs.get(campaign["run_id"])
     return campaign
 
 

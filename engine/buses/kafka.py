@@ -38,7 +38,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from confluent_kafka import Consumer as _KConsumer
@@ -50,9 +50,6 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from base import metrics
 from base.errors import BusError, ConfigError
 from engine.bus import Bus, Consumer, Message, RevokeCallback
-
-if TYPE_CHECKING:
-    from kvadrupel.settings import Settings
 
 __all__ = ["KafkaBus", "KafkaConsumer", "RevokeCallback", "murmur2"]
 
@@ -251,17 +248,6 @@ class KafkaBus(Bus):
         self._consumers: weakref.WeakSet[KafkaConsumer] = weakref.WeakSet()
         self._closed = False
         self._partition_counts: dict[str, tuple[int, float]] = {}  # topic: (count, read at)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> KafkaBus:
-        return cls(
-            settings.kafka_bootstrap,
-            settings.kafka_topic_prefix,
-            session_timeout_ms=settings.kafka_session_timeout_ms,
-            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
-            fetch_wait_max_ms=settings.kafka_fetch_wait_max_ms,
-            extra=settings.kafka_extra,
-        )
 
     def __repr__(self) -> str:
         return f"KafkaBus({self.bootstrap!r}, prefix={self.prefix!r})"

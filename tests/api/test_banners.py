@@ -415,7 +415,7 @@ def test_aud_in_a_token_without_a_configured_audience_is_401(api: Api) -> None:
 def test_unchecked_issuer_is_warned_about_once(monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
     import api.auth
-    from api.auth import Authenticator
+    from kvadrupel.factories import authenticator_from_settings
 
     monkeypatch.setattr(api.auth, "_issuer_warned", False)
     caplog.set_level("WARNING", logger="kvadrupel.api.auth")
@@ -423,15 +423,15 @@ def test_unchecked_issuer_is_warned_about_once(monkeypatch: pytest.MonkeyPatch,
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if "KVADRUPEL_JWT_ISSUER" in r.getMessage()]
 
-    Authenticator.from_settings(Settings(jwt_secret=SECRET, jwt_issuer=ISS))
-    Authenticator.from_settings(Settings(jwt_secret=""))  # no user tokens at all
+    authenticator_from_settings(Settings(jwt_secret=SECRET, jwt_issuer=ISS))
+    authenticator_from_settings(Settings(jwt_secret=""))  # no user tokens at all
     assert warnings() == []
-    Authenticator.from_settings(Settings(jwt_secret=SECRET))
-    Authenticator.from_settings(Settings(jwt_secret=SECRET))
+    authenticator_from_settings(Settings(jwt_secret=SECRET))
+    authenticator_from_settings(Settings(jwt_secret=SECRET))
     (msg,) = warnings()
     assert "not checked" in msg
     # Behaviour is unchanged: without an issuer, any iss (or none) passes.
-    auth = Authenticator.from_settings(Settings(jwt_secret=SECRET), lambda: 1000.0)
+    auth = authenticator_from_settings(Settings(jwt_secret=SECRET), lambda: 1000.0)
     for extra in ({}, {"iss": "whoever"}):
         token = _raw_token({"sub": "5", "exp": 2000} | extra).encode()
         assert auth.authenticate(b"Bearer " + token).user_id == 5

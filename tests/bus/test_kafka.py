@@ -12,6 +12,7 @@ import pytest
 from base.errors import BusError, ConfigError
 from engine.bus import Message
 from engine.buses.kafka import KafkaBus, _split_extra
+from kvadrupel.factories import kafka_bus_from_settings
 from kvadrupel.settings import Settings
 from tests.bus.helpers import collect, partitions_of, poll_for, settle, values
 from tests.fixtures.kafka import PARTITIONS, KafkaBusFactory
@@ -253,10 +254,10 @@ def test_from_settings_uses_the_kafka_settings() -> None:
         kafka_topic_prefix="prod",
         kafka_session_timeout_ms=30000,
     )
-    bus = KafkaBus.from_settings(settings)  # connects to nothing until used
+    bus = kafka_bus_from_settings(settings)  # connects to nothing until used
     assert bus.bootstrap == "kafka-1:9092,kafka-2:9092"
     assert bus.topic("events") == "prod.events"
     assert bus._consumer_conf["session.timeout.ms"] == 30000
     assert bus._consumer_conf["heartbeat.interval.ms"] == settings.kafka_heartbeat_interval_ms
     with pytest.raises(ConfigError):
-        KafkaBus.from_settings(Settings(kafka_bootstrap=""))
+        kafka_bus_from_settings(Settings(kafka_bootstrap=""))

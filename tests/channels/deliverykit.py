@@ -19,9 +19,9 @@ from channels.ledger import Ledger
 from channels.mailers.smtp import SmtpMailer
 from channels.policy import ChannelPolicy
 from channels.push import Pusher
-from channels.unsubscribe import Unsubscriber
 from engine.deliver.worker import DeliveryWorker
 from kvadrupel.container import Container
+from kvadrupel.factories import unsubscriber_from_settings
 from kvadrupel.settings import Settings
 from tests.fixtures.waiting import scaled
 
@@ -186,7 +186,7 @@ def make_worker(
         mailer,
         pusher=pusher,
         policy=policy or ChannelPolicy(caps={}, quiet=None),
-        unsubscriber=Unsubscriber.from_settings(container.settings),
+        unsubscriber=unsubscriber_from_settings(container.settings),
         clock=clock,
     )
     if type(container.bus).__name__ == "MemoryBus":

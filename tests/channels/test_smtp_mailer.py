@@ -13,9 +13,10 @@ from collections.abc import Iterator
 import pytest
 
 from base.errors import ChannelError, ConfigError
-from channels.mail import Email, mailer_from_settings
+from channels.mail import Email
 from channels.mailers.outbox import OutboxMailer
 from channels.mailers.smtp import SmtpEndpoint, SmtpMailer, parse_smtp_url
+from kvadrupel.factories import mailer_from_settings
 from kvadrupel.settings import Settings
 from tests.channels.helpers import (
     MAIL_FROM,

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from api.admin.app import base_url, redirect, render
+from api.admin.pages import base_url, redirect, render
 from api.admin.security import CsrfForm, SignedIn
 
 router = APIRouter()

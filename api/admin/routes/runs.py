@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from api.admin import charts
-from api.admin.app import redirect, render
+from api.admin.pages import redirect, render
 from api.admin.security import AnyUser, Approver, CsrfForm
 from scheduler.planner import start_run
 
@@ -35,7 +35,7 @@ def runs_list(
     request: Request,
     user: AnyUser,
 ) -> Response:
-    runs = request.app.state.container.runs.list(limit=50)
+    runs = request.app.state.services.runs.list(limit=50)
     return render(
         request, "runs.html", runs=runs, chart=_chart(runs[:30]), today=request.app.state.today()
     )
@@ -47,7 +47,7 @@ async def start(
     form: CsrfForm,
     user: Approver,
 ) -> Response:
-    c = request.app.state.container
+    c = request.app.state.services
     text = str(form.get("as_of") or "")
     try:
         as_of = date.fromisoformat(text) if text else request.app.state.today()
@@ -68,7 +68,7 @@ async def start(
 
 @router.get("/runs/{run_id}")
 def run_detail(run_id: int, request: Request, user: AnyUser, partial: int = 0) -> Response:
-    run = request.app.state.container.runs.get(run_id)
+    run = request.app.state.services.runs.get(run_id)
     keys = sorted(set(run["matches"]) | set(run["errors"]) | set(run["rule_cpu"]))
     per_rule = [
         {"key": k, "matches": run["matches"].get(k, 0), "errors": run["errors"].get(k, 0),

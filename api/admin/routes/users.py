@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
-from api.admin.app import flash, redirect, render
+from api.admin.pages import flash, redirect, render
 from api.admin.security import Admin, Approver, CsrfForm
 from api.admin.store import ROLES
 from base.errors import Conflict

@@ -1,9 +1,9 @@
 """Serving the API in production: ``kvadrupel api`` (see docs/api.md).
 
 Each worker process builds its own :class:`~kvadrupel.container.Container` from the
-environment (``app_from_env``, an app *factory*), so its own pools, its own LISTEN
-connections and its own version cache; the container is closed at the worker's
-lifespan shutdown.
+environment (``app_from_env``, an app *factory*) and hands it to the web layer
+(:func:`api.app.create_app`), so its own pools, its own LISTEN connections and its
+own version cache; the container is closed at the worker's lifespan shutdown.
 
 Server: granian (Rust HTTP/1.1 and HTTP/2, ASGI) by default, uvicorn (with uvloop
 and httptools) as the alternative — ``KVADRUPEL_API_SERVER``. The choice is
@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["SERVERS", "app_from_env", "run"]
 
 SERVERS = ("granian", "uvicorn")
-TARGET = "api.serve:app_from_env"
+TARGET = "kvadrupel.serve:app_from_env"
 
 
 def app_from_env() -> Any:
