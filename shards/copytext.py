@@ -60,5 +60,6 @@ def _field(value: Any) -> bytes:
 
 
 def encode_rows(rows: Iterable[Any]) -> list[bytes]:
-    """COPY text lines of ``(user_id, doc, state)`` rows (or rows that unpack so)."""
-    return [b"%d\t%b\t%b\n" % (int(u), _field(d), _field(s or None)) for u, d, s in rows]
+    """COPY text lines of ``(user_id, doc, state)`` rows (or rows that unpack so); a
+    state of None (never evaluated) is NULL, an empty one ``{}`` (as PostgreSQL's COPY)."""
+    return [b"%d\t%b\t%b\n" % (int(u), _field(d), _field(s)) for u, d, s in rows]

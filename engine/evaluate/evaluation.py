@@ -74,6 +74,10 @@ class CompiledPack:
         self.generation = generation
         self.restricted = wanted is not None
         self.frozen = frozenset(frozen) - self.keys
+        # The rules a restricted run answers for: its active ones, and those of its
+        # keys that are no longer active (a sweep after a rule was disabled or
+        # deleted: they exit where they were active) unless quarantined (frozen).
+        self.speaks_for = self.keys | (frozenset(wanted or ()) - self.frozen)
         # Highest priority first; the first match of a group wins.
         self.order = sorted(active, key=lambda r: (-r.priority, r.key))
         self.rank = {r.key: i for i, r in enumerate(self.order)}
@@ -214,8 +218,8 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
     as_of = ctx.today.isoformat()
     wake_of = _wake_of(ctx)
     evaluate = pack.ruleset.evaluate
-    keys = pack.keys
     restricted = pack.restricted
+    speaks_for = pack.speaks_for
     grouped = pack.grouped
     frozen = pack.frozen
     n = 0
@@ -264,18 +268,19 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
         for k, p in prev.items():
             if not p[1] or k in matched or (failed and k in failed) or k in frozen:
                 continue
-            if restricted and k not in keys:
+            if restricted and k not in speaks_for:
                 continue  # a campaign speaks only for its own rules
             if new is None:
                 new = dict(prev)
             new[k] = [p[0], 0, p[2], p[3]]
             stats.exits += 1
-            rule = pack.all.get(k)
+            ended = pack.all.get(k)
             results.append(Exit(v=VERSION, user_id=uid, rule=k, episode=p[0], version=p[2],
-                                priority=rule.priority if rule else 0, as_of=as_of,
+                                priority=ended.priority if ended else 0, as_of=as_of,
                                 run_id=run_id))
         states.append((uid, prev if new is None else new, wake))
     if slot.over >= 0:  # a rule spent the batch budget on the last row done
+        assert uid is not None  # so there was a row
         stats.slow[pack.ruleset.keys[slot.over]] = uid
     stats.users += n
 

@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from base import metrics
@@ -51,6 +51,7 @@ from engine.bus import Bus, Consumer, Message
 from engine.ingest.events import DEFAULT_SEEN_CAP, apply_user
 from engine.messages import VERSION, UsersJob, encode
 from engine.messages.event import parse_event
+from rules.readset import event_paths
 from shards.shardset import ShardSet
 from shards.store import IngestDataError, IngestItem, IngestOutcome
 
@@ -104,6 +105,7 @@ class _Batch:
     messages: list[Message]
     writes: dict[int, Future[IngestOutcome]]  # shard -> its transaction
     invalid: list[tuple[Message, str]]  # failed validation: dead-lettered on completion
+    paths: dict[int, set[str]] = field(default_factory=dict)  # user -> paths its events change
 
     def done(self) -> bool:
         return all(f.done() for f in self.writes.values())
@@ -173,7 +175,7 @@ class IngestWorker(BatchWorker):
             self._batch = None
             return handled
         handled = 0
-        batch: list[Message] = []
+        batch = []
         if len(self._inflight) < self.depth:
             wait = self.poll_timeout if not self._inflight else min(self.poll_timeout, 0.005)
             try:
@@ -251,6 +253,7 @@ class IngestWorker(BatchWorker):
         metrics.INGEST_BATCH.observe(len(batch))
         per_shard: dict[int, list[IngestItem]] = {}
         invalid: list[tuple[Message, str]] = []
+        paths: dict[int, set[str]] = {}
         known = self._shards_of()
         shard_of = self.shards.router.shard_of
         new_item = _new_item
@@ -266,6 +269,13 @@ class IngestWorker(BatchWorker):
                 invalid.append((msg, f"cannot parse: {type(exc).__name__}: {exc}"))
                 continue
             uid = ev.user_id
+            changes = event_paths({"set": ev.set, "unset": ev.unset, "inc": ev.inc,
+                                   "append": ev.append, "max": ev.max, "min": ev.min})
+            seen = paths.get(uid)
+            if seen is None:
+                paths[uid] = set(changes)
+            else:
+                seen.update(changes)
             item = new_item((uid, ev, msg.topic, msg.partition, msg.offset))
             s = known.get(uid)
             if s is None:
@@ -277,7 +287,7 @@ class IngestWorker(BatchWorker):
                 items.append(item)
         writes = {s: self.pools[s].submit(self._write, s, items, batch)
                   for s, items in per_shard.items()}
-        return _Batch(batch, writes, invalid)
+        return _Batch(batch, writes, invalid, paths)
 
     def _shards_of(self) -> dict[int, int]:
         """``user_id -> shard`` of the users seen lately (hashing a user id costs
@@ -329,16 +339,22 @@ class IngestWorker(BatchWorker):
         if error is not None:
             raise error
         changed: list[int] = []
+        unknown: set[int] = set()  # users whose changed paths are not known
         for out in outcomes:
             metrics.INGEST_EVENTS.labels("applied").inc(out.applied)
             metrics.INGEST_EVENTS.labels("replayed").inc(out.skipped)
             # A replayed stretch may have lost its evaluation request: ask again
-            # for everyone in it.
-            changed += out.touched if out.skipped else out.changed
+            # for everyone in it (with every rule: what changed then is not known).
+            if out.skipped:
+                changed += out.touched
+                unknown.update(out.touched)
+            else:
+                changed += out.changed
         for msg, reason in b.invalid:
             dead_letter(self.bus, self.dlq, msg, reason, msg.value)
         if changed:
-            self.request_evaluation(changed)
+            self.request_evaluation(changed, {u: p for u, p in b.paths.items()
+                                              if u not in unknown})
         self.bus.flush()
         if b.invalid:
             self.dead_lettered += len(b.invalid)
@@ -347,13 +363,19 @@ class IngestWorker(BatchWorker):
         self.handled += len(b.messages)
         return len(b.messages)
 
-    def request_evaluation(self, user_ids: list[int]) -> None:
-        """One ``users`` job per shard and chunk: each user named once per batch."""
+    def request_evaluation(self, user_ids: list[int],
+                           paths: dict[int, set[str]] | None = None) -> None:
+        """One ``users`` job per shard and chunk: each user named once per batch, with
+        the profile paths its events changed when known (the evaluator re-evaluates
+        only the rules that read them: rules/readset.py)."""
         memo = self._shards_of()
         for shard, uids in self.shards.router.split(dict.fromkeys(user_ids), memo).items():
             for i in range(0, len(uids), EVAL_CHUNK):
                 chunk = uids[i : i + EVAL_CHUNK]
-                job = UsersJob(v=VERSION, shard=shard, user_ids=chunk)
+                changed = None
+                if paths is not None:
+                    changed = [sorted(paths[u]) if u in paths else None for u in chunk]
+                job = UsersJob(v=VERSION, shard=shard, user_ids=chunk, paths=changed)
                 self.bus.publish(self.jobs, encode(job), key=str(chunk[0]).encode())
         if self.on_changed:
             self.on_changed(user_ids)

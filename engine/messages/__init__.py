@@ -27,7 +27,7 @@ typed, validated object costs ~1 us against ~4 us with pydantic's
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -69,6 +69,9 @@ class UsersJob(_Msg, tag_field="type", tag="users"):
     shard: int
     user_ids: list[int]
     as_of: str | None = None  # None: the evaluator's today
+    # Per user, the profile paths its events changed (None: not known, every rule);
+    # the evaluator re-evaluates only the rules whose read-set meets them.
+    paths: list[list[str] | None] | None = None
 
 
 Job = RangeJob | UsersJob
@@ -135,16 +138,19 @@ class _Version(msgspec.Struct):
 
 _encoder = msgspec.json.Encoder()
 _versions = msgspec.json.Decoder(_Version)
-_jobs = msgspec.json.Decoder(Job)
-_results = msgspec.json.Decoder(Result)
+_jobs: msgspec.json.Decoder[Job] = msgspec.json.Decoder(Job)
+_results: msgspec.json.Decoder[Result] = msgspec.json.Decoder(Result)
 _answers = msgspec.json.Decoder(EvalAnswer)
 
 
-def encode(msg: _Msg) -> bytes:
+def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
 
 
-def _check(msg: Any) -> Any:
+_Versioned = TypeVar("_Versioned", bound=_Msg | _Version)
+
+
+def _check(msg: _Versioned) -> _Versioned:
     if msg.v > VERSION or msg.v < 0:
         raise MessageError(f"unknown message version {msg.v} (this build reads 0..{VERSION})")
     return msg
