@@ -7,6 +7,7 @@ points at the current one.
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import threading
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from base.errors import (
 from catalogue import audience
 from rules.isolation import SandboxPool
 from rules.models import RuleIn
+from rules.readset import read_set
 from rules.remote import CHILD_MODULE, RuleRunner
 from rules.ruleset import ActiveRule, RuleSpec
 from rules.sandbox import compile_rule
@@ -234,6 +236,10 @@ class RuleService:
         d.pop("quarantine_user", None)
         for k in ("created_at", "updated_at"):
             d[k] = d[k].isoformat()
+        # What the rule can read of a profile (rules/readset.py; None: any path): an
+        # event that changes none of these paths does not re-evaluate it.
+        reads = read_set(d["source"]) if isinstance(d.get("source"), str) else None
+        d["reads"] = sorted(reads) if reads is not None else None
         return d
 
     def get(self, key: str) -> dict[str, Any]:
@@ -248,7 +254,8 @@ class RuleService:
             rows = conn.execute(self._select().order_by(rules.c.key)).all()
         return [self._row(r) for r in rows]
 
-    def versions(self, key: str) -> list[dict[str, Any]]:
+    # ``list`` is the method above from here on in the class body: builtins.list
+    def versions(self, key: str) -> builtins.list[dict[str, Any]]:
         with self.control.connect() as conn:
             rows = conn.execute(select(rule_versions).where(rule_versions.c.key == key)
                                 .order_by(rule_versions.c.version)).all()
@@ -256,7 +263,7 @@ class RuleService:
             raise NotFound(f"no rule {key!r}")
         return [dict(r._mapping) | {"created_at": r.created_at.isoformat()} for r in rows]
 
-    def active(self) -> list[ActiveRule]:
+    def active(self) -> builtins.list[ActiveRule]:
         """Enabled, non-quarantined rules at their current version."""
         with self.control.connect() as conn:
             rows = conn.execute(

@@ -73,6 +73,8 @@ def test_editor_keeps_input_on_errors_and_skips_unchanged_saves(admin_env: Admin
         and "Vehicle registration soon" in r.text
     )
     ana.post("/admin/rules", rule_form())
+    page = ana.client.get("/admin/rules/vr-soon").text
+    assert "<code>vehicle.registration_expires_on</code>: only a change to these" in page
     r = ana.post("/admin/rules/vr-soon", rule_form())
     assert "No changes" in " ".join(flashes(r.text))
     assert admin_env.container.rules.get("vr-soon")["version"] == 1
@@ -179,3 +181,24 @@ def test_run_page_shows_the_cpu_each_rule_used_per_user(admin_env: AdminEnv) -> 
     row = re.search(r'<a href="/admin/rules/vr-soon">.*?</tr>', page, re.S).group(0)
     assert f'data-testid="rule-cpu">{0.25 * len(jobs) / users * 1e6:.1f}<' in row
     assert runs.get(run_id)["rule_cpu"]["vr-soon"]["seconds"] == round(0.25 * len(jobs), 3)
+
+
+def test_run_page_shows_what_an_incremental_night_skipped_and_missed(
+        admin_env: AdminEnv) -> None:
+    from datetime import date
+
+    # Given a verifying night: 2 ranges, 30 users due each, 50 swept, one mismatch
+    runs = admin_env.container.runs
+    run_id, _ = runs.create(date(2026, 11, 24), [(0, 1, 100, 500), (1, 101, 200, 500)],
+                            kind="nightly", mode="verify", sweep=["vr-soon"],
+                            covers={"vr-soon": 2})
+    for no, mismatches in ((0, 1), (1, 0)):
+        runs.claim(run_id, no, "w1")
+        runs.range_done(run_id, no, 30, {}, {}, worker="w1", swept=50, mismatches=mismatches)
+
+    # When the run page is shown / Then it says what was due, skipped, swept and missed
+    page = admin_env.as_user("pat").client.get(f"/admin/runs/{run_id}").text
+    line = re.search(r'data-testid="run-incremental">(.*?)</p>', page, re.S).group(1)
+    assert "60 users due" in line and "940 skipped" in line and "100 swept" in line
+    assert "<code>vr-soon</code>" in line and "1 mismatches" in line
+    assert runs.get(run_id)["mismatches"] == 1 and runs.get(run_id)["status"] == "done"

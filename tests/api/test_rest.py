@@ -136,6 +136,9 @@ def test_rule_lifecycle(api: tuple[TestClient, Container]) -> None:
     assert r.status_code == 201, r.text
     assert r.json()["version"] == 1 and r.json()["status"] == "active"
     assert client.post("/v1/rules", json=RULE, headers=H["admin"]).status_code == 409
+    # what it can read of a profile (its read-set: rules/readset.py)
+    assert client.get("/v1/rules/dl-soon", headers=H["admin"]).json()["reads"] == [
+        "driver_license.expires_on"]
 
     changed = RULE | {"name": "Renamed", "priority": 7}
     changed.pop("key")
