@@ -183,7 +183,7 @@ def stop_workers(procs: list[subprocess.Popen[bytes]]) -> list[float]:
 # -- one night -----------------------------------------------------------------
 
 def night(base: Settings, as_of: date, workers: int, deliver: bool, label: str,
-          inprocess: bool = False) -> dict[str, Any]:
+          inprocess: bool = False, incremental: bool = False) -> dict[str, Any]:
     s = base.model_copy(update={"kafka_topic_prefix": f"b{uuid.uuid4().hex[:8]}"})
     container = Container(s)
     bus = container.bus  # creates the topics
@@ -197,7 +197,9 @@ def night(base: Settings, as_of: date, workers: int, deliver: bool, label: str,
             wait_group(s.kafka_bootstrap, container.group("deliver"))
         log(f"{label}: {workers} evaluator process(es) ready; {load_avg()}")
         t0 = time.perf_counter()
-        run_id = start_run(container.shards, container.runs, bus, as_of, s.range_target_users)
+        run_id = start_run(container.shards, container.runs, bus, as_of, s.range_target_users,
+                           active=container.rules.active_versions() if incremental else None,
+                           verify_every_days=10**6)
         info = container.runs.wait(run_id, timeout=3600, poll_s=0.05)
         t_run = time.perf_counter() - t0
         expected = info["enters"] + info["exits"]
@@ -216,6 +218,77 @@ def night(base: Settings, as_of: date, workers: int, deliver: bool, label: str,
         container.close()
     out["cpu"] = cpu  # includes each process's start-up (~1 s of imports)
     return out
+
+
+def incremental_nights(base: Settings, first: date, n: int, workers: int,
+                       users_n: int) -> list[dict[str, Any]]:
+    """``n`` consecutive incremental nights (the users due in the wake-up index) by
+    the same evaluator processes and delivery worker, then one verifying night
+    (everyone again, counting mismatches). Each night timed from start_run until
+    the run is done and every result delivered."""
+    s = base.model_copy(update={"kafka_topic_prefix": f"b{uuid.uuid4().hex[:8]}"})
+    container = Container(s)
+    bus = container.bus
+    procs = start_workers(s, workers)
+    stop = threading.Event()
+    delivery = container.delivery_worker()
+    threads = [delivery.start_thread(stop)]
+    out = []
+    try:
+        wait_group(s.kafka_bootstrap, container.group("evaluate"))
+        wait_group(s.kafka_bootstrap, container.group("deliver"))
+        active = container.rules.active_versions()
+        for i in range(n + 1):
+            as_of = first + timedelta(days=i)
+            verify = i == n
+            t0 = time.perf_counter()
+            before = delivery.handled
+            run_id = start_run(container.shards, container.runs, bus, as_of,
+                               s.range_target_users, active=active, full=verify,
+                               verify_every_days=10**6)
+            info = container.runs.wait(run_id, timeout=3600, poll_s=0.02)
+            t_run = time.perf_counter() - t0
+            expected = info["enters"] + info["exits"]
+            while delivery.handled - before < expected:
+                time.sleep(0.01)
+            t_all = time.perf_counter() - t0
+            info = container.runs.get(run_id)
+            label = f"D+{(as_of - AS_OF).days} {'verify' if verify else info['mode']}"
+            out.append({"label": label, "run": info, "t_run": t_run, "t_e2e": t_all,
+                        "results": expected})
+            log(f"{label}: {info['users']:,} due ({info['users'] / users_n:.2%}), "
+                f"{info['swept']:,} swept, {info['enters']:,} enters, {info['exits']:,} exits, "
+                f"{info['mismatches']} mismatches; run {t_run:.2f}s, end to end {t_all:.2f}s")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        cpu = stop_workers(procs)
+        container.close()
+    for night_ in out:
+        night_["cpu_total"] = sum(cpu)
+    return out
+
+
+def keep_due(container: Container, as_of: date, sample: int = 20_000) -> list[tuple[str, float]]:
+    """Per rule, the share of (a sample of) users whose answer it keeps due tomorrow:
+    the rules that do not sleep, by how many users they keep awake."""
+    from rules.ruleset import RuleSet
+
+    rows = []
+    for store in container.shards.stores:
+        for chunk in store.stream_sample(min(1.0, sample / max(1, store.count()))):
+            rows += chunk
+    rs = RuleSet([r.spec() for r in container.rules.active()], budget_ms=0, horizons=True)
+    ctx = make_context(as_of, container.settings.timezone)
+    tomorrow = as_of + timedelta(days=1)
+    awake: dict[str, int] = {}
+    for row in rows:
+        outcome = rs.evaluate(row.doc, ctx)
+        for key, h in outcome.horizons.items():
+            if h is not None and h <= tomorrow:
+                awake[key] = awake.get(key, 0) + 1
+    return sorted(((k, n / max(1, len(rows))) for k, n in awake.items()), key=lambda kv: -kv[1])
 
 
 # -- ceilings ------------------------------------------------------------------
@@ -331,6 +404,9 @@ def main() -> None:
     ap.add_argument("--isolation-ab", action="store_true",
                     help="run each measured night also with the rules in the evaluator process "
                          "(bench/inprocess_evaluator.py): the cost of the sandbox children")
+    ap.add_argument("--incremental", type=int, default=0, metavar="NIGHTS",
+                    help="after the full nights, NIGHTS incremental nights (the users due) and "
+                         "a verifying one, by the last --workers count; report the fraction due")
     ap.add_argument("--keep", action="store_true", help="keep the kvbench_* databases")
     ap.add_argument("--reuse", type=int, default=0, metavar="DAY",
                     help="reuse kept kvbench_* databases whose last night was D+DAY-1: "
@@ -369,7 +445,8 @@ def main() -> None:
             load_users(setup, args.users)
             log(f"loaded {args.users:,} users in {time.perf_counter() - t0:.1f}s")
             install_pack(setup.rules, RULES50)
-            nights = [night(base, AS_OF, args.cold_workers, False, COLD)]
+            nights = [night(base, AS_OF, args.cold_workers, False, COLD,
+                            incremental=bool(args.incremental))]
             log(_night_line(nights[-1], args.users))
         for r in setup.rules.list():  # an earlier run on a starved machine may have
             if r["status"] == "quarantined":  # quarantined some for overrunning
@@ -391,16 +468,53 @@ def main() -> None:
                     f"in-process {b['t_e2e']:.2f}s = {a['t_e2e'] / b['t_e2e']:.3f}x; worker CPU "
                     f"{sum(a['cpu']) / args.users * 1e6:.1f} vs "
                     f"{sum(b['cpu']) / args.users * 1e6:.1f} us/user")
+        incr: list[dict[str, Any]] = []
+        if args.incremental:
+            incr = incremental_nights(base, AS_OF + timedelta(days=day), args.incremental,
+                                      worker_counts[-1], args.users)
+            day += args.incremental + 1
         last = AS_OF + timedelta(days=day - 1)
         ceil = ceilings(setup, last)
         prof = profile_range(setup, last) if args.profile else ""
         report(args, nights, ceil, prof)
+        if incr:
+            report_incremental(args, nights, incr, keep_due(setup, last))
     finally:
         setup.close()
         broker.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
         if not args.keep:
             drop_databases(args.shards)
+
+
+def report_incremental(args: argparse.Namespace, nights: list[dict[str, Any]],
+                       incr: list[dict[str, Any]], awake: list[tuple[str, float]]) -> None:
+    full = [n for n in nights if n and n["label"] not in (COLD,) and "in-process" not in n["label"]]
+    regular = [n for n in incr if "verify" not in n["label"]]
+    due = [n["run"]["users"] / args.users for n in regular]
+    e2e = sorted(n["t_e2e"] for n in regular)
+    print(f"\n=== incremental nights: {len(regular)} nights, {args.users:,} users, "
+          f"{worker_counts_label(args)} evaluator(s)")
+    print(f"  fraction due per night: min {min(due):.2%}, median {sorted(due)[len(due) // 2]:.2%}, "
+          f"max {max(due):.2%} (goal <= 5% of a full scan)")
+    print(f"  end to end per night: median {e2e[len(e2e) // 2]:.2f}s, max {e2e[-1]:.2f}s "
+          f"(goal <= 10 s for 1M users)")
+    if full:
+        f = min(n["t_e2e"] for n in full)
+        print(f"  full scan in the same run: {f:.2f}s end to end -> incremental median is "
+              f"{e2e[len(e2e) // 2] / f:.3f}x of it")
+    v = [n for n in incr if "verify" in n["label"]]
+    if v:
+        print(f"  verifying night: {v[0]['run']['mismatches']} mismatches (must be 0), "
+              f"{v[0]['t_e2e']:.2f}s")
+    print("  rules that keep users due tomorrow (share of a sample of users):")
+    for key, share in awake[:10]:
+        print(f"    {key:<40} {share:.2%}")
+    print("  per night: " + ", ".join(f"{n['label']} {n['run']['users']:,}" for n in incr))
+
+
+def worker_counts_label(args: argparse.Namespace) -> str:
+    return args.workers.split(",")[-1]
 
 
 def _night_line(n: dict[str, Any], users_n: int) -> str:
