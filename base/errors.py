@@ -61,6 +61,8 @@ class RuleError(KvadrupelError):
 
 
 class RuleCompileError(RuleError):
+    key: str | None = None  # the rule's, where a RuleSet compiled it
+
     def __init__(self, message: str, line: int | None = None) -> None:
         super().__init__(message if line is None else f"line {line}: {message}")
         self.line = line

@@ -225,9 +225,9 @@ def date_dependence(source: str) -> dict[str, Any]:
         return {"reads_date": True, "system_clock": False,
                 "reasons": ["the source could not be analysed"]}
     fn = None
-    for node in tree.body:  # the last definition of ``match`` is the one that runs
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "match":
-            fn = node
+    for stmt in tree.body:  # the last definition of ``match`` is the one that runs
+        if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef) and stmt.name == "match":
+            fn = stmt
     parents: dict[int, ast.AST] = {}
     for node in ast.walk(tree):
         for child in ast.iter_child_nodes(node):

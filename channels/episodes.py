@@ -92,7 +92,7 @@ def start_episodes(store: Any, starts: Sequence[EpisodeStart], now: datetime) ->
                                            "expires_at", "run_id", "started_at", "ended_at")},
         where=episodes.c.episode < ins.excluded.episode,
     )
-    rows = [
+    params = [
         {
             "user_id": s.user_id,
             "rule_key": s.rule_key,
@@ -110,7 +110,7 @@ def start_episodes(store: Any, starts: Sequence[EpisodeStart], now: datetime) ->
         for s in starts
     ]
     with store.engine.begin() as conn:
-        conn.execute(stmt, rows)
+        conn.execute(stmt, params)
 
 
 def end_episodes(store: Any, ends: Sequence[tuple[int, str, int]], now: datetime) -> None:
@@ -137,7 +137,7 @@ def expire_due(store: Any, now: datetime, limit: int = 1000) -> list[int]:
         BannerChange(int(r.user_id), r.rule_key, int(r.episode), int(r.version), 0, r.as_of, None)
         for r in rows
     ]
-    changed = store.apply_banner_changes(changes)
+    changed: list[int] = store.apply_banner_changes(changes)
     with store.engine.begin() as conn:
         conn.execute(update(episodes).where(and_(
             episodes.c.user_id == bindparam("u"), episodes.c.rule_key == bindparam("r"),

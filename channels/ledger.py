@@ -153,7 +153,7 @@ class Ledger:
 
     def retry_delay(self, attempts: int) -> float:
         """Seconds before attempt ``attempts + 1``: exponential, capped, with jitter."""
-        delay = min(self.max_delay_s, self.base_delay_s * 2 ** max(attempts - 1, 0))
+        delay: float = min(self.max_delay_s, self.base_delay_s * 2 ** max(attempts - 1, 0))
         return delay * random.uniform(0.5, 1.0)  # jitter: spread a recovering server's load
 
     # -- claiming -----------------------------------------------------------------

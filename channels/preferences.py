@@ -111,10 +111,10 @@ def _upsert(conn: Any, user_id: int, doc: dict[str, Any]) -> None:
 
 def write_preferences(shards: Any, user_id: int, doc: Any) -> dict[str, Any]:
     """Replace a user's preferences; returns the stored document."""
-    doc = normalise(doc)
+    stored = normalise(doc)
     with shards.for_user(user_id).engine.begin() as conn:
-        _upsert(conn, user_id, doc)
-    return doc
+        _upsert(conn, user_id, stored)
+    return stored
 
 
 def merge_preferences(shards: Any, user_id: int, patch: Any) -> dict[str, Any]:

@@ -186,7 +186,7 @@ class RunService:
                     error=f"gave up after {row.attempts} attempts; last: {last}"[:2000]))
                 self._maybe_finish(conn, run_id)
                 return None
-            attempt = row.attempts + 1
+            attempt: int = row.attempts + 1
             ts = self.clock.now()
             conn.execute(update(run_ranges).where(self._where(run_id, range_no)).values(
                 status="running", attempts=attempt, worker=worker, started_at=ts, users=0,
@@ -312,6 +312,7 @@ class RunService:
         rate = seen / elapsed if elapsed > 0 else 0.0
         total = run.ranges_total
         remaining = total - done - len(parked)
+        eta: float | None
         if not remaining:
             eta = 0.0
         elif run.users_est and rate > 0:

@@ -105,6 +105,8 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 from base.errors import RuleTimeout
 
@@ -178,7 +180,9 @@ class Slot:
     )
 
     def __init__(self, tid: int) -> None:
-        self.box: list = [0, 0.05, 0]
+        # [seq: int, budget_s: float, first seq: int]: a list (arming is one item
+        # store, see the module docstring), and a list type has no per-item types
+        self.box: list[Any] = [0, 0.05, 0]
         self.tid = tid
         self.clock = _cpu_clock(tid)
         self.seq = 0  # last sequence number handed out (evaluator side)
@@ -328,7 +332,8 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 def current_slot() -> Slot:
     """The calling thread's :class:`Slot` (created and registered on first use)."""
     try:
-        return _tls.slot
+        slot: Slot = _tls.slot
+        return slot
     except AttributeError:
         slot = Slot(threading.get_ident())
         _tls.slot = slot
@@ -342,7 +347,13 @@ def wake_watchdog() -> None:
         WATCHDOG.wake()
 
 
-def call_with_budget(fn, profile, ctx, budget_s: float | None, what: str = "rule"):
+def call_with_budget(
+    fn: Callable[[Any, Any], Any],
+    profile: Any,
+    ctx: Any,
+    budget_s: float | None,
+    what: str = "rule",
+) -> Any:
     """Call ``fn(profile, ctx)`` with the profile protected by the write guard and,
     when ``budget_s`` is set, interrupted after that many seconds.
 

@@ -40,9 +40,10 @@ import itertools
 import operator
 import sys
 import time  # noqa: F401 - date.strftime imports it lazily: see DATE_CALLS
+from collections.abc import Callable, Iterable
 from datetime import date as _date
 from datetime import time as _time
-from typing import Any
+from typing import Any, TypeVar
 
 from base.errors import RuleRuntimeError
 from rules.budget import current_slot
@@ -106,8 +107,8 @@ def _check_len(n: int, seq: Any, what: str) -> None:
 # -- size of the text of a value --------------------------------------------------
 
 STR, REPR, ASCII = 0, 1, 2  # str(x), repr(x), ascii(x)
-_DICT_VIEWS = (type({}.keys()), type({}.values()))
-_DICT_ITEMS = type({}.items())
+_DICT_VIEWS: tuple[type, ...] = (type({}.keys()), type({}.values()))
+_DICT_ITEMS: type = type({}.items())
 _PRINTABLE_BYTES = bytes(range(32, 127))
 _chain = itertools.chain.from_iterable
 # Other types whose text shows their contents (rules/templates.py registers
@@ -224,7 +225,7 @@ _FLOAT_CONV = "eEfFgG"
 
 
 def _number_arg(
-    text: str, j: int, args: Any, state: list, max_width: int | None
+    text: str, j: int, args: Any, state: list[int], max_width: int | None
 ) -> tuple[int, int]:
     """Parse a width/precision at ``text[j:]``: (value, next index)."""
     n = len(text)
@@ -248,7 +249,7 @@ class _NoArg(Exception):
     pass
 
 
-def _next_arg(args: Any, state: list) -> Any:
+def _next_arg(args: Any, state: list[int]) -> Any:
     i = state[0]
     if type(args) is tuple or isinstance(args, tuple):
         if i >= len(args):
@@ -274,7 +275,7 @@ def percent_size(fmt: str | bytes, args: Any, limit: int, max_width: int | None 
     precisions over it (the rules' policy).
     """
     is_bytes = isinstance(fmt, bytes)
-    text = fmt.decode("latin-1") if is_bytes else fmt
+    text = fmt.decode("latin-1") if isinstance(fmt, bytes) else fmt
     n = len(text)
     total = n
     state = [0]
@@ -454,6 +455,7 @@ class SafeStr(str, metaclass=_StrMeta):
     methods (``str.lower(s)``, checked like ``s.lower()``) behave as usual.
     """
 
+    # returns a plain str, not a SafeStr: mypy requires __new__ to return the class
     def __new__(cls, *args: Any, **kwargs: Any) -> str:  # type: ignore[misc]
         if args:
             render_guard(args[0])
@@ -574,7 +576,7 @@ _ASCII_COMPATIBLE = frozenset({
 # fmt: on
 
 
-def _encode_factor(s: str, args: tuple, kwargs: dict) -> int:
+def _encode_factor(s: str | bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     enc = args[0] if args else kwargs.get("encoding", "utf-8")
     err = args[1] if len(args) > 1 else kwargs.get("errors", "strict")
     if type(enc) is not str:
@@ -594,7 +596,9 @@ def _lengths(items: Any, limit: int) -> int:
         return sum(text_size(x, limit) for x in items)
 
 
-def check_text_call(obj: Any, name: str, args: tuple, kwargs: dict, limit: int = MAX_STR) -> tuple:
+def check_text_call(
+    obj: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], limit: int = MAX_STR
+) -> tuple[Any, ...]:
     """Refuse (RuleRuntimeError) ``obj.name(*args, **kwargs)`` when its result could
     exceed ``limit`` characters/bytes; return the arguments to call it with (an
     iterable given to ``join`` comes back as a list, measured).
@@ -626,7 +630,8 @@ def check_text_call(obj: Any, name: str, args: tuple, kwargs: dict, limit: int =
         count = args[2] if len(args) > 2 else kwargs.get("count", -1)
         if not (isinstance(old, (str, bytes)) and isinstance(new, (str, bytes))):
             return args
-        k = obj.count(old) if old else n + 1
+        # a str/bytes mix raises count()'s TypeError, as replace() itself would
+        k = obj.count(old) if old else n + 1  # type: ignore[arg-type]
         if isinstance(count, int) and count >= 0:
             k = min(k, count)
         size = n + k * max(esc * len(new) - len(old), 0)
@@ -635,12 +640,13 @@ def check_text_call(obj: Any, name: str, args: tuple, kwargs: dict, limit: int =
         size = esc * max(n, width if isinstance(width, int) else 0)
     elif name == "expandtabs":
         tab = args[0] if args else kwargs.get("tabsize", 8)
-        tabs = obj.count("\t" if isinstance(obj, str) else b"\t")
+        tabs = obj.count("\t") if isinstance(obj, str) else obj.count(b"\t")
         size = esc * (n + tabs * max(tab if isinstance(tab, int) else 0, 1))
     elif name == "translate":
         table = args[0] if args else None
         if isinstance(obj, bytes) or table is None:
             return args
+        values: Iterable[Any]
         if isinstance(table, dict):
             values = table.values()
         elif isinstance(table, (list, tuple, str)):
@@ -750,7 +756,7 @@ def container_ids(root: Any) -> set[int]:
     return ids
 
 
-_INPLACE = {
+_INPLACE: dict[str, Callable[[Any, Any], Any]] = {
     "+=": guarded_add,
     "-=": operator.isub,
     "*=": guarded_mul,
@@ -852,7 +858,7 @@ def _unbound(cls: type, name: str, guard: Any) -> Any:
     return call
 
 
-def _bounded_extend(lst: list) -> Any:
+def _bounded_extend(lst: list[Any]) -> Any:
     def extend(iterable: Any, /) -> None:
         items = iterable if type(iterable) in (list, tuple) else list(iterable)
         _check_len(len(lst) + len(items), lst, "extend() result")
@@ -874,7 +880,10 @@ def _bounded_join(sep: str | bytes) -> Any:
     return join
 
 
-def _bounded_replace(s: str | bytes) -> Any:
+_Text = TypeVar("_Text", str, bytes)
+
+
+def _bounded_replace(s: _Text) -> Any:
     def replace(old: Any, new: Any, count: Any = -1, /) -> Any:
         if type(old) is type(s) and type(new) is type(s) and len(new) > len(old):
             n = s.count(old) if old else len(s) + 1

@@ -79,7 +79,7 @@ def date(x: Any) -> _date | None:
             if len(_date_cache) >= DATE_CACHE_MAX:
                 _date_cache.clear()
             _date_cache[x] = d
-        return d  # type: ignore[return-value]
+        return d  # type: ignore[return-value]  # not _MISS here: a sentinel is not narrowed
     if type(x) is _date:
         return x
     if isinstance(x, _datetime):
@@ -91,18 +91,20 @@ def date(x: Any) -> _date | None:
 
 def days_until(d: Any, ctx: Any) -> int | None:
     """Days from ``ctx.today`` to ``d`` (negative when ``d`` is past); ``None`` if no date."""
-    d = date(d)
-    if d is None:
+    day = date(d)
+    if day is None:
         return None
-    return (d - ctx.today).days
+    today: _date = ctx.today
+    return (day - today).days
 
 
 def days_since(d: Any, ctx: Any) -> int | None:
     """Days from ``d`` to ``ctx.today`` (negative when ``d`` is ahead); ``None`` if no date."""
-    d = date(d)
-    if d is None:
+    day = date(d)
+    if day is None:
         return None
-    return (ctx.today - d).days
+    today: _date = ctx.today
+    return (today - day).days
 
 
 def _anniversary_key(b: _date, year: int) -> int:
@@ -121,7 +123,7 @@ def age(birth: Any, ctx: Any) -> int | None:
     b = date(birth)
     if b is None:
         return None
-    t = ctx.today
+    t: _date = ctx.today
     if b > t:
         return None
     years = t.year - b.year
@@ -138,7 +140,7 @@ def is_birthday(birth: Any, ctx: Any) -> bool:
     b = date(birth)
     if b is None:
         return False
-    t = ctx.today
+    t: _date = ctx.today
     return t.year > b.year and t.month * 32 + t.day == _anniversary_key(b, t.year)
 
 
@@ -157,11 +159,11 @@ def weekday(d: Any) -> int | None:
 def add_days(d: Any, n: Any) -> _date | None:
     """``d`` plus ``n`` days (``n`` may be negative); ``None`` for no date, a non-integer ``n``
     or a result outside years 1..9999."""
-    d = date(d)
-    if d is None or type(n) is not int:
+    day = date(d)
+    if day is None or type(n) is not int:
         return None
     try:
-        return d + _timedelta(days=n)
+        return day + _timedelta(days=n)
     except OverflowError:
         return None
 

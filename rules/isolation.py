@@ -196,7 +196,8 @@ class _Child:
     def close(self) -> None:
         for f in (self.proc.stdin, self.proc.stdout):
             with contextlib.suppress(OSError):
-                f.close()  # type: ignore[union-attr]
+                if f is not None:  # never: the pipes are made with the process
+                    f.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
 

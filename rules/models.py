@@ -88,7 +88,7 @@ Importance = Literal["normal", "critical"]  # critical: exempt from the frequenc
 class _Optional(BaseModel):
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         for name in ("translations", "expires_at", "push", "category"):
             if data.get(name) is None:
                 data.pop(name, None)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ast
 import re
-from types import SimpleNamespace
+from collections.abc import Iterable
 
 from RestrictedPython.transformer import (
     INSPECT_ATTRIBUTES,
@@ -98,11 +98,18 @@ def _is_literal(node: ast.AST, mutable_ok: bool = True) -> bool:
     return False
 
 
+# What a visit method may return, as RestrictingNodeTransformer declares it: a node,
+# nodes to splice in its place, or None to drop it.
+_Visited = ast.AST | Iterable[ast.AST] | None
+# Attribute set on a FormattedValue by visit_JoinedStr: the text limit of its value.
+_KV_LIMIT = "kv_limit"
+
+
 class RulePolicy(RestrictingNodeTransformer):
     """RestrictedPython policy for rules (see the module docstring)."""
 
     # -- module level ---------------------------------------------------------
-    def visit_Module(self, node: ast.Module) -> ast.AST:
+    def visit_Module(self, node: ast.Module) -> _Visited:
         matches = []
         for stmt in node.body:
             if isinstance(stmt, ast.FunctionDef):
@@ -113,14 +120,14 @@ class RulePolicy(RestrictingNodeTransformer):
                     stmt.value
                 ):
                     self.error(stmt, _TOP)
-                elif any(t.id == "match" for t in stmt.targets):
+                elif any(isinstance(t, ast.Name) and t.id == "match" for t in stmt.targets):
                     self.error(stmt, "`match` must be a function: def match(profile, ctx):")
             elif isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
                 pass  # docstring
             elif not isinstance(stmt, ast.Pass):
                 self.error(stmt, _TOP)
         if not matches:
-            self.error(SimpleNamespace(lineno=1), "the rule must define `def match(profile, ctx):`")
+            self.error(ast.Pass(lineno=1), "the rule must define `def match(profile, ctx):`")
         for extra in matches[1:]:
             self.error(extra, "`match` is defined more than once")
         if matches:
@@ -154,7 +161,7 @@ class RulePolicy(RestrictingNodeTransformer):
     def visit_With(self, node: ast.AST) -> None:
         self.error(node, "`with` is not allowed in rules")
 
-    def visit_Try(self, node: ast.Try) -> ast.AST:
+    def visit_Try(self, node: ast.Try) -> _Visited:
         # The time-budget interrupt is a BaseException: it must not be caught
         # (bare except) nor delayed/swallowed (finally: while/return).
         if node.finalbody:
@@ -190,7 +197,7 @@ class RulePolicy(RestrictingNodeTransformer):
         elif name in FORBIDDEN_NAMES:
             self.error(node, f'"{name}" is not allowed in rules')
 
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> _Visited:
         if node.decorator_list:
             self.error(node, "decorators are not allowed in rules")
         if node.name.startswith("_"):
@@ -199,12 +206,12 @@ class RulePolicy(RestrictingNodeTransformer):
         self._check_args(node)
         return super().visit_FunctionDef(node)
 
-    def visit_Lambda(self, node: ast.Lambda) -> ast.AST:
+    def visit_Lambda(self, node: ast.Lambda) -> _Visited:
         self._check_args(node)
         return super().visit_Lambda(node)
 
     # -- names and attributes -------------------------------------------------------
-    def visit_Name(self, node: ast.Name) -> ast.AST:
+    def visit_Name(self, node: ast.Name) -> _Visited:
         if node.id in FORBIDDEN_NAMES:
             self.error(node, f'"{node.id}" is not allowed in rules')
             return node
@@ -212,12 +219,12 @@ class RulePolicy(RestrictingNodeTransformer):
             self.error(node, f'"{node.id}" cannot be rebound')
         return super().visit_Name(node)
 
-    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> ast.AST:
+    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> _Visited:
         if node.name:
             self._check_binding(node, node.name)
         return super().visit_ExceptHandler(node)
 
-    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+    def visit_Attribute(self, node: ast.Attribute) -> _Visited:
         attr = node.attr
         if attr in FORBIDDEN_ATTRS or attr.startswith(FORBIDDEN_ATTR_PREFIXES):
             self.error(node, f'attribute "{attr}" is not allowed in rules')
@@ -231,7 +238,7 @@ class RulePolicy(RestrictingNodeTransformer):
         copy_locations(plain, node)
         return plain
 
-    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
+    def visit_Subscript(self, node: ast.Subscript) -> _Visited:
         if isinstance(node.ctx, ast.Load):
             return self.node_contents_visit(node)  # plain subscription
         if isinstance(node.slice, ast.Slice):
@@ -295,7 +302,7 @@ class RulePolicy(RestrictingNodeTransformer):
         elif dynamic:
             limit = (MAX_STR - extra) // len(dynamic)
             for v in dynamic:
-                v.kv_limit = limit  # read by visit_FormattedValue
+                setattr(v, _KV_LIMIT, limit)  # read by visit_FormattedValue
         return self.node_contents_visit(node)
 
     def visit_FormattedValue(self, node: ast.FormattedValue) -> ast.AST:
@@ -307,14 +314,14 @@ class RulePolicy(RestrictingNodeTransformer):
             ):
                 self.error(node, "f-string format specs must be constant")
             else:
-                text = "".join(str(v.value) for v in spec.values)
+                text = _spec_text(spec)
                 if _BIG_NUMBER.search(text):
                     self.error(node, "f-string width/precision must be a number up to 999")
                 elif len(text) > MAX_SPEC_CHARS:
                     self.error(
                         node, f"f-string format specs must be at most {MAX_SPEC_CHARS} characters"
                     )
-        limit = getattr(node, "kv_limit", MAX_STR)
+        limit = getattr(node, _KV_LIMIT, MAX_STR)
         node = self.node_contents_visit(node)
         if not isinstance(node.value, ast.Constant):
             mode = _CONVERSION_MODE.get(node.conversion, 2)
@@ -323,8 +330,8 @@ class RulePolicy(RestrictingNodeTransformer):
                 args += [ast.Constant(limit), ast.Constant(mode)]
             if spec is not None or mode:
                 # The guard converts and formats (rules/guards.py render_guard).
-                text = "".join(str(v.value) for v in spec.values) if spec is not None else None
-                args.append(ast.Constant(text))
+                spec_text = _spec_text(spec) if isinstance(spec, ast.JoinedStr) else None
+                args.append(ast.Constant(spec_text))
                 node.conversion, node.format_spec = -1, None
             call = ast.Call(func=ast.Name("_render_", ast.Load()), args=args, keywords=[])
             copy_locations(call, node.value)
@@ -346,18 +353,25 @@ class RulePolicy(RestrictingNodeTransformer):
                 copy_locations(call, e.value)
                 e.value = call
 
-    def visit_List(self, node: ast.List) -> ast.AST:
+    def visit_List(self, node: ast.List | ast.Tuple) -> ast.AST:
         node = self.node_contents_visit(node)
         if isinstance(node.ctx, ast.Load):
             self._guard_starred(node.elts)
         return node
 
-    visit_Tuple = visit_List  # type: ignore[assignment]
+    visit_Tuple = visit_List
 
     def visit_Set(self, node: ast.Set) -> ast.AST:
         node = self.node_contents_visit(node)
         self._guard_starred(node.elts)
         return node
+
+
+def _spec_text(spec: ast.JoinedStr) -> str:
+    """The text of a format spec (its parts are constants and formatted values)."""
+    return "".join(
+        str(v.value) for v in spec.values if isinstance(v, ast.Constant | ast.FormattedValue)
+    )
 
 
 def _spec_extra(spec: ast.AST | None) -> int:

@@ -46,18 +46,18 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from datetime import date, time
 from functools import lru_cache
-from typing import Any
+from typing import Any, overload
 
 from jinja2 import ChainableUndefined, Template, TemplateError, TemplateSyntaxError
 from jinja2.compiler import CodeGenerator, optimizeconst
+from jinja2.exceptions import SecurityError
 from jinja2.filters import FILTERS, make_attrgetter
-from jinja2.runtime import Namespace
 from jinja2.sandbox import (
     ImmutableSandboxedEnvironment,
     SandboxedEscapeFormatter,
     SandboxedFormatter,
-    SecurityError,
 )
+from jinja2.utils import Namespace
 from markupsafe import Markup
 
 from base.errors import ChannelError, RuleRuntimeError
@@ -223,14 +223,14 @@ def _field_size(value: Any, spec: str) -> int:
     return base + sum(numbers) + 12 * len(spec) + 340  # float digits, date's %c
 
 
-class _BoundedFormatting:
-    """Mixed into Jinja's sandboxed formatters: each field is bounded before it is
-    formatted, and the fields of one call together."""
+class _BoundedFormatting(SandboxedFormatter):
+    """Jinja's sandboxed formatters (the escaping one too, below): each field is
+    bounded before it is formatted, and the fields of one call together."""
 
     escape_factor = 1
 
     def __init__(self, env: Any, **kwargs: Any) -> None:
-        super().__init__(env, **kwargs)  # type: ignore[call-arg]
+        super().__init__(env, **kwargs)
         self.spent = 0
 
     def convert_field(self, value: Any, conversion: str | None) -> Any:
@@ -238,16 +238,16 @@ class _BoundedFormatting:
             mode = REPR if conversion == "r" else ASCII
             if text_size(value, MAX_OUTPUT_CHARS, mode) > MAX_OUTPUT_CHARS:
                 raise _refuse(f"format(): field larger than {MAX_OUTPUT_CHARS:,} characters")
-        return super().convert_field(value, conversion)  # type: ignore[misc]
+        return super().convert_field(value, conversion)
 
     def format_field(self, value: Any, format_spec: str) -> Any:
         self.spent += self.escape_factor * _field_size(value, format_spec)
         if self.spent > MAX_OUTPUT_CHARS:
             raise _refuse(f"format() result larger than {MAX_OUTPUT_CHARS:,} characters")
-        return super().format_field(value, format_spec)  # type: ignore[misc]
+        return super().format_field(value, format_spec)
 
 
-class _Formatter(_BoundedFormatting, SandboxedFormatter):
+class _Formatter(_BoundedFormatting):
     pass
 
 
@@ -314,7 +314,7 @@ class _CodeGenerator(CodeGenerator):
 class _Sandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset(_BINOP_CHECKS)
     code_generator_class = _CodeGenerator
-    concat = staticmethod(_capped_concat)  # type: ignore[assignment]
+    concat = staticmethod(_capped_concat)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(finalize=_finalize, **kwargs)
@@ -352,7 +352,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 args = _bounded(check_text_call, owner, name, args, kwargs, MAX_OUTPUT_CHARS)
         return super().call(context, obj, *args, **kwargs)
 
-    def checked_concat(self, parts: tuple) -> tuple:
+    def checked_concat(self, parts: tuple[Any, ...]) -> tuple[Any, ...]:
         """``a ~ b``: the operands' text is bounded before it is built and joined."""
         factor = _ESCAPED if self.autoescape else 1
         total = 0
@@ -368,8 +368,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         wrapped = super().wrap_str_format(value)
         if wrapped is None:
             return None
-        f_self = value.__self__
+        f_self: str = value.__self__  # a str (or Markup): Jinja wraps only their methods
         is_format_map = value.__name__ == "format_map"
+        make: Callable[[], _BoundedFormatting]
         if isinstance(f_self, Markup):
             make = lambda: _EscapeFormatter(self, escape=f_self.escape)  # noqa: E731
         else:
@@ -380,7 +381,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             if is_format_map:
                 if kwargs or len(args) != 1:
                     raise TypeError("format_map() takes exactly one argument")
-                args, kwargs = (), args[0]
+                mapping = args[0]
+                args, kwargs = (), mapping
             return str_type(make().vformat(f_self, args, kwargs))
 
         return functools.update_wrapper(wrapper, value)
@@ -389,7 +391,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 # -- filters -----------------------------------------------------------------------
 
 
-def _filter(name: str, check: Callable[..., tuple]) -> Callable[..., Any]:
+# (value, args, kwargs): what a bounded filter is called with
+_FilterCall = tuple[Any, tuple[Any, ...], dict[str, Any]]
+
+
+def _filter(name: str, check: Callable[..., _FilterCall]) -> Callable[..., Any]:
     """Jinja's filter ``name``, with ``check(ctx, value, *args, **kwargs)`` run first;
     it returns the (value, args, kwargs) to call the filter with (a one-shot iterable comes
     back as a list). ``ctx``: the environment/eval context the filter is passed, or
@@ -409,15 +415,15 @@ def _filter(name: str, check: Callable[..., tuple]) -> Callable[..., Any]:
     return bounded
 
 
-def _text_filter(factor: int) -> Callable[..., tuple]:
-    def check(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
+def _text_filter(factor: int) -> Callable[..., _FilterCall]:
+    def check(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> _FilterCall:
         _check_text(value, factor)
         return value, args, kwargs
 
     return check
 
 
-def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any) -> Any:
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
@@ -425,7 +431,7 @@ def _autoescape(ctx: Any) -> bool:
     return bool(getattr(ctx, "autoescape", False))
 
 
-def _check_center(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
+def _check_center(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> _FilterCall:
     width = _arg(args, kwargs, 0, "width", 80)
     if isinstance(width, int) and width > MAX_OUTPUT_CHARS:
         raise _refuse(f"center() width over {MAX_OUTPUT_CHARS:,}")
@@ -433,13 +439,13 @@ def _check_center(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     return value, args, kwargs
 
 
-def _check_format(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
+def _check_format(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> _FilterCall:
     _check_text(value)
     _check_percent(str(value), kwargs or args)
     return value, args, kwargs
 
 
-def _check_indent(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
+def _check_indent(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> _FilterCall:
     width = _arg(args, kwargs, 0, "width", 4)
     if isinstance(width, str):
         step = _check_text(width)
@@ -454,7 +460,7 @@ def _check_indent(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     return value, args, kwargs
 
 
-def _check_wordwrap(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
+def _check_wordwrap(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> _FilterCall:
     wrap = _arg(args, kwargs, 2, "wrapstring", None)
     size = _check_text(value)
     step = _check_text(wrap) if wrap is not None else 2
@@ -463,12 +469,12 @@ def _check_wordwrap(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     return value, args, kwargs
 
 
-def _check_truncate(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
+def _check_truncate(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> _FilterCall:
     _check_text(_arg(args, kwargs, 2, "end", "..."))
     return value, args, kwargs
 
 
-def _check_join(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
+def _check_join(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> _FilterCall:
     sep = _arg(args, kwargs, 0, "d", "")
     attribute = _arg(args, kwargs, 1, "attribute", None)
     items = list(value)
@@ -484,7 +490,7 @@ def _check_join(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     return items, args, kwargs
 
 
-def _check_replace(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
+def _check_replace(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> _FilterCall:
     old = _arg(args, kwargs, 0, "old", "")
     new = _arg(args, kwargs, 1, "new", "")
     count = _arg(args, kwargs, 2, "count", None)
@@ -497,7 +503,7 @@ def _check_replace(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     return value, args, kwargs
 
 
-def _check_urlize(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
+def _check_urlize(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> _FilterCall:
     size = _check_text(value, 12)
     extra = 64
     for x in (_arg(args, kwargs, 2, "target", None), _arg(args, kwargs, 3, "rel", None)):
@@ -508,7 +514,7 @@ def _check_urlize(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     return value, args, kwargs
 
 
-def _check_tojson(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
+def _check_tojson(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> _FilterCall:
     if _arg(args, kwargs, 0, "indent", None) is not None:
         raise _refuse("tojson(indent=...) is not available")
     limit = MAX_OUTPUT_CHARS // 12  # \ud83d\ude00 for a character of ascii()'s \U0001f600
@@ -517,8 +523,8 @@ def _check_tojson(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
     return value, args, kwargs
 
 
-def _check_fill(name: str, limit: int) -> Callable[..., tuple]:
-    def check(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
+def _check_fill(name: str, limit: int) -> Callable[..., _FilterCall]:
+    def check(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> _FilterCall:
         n = _arg(args, kwargs, 0, name, 0)
         filled = name == "slices" or _arg(args, kwargs, 1, "fill_with", None) is not None
         if filled and isinstance(n, int) and n > limit:
@@ -528,14 +534,14 @@ def _check_fill(name: str, limit: int) -> Callable[..., tuple]:
     return check
 
 
-def _check_sum_start(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
+def _check_sum_start(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> _FilterCall:
     start = _arg(args, kwargs, 1, "start", 0)
     if type(start) not in (int, float, bool):
         raise _refuse("sum() start must be a number")  # sum(lists, []) is quadratic
     return value, args, kwargs
 
 
-def _check_round(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> tuple:
+def _check_round(ctx: Any, value: Any, *args: Any, **kwargs: Any) -> _FilterCall:
     precision = _arg(args, kwargs, 0, "precision", 0)
     if isinstance(precision, int) and abs(precision) > MAX_ROUND_DIGITS:
         raise _refuse(f"round() precision must be within ±{MAX_ROUND_DIGITS}")
@@ -643,6 +649,14 @@ def validate_template(source: str) -> str | None:
     return None
 
 
+@overload
+def render_content(spec: Mapping[str, Any], profile: Any, ctx: Any = None) -> dict[str, Any]: ...
+@overload
+def render_content(spec: None, profile: Any, ctx: Any = None) -> None: ...
+@overload
+def render_content(
+    spec: Mapping[str, Any] | None, profile: Any, ctx: Any = None
+) -> dict[str, Any] | None: ...
 def render_content(
     spec: Mapping[str, Any] | None, profile: Any, ctx: Any = None
 ) -> dict[str, Any] | None:

@@ -89,12 +89,12 @@ def _read_only(*_: Any, **__: Any) -> Any:
     raise RuleRuntimeError("the profile is read-only (copy it first: dict(x) / list(x))")
 
 
-class RecordingDict(dict):
+class RecordingDict(dict[str, Any]):
     """A read-only dict that records the paths read through it (see the module doc)."""
 
     __slots__ = ("_path", "_rec")
 
-    def __init__(self, raw: dict, path: str, rec: _Recorder) -> None:
+    def __init__(self, raw: dict[str, Any], path: str, rec: _Recorder) -> None:
         dict.__init__(self, raw)
         self._path = path
         self._rec = rec
@@ -145,20 +145,20 @@ class RecordingDict(dict):
         self._all()
         return [(k, _wrap(v, _join(self._path, k), self._rec)) for k, v in dict.items(self)]
 
-    def copy(self) -> dict:
+    def copy(self) -> dict[str, Any]:
         self._all()
         return {k: _wrap(v, _join(self._path, k), self._rec) for k, v in dict.items(self)}
 
     __setitem__ = __delitem__ = _read_only
-    update = pop = popitem = clear = setdefault = __ior__ = _read_only  # type: ignore[assignment]
+    update = pop = popitem = clear = setdefault = __ior__ = _read_only
 
 
-class RecordingList(list):
+class RecordingList(list[Any]):
     """A read-only list that records the paths read through it."""
 
     __slots__ = ("_path", "_rec")
 
-    def __init__(self, raw: list, path: str, rec: _Recorder) -> None:
+    def __init__(self, raw: list[Any], path: str, rec: _Recorder) -> None:
         list.__init__(self, raw)
         self._path = path
         self._rec = rec
@@ -182,11 +182,11 @@ class RecordingList(list):
         self._rec.hit(self._path, list.copy(self))
         return list.__contains__(self, item)
 
-    def copy(self) -> list:
+    def copy(self) -> list[Any]:
         return list(self.__iter__())
 
     __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
-    append = extend = insert = pop = remove = clear = sort = reverse = _read_only  # type: ignore[assignment]
+    append = extend = insert = pop = remove = clear = sort = reverse = _read_only
 
 
 def _compact(value: Any) -> Any:

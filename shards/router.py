@@ -94,8 +94,10 @@ class ShardRouter:
             if memo is None:
                 s = shard_of(uid)
             else:
-                s = memo.get(uid)
-                if s is None:
+                known = memo.get(uid)
+                if known is None:
                     s = memo[uid] = shard_of(uid)
+                else:
+                    s = known
             out.setdefault(s, []).append(uid)
         return out

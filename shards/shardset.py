@@ -8,6 +8,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from shards.backends.postgres import PostgresShardStore, postgres_engine
+from shards.backends.sql import SqlShardStore
 from shards.backends.sqlite import SqliteShardStore, sqlite_engine
 from shards.router import ShardRouter, default_map
 from shards.schema import shard_map
@@ -16,7 +17,7 @@ from shards.store import ShardStore
 __all__ = ["ShardSet", "control_engine", "open_shard", "load_router"]
 
 
-def open_shard(index: int, url: str, replica_url: str | None = None) -> ShardStore:
+def open_shard(index: int, url: str, replica_url: str | None = None) -> SqlShardStore:
     if url.startswith("sqlite"):
         return SqliteShardStore.from_url(index, url)
     if url.startswith("postgresql"):

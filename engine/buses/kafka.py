@@ -45,7 +45,8 @@ from confluent_kafka import Consumer as _KConsumer
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as _KMessage
 from confluent_kafka import Producer as _KProducer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic  # where it is defined (admin re-exports it)
 
 from base import metrics
 from base.errors import BusError, ConfigError
@@ -588,8 +589,8 @@ class KafkaConsumer(Consumer):
         if self._closing:
             return []
         if self._pending_error is not None:
-            err, self._pending_error = self._pending_error, None
-            raise err
+            pending, self._pending_error = self._pending_error, None
+            raise pending
         try:
             raw = self._c.consume(num_messages=max_messages, timeout=timeout)
         except KafkaException as exc:
@@ -610,7 +611,8 @@ class KafkaConsumer(Consumer):
             value = m.value()
             if value is None:  # a tombstone; ours are never published
                 value = b""
-            out.append(Message(m.topic(), m.partition(), m.offset(), m.key(), value))
+            # Optional only for error events: a message without error() has all three
+            out.append(Message(m.topic(), m.partition(), m.offset(), m.key(), value))  # type: ignore[arg-type]
         return out
 
     def commit(self, messages: Sequence[Message]) -> None:

@@ -179,8 +179,8 @@ class DeliveryWorker(BatchWorker):
             self.on_banners(changed)
         for shard, items in starts.items():
             start_episodes(self.shards.stores[shard], items, now)
-        for shard, items in ends.items():
-            end_episodes(self.shards.stores[shard], items, now)
+        for shard, ending in ends.items():
+            end_episodes(self.shards.stores[shard], ending, now)
 
         won = self.ledger.claim(
             [c for c in candidates if (c.user_id, c.rule_key, c.episode) not in ended]

@@ -58,6 +58,10 @@ def _ruleset(specs: list[list[Any]], budget_ms: float) -> RuleSet:
     return rs
 
 
+# What an operation answers: (meta JSON, body bytes).
+_Reply = tuple[dict[str, Any], bytes]
+
+
 def _pack(meta: dict[str, Any], cache: dict[str, Any]) -> CompiledPack:
     key = meta["pack"]
     pack = _packs.get(key)
@@ -72,7 +76,7 @@ def _pack(meta: dict[str, Any], cache: dict[str, Any]) -> CompiledPack:
     return pack
 
 
-def op_eval(meta: dict[str, Any], body: bytes, cache: dict[str, Any]) -> tuple[dict, bytes]:
+def op_eval(meta: dict[str, Any], body: bytes, cache: dict[str, Any]) -> _Reply:
     pack = _pack(meta, cache)
     stats = RangeStats()
     rows = parse_rows(split_lines(body))
@@ -81,21 +85,21 @@ def op_eval(meta: dict[str, Any], body: bytes, cache: dict[str, Any]) -> tuple[d
 
 
 def op_confirm_timeout(meta: dict[str, Any], body: bytes, cache: dict[str, Any]
-                       ) -> tuple[dict, bytes]:
+                       ) -> _Reply:
     pack = _pack(meta, cache)
     [(_, doc, _)] = parse_rows(split_lines(body))
     return {"confirmed": confirm_timeout(pack, meta["key"], doc, _ctx(meta["ctx"]))}, b""
 
 
 def op_confirm_slow(meta: dict[str, Any], body: bytes, cache: dict[str, Any]
-                    ) -> tuple[dict, bytes]:
+                    ) -> _Reply:
     pack = _pack(meta, cache)
     docs = (d for _, d, _ in parse_rows(split_lines(body)))
     return {"confirmed": confirm_slow(pack, meta["key"], docs, _ctx(meta["ctx"]),
                                       float(meta["batch_budget_ms"]))}, b""
 
 
-def op_grid(meta: dict[str, Any], body: bytes, _cache: dict[str, Any]) -> tuple[dict, bytes]:
+def op_grid(meta: dict[str, Any], body: bytes, _cache: dict[str, Any]) -> _Reply:
     specs = meta["specs"]
     rs = _ruleset(specs, float(meta["budget_ms"]))
     bit = {s[0]: 1 << i for i, s in enumerate(specs)}
@@ -122,7 +126,7 @@ def op_grid(meta: dict[str, Any], body: bytes, _cache: dict[str, Any]) -> tuple[
     return {}, orjson.dumps({"m": masks, "e": errors, "t": timeouts})
 
 
-def op_render(meta: dict[str, Any], body: bytes, _cache: dict[str, Any]) -> tuple[dict, bytes]:
+def op_render(meta: dict[str, Any], body: bytes, _cache: dict[str, Any]) -> _Reply:
     from rules.templates import render_content
 
     profile = orjson.loads(body)
@@ -136,7 +140,7 @@ def op_render(meta: dict[str, Any], body: bytes, _cache: dict[str, Any]) -> tupl
     return {}, orjson.dumps(out)
 
 
-def op_explain(meta: dict[str, Any], body: bytes, _cache: dict[str, Any]) -> tuple[dict, bytes]:
+def op_explain(meta: dict[str, Any], body: bytes, _cache: dict[str, Any]) -> _Reply:
     from rules.why import explain
 
     why = explain(meta["key"], int(meta["version"]), meta["source"], orjson.loads(body),

@@ -35,7 +35,7 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, time
 from functools import lru_cache
-from typing import Any
+from typing import Any, overload
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from base.errors import ChannelError
@@ -100,6 +100,12 @@ def _pick(translations: Any, lang: str | None) -> tuple[str | None, Mapping[str,
     return None, None
 
 
+@overload
+def localised(spec: Mapping[str, Any], keys: tuple[str, ...],
+              lang: str | None) -> tuple[dict[str, Any], str | None]: ...
+@overload
+def localised(spec: Mapping[str, Any] | None, keys: tuple[str, ...],
+              lang: str | None) -> tuple[dict[str, Any] | None, str | None]: ...
 def localised(spec: Mapping[str, Any] | None, keys: tuple[str, ...],
               lang: str | None) -> tuple[dict[str, Any] | None, str | None]:
     """The spec's ``keys`` in ``lang`` (translation over the spec's own texts) and
@@ -158,6 +164,12 @@ def _expiry(source: Any, profile: Any, ctx: Any, tz: str) -> str | None:
     return at.astimezone(UTC).isoformat()
 
 
+def _zone_of(ctx: Any) -> str:
+    """The evaluation's time zone (``ctx.tz``), UTC for a context without one."""
+    zone: str = getattr(ctx, "tz", "UTC")
+    return zone
+
+
 def _check_link(link: Any, what: str) -> None:
     """A link's scheme is judged again once rendered: the template check at save time
     cannot see a scheme that comes from the profile (``{{ profile.url }}``)."""
@@ -167,7 +179,9 @@ def _check_link(link: Any, what: str) -> None:
             raise ChannelError(f"{what} as rendered: {problem}")
 
 
-def compose(rule: Any, profile: Any, ctx: Any) -> tuple[dict | None, dict | None, dict[str, Any]]:
+def compose(
+    rule: Any, profile: Any, ctx: Any
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any]]:
     """``(banner, email, extra)`` for an enter of ``rule`` (an ``ActiveRule``) on
     ``profile``. Raises :class:`~base.errors.ChannelError` for a template
     that fails; the why-data never raises."""
@@ -175,12 +189,13 @@ def compose(rule: Any, profile: Any, ctx: Any) -> tuple[dict | None, dict | None
     tz = timezone_of(profile)
     banner = email = push = None
     used: str | None = None
-    bspec, espec = rule.banner, rule.email
+    bspec: Mapping[str, Any] | None = rule.banner
+    espec: Mapping[str, Any] | None = rule.email
     if bspec is not None:
         texts, used = localised(bspec, BANNER_KEYS, lang)
         banner = render_content(texts, profile, ctx) | _flags(bspec)
         _check_link(banner.get("link"), "banner link")
-        expires = _expiry(bspec.get("expires_at"), profile, ctx, tz or getattr(ctx, "tz", "UTC"))
+        expires = _expiry(bspec.get("expires_at"), profile, ctx, tz or _zone_of(ctx))
         if expires:
             banner["expires_at"] = expires
         pspec = bspec.get("push")

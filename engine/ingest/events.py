@@ -4,7 +4,8 @@ engine/messages/event.py: what each operation means is documented there).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -66,12 +67,13 @@ def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
             target_[key] = value
 
 
+# a and b: two datetimes, or two numbers (JSON values)
 def _keep_larger(a: Any, b: Any) -> bool:
-    return b > a
+    return bool(b > a)
 
 
 def _keep_smaller(a: Any, b: Any) -> bool:
-    return b < a
+    return bool(b < a)
 
 
 def apply_event(doc: dict[str, Any], ev: AnyEvent) -> None:
@@ -113,7 +115,9 @@ def apply_event(doc: dict[str, Any], ev: AnyEvent) -> None:
         _keep(doc, "min", ev.min, _keep_smaller)
 
 
-def _keep(doc: dict[str, Any], name: str, ops: dict[str, Any], keep_new: Any) -> None:
+def _keep(
+    doc: dict[str, Any], name: str, ops: dict[str, Any], keep_new: Callable[[Any, Any], bool]
+) -> None:
     """``max`` / ``min``: store each value where ``keep_new(stored, value)``."""
     for path, value in ops.items():
         parent, leaf = (doc, path) if "." not in path else _parent(doc, path, create=True)
@@ -122,6 +126,7 @@ def _keep(doc: dict[str, Any], name: str, ops: dict[str, Any], keep_new: Any) ->
         if cur is None:
             parent[leaf] = value
             continue
+        a: datetime | float | None
         if isinstance(value, str):
             a = as_instant(cur) if isinstance(cur, str) else None
             if a is None:
@@ -156,15 +161,16 @@ def apply_user(
     serialisation per event serves as the size check, the rollback snapshot and,
     for the last one, the bytes to store.
     """
+    profile: dict[str, Any]
     if doc is None:
-        doc, before = {}, b"{}"
+        profile, before = {}, b"{}"
     elif isinstance(doc, dict):
-        before = orjson.dumps(doc)
+        profile, before = doc, orjson.dumps(doc)
     elif isinstance(doc, bytes):
-        before, doc = doc, orjson.loads(doc)
+        before, profile = doc, orjson.loads(doc)
     else:
-        doc = orjson.loads(doc)
-        before = orjson.dumps(doc)
+        profile = orjson.loads(doc)
+        before = orjson.dumps(profile)
     snapshot = before
     # The window is exact at every event (not per batch): otherwise what counts as
     # a duplicate would depend on where the batches were cut.
@@ -184,19 +190,19 @@ def apply_user(
         if eid in seen_set:
             continue
         try:
-            apply_event(doc, ev)
-            encoded = orjson.dumps(doc)
+            apply_event(profile, ev)
+            encoded = orjson.dumps(profile)
             if len(encoded) > max_bytes:
                 raise EventError(
                     f"profile would be {len(encoded)} bytes, over the {max_bytes}-byte limit"
                 )
         except EventError as exc:
             rejected.append((ev, exc.reason))
-            doc = orjson.loads(snapshot)
+            profile = orjson.loads(snapshot)
             continue
         except Exception as exc:  # noqa: BLE001 - an event that breaks the applier fails alone
             rejected.append((ev, f"cannot apply: {type(exc).__name__}: {exc}"))
-            doc = orjson.loads(snapshot)
+            profile = orjson.loads(snapshot)
             continue
         snapshot = encoded
         seen_set.add(eid)
@@ -204,7 +210,7 @@ def apply_user(
         if len(seen) > seen_cap:
             seen_set.discard(seen.pop(0))
         applied += 1
-    return ProfileUpdate(doc, seen, rejected, applied, snapshot != before, snapshot)
+    return ProfileUpdate(profile, seen, rejected, applied, snapshot != before, snapshot)
 
 
 def apply_events(

@@ -24,15 +24,20 @@ no conversion on the server; migration shard_0003).
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import psycopg
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from base.errors import StorageError
-from shards.backends.sql import ProfileWrite, _as_update
+from shards.backends.sql import CachedProfile, ProfileWrite, _as_update
 from shards.store import ApplyFn, IngestOutcome
+
+if TYPE_CHECKING:  # what the mixin is mixed into, for the checker (at run time: object)
+    from shards.backends.sql import SqlShardStore as _MixedInto
+else:
+    _MixedInto = object
 
 __all__ = ["FORMS", "PgIngestMixin"]
 
@@ -96,7 +101,8 @@ _staged: weakref.WeakSet[Any] = weakref.WeakSet()  # connections that have the s
 
 def _pg(conn: Any) -> psycopg.Connection[Any]:
     """The psycopg connection under a SQLAlchemy connection (same transaction)."""
-    return conn.connection.driver_connection
+    pg: psycopg.Connection[Any] = conn.connection.driver_connection
+    return pg
 
 
 def _copy_text(b: bytes) -> bytes:
@@ -105,22 +111,22 @@ def _copy_text(b: bytes) -> bytes:
     return b.replace(b"\\", b"\\\\")
 
 
-class PgIngestMixin:
+class PgIngestMixin(_MixedInto):
     """Mix in before :class:`SqlShardStore` (see ``PostgresShardStore``)."""
 
     index: int
     ingest_form: str = "unnest"
 
     @property
-    def _checks_versions(self) -> bool:  # type: ignore[override]
+    def _checks_versions(self) -> bool:
         return self.ingest_form in ("unnest", "copy")  # the forms that check rowcount
 
-    _transient_errors: tuple[type[BaseException], ...] = (
+    _transient_errors: tuple[type[Exception], ...] = (
         OperationalError,  # SQLAlchemy's, e.g. on connect
         psycopg.OperationalError,  # includes serialization failures and deadlocks
         psycopg.InterfaceError,  # the connection is closed
     )
-    _data_errors: tuple[type[BaseException], ...] = (
+    _data_errors: tuple[type[Exception], ...] = (
         DataError,
         IntegrityError,
         psycopg.DataError,
@@ -147,15 +153,15 @@ class PgIngestMixin:
 
     def _apply_users(
         self, conn: Any, per_user: dict[int, list[Any]], apply: ApplyFn, out: IngestOutcome,
-        fresh: dict[int, tuple[Any, list[str], int]],
+        fresh: dict[int, CachedProfile],
     ) -> None:
         """:meth:`SqlShardStore._apply_users` for the ``unnest`` form, without an
         object per row: the columns are built as the users are applied, and each
         document is kept only as its JSON bytes (the parsed tree is freed at once)."""
         if self.ingest_form != "unnest":
-            super()._apply_users(conn, per_user, apply, out, fresh)  # type: ignore[misc]
+            super()._apply_users(conn, per_user, apply, out, fresh)
             return
-        current = self._current(conn, per_user)  # type: ignore[attr-defined]
+        current = self._current(conn, per_user)
         ids: list[str] = []
         docs: list[bytes] = []
         seens: list[bytes] = []
@@ -213,7 +219,7 @@ class PgIngestMixin:
     def _write_profiles(self, conn: Any, rows: list[ProfileWrite]) -> None:
         form = self.ingest_form
         if form == "values":
-            super()._write_profiles(conn, rows)  # type: ignore[misc]
+            super()._write_profiles(conn, rows)
             return
         pg = _pg(conn)
         dumps = orjson.dumps

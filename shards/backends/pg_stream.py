@@ -96,9 +96,10 @@ def _copy_lines(engine: Engine, query: str, batch: int) -> Iterator[list[bytes]]
     finished = False
     try:
         conn = raw.driver_connection
+        assert conn is not None  # a checked-out connection has its driver's
         rows: list[bytes] = []
         append = rows.append
-        with conn.cursor() as cur, cur.copy(f"COPY ({query}) TO STDOUT") as copy:  # type: ignore[union-attr]
+        with conn.cursor() as cur, cur.copy(f"COPY ({query}) TO STDOUT") as copy:
             for data in copy:
                 append(bytes(data))  # one CopyData message per row: "id\tdoc\tstate\n"
                 if len(rows) >= batch:
@@ -107,7 +108,7 @@ def _copy_lines(engine: Engine, query: str, batch: int) -> Iterator[list[bytes]]
                     append = rows.append
         if rows:
             yield rows
-        conn.rollback()  # type: ignore[union-attr]
+        conn.rollback()
         finished = True
     finally:
         if not finished:

@@ -59,12 +59,17 @@ class ProfileWrite(NamedTuple):
     version: int
 
 
+# A profile as ingest last committed it: (doc JSON, seen ids, version); the seen ids
+# are a tuple where pg_ingest caches them, a list elsewhere.
+CachedProfile = tuple[Any, Sequence[str], int]
+
+
 class ProfileCache:
     """LRU of ``user_id -> (doc JSON, seen ids, version)`` as last committed by ingest."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._d: OrderedDict[int, tuple[Any, list[str], int]] = OrderedDict()
+        self._d: OrderedDict[int, CachedProfile] = OrderedDict()
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
@@ -72,8 +77,8 @@ class ProfileCache:
 
     def lookup(
         self, user_ids: Iterable[int]
-    ) -> tuple[dict[int, tuple[Any, list[str], int]], list[int]]:
-        found: dict[int, tuple[Any, list[str], int]] = {}
+    ) -> tuple[dict[int, CachedProfile], list[int]]:
+        found: dict[int, CachedProfile] = {}
         missing: list[int] = []
         d = self._d
         for uid in user_ids:
@@ -86,7 +91,7 @@ class ProfileCache:
         self.misses += len(missing)
         return found, missing
 
-    def update(self, entries: dict[int, tuple[Any, list[str], int]]) -> None:
+    def update(self, entries: dict[int, CachedProfile]) -> None:
         d = self._d
         for uid, entry in entries.items():
             d[uid] = entry
@@ -104,7 +109,8 @@ def _as_update(result: Any) -> ProfileUpdate:
     if isinstance(result, tuple):  # the short form: (doc, seen, rejected, applied)
         doc, seen, rejected, applied = result
         return ProfileUpdate(doc, seen, rejected, applied, applied > 0, orjson.dumps(doc))
-    return result
+    update: ProfileUpdate = result
+    return update
 
 
 def _split_by_marks(
@@ -141,12 +147,15 @@ class SqlShardStore(SqlBanners, ShardStore):
 
     # -- ingest -----------------------------------------------------------------
     # Errors meaning "this shard cannot do it now": the batch is retried later.
-    _transient_errors: tuple[type[BaseException], ...] = (OperationalError,)
+    _transient_errors: tuple[type[Exception], ...] = (OperationalError,)
     # Errors meaning "this shard refuses this data": retrying cannot help.
-    _data_errors: tuple[type[BaseException], ...] = (DataError, IntegrityError)
-    # True where _write_profiles refuses to overwrite a version other than the one
-    # read (PostgreSQL): only then may profiles be served from the ingest cache.
-    _checks_versions = False
+    _data_errors: tuple[type[Exception], ...] = (DataError, IntegrityError)
+
+    @property
+    def _checks_versions(self) -> bool:
+        """True where _write_profiles refuses to overwrite a version other than the one
+        read (PostgreSQL): only then may profiles be served from the ingest cache."""
+        return False
     _ingest_cache: ProfileCache | None = None
 
     def set_ingest_cache(self, users: int) -> None:
@@ -163,7 +172,7 @@ class SqlShardStore(SqlBanners, ShardStore):
         if not items:
             return out
         cache = self._ingest_cache
-        fresh: dict[int, tuple[Any, list[str], int]] = {}  # cached once committed
+        fresh: dict[int, CachedProfile] = {}  # cached once committed
         per_user: dict[int, list[Any]] = {}
         try:
             with self.engine.begin() as conn:
@@ -237,7 +246,7 @@ class SqlShardStore(SqlBanners, ShardStore):
 
     def _apply_users(
         self, conn: Any, per_user: dict[int, list[Any]], apply: ApplyFn, out: IngestOutcome,
-        fresh: dict[int, tuple[Any, list[str], int]],
+        fresh: dict[int, CachedProfile],
     ) -> None:
         """Apply each user's events to their stored profile and write the changed
         ones; ``fresh`` receives every profile's state after the write (for the
