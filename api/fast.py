@@ -291,7 +291,7 @@ class BannerFastPath:
         self.api = api
         self.metrics = _RequestMetrics()
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
                 receive = self._lifespan(receive)
@@ -335,8 +335,8 @@ class BannerFastPath:
     def _lifespan(self, receive: Any) -> Any:
         api = self.api
 
-        async def wrapped() -> dict:
-            message = await receive()
+        async def wrapped() -> dict[str, Any]:
+            message: dict[str, Any] = await receive()
             if message["type"] == "lifespan.startup":
                 api.start()
             elif message["type"] == "lifespan.shutdown":

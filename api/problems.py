@@ -113,6 +113,7 @@ def install(app: FastAPI) -> None:
         app.openapi_schema = schema
         return schema
 
+    # FastAPI's documented way to extend the schema; mypy refuses assigning a method
     app.openapi = openapi  # type: ignore[method-assign]
 
 
@@ -185,7 +186,9 @@ def document_problems(schema: dict[str, Any]) -> None:
             if method not in ("get", "put", "post", "delete", "patch"):
                 continue
             responses = op.setdefault("responses", {})
-            ok = next((r for c, r in responses.items() if c.startswith("2")), {})
+            ok: dict[str, Any] = next(
+                (r for c, r in responses.items() if c.startswith("2")), {}
+            )
             html_page = "text/html" in (ok.get("content") or {})
             for code, resp in list(responses.items()):
                 if code.startswith(("4", "5")):

@@ -44,7 +44,7 @@ class LoadShedMiddleware:
             }
         )
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if (
             scope["type"] != "http"
             or self.max_inflight <= 0

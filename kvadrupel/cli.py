@@ -19,9 +19,13 @@ import signal
 import sys
 import threading
 from datetime import date
+from typing import TYPE_CHECKING
 
 from base.errors import ConfigError, KvadrupelError
 from kvadrupel import runs_cli, users_cli
+
+if TYPE_CHECKING:  # imported when needed: `kvadrupel --help` stays quick
+    from kvadrupel.settings import Settings
 
 log = logging.getLogger("kvadrupel")
 
@@ -106,7 +110,7 @@ def _stop_on_signals(grace_s: float = 30.0) -> threading.Event:
     return stop
 
 
-def _dispatch(args: argparse.Namespace, settings) -> int:  # noqa: ANN001
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     from kvadrupel.container import Container
 
     if args.cmd == "demo":

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from base.clock import Clock
 from base.errors import ConfigError
@@ -39,14 +39,22 @@ from shards.migrations import runner
 from shards.shardset import ShardSet, control_engine, load_router, open_shard
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from api.auth import Authenticator
 
 __all__ = ["Container"]
 
-# Embedded durable buses open in this process, by log path: [bus, containers using it].
+@dataclass
+class _SharedBus:
+    bus: MemoryBus
+    users: int = 0  # containers using it
+
+
+# Embedded durable buses open in this process, by log path.
 # The log's file lock admits one bus per file, and in embedded mode every part of
 # the process must see the same queue, so containers on one data dir share it.
-_shared_buses: dict[str, list] = {}
+_shared_buses: dict[str, _SharedBus] = {}
 _shared_lock = threading.Lock()
 
 
@@ -60,7 +68,7 @@ class Container:
     settings: Settings
     bus_override: Bus | None = None
     clock: Clock = None  # type: ignore[assignment]  # None: built from settings
-    _closers: list = field(default_factory=list)
+    _closers: list[Callable[[], object]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.clock is None:
@@ -69,7 +77,7 @@ class Container:
 
     # -- storage --------------------------------------------------------------
     @cached_property
-    def control(self):  # noqa: ANN201 - sqlalchemy Engine
+    def control(self) -> Engine:
         try:
             return control_engine(self.settings.control_url())
         except ValueError as exc:
@@ -146,19 +154,19 @@ class Container:
         path = str((s.data_dir / "bus.db").resolve())
         with _shared_lock:
             entry = _shared_buses.get(path)
-            if entry is None or entry[0].prefix != s.kafka_topic_prefix:
-                entry = _shared_buses[path] = [
-                    MemoryBus(s.kafka_topic_prefix, partitions=4, path=path), 0]
-            entry[1] += 1
-            return entry[0]
+            if entry is None or entry.bus.prefix != s.kafka_topic_prefix:
+                entry = _shared_buses[path] = _SharedBus(
+                    MemoryBus(s.kafka_topic_prefix, partitions=4, path=path))
+            entry.users += 1
+            return entry.bus
 
     def _release_bus(self) -> None:
         bus = self.__dict__.pop("bus")  # a second close() releases nothing
         with _shared_lock:
             for path, entry in list(_shared_buses.items()):
-                if entry[0] is bus:
-                    entry[1] -= 1
-                    if entry[1] > 0:
+                if entry.bus is bus:
+                    entry.users -= 1
+                    if entry.users > 0:
                         return
                     del _shared_buses[path]
         bus.close()
@@ -193,7 +201,7 @@ class Container:
         """Consumer group of a worker kind: ``<prefix>-ingest``, ``-evaluate``, ``-deliver``."""
         return f"{self.settings.kafka_topic_prefix}-{kind}"
 
-    def ingest_worker(self, **kw) -> IngestWorker:  # noqa: ANN003
+    def ingest_worker(self, **kw: Any) -> IngestWorker:
         s = self.settings
         consumer = self.bus.consumer(self.group("ingest"), [self.bus.topic("events")])
         return IngestWorker(consumer, self.bus, self.shards, max_bytes=s.profile_max_bytes,
@@ -201,7 +209,7 @@ class Container:
                             pipeline=s.ingest_pipeline, seen_cap=s.ingest_dedupe_ids,
                             cache_users=s.ingest_cache_users, **kw)
 
-    def evaluator_worker(self, **kw) -> EvaluatorWorker:  # noqa: ANN003
+    def evaluator_worker(self, **kw: Any) -> EvaluatorWorker:
         s = self.settings
         consumer = self.bus.consumer(self.group("evaluate"), [self.bus.topic("jobs")])
         return EvaluatorWorker(consumer, self.bus, self.shards, self.rules, self.runs,
@@ -209,9 +217,10 @@ class Container:
                                batch_budget_ms=s.rule_batch_budget_ms, timezone=s.timezone,
                                error_rate=s.rule_error_rate_quarantine,
                                error_min_samples=s.rule_error_min_samples,
-                               **({"today": self.clock.today, "sandbox": self.sandbox} | kw))
+                               today=kw.pop("today", self.clock.today),
+                               sandbox=kw.pop("sandbox", self.sandbox), **kw)
 
-    def delivery_worker(self, **kw) -> DeliveryWorker:  # noqa: ANN003
+    def delivery_worker(self, **kw: Any) -> DeliveryWorker:
         consumer = self.bus.consumer(self.group("deliver"), [self.bus.topic("results")])
         return DeliveryWorker(  # channel parts: policy, push, unsubscribe links
             consumer, self.bus, self.shards, self.ledger, self.mailer(),

@@ -59,7 +59,7 @@ def run_demo(settings: Settings, *, users: int, host: str, port: int, serve: boo
         install_pack(container.rules, BUILTIN_RULES)
         admin_password = _demo_admin(container)
         shards = container.shards
-        batch: dict[int, list] = {}
+        batch: dict[int, list[tuple[int, dict[str, Any]]]] = {}
         for uid, doc in synthetic_users(users, as_of):
             batch.setdefault(shards.router.shard_of(uid), []).append((uid, doc))
         for s, docs in batch.items():
@@ -132,7 +132,7 @@ def _demo_admin(container: Container) -> str:
     return password
 
 
-def _print_summary(settings: Settings, info: dict, users: int, n_rules: int, sent: int,
+def _print_summary(settings: Settings, info: dict[str, Any], users: int, n_rules: int, sent: int,
                    load_s: float, run_s: float, generated: dict[str, str]) -> None:
     lines = [
         "",

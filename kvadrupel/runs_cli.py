@@ -138,7 +138,8 @@ def _fraction(info: dict[str, Any]) -> float:
         return 1.0
     r = info["ranges"]
     if info["users_est"]:
-        return min(0.999, info["users"] / info["users_est"])
+        evaluated: float = info["users"] / info["users_est"]
+        return min(0.999, evaluated)
     return (r["done"] + r["parked"]) / r["total"] if r["total"] else 0.0
 
 

@@ -65,7 +65,8 @@ def run_user(args: argparse.Namespace, container: Any) -> int:
         return 2
     accounts = AccountStore(container.control, container.clock)
     audit = AuditLog(container.control, container.clock)
-    cmd, name = args.user_cmd, getattr(args, "name", None)
+    cmd = args.user_cmd
+    name: str = getattr(args, "name", "")  # every command but ``list`` takes one
     try:
         if cmd == "list":
             for u in accounts.list():

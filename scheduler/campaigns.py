@@ -16,6 +16,7 @@ second run.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -101,7 +102,8 @@ class CampaignService:
         return self.get(cid)
 
     # -- the scheduler's side -------------------------------------------------
-    def with_status(self, *statuses: str) -> list[dict[str, Any]]:
+    # ``list`` is the method above from here on in the class body: builtins.list
+    def with_status(self, *statuses: str) -> builtins.list[dict[str, Any]]:
         with self.control.connect() as conn:
             return [_row(r) for r in conn.execute(
                 select(campaigns).where(campaigns.c.status.in_(statuses)).order_by(campaigns.c.at))]

@@ -61,14 +61,14 @@ def last_fire_time(trigger: CronTrigger, now: datetime, lookback_s: float) -> da
     """The latest fire time ``<= now`` within ``lookback_s`` seconds, or None."""
     window = 1.0
     while True:
-        t = trigger.get_next_fire_time(None, now - timedelta(seconds=window))
+        t: datetime | None = trigger.get_next_fire_time(None, now - timedelta(seconds=window))
         if t is not None and t <= now:
             break
         if window >= lookback_s:
             return None
         window = min(window * 8, lookback_s)
     while True:
-        nxt = trigger.get_next_fire_time(t, t + timedelta(microseconds=1))
+        nxt: datetime | None = trigger.get_next_fire_time(t, t + timedelta(microseconds=1))
         if nxt is None or nxt > now:
             return t
         t = nxt

@@ -28,12 +28,12 @@ def helper_reference() -> list[dict[str, Any]]:
     out = []
     for name, fn in HELPERS.items():
         try:
-            sig = inspect.signature(fn)
+            full = inspect.signature(fn)
             sig = str(
-                sig.replace(
+                full.replace(
                     parameters=[
                         p.replace(annotation=inspect.Parameter.empty)
-                        for p in sig.parameters.values()
+                        for p in full.parameters.values()
                     ],
                     return_annotation=inspect.Signature.empty,
                 )
@@ -65,4 +65,5 @@ def guide_html() -> str | None:
 
 @lru_cache(maxsize=4)
 def _render(path: str, _mtime: int) -> str:
-    return _MD.render(Path(path).read_text(encoding="utf-8"))
+    html: str = _MD.render(Path(path).read_text(encoding="utf-8"))
+    return html

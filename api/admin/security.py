@@ -108,13 +108,13 @@ async def csrf_form(request: Request) -> FormData:
 
 def current_user(request: Request) -> dict[str, Any]:
     """The signed-in, active account (re-read from the control DB)."""
-    cached = getattr(request.state, "user", None)
+    cached: dict[str, Any] | None = getattr(request.state, "user", None)
     if cached is not None:
         return cached
     name = request.session.get("u")
     if not isinstance(name, str):
         raise NotSignedIn()
-    user = request.app.state.accounts.find(name)
+    user: dict[str, Any] | None = request.app.state.accounts.find(name)
     if user is None or not user["active"] or user["session_gen"] != request.session.get("g"):
         request.session.pop("u", None)
         request.session.pop("g", None)

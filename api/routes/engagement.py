@@ -104,8 +104,9 @@ async def _flush(app: Any) -> None:
 def _authenticator(app: Any) -> Authenticator:
     banner_api = getattr(app.state, "banner_api", None)
     if banner_api is not None:
-        return banner_api.auth
-    auth = getattr(app.state, "engagement_auth", None)
+        shared: Authenticator = banner_api.auth
+        return shared
+    auth: Authenticator | None = getattr(app.state, "engagement_auth", None)
     if auth is None:
         auth = app.state.engagement_auth = _services(app).authenticator()
     return auth
@@ -122,7 +123,8 @@ def _rule_keys(app: Any) -> set[str]:
     cached = getattr(app.state, "engagement_rule_keys", None)
     now = time.monotonic()
     if cached is not None and now - cached[0] < _RULE_KEYS_TTL_S:
-        return cached[1]
+        known: set[str] = cached[1]
+        return known
     with _services(app).control.connect() as conn:
         keys = {r[0] for r in conn.execute(select(rules_table.c.key))}
     app.state.engagement_rule_keys = (now, keys)
@@ -193,7 +195,7 @@ async def click(request: Request, user_id: UserId, banner_id: BannerId) -> Respo
 
 
 @router.get("/v1/rules/{key}/engagement", summary="Banner impressions and clicks per day",
-            dependencies=[Depends(require("admin"))])
+            dependencies=[Depends(require("admin"))], response_model=dict[str, Any])
 async def rule_engagement(
     request: Request,
     key: str,
@@ -201,7 +203,7 @@ async def rule_engagement(
         date | None, Query(description="first day (default: 29 days before until)")
     ] = None,
     until: Annotated[date | None, Query(description="last day (default: today)")] = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | Response:
     counter = _counter(request.app)
     until = until or counter.today()
     since = since or until - timedelta(days=29)
@@ -462,6 +464,7 @@ async def unsubscribe_one_click(request: Request,
     if form.get("List-Unsubscribe") != ONE_CLICK:
         return problem(400, "Bad request",
                        "the body must be the form field List-Unsubscribe=One-Click (RFC 8058)")
+    patch: dict[str, Any]  # a preferences document
     if scope.category:
         patch = {"channel_categories": {scope.channel: {scope.category: False}}}
     else:

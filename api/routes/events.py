@@ -58,7 +58,8 @@ def _publisher(request: Request) -> GroupPublisher:
 def _check_request(items: list[Any], max_bytes: int) -> tuple[list[Any], list[dict[str, Any]]]:
     """Validate every event; then apply each user's events of this request, in
     order, to an empty profile: what fails there fails whatever is stored."""
-    events, errors = [], []
+    events: list[tuple[int, Any]] = []
+    errors: list[dict[str, Any]] = []
     for i, item in enumerate(items):
         try:
             if not isinstance(item, dict):

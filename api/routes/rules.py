@@ -6,12 +6,15 @@ from datetime import date
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
 from api.problems import problem, problem_responses
+from api.services import Services
 from base.errors import ChannelError
+from catalogue.service import RuleService
 from rules.models import RuleIn
 
 router = APIRouter(prefix="/v1/rules", tags=["rules"], dependencies=[Depends(require("admin"))])
@@ -38,8 +41,9 @@ class RuleUpdate(BaseModel):
     enabled: bool = True
 
 
-def _svc(request: Request):  # noqa: ANN202
-    return request.app.state.services.rules
+def _svc(request: Request) -> RuleService:
+    services: Services = request.app.state.services
+    return services.rules
 
 
 @router.get("", summary="List rules")
@@ -69,8 +73,8 @@ def versions(key: str, request: Request) -> dict[str, Any]:
 
 
 @router.post("/{key}/test", summary="Evaluate the rule on a given profile",
-             responses=problem_responses(404, 422))
-def test_rule(key: str, body: TestIn, request: Request) -> dict[str, Any]:
+             responses=problem_responses(404, 422), response_model=dict[str, Any])
+def test_rule(key: str, body: TestIn, request: Request) -> dict[str, Any] | Response:
     try:
         return _svc(request).test(key, body.profile, body.as_of)
     except ChannelError as exc:
@@ -89,18 +93,19 @@ def disable(key: str, request: Request) -> dict[str, Any]:
     return _svc(request).set_enabled(key, False)
 
 
+def _positive_sample(v: int | str) -> int | str:
+    if isinstance(v, int) and v < 1:
+        raise ValueError("sample must be a positive number of users or 'all'")
+    return v
+
+
 class PreviewIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     as_of: date
     sample: int | Literal["all"] = Field(default=20_000)
     version: int | None = Field(default=None, ge=1, le=2**31 - 1)
 
-    @field_validator("sample")
-    @classmethod
-    def _positive(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("sample must be a positive number of users or 'all'")
-        return v
+    _positive = field_validator("sample")(_positive_sample)
 
 
 class ForecastIn(BaseModel):
@@ -110,7 +115,7 @@ class ForecastIn(BaseModel):
     sample: int | Literal["all"] = Field(default=20_000)
     version: int | None = Field(default=None, ge=1, le=2**31 - 1)
 
-    _positive = field_validator("sample")(PreviewIn._positive.__func__)  # type: ignore[attr-defined]
+    _positive = field_validator("sample")(_positive_sample)
 
 
 class ShadowIn(BaseModel):
@@ -120,7 +125,7 @@ class ShadowIn(BaseModel):
     version: int | None = Field(default=None, ge=1, le=2**31 - 1)
     sample: int | Literal["all"] = Field(default=20_000)
 
-    _positive = field_validator("sample")(PreviewIn._positive.__func__)  # type: ignore[attr-defined]
+    _positive = field_validator("sample")(_positive_sample)
 
 
 @router.post("/{key}/preview", summary="How many users match as of a date (nothing is sent)")

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
+from api.services import Services
 from scheduler.campaigns import CampaignService, UnknownRules, check_rules
 from scheduler.planner import start_run
 
@@ -68,7 +69,7 @@ def _check_rules(request: Request, keys: list[str] | None) -> None:
 
 @router.post("/v1/runs", status_code=202, summary="Start a run now (all rules, or the given ones)")
 async def create_run(request: Request, body: RunIn | None = None) -> dict[str, Any]:
-    c = request.app.state.services
+    c: Services = request.app.state.services
     body = body or RunIn()
     _check_rules(request, body.rules)
     as_of = body.as_of or request.app.state.today()
@@ -79,12 +80,14 @@ async def create_run(request: Request, body: RunIn | None = None) -> dict[str, A
 
 @router.get("/v1/runs", summary="Recent runs")
 def list_runs(request: Request, limit: int = Query(50, ge=1, le=500)) -> dict[str, Any]:
-    return {"runs": request.app.state.services.runs.list(limit)}
+    c: Services = request.app.state.services
+    return {"runs": c.runs.list(limit)}
 
 
 @router.get("/v1/runs/{run_id}", summary="A run's progress and figures")
 def get_run(run_id: int, request: Request) -> dict[str, Any]:
-    return request.app.state.services.runs.get(run_id)
+    c: Services = request.app.state.services
+    return c.runs.get(run_id)
 
 
 @router.post(

@@ -6,6 +6,7 @@ Runs are read through ``container.runs`` (RunService) and started with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date
 from typing import Any
 
@@ -26,7 +27,9 @@ def _chart(runs_newest_first: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not runs:
         return None
     keys = sorted({k for r in runs for k in r["matches"]})
-    series = {k: [float(r["matches"].get(k, 0)) for r in runs] for k in keys}
+    series: dict[str, Sequence[float]] = {
+        k: [float(r["matches"].get(k, 0)) for r in runs] for k in keys
+    }
     return charts.lines([f"#{r['id']} {r['as_of']}" for r in runs], series)
 
 
