@@ -204,6 +204,8 @@ def text_size(x: Any, limit: int, mode: int = STR) -> int:
         elif t in TEXT_EXPANDERS:
             total += 32
             stack.append(TEXT_EXPANDERS[t](v))
+        elif isinstance(v, int):  # rules/horizon.py's tracked ints: sized as their value
+            total += int.bit_length(v) // 3 + 2
         else:
             total += 64  # dates, functions, iterators, ...: short fixed reprs
         if total > limit:

@@ -6,20 +6,29 @@ Python 3.11 unless something is raised) and one list store per rule to tell the
 watchdog which rule runs (rules/budget.py). Per-rule contexts are built once per
 ``ctx`` and cached. The profile is protected by the write guard (rules/guards.py),
 which costs nothing unless a rule tries to write.
+
+``RuleSet(..., horizons=True)`` compiles the rules for time horizons
+(rules/horizon.py): the generated evaluator then also resets the calling thread's
+horizon recorder before each rule and reads it after, and every
+:class:`Outcome` carries ``horizons``. The default evaluator is unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import date
 from typing import Any
 
 from base.errors import RuleCompileError
 from rules.budget import WATCHDOG, BudgetExceeded, Slot, clear_async_exc, current_slot
 from rules.context import Context
+from rules.horizon import NEVER, describe_tracked, offset_date, track_context
+from rules.horizon import _rec as horizon_recorder
+from rules.horizon_policy import Untrackable
 from rules.sandbox import compile_rule, describe_error
 
-__all__ = ["Outcome", "RuleSet", "RuleSpec"]
+__all__ = ["Horizons", "Outcome", "RuleSet", "RuleSpec"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,18 +50,64 @@ class Outcome:
     first), then key. ``errors``: key -> ``"KeyError: 'x'"`` for rules that raised.
     ``timeouts``: keys of rules stopped by the time budget. Neither of the last two
     is in ``matched``.
+
+    :attr:`horizons` (only from a ``RuleSet(..., horizons=True)``; else ``None``): for
+    every rule, the earliest date on which its answer for this profile could differ
+    (``None``: never); a rule that raised or timed out gets the day after ``today``.
+    :attr:`horizon` is the earliest of them.
     """
 
     matched: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
     timeouts: list[str] = field(default_factory=list)
+    _hz: Horizons | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def horizons(self) -> Horizons | None:
+        """Rule key -> horizon (a read-only mapping: ``dict(...)`` copies it; ``None``
+        when the set was not compiled with ``horizons=True``)."""
+        return self._hz
+
+    @property
+    def horizon(self) -> date | None:
+        """The earliest horizon of all rules (``None``: never, or not tracked)."""
+        hz = self._hz
+        return None if hz is None else hz.earliest()
 
 
-def _generate(n: int, budgeted: bool) -> Any:
+class Horizons(Mapping[str, "date | None"]):
+    """Rule key -> horizon date (``None``: never) of one evaluation: a view over the
+    evaluator's offsets (days after today), made into dates on access."""
+
+    __slots__ = ("_dates", "_index", "_offsets")
+
+    def __init__(self, index: dict[str, int], offsets: list[int], dates: _Dates) -> None:
+        self._index, self._offsets, self._dates = index, offsets, dates
+
+    def __getitem__(self, key: str) -> date | None:
+        return self._dates[self._offsets[self._index[key]]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+    def earliest(self) -> date | None:
+        """The earliest horizon (``None``: never)."""
+        return self._dates[min(self._offsets)] if self._offsets else None
+
+
+def _generate(n: int, budgeted: bool, tracked: tuple[bool, ...] | None = None) -> Any:
     """Source of the evaluator of ``n`` rules, unrolled, as a factory of closures.
 
     Only names we choose appear in the source (rule keys and functions are passed
-    as values), so nothing from a rule can end up in this code.
+    as values), so nothing from a rule can end up in this code. ``tracked``: one
+    flag per rule (True: compiled for horizons; False: evaluated untracked, horizon
+    tomorrow); the evaluator then takes the recorder ``r`` and fills ``hz``.
     """
     if n == 0:
         return lambda *_: lambda *_: True
@@ -64,6 +119,8 @@ def _generate(n: int, budgeted: bool) -> Any:
     for i in range(n):
         if budgeted:
             body.append(f"{ind}box[0] = seq + {i}" if i else f"{ind}box[0] = seq")
+        if tracked and tracked[i]:
+            body.append(f"{ind}r[0] = N")
         body += [
             f"{ind}try:",
             f"{ind}    if f{i}(p, c{i}):",
@@ -71,11 +128,15 @@ def _generate(n: int, budgeted: bool) -> Any:
             f"{ind}except Exception as e:",
             f"{ind}    errs[k{i}] = describe(e)",
         ]
+        if tracked is not None and tracked[i]:
+            body += [f"{ind}    r[0] = 1", f"{ind}hz[{i}] = r[0]"]
+        elif tracked is not None:
+            body.append(f"{ind}hz[{i}] = 1")
     lines = [
-        "def factory(fns, keys, describe, BudgetExceeded, clear):",
+        "def factory(fns, keys, describe, BudgetExceeded, clear, N=None):",
         f"    {fs}= fns",
         f"    {ks}= keys",
-        "    def run(p, cs, m, errs, box, seq, slot):",
+        "    def run(p, cs, m, errs, box, seq, slot, r=None, hz=None):",
         f"        {cs}= cs",
         "        tid = slot.tid",
     ]
@@ -108,7 +169,9 @@ class RuleSet:
     when a source does not compile, ``ValueError`` for duplicate keys.
     """
 
-    def __init__(self, specs: Iterable[RuleSpec], budget_ms: float | None = 50.0) -> None:
+    def __init__(
+        self, specs: Iterable[RuleSpec], budget_ms: float | None = 50.0, horizons: bool = False
+    ) -> None:
         specs = list(specs)
         keys = [s.key for s in specs]
         if len(set(keys)) != len(keys):
@@ -116,7 +179,9 @@ class RuleSet:
                 "duplicate rule keys: " + ", ".join(sorted({k for k in keys if keys.count(k) > 1}))
             )
         self.budget_ms = float(budget_ms or 0.0)
+        self.horizons = horizons
         compiled = {}
+        untracked: set[str] = set()
         for s in specs:
             try:
                 compiled[s.key] = compile_rule(s.source, s.key, self.budget_ms)
@@ -124,6 +189,11 @@ class RuleSet:
                 err = RuleCompileError(f"rule {s.key!r}: {exc.reason}", exc.line)
                 err.key = s.key
                 raise err from None
+            if horizons:
+                try:
+                    compiled[s.key] = compile_rule(s.source, s.key, self.budget_ms, tracked=True)
+                except (Untrackable, RuleCompileError):
+                    untracked.add(s.key)  # evaluated as compiled above: horizon tomorrow
         self.specs: tuple[RuleSpec, ...] = tuple(sorted(specs, key=lambda s: (-s.priority, s.key)))
         self.keys: tuple[str, ...] = tuple(s.key for s in self.specs)
         self.compiled = tuple(compiled[k] for k in self.keys)
@@ -131,23 +201,38 @@ class RuleSet:
         self._n = len(self._fns)
         self._index = {k: i for i, k in enumerate(self.keys)}
         self._budget_s = self.budget_ms / 1000.0
-        factory = _generate(self._n, bool(self._budget_s))
-        self._run = factory(self._fns, self.keys, describe_error, BudgetExceeded, clear_async_exc)
-        self._cc: tuple[Any, tuple[Context, ...]] = (None, ())
+        self._tracked = tuple(k not in untracked for k in self.keys) if horizons else None
+        factory = _generate(self._n, bool(self._budget_s), self._tracked)
+        self._run = factory(
+            self._fns,
+            self.keys,
+            _describe_tracked if horizons else describe_error,
+            BudgetExceeded,
+            clear_async_exc,
+            NEVER,
+        )
+        self._cc: tuple[Any, tuple[Context, ...], _Dates | None] = (None, (), None)
 
     def __len__(self) -> int:
         return self._n
 
-    def _contexts(self, ctx: Context) -> tuple[Context, ...]:
+    def _contexts(self, ctx: Context) -> tuple[tuple[Context, ...], _Dates | None]:
         # One tuple attribute, swapped atomically: safe when threads share the set.
-        cs = tuple(replace(ctx, rule_key=s.key, rule_version=s.version) for s in self.specs)
-        self._cc = (ctx, cs)
-        return cs
+        base = track_context(ctx) if self.horizons else ctx
+        cs = tuple(replace(base, rule_key=s.key, rule_version=s.version) for s in self.specs)
+        dates = _Dates(ctx.today) if self.horizons else None
+        self._cc = (ctx, cs, dates)
+        return cs, dates
 
     def evaluate(self, profile: Any, ctx: Context) -> Outcome:
         """Evaluate every rule on ``profile``; never raises because of a rule."""
         cc = self._cc
-        cs = cc[1] if cc[0] is ctx else self._contexts(ctx)
+        if cc[0] is ctx:
+            cs, dates = cc[1], cc[2]
+        else:
+            cs, dates = self._contexts(ctx)
+        if dates is not None:
+            return self._evaluate_tracked(profile, cs, dates)
         slot = current_slot()
         slot.profile = profile
         slot.owned = None
@@ -177,6 +262,40 @@ class RuleSet:
         slot.profile = None
         return Outcome(m, errs, timeouts)
 
+    def _evaluate_tracked(self, profile: Any, cs: tuple[Context, ...], dates: _Dates) -> Outcome:
+        """:meth:`evaluate` of a set compiled with ``horizons=True``."""
+        slot = current_slot()
+        slot.profile = profile
+        slot.owned = None
+        seq = slot.seq + 1
+        slot.seq = seq + self._n
+        m: list[str] = []
+        errs: dict[str, str] = {}
+        box = slot.box
+        r = horizon_recorder()
+        saved = r[0]
+        hz = [NEVER] * self._n
+        if self._budget_s:
+            box[1] = self._budget_s
+            box[2] = seq
+            box[0] = seq
+            if WATCHDOG.idle:
+                WATCHDOG.wake()
+        try:
+            if self._run(profile, cs, m, errs, box, seq, slot, r, hz):
+                timeouts: list[str] = []
+            else:
+                timeouts = self._resume(profile, cs, m, errs, box, seq, slot, r, hz)
+        except BaseException:
+            box[0] = 0
+            clear_async_exc(slot.tid, None)
+            slot.profile = None
+            r[0] = saved
+            raise
+        slot.profile = None
+        r[0] = saved
+        return Outcome(m, errs, timeouts, Horizons(self._index, hz, dates))
+
     def _resume(
         self,
         p: Any,
@@ -186,6 +305,8 @@ class RuleSet:
         box: list[Any],
         seq: int,
         slot: Slot,
+        r: list[int] | None = None,
+        hz: list[int] | None = None,
     ) -> list[str]:
         """After an interrupt: mark the rule the watchdog stopped, re-run the ones after it.
 
@@ -203,14 +324,24 @@ class RuleSet:
             m[:] = [x for x in m if index[x] < k]
             for x in [x for x in errs if index[x] >= k]:
                 del errs[x]
+            tracked = self._tracked
+            if hz is not None and k >= 0:
+                hz[k] = 1  # timed out: tomorrow
             try:
                 for i in range(k + 1, n):
                     box[0] = seq + i
+                    if r is not None:
+                        r[0] = NEVER
                     try:
                         if fns[i](p, cs[i]):
                             m.append(keys[i])
                     except Exception as e:
+                        if r is not None:
+                            r[0] = 1
+                            describe_tracked(e)  # plain values in its arguments
                         errs[keys[i]] = describe_error(e)
+                    if r is not None and hz is not None and tracked is not None:
+                        hz[i] = r[0] if tracked[i] else 1
                 box[0] = 0
                 if slot.fired_seq >= seq:
                     clear_async_exc(tid, None)
@@ -244,6 +375,26 @@ class RuleSet:
         evaluate = self.evaluate
         for uid, profile in profiles:
             yield uid, evaluate(profile, ctx)
+
+
+def _describe_tracked(exc: BaseException) -> str:
+    return describe_error(describe_tracked(exc))
+
+
+class _Dates(dict[int, date | None]):
+    """Horizon offsets (days after ``today``) as dates, computed once per offset."""
+
+    def __init__(self, today: date) -> None:
+        super().__init__({NEVER: None})
+        self.today = today
+
+    def __missing__(self, k: int) -> date | None:
+        if len(self) > 100_000:
+            self.clear()
+            self[NEVER] = None
+        d = offset_date(self.today, k)
+        self[k] = d
+        return d
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,12 +110,15 @@ def _compile_error(message: str, key: str) -> RuleCompileError:
 
 
 def compile_rule(
-    source: str, key: str = "rule", budget_ms: float = DEFAULT_BUDGET_MS
+    source: str, key: str = "rule", budget_ms: float = DEFAULT_BUDGET_MS, tracked: bool = False
 ) -> CompiledRule:
     """Compile ``source`` (which must define ``match(profile, ctx)``) into a :class:`CompiledRule`.
 
     Raises :class:`~base.errors.RuleCompileError` (``.reason``, ``.line``: 1-based)
-    for syntax errors and sandbox policy violations.
+    for syntax errors and sandbox policy violations. ``tracked``: compile for time
+    horizons (rules/horizon.py): the same rule, with tracked helpers and guards; it
+    behaves like the plain one with any context, and records horizons with a tracked
+    one. May raise :class:`rules.horizon_policy.Untrackable`.
     """
     if not isinstance(source, str):
         raise RuleCompileError("rule source must be a string")
@@ -128,7 +131,12 @@ def compile_rule(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tree = ast.parse(source, filename, "exec")
-            result = compile_restricted_exec(tree, filename, policy=RulePolicy)
+            if tracked:
+                from rules.horizon_policy import TrackingPolicy
+
+                result = compile_restricted_exec(tree, filename, policy=TrackingPolicy)
+            else:
+                result = compile_restricted_exec(tree, filename, policy=RulePolicy)
     except SyntaxError as exc:
         raise RuleCompileError(f"{type(exc).__name__}: {exc.msg}", exc.lineno) from None
     except (RecursionError, MemoryError):
@@ -138,7 +146,12 @@ def compile_rule(
     assert result.code is not None  # compiled without errors
 
     protected: set[int] = set()
-    builtins = {**SAFE_BUILTINS, **HELPERS, **make_rule_guards(protected)}
+    if tracked:
+        from rules.horizon import tracked_builtins
+
+        builtins = tracked_builtins(protected)
+    else:
+        builtins = {**SAFE_BUILTINS, **HELPERS, **make_rule_guards(protected)}
     namespace: dict[str, Any] = {"__builtins__": builtins, "__name__": f"rule:{key}"}
     try:
         exec(result.code, namespace)  # noqa: S102 - policy-checked code: defs and constants only

@@ -693,3 +693,171 @@ def test_why_rerun_refuses_memory_bombs_like_the_evaluation() -> None:
         tracemalloc.stop()
     assert "text of a dict_values" in got["error"] and "timeout" not in got
     assert peak < PEAK_MB * 2**20
+
+
+# -- the same sandbox in tracked mode (time horizons: rules/horizon.py) ----------------------
+
+# Attempts that go through the tracked values: their class and state, the recorder,
+# the guards and fused helpers of the tracked compilation, and the size bounds with a
+# tracked operand (the guards must see the plain value).
+TRACKED_CASES = [
+    ("tracked-class", "return ctx.today.__class__", COMPILE, '"__class__"'),
+    ("tracked-mro", "return days_until('2024-06-01', ctx).mro()", COMPILE, '"mro"'),
+    ("tracked-state", "return ctx.today._p", COMPILE, 'starts with "_"'),
+    ("tracked-slope", "return days_until('2024-06-01', ctx)._lin", COMPILE, 'starts with "_"'),
+    ("tracked-dict", "return age('1990-01-01', ctx).__dict__", COMPILE, '"__dict__"'),
+    ("tracked-recorder", "return _tls.r", COMPILE, 'starts with "_"'),
+    ("tracked-guard-call", "return _touch_(ctx.today)", COMPILE, 'starts with "_"'),
+    ("tracked-fused-call", "return _fdu_('2024-06-01', ctx, (-1,))", COMPILE, 'starts with "_"'),
+    ("tracked-format-walk", "return '{0._p}'.format(ctx.today)", COMPILE, 'attribute "format"'),
+    ("tracked-fstring-dunder", "return f'{ctx.today.__class__}'", COMPILE, "__class__"),
+    ("tracked-setattr", "ctx.today.year = 1", COMPILE, "setting or deleting attributes"),
+    ("tracked-type", "return type(ctx.today)", COMPILE, '"type" is not allowed'),
+    ("tracked-vars", "return vars(ctx.now)", COMPILE, '"vars" is not allowed'),
+    ("tracked-reduce", "return ctx.today.replace(year=1).__reduce__()", COMPILE, 'starts with "_"'),
+    ("tracked-to-bytes", "return days_until('2024-06-01', ctx).to_bytes(9)", COMPILE, "to_bytes"),
+    ("tracked-clock-today", "return ctx.today.today()", ERROR, "reads the machine's clock"),
+    ("tracked-clock-now", "return ctx.now.now()", ERROR, "reads the machine's clock"),
+    ("tracked-clock-timestamp", "return ctx.today.fromtimestamp(0)", ERROR, "machine's clock"),
+    ("tracked-pow-bomb", "return days_until('2024-06-01', ctx) ** 10**9", ERROR, "'**' result"),
+    (
+        "tracked-mul-bomb",
+        "return [0] * (days_until('2030-06-01', ctx) * 10**6)",
+        MEMORY,
+        "'*' result would have",
+    ),
+    ("tracked-str-bomb", "return str(ctx.today) * 10**6", MEMORY, "'*' result would have"),
+    (
+        "tracked-range-bomb",
+        "return sum(range(days_until('2030-06-01', ctx) * 10**6))",
+        ERROR,
+        "range() of more than",
+    ),
+    (
+        "tracked-lshift-bomb",
+        "return 1 << days_until('2030-06-01', ctx) * 1000",
+        ERROR,
+        "'<<' result would exceed",
+    ),
+    (
+        "tracked-inplace-bomb",
+        "x = [0]\nx *= days_until('2030-06-01', ctx) * 10**6\nreturn x",
+        MEMORY,
+        "'*=' result would have",
+    ),
+    ("tracked-strftime", "return ctx.today.strftime('%c' * 2000)", ERROR, "format/input longer"),
+    (
+        "tracked-percent-width",
+        "return '%1000d' % days_until('2024-06-01', ctx)",
+        ERROR,
+        "width/precision must be a number up to 999",
+    ),
+    (
+        "tracked-render-list",
+        "x = days_until('2024-06-01', ctx)\nreturn f'{[x] * 40000}{[x] * 40000}'",
+        MEMORY,
+        "text of a list would exceed",
+    ),
+    ("tracked-profile-write", "profile['k'] = {ctx.today: ctx.now}", ERROR, "read-only"),
+    (
+        "tracked-recursion",
+        "def f(x):\n    return f(x + 1)\n\ndef match(profile, ctx):\n"
+        "    return f(days_until('2024-06-01', ctx))",
+        ERROR,
+        "RecursionError",
+    ),
+    ("tracked-overflow", "return (ctx.today - ctx.today).max * 2", ERROR, "OverflowError"),
+    ("tracked-date-range", "return ctx.today + (ctx.today - ctx.today.min) * 9", ERROR, "Overflow"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize(
+    ("case_id", "src", "how", "fragment"),
+    CASES + TRACKED_CASES,
+    ids=[c[0] for c in CASES + TRACKED_CASES],
+)
+def test_escape_attempt_is_refused_in_tracked_mode(
+    case_id: str, src: str, how: str, fragment: str
+) -> None:
+    # Given an escape attempt, compiled and run for time horizons
+    source = _source(src)
+    profile = copy.deepcopy(PROFILE)
+    if how == COMPILE:
+        # When it is compiled / Then it is refused the same way
+        with pytest.raises(RuleCompileError) as info:
+            compile_rule(source, key=case_id, tracked=True)
+        assert fragment in info.value.reason
+        return
+    rules = RuleSet(
+        [RuleSpec(case_id, 1, source), RuleSpec("ok", 1, "def match(p, c):\n    return True\n")],
+        budget_ms=BUDGET_MS,
+        horizons=True,
+    )
+    if how == MEMORY:
+        tracemalloc.start()
+    try:
+        outcome = rules.evaluate(profile, make_context("2024-05-10"))
+    finally:
+        if how == MEMORY:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+
+    # Then it is stopped as in plain mode, gets tomorrow, and the other rule is untouched
+    if how == MEMORY:
+        assert peak < PEAK_MB * 2**20, f"peak {peak / 2**20:.0f} MB"
+    if how in (ERROR, MEMORY):
+        assert fragment in outcome.errors.get(case_id, ""), outcome
+    else:
+        assert outcome.timeouts == [case_id], outcome
+    assert outcome.matched == ["ok"]
+    assert outcome.horizons is not None
+    assert outcome.horizons[case_id] == make_context("2024-05-11").today
+    assert outcome.horizons["ok"] is None
+    assert profile == PROFILE
+
+
+def test_tracked_cases_are_refused_alike_in_plain_mode() -> None:
+    # the attempts above are no easier without tracking
+    for case_id, src, how, fragment in TRACKED_CASES:
+        source = _source(src)
+        if how == COMPILE:
+            with pytest.raises(RuleCompileError) as info:
+                compile_rule(source, key=case_id)
+            assert fragment in info.value.reason, case_id
+            continue
+        out = RuleSet([RuleSpec(case_id, 1, source)], budget_ms=BUDGET_MS).evaluate(
+            copy.deepcopy(PROFILE), make_context("2024-05-10")
+        )
+        assert fragment in out.errors.get(case_id, ""), (case_id, out)
+
+
+def test_a_rule_cannot_skew_another_rules_horizon_through_shared_state() -> None:
+    # Given a rule that hammers the per-context caches (ctx.today's fields, birthdays)
+    noisy = (
+        "n = 0\nfor i in range(2000):\n"
+        "    n += ctx.today.month == i\n    n += ctx.today.day < -i\n"
+        "    n += is_birthday('2000-02-29', ctx)\n    n += age('2000-02-29', ctx) == i\n"
+        "return n > 10**6"
+    )
+    honest = "return ctx.today.month == 11 and is_birthday(get(profile, 'b'), ctx)"
+    rules = RuleSet(
+        [RuleSpec("noisy", 1, _source(noisy)), RuleSpec("honest", 1, _source(honest))],
+        budget_ms=0,
+        horizons=True,
+    )
+    ctx = make_context("2024-05-10")
+
+    # When both run over profiles, the noisy one first
+    for _ in range(3):
+        out = rules.evaluate({"b": "1990-11-20"}, ctx)
+
+    # Then the honest rule's answer and horizon are what they are alone
+    alone = RuleSet([RuleSpec("honest", 1, _source(honest))], budget_ms=0, horizons=True)
+    solo = alone.evaluate({"b": "1990-11-20"}, ctx)
+    assert out.horizons is not None and solo.horizons is not None
+    assert out.horizons["honest"] == solo.horizons["honest"] == make_context("2024-11-01").today
+    assert ("honest" in out.matched) == ("honest" in solo.matched)
+    # and the cache of ctx.today's comparisons stayed bounded
+    fields = getattr(rules._cc[1][0].today, "_fc")  # noqa: B009 - the tracked date's cache
+    assert fields and all(len(step._hc or {}) <= 256 for step in fields.values())

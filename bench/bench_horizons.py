@@ -1,0 +1,94 @@
+"""Cost of time horizons: tracked vs untracked evaluation per user (rules/horizon.py).
+
+The 50 rules of bench/rules50.py over synthetic users (kvadrupel.synthetic), in
+one process, no isolation: ``RuleSet(specs)`` against
+``RuleSet(specs, horizons=True)``, both with the production budget (50 ms). The two
+variants run interleaved, batch by batch, and each reports its best round, so load
+from other processes on a shared machine hits both alike. Also prints how soon the
+users' horizons fall (the share of users due again within 1, 7, 30, 365 days), and
+checks that both variants give the same answers.
+
+    python bench/bench_horizons.py [--users 20000] [--rounds 7] [--as-of 2024-05-10]
+
+Goal (issue 16): tracked <= 1.3x untracked per evaluated user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.rules50 import RULES50  # noqa: E402
+from kvadrupel.synthetic import users  # noqa: E402
+from rules.context import make_context  # noqa: E402
+from rules.ruleset import RuleSet, RuleSpec  # noqa: E402
+
+
+def _specs() -> list[RuleSpec]:
+    return [RuleSpec(r["key"], 1, r["source"], r["priority"], r["group"]) for r in RULES50]
+
+
+def _round(rs: RuleSet, profiles: list[dict[str, Any]], ctx: Any) -> float:
+    ev = rs.evaluate
+    t = time.perf_counter()
+    for p in profiles:
+        ev(p, ctx)
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--users", type=int, default=20_000)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--as-of", default="2024-05-10")
+    args = ap.parse_args(argv)
+
+    as_of = date.fromisoformat(args.as_of)
+    profiles = [p for _, p in users(args.users, as_of)]
+    ctx = make_context(as_of)
+    plain = RuleSet(_specs(), budget_ms=50)
+    tracked = RuleSet(_specs(), budget_ms=50, horizons=True)
+
+    # Same answers, and where the horizons fall.
+    within = {1: 0, 7: 0, 30: 0, 365: 0}
+    never = 0
+    for p in profiles:
+        a, b = plain.evaluate(p, ctx), tracked.evaluate(p, ctx)
+        if (a.matched, a.errors, a.timeouts) != (b.matched, b.errors, b.timeouts):
+            print("MISMATCH", a, b, file=sys.stderr)
+            return 1
+        h = b.horizon
+        if h is None:
+            never += 1
+            continue
+        for days in within:
+            if (h - as_of).days <= days:
+                within[days] += 1
+
+    best = {"untracked": float("inf"), "tracked": float("inf")}
+    gc.collect()
+    for _ in range(args.rounds):
+        best["untracked"] = min(best["untracked"], _round(plain, profiles, ctx))
+        best["tracked"] = min(best["tracked"], _round(tracked, profiles, ctx))
+    n = len(profiles)
+    u, t = best["untracked"] / n * 1e6, best["tracked"] / n * 1e6
+    print(
+        f"{n:,} users x {len(plain)} rules, as of {as_of}, best of {args.rounds} interleaved rounds"
+    )
+    print(f"untracked: {u:6.2f} us/user")
+    print(f"tracked:   {t:6.2f} us/user")
+    print(f"ratio:     {t / u:6.2f}x   (goal <= 1.3x)")
+    shares = ", ".join(f"<= {d} d: {c / n:.1%}" for d, c in within.items())
+    print(f"users due again within {shares}; never: {never / n:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
