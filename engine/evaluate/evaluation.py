@@ -32,14 +32,14 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from base.errors import ChannelError, RuleError, RuleTimeout
 from engine.evaluate.compose import compose
 from engine.messages import VERSION, Enter, Exit, Result
 from rules.context import Context
-from rules.ruleset import ActiveRule, RuleSet
+from rules.ruleset import ActiveRule, Outcome, RuleSet
 from shards.store import ProfileRow
 
 __all__ = ["CompiledPack", "RangeStats", "StateOut", "confirm_slow", "confirm_timeout",
@@ -68,7 +68,9 @@ class CompiledPack:
         chosen = [r for r in active if wanted is None or r.key in wanted]
         self.rules = {r.key: r for r in chosen}
         self.keys = frozenset(self.rules)
-        self.ruleset = RuleSet([r.spec() for r in chosen], budget_ms=budget_ms)
+        # Compiled for time horizons (rules/horizon.py): every evaluation also says
+        # when its answer could next change, the user's place in the wake-up index.
+        self.ruleset = RuleSet([r.spec() for r in chosen], budget_ms=budget_ms, horizons=True)
         # CPU one rule may use on one batch of rows (0: no limit; needs budget_ms).
         self.batch_budget_ms = float(batch_budget_ms or 0.0) if self.ruleset.budgeted else 0.0
         self.generation = generation
@@ -287,12 +289,22 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
 
 def _wake_of(ctx: Context) -> Any:
     """``wake(outcome, failed) -> ISO date or None`` for one evaluation date: the
-    earliest of the rules' time horizons (rules/horizon.py); a rule that failed is
-    tried again tomorrow."""
+    earliest of the rules' time horizons (rules/horizon.py; a rule that failed has
+    tomorrow), None when no answer depends on the date. Untracked outcomes (a rule
+    set compiled without horizons) wake tomorrow."""
     tomorrow = (ctx.today + timedelta(days=1)).isoformat()
+    iso: dict[date, str] = {}
 
-    def wake(outcome: Any, failed: set[str] | None) -> str | None:
-        return tomorrow
+    def wake(outcome: Outcome, failed: set[str] | None) -> str | None:
+        if outcome.horizons is None:
+            return tomorrow
+        h = outcome.horizon
+        if h is None:
+            return None
+        text = iso.get(h)
+        if text is None:
+            text = iso[h] = h.isoformat()
+        return text
 
     return wake
 

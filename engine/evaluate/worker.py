@@ -265,8 +265,9 @@ class EvaluatorWorker(BatchWorker):
             return stats, 0, 0
         sweep = RangeStats()
         if job.sweep:
+            keys = self._with_groups(self.pack(), job.sweep)
             sweep = self._evaluate(store.scan_range_text(job.lo, job.hi, SCAN_BATCH), store,
-                                   as_of, run_id, job.sweep, merge_wake=True)
+                                   as_of, run_id, keys, merge_wake=True)
         stats = self._evaluate(store.scan_range_text(job.lo, job.hi, SCAN_BATCH, due_on=as_of),
                                store, as_of, run_id, None, progress=progress)
         stats.merge(sweep)  # the sweep's changes and figures; its users are counted apart
@@ -296,7 +297,8 @@ class EvaluatorWorker(BatchWorker):
                            store, as_of, None, None)
             return
         changed = dict(zip(job.user_ids, job.paths, strict=True))
-        reads = self._read_sets(self.pack())
+        pack = self.pack()
+        reads = self._read_sets(pack)
         for lines in store.scan_users_text(job.user_ids, SCAN_BATCH):
             groups: dict[frozenset[str] | None, list[bytes]] = {}
             for line in lines:
@@ -304,7 +306,8 @@ class EvaluatorWorker(BatchWorker):
                 if paths is None or line.endswith(b"\t\\N\n"):  # not known / no state
                     keys: frozenset[str] | None = None
                 else:
-                    keys = frozenset(k for k, r in reads.items() if affected(r, paths))
+                    keys = self._with_groups(
+                        pack, [k for k, r in reads.items() if affected(r, paths)])
                     if len(keys) == len(reads):
                         keys = None
                     elif not keys:
@@ -314,6 +317,17 @@ class EvaluatorWorker(BatchWorker):
             for keys, group in groups.items():
                 self._evaluate(iter([group]), store, as_of, None, keys,
                                merge_wake=keys is not None)
+
+    @staticmethod
+    def _with_groups(pack: PackInfo, keys: Iterable[str]) -> frozenset[str]:
+        """``keys`` and every active rule that shares a group with one of them: a rule
+        of a group decides with the others which one shows (the highest priority
+        wins), so they are evaluated together."""
+        out = set(keys)
+        groups = {pack.rules[k].group for k in out if k in pack.rules} - {None}
+        if groups:
+            out |= {k for k, r in pack.rules.items() if r.group in groups}
+        return frozenset(out)
 
     def _read_sets(self, pack: PackInfo) -> dict[str, frozenset[str] | None]:
         out = {}
