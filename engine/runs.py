@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Engine, case, func, select, update
+from sqlalchemy import Engine, case, func, null, select, update
 from sqlalchemy.exc import IntegrityError
 
 from base.clock import SYSTEM, Clock
@@ -78,8 +78,9 @@ class RunService:
                     kind=kind, rules=list(rules) if rules is not None else None, fire_key=fire_key,
                     published_at=None if planned else ts,
                     users_est=sum(r.est_users for r in planned),
-                    mode=mode, sweep=list(sweep) if sweep else None,
-                    covers=dict(covers) if covers is not None else None,
+                    # SQL NULL, not JSON null: "covers nothing" must not match IS NOT NULL
+                    mode=mode, sweep=list(sweep) if sweep else null(),
+                    covers=dict(covers) if covers is not None else null(),
                 ).returning(runs.c.id)).scalar_one()
                 if planned:
                     conn.execute(run_ranges.insert(), [

@@ -136,3 +136,35 @@ def test_unpublished_runs_are_found_for_republishing(control: Engine) -> None:
     assert runs.unpublished(-1) == [run_id]
     runs.mark_published(run_id)
     assert runs.unpublished(-1) == []
+
+
+def test_incremental_planning_compares_with_the_last_complete_covering_run(
+        control: Engine) -> None:
+    from datetime import timedelta
+
+    from scheduler.planner import scope
+
+    runs = RunService(control)
+    # Nothing run yet: the first night evaluates everyone
+    assert scope(runs, AS_OF, {"a": 1}).mode == "full"
+    runs.create(AS_OF, [], kind="nightly", mode="full", covers={"a": 1, "gone": 3})
+    # A manual full run (no covers) and a campaign in between do not count
+    runs.create(AS_OF, [], kind="manual")
+    runs.create(AS_OF, [], kind="campaign", rules=["a"])
+    # A run with a parked range does not either
+    parked, _ = runs.create(AS_OF, [PlannedRange(0, 1, 9, 5)], mode="due", covers={"a": 2})
+    for _ in range(3):
+        runs.claim(parked, 0, "w")
+        runs.range_failed(parked, 0, "boom")
+    assert runs.get(parked)["status"] == "done_with_errors"
+    assert runs.last_covers() == {"a": 1, "gone": 3}
+    # So the next night sweeps the changed and the removed rules, and is due-only
+    sc = scope(runs, AS_OF + timedelta(days=1), {"a": 2, "new": 1})
+    assert (sc.mode, sc.sweep, sc.covers) == ("due", ["a", "gone", "new"], {"a": 2, "new": 1})
+    # a week after the last full check it verifies; --full verifies at once
+    assert scope(runs, AS_OF + timedelta(days=7), {"a": 1, "gone": 3}).mode == "verify"
+    assert scope(runs, AS_OF, {"a": 1, "gone": 3}, full=True).mode == "verify"
+    assert scope(runs, AS_OF, {"a": 1, "gone": 3}).sweep is None
+    # a campaign (restricted) or a planner without the active rules evaluates everyone
+    assert scope(runs, AS_OF, {"a": 1}, rules=["a"]).mode == "full"
+    assert scope(runs, AS_OF, None).mode == "full"
