@@ -5,7 +5,8 @@
 # its packages first on PYTHONPATH (workers and sandbox children inherit it), so
 # each runs its own code and its own bench scripts.
 #
-#   flock /tmp/kvadrupel-bench.lock bench/ab.sh BEFORE_REV [AFTER_REV] [--quick]
+#   flock /tmp/kvadrupel-bench.lock bench/ab.sh BEFORE_REV [AFTER_REV] [--quick] \
+#       [--only nightly,ingest,api,delivery]
 #
 # Benchmarks alternate A, B, A, B per kind, so drift on a shared machine falls on
 # both. --quick: smaller sizes (a few minutes in all). Output: each bench's own
@@ -16,8 +17,11 @@ cd "$(dirname "$0")/.."
 before=${1:?usage: bench/ab.sh BEFORE_REV [AFTER_REV] [--quick]}
 after=HEAD
 quick=0
+kinds="nightly ingest api delivery"
+next_only=0
 for a in "${@:2}"; do
-    case "$a" in --quick) quick=1 ;; *) after=$a ;; esac
+    if [ "$next_only" = 1 ]; then kinds=${a//,/ }; next_only=0; continue; fi
+    case "$a" in --quick) quick=1 ;; --only) next_only=1 ;; *) after=$a ;; esac
 done
 root=${AB_DIR:-/tmp/kvadrupel-ab}
 py=$PWD/.venv/bin/python
@@ -44,7 +48,7 @@ run() {  # label dir bench args...
     echo "=== $label $(git -C "$dir" rev-parse --short HEAD) $bench $*"
     (cd "$dir" && PYTHONPATH="$dir" "$py" "bench/$bench.py" "$@" 2>&1 | grep -v "^\s*$" | tail -25)
 }
-for kind in nightly ingest api delivery; do
+for kind in $kinds; do
     case $kind in
         nightly) args=("${nightly[@]}") ;;
         ingest) args=("${ingest[@]}") ;;
