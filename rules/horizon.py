@@ -1139,8 +1139,10 @@ def _days_of(td: _timedelta) -> int:
 class TDate(_Tracked, _date):
     """A tracked date: the date of ordinal ``_o + _s*k`` (``_p``: the plain date today)."""
 
-    __slots__ = ("_fc", "_o", "_p", "_s")
+    __slots__ = ("_fc", "_o", "_p", "_r", "_s", "_sc")
+    _r: list[int] | None  # ctx.today: the recorder of the thread evaluating with it
     _fc: dict[str, Any] | None  # ctx.today's month/day/weekday, built once per context
+    _sc: dict[int, Any] | None  # fused_field(_compare): results per call site (and value)
     _o: int
     _p: _date
     _s: int
@@ -1304,7 +1306,7 @@ def _mkdate(p: _date, s: int) -> Any:
         return p
     x = _date_new(TDate, p.year, p.month, p.day)
     o = p.toordinal()
-    x._p, x._o, x._s, x._fc = p, o, s, None
+    x._p, x._o, x._s, x._fc, x._sc, x._r = p, o, s, None, None, None
     # the value stops existing (plain evaluation raises) past year 9999 / before year 1
     _hit((_MAXORD - o) // s + 1 if s > 0 else (o - 1) // -s + 1)
     return x
@@ -1756,14 +1758,16 @@ for _cls in (_TInt, _Lin, _Tracked):
 # -- contexts --------------------------------------------------------------------------------
 
 
-def track_context(ctx: Context) -> Context:
-    """``ctx`` with tracked ``today`` and ``now`` (nothing else changes)."""
+def track_context(ctx: Context, recorder: list[int] | None = None) -> Context:
+    """``ctx`` with tracked ``today`` and ``now`` (nothing else changes), for use on
+    the calling thread (or the one whose ``recorder`` is given: see :func:`_rec`)."""
     today = ctx.today
     if type(today) is TDate:
         return ctx
     td = _date_new(TDate, today.year, today.month, today.day)
     td._p, td._o, td._s = _date(today.year, today.month, today.day), today.toordinal(), 1
-    td._fc = {}
+    td._fc, td._sc = {}, {}
+    td._r = _rec() if recorder is None else recorder
     now = ctx.now
     tn = _dt_new(
         TDateTime,
@@ -1784,6 +1788,8 @@ def track_context(ctx: Context) -> Context:
 # -- helpers that accept tracked values ---------------------------------------------------------
 
 _date_helper = _h.date
+_DATE_CACHE = _h._date_cache  # the helpers' parsed dates (cleared in place, never rebound)
+_MISS = object()
 
 
 def days_until(d: Any, ctx: Any) -> Any:
@@ -1816,11 +1822,12 @@ class _Birth:
     """What a birth date means today (one per (birth date, today): the rules of one
     profile ask about the same birth date many times)."""
 
-    __slots__ = ("age", "age_next", "b", "bday", "bday_next", "obj", "t0")
+    __slots__ = ("age", "age_next", "anns", "b", "bday", "bday_next", "obj", "t0")
 
     def __init__(self, b: _date, t: Any) -> None:
         t0, tp = t._o, t._p
         self.b, self.t0, self.obj = b, t0, None
+        self.anns: dict[int, int | None] | None = None  # age -> offset of that birthday
         if b > tp:
             self.age: int | None = None
             self.age_next: int | None = b.toordinal() - t0  # 0 on the day of birth
@@ -1964,7 +1971,8 @@ def fused_days_until(d: Any, ctx: Any, cs: tuple[int, ...]) -> Any:
     """``days_until(d, ctx)`` as a plain int ``v``; records the first ``k = v - c``
     that is >= 1 over ``cs`` (the policy's thresholds: ``left <= 30`` gives 30,
     ``left < 0`` gives -1, ``left == 60`` both 60 and 59)."""
-    d = _date_helper(d)
+    dd = _DATE_CACHE.get(d, _MISS) if type(d) is str else _MISS  # date(d), inlined
+    d = _date_helper(d) if dd is _MISS else dd
     if d is None:
         return None
     t = ctx.today
@@ -1976,10 +1984,7 @@ def fused_days_until(d: Any, ctx: Any, cs: tuple[int, ...]) -> Any:
             if 0 < k < best:
                 best = k
         if best < NEVER:
-            try:
-                r: list[int] = _tls.r
-            except AttributeError:
-                r = _rec()
+            r = t._r or _rec()
             if best < r[0]:
                 r[0] = best
         return v
@@ -1989,7 +1994,8 @@ def fused_days_until(d: Any, ctx: Any, cs: tuple[int, ...]) -> Any:
 def fused_days_since(d: Any, ctx: Any, cs: tuple[int, ...]) -> Any:
     """``days_since(d, ctx)`` as a plain int ``v``; records the first ``k = c - v``
     that is >= 1 over ``cs`` (``since <= 14`` gives 15, ``since < 0`` gives 0)."""
-    d = _date_helper(d)
+    dd = _DATE_CACHE.get(d, _MISS) if type(d) is str else _MISS
+    d = _date_helper(d) if dd is _MISS else dd
     if d is None:
         return None
     t = ctx.today
@@ -2001,10 +2007,7 @@ def fused_days_since(d: Any, ctx: Any, cs: tuple[int, ...]) -> Any:
             if 0 < k < best:
                 best = k
         if best < NEVER:
-            try:
-                r: list[int] = _tls.r
-            except AttributeError:
-                r = _rec()
+            r = t._r or _rec()
             if best < r[0]:
                 r[0] = best
         return v
@@ -2027,37 +2030,118 @@ def fused_thresholds(kind: str, thr: tuple[tuple[str, int], ...]) -> tuple[int, 
     return tuple(sorted(out))
 
 
-def fused_age(birth: Any, ctx: Any, thr: tuple[tuple[str, int], ...], opaque: bool) -> Any:
-    """``age(birth, ctx)`` as a plain int, recording the flips of ``thr`` (or, with
-    ``opaque``, the next birthday)."""
-    b = _date_helper(birth)
+def fused_age(birth: Any, ctx: Any, ages: tuple[int, ...], opaque: bool) -> Any:
+    """``age(birth, ctx)`` as a plain int; records the birthday of the first age in
+    ``ages`` (sorted: the ages at which the rule's comparisons flip, from
+    :func:`fused_age_thresholds`) above the current one, or with ``opaque`` the next
+    birthday."""
+    bb = _DATE_CACHE.get(birth, _MISS) if type(birth) is str else _MISS
+    b = _date_helper(birth) if bb is _MISS else bb
     if b is None:
         return None
     t = ctx.today
-    if type(t) is not TDate or type(b) is not _date or t._s != 1:
+    if type(t) is not TDate or type(b) is not _date:
         return _plain_result(age(b, ctx))
-    info = _birth(b, t)
+    info = _birth_cache
+    if info is None or info.b is not b or info.t0 != t._o:
+        info = _birth(b, t)
     y = info.age
     if y is None or opaque:
-        if info.age_next is not None:
-            _hit(info.age_next)
-        return y
-    best = NEVER
-    for op, c in thr:
-        # the age grows by one on each birthday: the age at which the outcome flips
-        if op == "<":
-            at = c if y < c else 0
-        elif op == "<=":
-            at = c + 1 if y <= c else 0
-        else:
-            at = y + 1 if y == c else (c if y < c else 0)
-        if at:
-            a = _anniversary(b, at)
-            if a is not None and a - info.t0 < best:
-                best = a - info.t0
-    if best < NEVER:
-        _hit(best)
+        k = info.age_next
+    else:
+        k = None
+        for a in ages:
+            if a > y:
+                anns = info.anns
+                if anns is None:
+                    anns = info.anns = {}
+                if a in anns:
+                    k = anns[a]
+                else:
+                    o = _anniversary_of(b, a)
+                    k = anns[a] = None if o is None else o - info.t0
+                break
+    if k is not None:
+        r = t._r or _rec()
+        if k < r[0]:
+            r[0] = k
     return y
+
+
+def fused_age_thresholds(thr: tuple[tuple[str, int], ...]) -> tuple[int, ...]:
+    """The ``ages`` of :func:`fused_age` for comparisons ``(op, c)`` (canonical ops) of
+    an age with constants: an age only grows, so "age < c" flips on the birthday it
+    reaches c, "age <= c" on c + 1, "age == c" on both."""
+    out: set[int] = set()
+    for op, c in thr:
+        if op in ("<", "=="):
+            out.add(c)
+        if op in ("<=", "=="):
+            out.add(c + 1)
+    return tuple(sorted(a for a in out if a > 0))
+
+
+def fused_field(d: Any, field: str, site: int, thr: tuple[tuple[str, int], ...]) -> Any:
+    """``d.year``/``d.month``/``d.day``, ``d.weekday()``/``d.isoweekday()`` (``field``)
+    as a plain int, compared by the rule only with the constants ``thr``. For
+    ``ctx.today`` the value and the first flip are the same for every profile: kept
+    per context under the call site's number ``site``."""
+    if type(d) is TDate:
+        sc = d._sc
+        if sc is not None:
+            e = sc.get(site)
+            if e is None:
+                with recording(d._p) as r:
+                    x = _field_of(d, field)
+                    for op, c in thr:
+                        _CMP[op](x, c)
+                    e = (x._v() if type(x) in TRACKED_TYPES else x, r[0])
+                if len(sc) < _HC_MAX:
+                    sc[site] = e
+            k = e[1]
+            if k < NEVER:
+                rr = d._r or _rec()
+                if k < rr[0]:
+                    rr[0] = k
+            return e[0]
+    return _plain_result(_field_of(d, field))
+
+
+def fused_field_compare(
+    d: Any, field: str, site: int, op: str, other: Any, field_left: bool
+) -> Any:
+    """``d.field op other`` (or ``other op d.field``) for an ``other`` that is never
+    tracked (``month(birth) == ctx.today.month``): kept per context, site and value."""
+    if type(d) is TDate and type(other) is int:
+        sc = d._sc
+        if sc is not None:
+            by_value = sc.get(site)
+            if by_value is None:
+                by_value = sc[site] = {}
+            e = by_value.get(other)
+            if e is None:
+                with recording(d._p) as r:
+                    x = _field_of(d, field)
+                    res = compare(x, op, other) if field_left else compare(other, op, x)
+                    e = (res, r[0])
+                if len(by_value) < _HC_MAX:
+                    by_value[other] = e
+            k = e[1]
+            if k < NEVER:
+                _hit(k)
+            return e[0]
+    x = _field_of(d, field)
+    return compare(x, op, other) if field_left else compare(other, op, x)
+
+
+def _field_of(d: Any, field: str) -> Any:
+    if field == "weekday" or field == "isoweekday":
+        return getattr(d, field)()
+    if field == "h:weekday":
+        return _h.weekday(d)
+    if field == "h:month":
+        return _h.month(d)
+    return getattr(d, field)
 
 
 TRACKED_HELPERS: dict[str, Any] = {
@@ -2227,6 +2311,8 @@ def tracked_builtins(protected: set[int]) -> dict[str, Any]:
             "_fdu_": fused_days_until,
             "_fds_": fused_days_since,
             "_fage_": fused_age,
+            "_ffield_": fused_field,
+            "_ffcmp_": fused_field_compare,
         }
     )
     return {**SAFE_BUILTINS, **TRACKED_HELPERS, **guards}

@@ -58,11 +58,12 @@ cannot be made lazy this way: compiling it raises :class:`Untrackable`, and
 from __future__ import annotations
 
 import ast
+import itertools
 import operator
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
-from rules.horizon import fused_thresholds
+from rules.horizon import fused_age_thresholds, fused_thresholds
 from rules.policy import RulePolicy
 
 __all__ = ["TrackingPolicy", "Untrackable"]
@@ -161,6 +162,7 @@ _BIN_NAMES = {
     ast.MatMult: "@",
 }
 _FUNCS = (ast.FunctionDef, ast.Lambda)
+_SITES = itertools.count(1)  # call sites of fused_field: keys of its per-context cache
 _FUSED = {"days_until": "_fdu_", "days_since": "_fds_", "age": "_fage_"}
 # comparisons that flip at the same offset share one threshold
 _CANON = {"<": "<", ">=": "<", "<=": "<=", ">": "<=", "==": "==", "!=": "=="}
@@ -288,6 +290,7 @@ class _Tracker:
         self.scope_of: dict[int, _Scope] = {}  # FunctionDef/Lambda id -> its scope
         self.sites: list[tuple[_Scope, ast.AST, ast.AST | None, bool]] = []  # target <- value
         self.scope_at: dict[int, _Scope] = {}  # Name load -> the scope it is read in
+        self.field_scope: dict[int, _Scope] = {}  # attribute reads and calls -> their scope
         self.parents: dict[int, ast.AST] = {}
         self.constants: dict[str, Any] = {}
         self.module_defs: dict[str, ast.FunctionDef] = {}
@@ -361,6 +364,8 @@ class _Tracker:
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             self.scope_at[id(node)] = scope
             self._note_value_use(node, scope)
+        elif isinstance(node, (ast.Attribute, ast.Call)):
+            self.field_scope[id(node)] = scope
         self._walk(node, scope)
 
     def _note_value_use(self, node: ast.Name, scope: _Scope) -> None:
@@ -405,7 +410,7 @@ class _Tracker:
             return None
         return name
 
-    def _uses(self, node: ast.AST) -> list[tuple[str, int]] | None:
+    def _uses(self, node: ast.AST, scope: _Scope) -> list[tuple[str, int]] | None:
         """The thresholds ``node``'s value is compared with, or None: used otherwise."""
         parent = self.parents.get(id(node))
         if isinstance(parent, (ast.If, ast.While, ast.IfExp)) and parent.test is node:
@@ -417,7 +422,7 @@ class _Tracker:
             if (
                 isinstance(f, ast.Name)
                 and f.id == "between"
-                and f.id not in self.module_defs
+                and self.builtin(f.id, scope)
                 and len(parent.args) == 3
                 and not parent.keywords
                 and parent.args[0] is node
@@ -441,7 +446,7 @@ class _Tracker:
                     continue  # is None: time-independent
                 return None
             if isinstance(op, (ast.In, ast.NotIn)):
-                if not left or not self.safe_container(other):
+                if not left or not self.safe_container(other, scope):
                     return None
                 values = (
                     [_int_value(e) for e in other.elts if _int_constant(e)]
@@ -492,7 +497,7 @@ class _Tracker:
             thr: list[tuple[str, int]] = []
             opaque = key in nested
             for name_node in loads.get(key, []):
-                u = self._uses(name_node)
+                u = self._uses(name_node, self.scope_at[id(name_node)])
                 if u is None:
                     opaque = True
                 else:
@@ -510,9 +515,60 @@ class _Tracker:
             kind = self._helper(call, scope)
             if kind is None:
                 continue
-            u = self._uses(call)
+            u = self._uses(call, scope)
             if u is not None:
                 call.kv_fuse = (kind, tuple(sorted(set(u))), False)  # type: ignore[attr-defined]
+
+    def _field(self, node: ast.AST, scope: _Scope) -> tuple[ast.expr, str] | None:
+        """``d.month``-like reads of a calendar field of a tainted ``d``: (d, field)."""
+        if isinstance(node, ast.Attribute) and node.attr in ("year", "month", "day"):
+            d = node.value
+            field = node.attr
+        elif (
+            isinstance(node, ast.Call)
+            and not node.args
+            and not node.keywords
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("weekday", "isoweekday")
+        ):
+            d, field = node.func.value, node.func.attr
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("weekday", "month")
+            and self.builtin(node.func.id, scope)
+            and len(node.args) == 1
+            and not isinstance(node.args[0], ast.Starred)
+            and not node.keywords
+        ):
+            d, field = node.args[0], "h:" + node.func.id
+        else:
+            return None
+        return (d, field) if self.tainted_expr(d, scope) else None
+
+    def fuse_fields(self) -> None:
+        """``ctx.today.month == 11``, ``weekday(ctx.today) == 5``, ``x == ctx.today.month``:
+        one call, kept per context (rules/horizon.py :func:`fused_field`)."""
+        for node in ast.walk(self.module):
+            scope = self.field_scope.get(id(node))
+            if scope is None:
+                continue
+            found = self._field(node, scope)
+            if found is None:
+                continue
+            thr = self._uses(node, scope)
+            if thr is not None:
+                node.kv_field = (*found, tuple(sorted(set(thr))))  # type: ignore[attr-defined]
+                continue
+            parent = self.parents.get(id(node))
+            if (
+                isinstance(parent, ast.Compare)
+                and len(parent.ops) == 1
+                and not isinstance(parent.ops[0], (ast.In, ast.NotIn, ast.Is, ast.IsNot))
+            ):
+                other = parent.comparators[0] if parent.left is node else parent.left
+                if not self.tainted_expr(other, scope):
+                    parent.kv_fcmp = (*found, parent.left is node)  # type: ignore[attr-defined]
 
     # -- pass 2: taint ---------------------------------------------------------------------
     def _resolve(self, scope: _Scope, name: str) -> _Scope | None:
@@ -692,10 +748,15 @@ class _Tracker:
             )
         return False
 
-    def safe_container(self, node: ast.AST) -> bool:
+    def safe_container(self, node: ast.AST, scope: _Scope) -> bool:
+        """A literal (or module-constant, not shadowed) tuple/list/set of ints and strings."""
         if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
             return all(_safe_constant(e) for e in node.elts)
-        if isinstance(node, ast.Name) and node.id in self.constants:
+        if (
+            isinstance(node, ast.Name)
+            and node.id in self.constants
+            and self._resolve(scope, node.id) is None
+        ):
             return _safe_items(self.constants[node.id])
         return False
 
@@ -747,10 +808,24 @@ class _Rewriter(ast.NodeTransformer):
     def tainted(self, e: ast.AST | None) -> bool:
         return self.t.tainted_expr(e, self.scope)
 
+    # calendar fields (fused_field) -------------------------------------------------------------
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        field = getattr(node, "kv_field", None)
+        node = self.generic_visit(node)  # type: ignore[assignment]
+        if field is None:
+            return node
+        return self._field_call(node.value, field)
+
+    def _field_call(self, d: ast.expr, field: tuple[Any, ...]) -> ast.expr:
+        _, name, thr = field
+        return _call(
+            "_ffield_", d, ast.Constant(name), ast.Constant(next(_SITES)), ast.Constant(thr)
+        )
+
     # comparisons ---------------------------------------------------------------------------
     def _needs(self, left: ast.expr, op: ast.cmpop, right: ast.expr) -> bool:
         if isinstance(op, (ast.In, ast.NotIn)):
-            return self.tainted(left) and not self.t.safe_container(right)
+            return self.tainted(left) and not self.t.safe_container(right, self.scope)
         if isinstance(op, (ast.Is, ast.IsNot)):
             if not (self.tainted(left) or self.tainted(right)):
                 return False
@@ -761,6 +836,31 @@ class _Rewriter(ast.NodeTransformer):
         return self.tainted(right) and not self.t.safe_left(left, self.scope)
 
     def visit_Compare(self, node: ast.Compare) -> ast.AST:
+        fcmp = getattr(node, "kv_fcmp", None)
+        if fcmp is not None:
+            # x == ctx.today.month: the field's comparison, kept per context and x
+            node = self.generic_visit(node)  # type: ignore[assignment]
+            _, name, left = fcmp
+            fnode, other = (node.left, node.comparators[0])
+            if not left:
+                fnode, other = other, fnode
+            d = (
+                fnode.value
+                if isinstance(fnode, ast.Attribute)
+                else fnode.args[0]  # type: ignore[attr-defined]
+                if name.startswith("h:")
+                else fnode.func.value  # type: ignore[attr-defined]
+            )
+            new = _call(
+                "_ffcmp_",
+                d,
+                ast.Constant(name),
+                ast.Constant(next(_SITES)),
+                ast.Constant(_CMP_NAMES[type(node.ops[0])]),
+                other,
+                ast.Constant(left),
+            )
+            return ast.copy_location(new, node)
         # decide on the original operands (taint is structural), then rewrite inside
         operands = [node.left, *node.comparators]
         need = [self._needs(operands[i], op, operands[i + 1]) for i, op in enumerate(node.ops)]
@@ -820,13 +920,19 @@ class _Rewriter(ast.NodeTransformer):
 
     # calls ---------------------------------------------------------------------------------
     def visit_Call(self, node: ast.Call) -> ast.AST:
+        field = getattr(node, "kv_field", None)
+        if field is not None:
+            node = self.generic_visit(node)  # type: ignore[assignment]
+            d = node.args[0] if field[1].startswith("h:") else node.func.value  # type: ignore[attr-defined]
+            return ast.copy_location(self._field_call(d, field), node)
         fuse = getattr(node, "kv_fuse", None)
         if fuse is not None:
             node = self.generic_visit(node)  # type: ignore[assignment]
             kind, thr, opaque = fuse
             node.func = ast.Name(_FUSED[kind], ast.Load())
             if kind == "age":
-                node.args += [ast.Constant(thr), ast.Constant(opaque)]
+                ages = fused_age_thresholds(thr)
+                node.args += [ast.Constant(cast(Any, ages)), ast.Constant(opaque)]
             else:
                 node.args.append(ast.Constant(cast(Any, fused_thresholds(kind, thr))))
             return node
@@ -890,5 +996,6 @@ class TrackingPolicy(RulePolicy):
             tracker.collect()
             tracker.fuse()
             tracker.taint()
+            tracker.fuse_fields()
             tracker.rewrite()
         return node

@@ -10,7 +10,8 @@ which costs nothing unless a rule tries to write.
 ``RuleSet(..., horizons=True)`` compiles the rules for time horizons
 (rules/horizon.py): the generated evaluator then also resets the calling thread's
 horizon recorder before each rule and reads it after, and every
-:class:`Outcome` carries ``horizons``. The default evaluator is unchanged.
+:class:`Outcome` carries ``horizons``. Its tracked contexts are built per thread
+(their ``today`` holds that thread's recorder). The default evaluator is unchanged.
 """
 
 from __future__ import annotations
@@ -211,28 +212,35 @@ class RuleSet:
             clear_async_exc,
             NEVER,
         )
-        self._cc: tuple[Any, tuple[Context, ...], _Dates | None] = (None, (), None)
+        self._cc: tuple[Any, tuple[Context, ...]] = (None, ())
+        self._tcc: dict[int, _TrackedContexts] = {}  # thread id -> its tracked contexts
 
     def __len__(self) -> int:
         return self._n
 
-    def _contexts(self, ctx: Context) -> tuple[tuple[Context, ...], _Dates | None]:
+    def _contexts(self, ctx: Context) -> tuple[Context, ...]:
         # One tuple attribute, swapped atomically: safe when threads share the set.
-        base = track_context(ctx) if self.horizons else ctx
+        cs = tuple(replace(ctx, rule_key=s.key, rule_version=s.version) for s in self.specs)
+        self._cc = (ctx, cs)
+        return cs
+
+    def _tracked_contexts(self, ctx: Context, tid: int) -> _TrackedContexts:
+        # Per thread: a tracked context's dates hold the thread's horizon recorder.
+        r = horizon_recorder()
+        base = track_context(ctx, r)
         cs = tuple(replace(base, rule_key=s.key, rule_version=s.version) for s in self.specs)
-        dates = _Dates(ctx.today) if self.horizons else None
-        self._cc = (ctx, cs, dates)
-        return cs, dates
+        tc = (ctx, cs, _Dates(ctx.today), r)
+        if len(self._tcc) > 64:
+            self._tcc.clear()
+        self._tcc[tid] = tc
+        return tc
 
     def evaluate(self, profile: Any, ctx: Context) -> Outcome:
         """Evaluate every rule on ``profile``; never raises because of a rule."""
+        if self._tracked is not None:
+            return self._evaluate_tracked(profile, ctx)
         cc = self._cc
-        if cc[0] is ctx:
-            cs, dates = cc[1], cc[2]
-        else:
-            cs, dates = self._contexts(ctx)
-        if dates is not None:
-            return self._evaluate_tracked(profile, cs, dates)
+        cs = cc[1] if cc[0] is ctx else self._contexts(ctx)
         slot = current_slot()
         slot.profile = profile
         slot.owned = None
@@ -262,9 +270,13 @@ class RuleSet:
         slot.profile = None
         return Outcome(m, errs, timeouts)
 
-    def _evaluate_tracked(self, profile: Any, cs: tuple[Context, ...], dates: _Dates) -> Outcome:
+    def _evaluate_tracked(self, profile: Any, ctx: Context) -> Outcome:
         """:meth:`evaluate` of a set compiled with ``horizons=True``."""
         slot = current_slot()
+        tc = self._tcc.get(slot.tid)
+        if tc is None or tc[0] is not ctx:
+            tc = self._tracked_contexts(ctx, slot.tid)
+        _, cs, dates, r = tc
         slot.profile = profile
         slot.owned = None
         seq = slot.seq + 1
@@ -272,7 +284,6 @@ class RuleSet:
         m: list[str] = []
         errs: dict[str, str] = {}
         box = slot.box
-        r = horizon_recorder()
         saved = r[0]
         hz = [NEVER] * self._n
         if self._budget_s:
@@ -375,6 +386,9 @@ class RuleSet:
         evaluate = self.evaluate
         for uid, profile in profiles:
             yield uid, evaluate(profile, ctx)
+
+
+_TrackedContexts = tuple[Context, tuple[Context, ...], "_Dates", list[int]]
 
 
 def _describe_tracked(exc: BaseException) -> str:

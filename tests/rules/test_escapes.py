@@ -859,5 +859,6 @@ def test_a_rule_cannot_skew_another_rules_horizon_through_shared_state() -> None
     assert out.horizons["honest"] == solo.horizons["honest"] == make_context("2024-11-01").today
     assert ("honest" in out.matched) == ("honest" in solo.matched)
     # and the cache of ctx.today's comparisons stayed bounded
-    fields = getattr(rules._cc[1][0].today, "_fc")  # noqa: B009 - the tracked date's cache
+    (tracked,) = rules._tcc.values()  # this thread's tracked contexts
+    fields = getattr(tracked[1][0].today, "_fc")  # noqa: B009 - the tracked date's cache
     assert fields and all(len(step._hc or {}) <= 256 for step in fields.values())

@@ -501,3 +501,46 @@ def test_the_scan_cap_is_recorded_for_unbounded_periodic_uses() -> None:
     body = "y = age(get(p, 'b'), ctx)\nreturn (y * y) % 7 == 3"
     ok, h = horizon(body, {"b": "2000-06-01"})
     assert h is not None and h <= AS_OF + timedelta(days=CAP)
+
+
+def test_threads_sharing_a_rule_set_record_their_own_horizons() -> None:
+    # Given one tracked rule set evaluated from two threads at once
+    import threading
+
+    rng = random.Random(11)
+    profiles = [random_profile(rng, AS_OF, uid) for uid in range(200)]
+    ctx = make_context(AS_OF)
+    want = [dict(_TRACKED.evaluate(p, ctx).horizons or {}) for p in profiles]
+    got: dict[int, list[dict[str, Any]]] = {}
+
+    def work(n: int) -> None:
+        got[n] = [dict(_TRACKED.evaluate(p, ctx).horizons or {}) for p in profiles]
+
+    # When they run / Then each sees the horizons a single thread sees
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] == want and got[1] == want
+
+
+def test_names_shadowing_module_constants_or_helpers_are_not_trusted() -> None:
+    # a local list shadows the module's constant ints: membership is not a threshold
+    src = (
+        "LIMITS = (1, 2)\n\ndef match(p, ctx):\n    LIMITS = [10.0]\n"
+        "    left = days_until(get(p, 'x'), ctx)\n    return left in LIMITS\n"
+    )
+    assert horizon(src, x_in(40)) == (False, AS_OF + DAY)
+    # a local function named like a helper: not the helper (a value called: tomorrow)
+    body = (
+        "between = lambda a, lo, hi: a <= 30\n"
+        "left = days_until(get(p, 'x'), ctx)\nreturn between(left, 0, 1000)"
+    )
+    assert horizon(body, x_in(40)) == (False, AS_OF + DAY)
+    # a nested def is instrumented code: exact
+    body = (
+        "left = days_until(get(p, 'x'), ctx)\n"
+        "def between(a, lo, hi):\n    return a <= 30\nreturn between(left, 0, 1000)"
+    )
+    assert horizon(body, x_in(40)) == (False, AS_OF + timedelta(days=10))
