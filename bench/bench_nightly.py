@@ -270,9 +270,10 @@ def incremental_nights(base: Settings, first: date, n: int, workers: int,
     return out
 
 
-def keep_due(container: Container, as_of: date, sample: int = 20_000) -> list[tuple[str, float]]:
-    """Per rule, the share of (a sample of) users whose answer it keeps due tomorrow:
-    the rules that do not sleep, by how many users they keep awake."""
+def keep_due(container: Container, as_of: date, sample: int = 20_000,
+             within: int = 1) -> list[tuple[str, float]]:
+    """Per rule, the share of (a sample of) users whose answer it keeps due within
+    ``within`` days: the rules that do not sleep, by how many users they keep awake."""
     from rules.ruleset import RuleSet
 
     rows = []
@@ -281,7 +282,7 @@ def keep_due(container: Container, as_of: date, sample: int = 20_000) -> list[tu
             rows += chunk
     rs = RuleSet([r.spec() for r in container.rules.active()], budget_ms=0, horizons=True)
     ctx = make_context(as_of, container.settings.timezone)
-    tomorrow = as_of + timedelta(days=1)
+    tomorrow = as_of + timedelta(days=within)
     awake: dict[str, int] = {}
     for row in rows:
         outcome = rs.evaluate(row.doc, ctx)
@@ -478,7 +479,8 @@ def main() -> None:
         prof = profile_range(setup, last) if args.profile else ""
         report(args, nights, ceil, prof)
         if incr:
-            report_incremental(args, nights, incr, keep_due(setup, last))
+            report_incremental(args, nights, incr, keep_due(setup, last),
+                               keep_due(setup, last, within=7))
     finally:
         setup.close()
         broker.stop()
@@ -488,7 +490,8 @@ def main() -> None:
 
 
 def report_incremental(args: argparse.Namespace, nights: list[dict[str, Any]],
-                       incr: list[dict[str, Any]], awake: list[tuple[str, float]]) -> None:
+                       incr: list[dict[str, Any]], awake: list[tuple[str, float]],
+                       week: list[tuple[str, float]]) -> None:
     full = [n for n in nights if n and n["label"] not in (COLD,) and "in-process" not in n["label"]]
     regular = [n for n in incr if "verify" not in n["label"]]
     due = [n["run"]["users"] / args.users for n in regular]
@@ -509,6 +512,9 @@ def report_incremental(args: argparse.Namespace, nights: list[dict[str, Any]],
               f"{v[0]['t_e2e']:.2f}s")
     print("  rules that keep users due tomorrow (share of a sample of users):")
     for key, share in awake[:10]:
+        print(f"    {key:<40} {share:.2%}")
+    print("  rules that wake users within a week (share of a sample of users):")
+    for key, share in week[:10]:
         print(f"    {key:<40} {share:.2%}")
     print("  per night: " + ", ".join(f"{n['label']} {n['run']['users']:,}" for n in incr))
 
