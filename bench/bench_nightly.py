@@ -249,7 +249,12 @@ def incremental_nights(base: Settings, first: date, n: int, workers: int,
             info = container.runs.wait(run_id, timeout=3600, poll_s=0.02)
             t_run = time.perf_counter() - t0
             expected = info["enters"] + info["exits"]
+            waited = time.monotonic() + 300
             while delivery.handled - before < expected:
+                if time.monotonic() > waited:  # report what is known instead of hanging
+                    log(f"delivery stalled: {delivery.handled - before:,} of {expected:,} "
+                        f"results handled after 300 s")
+                    break
                 time.sleep(0.01)
             t_all = time.perf_counter() - t0
             info = container.runs.get(run_id)
