@@ -5,8 +5,9 @@ one process, no isolation: ``RuleSet(specs)`` against
 ``RuleSet(specs, horizons=True)``, both with the production budget (50 ms). The two
 variants run interleaved, batch by batch, and each reports its best round, so load
 from other processes on a shared machine hits both alike. Also prints how soon the
-users' horizons fall (the share of users due again within 1, 7, 30, 365 days), and
-checks that both variants give the same answers.
+users' horizons fall (the share of users due again within 1, 7, 30, 365 days) and
+the rules that keep the most users due tomorrow, and checks that both variants give
+the same answers. (2024-05-10 is a Friday: weekend-offer wakes everyone on Saturday.)
 
     python bench/bench_horizons.py [--users 20000] [--rounds 7] [--as-of 2024-05-10]
 
@@ -59,11 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     # Same answers, and where the horizons fall.
     within = {1: 0, 7: 0, 30: 0, 365: 0}
     never = 0
+    tomorrow = as_of.fromordinal(as_of.toordinal() + 1)
+    due: dict[str, int] = {}
     for p in profiles:
         a, b = plain.evaluate(p, ctx), tracked.evaluate(p, ctx)
         if (a.matched, a.errors, a.timeouts) != (b.matched, b.errors, b.timeouts):
             print("MISMATCH", a, b, file=sys.stderr)
             return 1
+        assert b.horizons is not None
+        for key, rh in b.horizons.items():
+            if rh == tomorrow:
+                due[key] = due.get(key, 0) + 1
         h = b.horizon
         if h is None:
             never += 1
@@ -87,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio:     {t / u:6.2f}x   (goal <= 1.3x)")
     shares = ", ".join(f"<= {d} d: {c / n:.1%}" for d, c in within.items())
     print(f"users due again within {shares}; never: {never / n:.1%}")
+    top = sorted(due.items(), key=lambda kv: -kv[1])[:5]
+    print("rules keeping most users due tomorrow: " + ", ".join(f"{k} {c / n:.1%}" for k, c in top))
     return 0
 
 

@@ -1822,12 +1822,14 @@ class _Birth:
     """What a birth date means today (one per (birth date, today): the rules of one
     profile ask about the same birth date many times)."""
 
-    __slots__ = ("age", "age_next", "anns", "b", "bday", "bday_next", "obj", "t0")
+    __slots__ = ("age", "age_next", "anns", "b", "bday", "bday_next", "md", "obj", "t0")
 
     def __init__(self, b: _date, t: Any) -> None:
         t0, tp = t._o, t._p
         self.b, self.t0, self.obj = b, t0, None
         self.anns: dict[int, int | None] | None = None  # age -> offset of that birthday
+        # the birthday's month and day (None: 29 February, 28 February in common years)
+        self.md: tuple[int, int] | None = None if b.month == 2 and b.day == 29 else (b.month, b.day)
         if b > tp:
             self.age: int | None = None
             self.age_next: int | None = b.toordinal() - t0  # 0 on the day of birth
@@ -2058,8 +2060,14 @@ def fused_age(birth: Any, ctx: Any, ages: tuple[int, ...], opaque: bool) -> Any:
                 if a in anns:
                     k = anns[a]
                 else:
-                    o = _anniversary_of(b, a)
-                    k = anns[a] = None if o is None else o - info.t0
+                    yy, md = b.year + a, info.md
+                    if yy > 9999:
+                        k = None
+                    elif md is not None:
+                        k = _date(yy, md[0], md[1]).toordinal() - info.t0
+                    else:
+                        k = _date(yy, 2, 29 if calendar.isleap(yy) else 28).toordinal() - info.t0
+                    anns[a] = k
                 break
     if k is not None:
         r = t._r or _rec()

@@ -49,6 +49,10 @@ plus one pass over the resulting tree, for the operations where CPython reads an
    plain int that recorded its flips (rules/horizon.py, "The fast path"). For an
    age the variable may also be used otherwise: its next birthday is recorded.
 
+A rule whose ``match`` never reads its ``ctx`` gets the module global
+:data:`TIMELESS`: :class:`~rules.ruleset.RuleSet` runs its plain compilation and gives
+it no horizon (nothing it computes depends on time) without touching the recorder.
+
 A rule whose chain comparison holds an assignment expression in a later operand
 cannot be made lazy this way: compiling it raises :class:`Untrackable`, and
 :class:`~rules.ruleset.RuleSet` evaluates that rule untracked with the horizon
@@ -66,7 +70,9 @@ from typing import Any, cast
 from rules.horizon import fused_age_thresholds, fused_thresholds
 from rules.policy import RulePolicy
 
-__all__ = ["TrackingPolicy", "Untrackable"]
+__all__ = ["TIMELESS", "TrackingPolicy", "Untrackable"]
+
+TIMELESS = "_kv_timeless_"  # module global of a tracked rule that never reads ctx
 
 
 class Untrackable(Exception):
@@ -726,6 +732,23 @@ class _Tracker:
             )
         return False
 
+    def timeless(self) -> bool:
+        """``match`` never reads its ``ctx`` (so nothing it computes depends on time)."""
+        fdef = self.module_defs.get("match")
+        if fdef is None:
+            return False
+        scope = self.scope_of[id(fdef)]
+        params = self._params(fdef)
+        if len(params) < 2 or "match" in self.def_as_value:
+            return False
+        ctx = params[1]
+        for node in ast.walk(self.module):
+            if isinstance(node, ast.Name) and node.id == ctx:
+                sc = self.scope_at.get(id(node))
+                if sc is None or self._resolve(sc, ctx) is scope:
+                    return False
+        return True
+
     def builtin(self, name: str, scope: _Scope) -> bool:
         """``name`` is the sandbox's builtin (a guard or helper), not a rule's own."""
         return (
@@ -998,4 +1021,10 @@ class TrackingPolicy(RulePolicy):
             tracker.taint()
             tracker.fuse_fields()
             tracker.rewrite()
+            if tracker.timeless():
+                # read by RuleSet: this rule never sees ctx, its horizon is "never"
+                mark = ast.Assign(
+                    targets=[ast.Name(TIMELESS, ast.Store())], value=ast.Constant(True)
+                )
+                node.body.append(ast.fix_missing_locations(ast.copy_location(mark, node.body[-1])))
         return node

@@ -26,7 +26,7 @@ from rules.budget import WATCHDOG, BudgetExceeded, Slot, clear_async_exc, curren
 from rules.context import Context
 from rules.horizon import NEVER, describe_tracked, offset_date, track_context
 from rules.horizon import _rec as horizon_recorder
-from rules.horizon_policy import Untrackable
+from rules.horizon_policy import TIMELESS, Untrackable
 from rules.sandbox import compile_rule, describe_error
 
 __all__ = ["Horizons", "Outcome", "RuleSet", "RuleSpec"]
@@ -102,13 +102,14 @@ class Horizons(Mapping[str, "date | None"]):
         return self._dates[min(self._offsets)] if self._offsets else None
 
 
-def _generate(n: int, budgeted: bool, tracked: tuple[bool, ...] | None = None) -> Any:
+def _generate(n: int, budgeted: bool, tracked: tuple[bool | None, ...] | None = None) -> Any:
     """Source of the evaluator of ``n`` rules, unrolled, as a factory of closures.
 
     Only names we choose appear in the source (rule keys and functions are passed
     as values), so nothing from a rule can end up in this code. ``tracked``: one
     flag per rule (True: compiled for horizons; False: evaluated untracked, horizon
-    tomorrow); the evaluator then takes the recorder ``r`` and fills ``hz``.
+    tomorrow; None: never reads ``ctx``, horizon never); the evaluator then takes the
+    recorder ``r`` and fills ``hz``.
     """
     if n == 0:
         return lambda *_: lambda *_: True
@@ -120,7 +121,7 @@ def _generate(n: int, budgeted: bool, tracked: tuple[bool, ...] | None = None) -
     for i in range(n):
         if budgeted:
             body.append(f"{ind}box[0] = seq + {i}" if i else f"{ind}box[0] = seq")
-        if tracked and tracked[i]:
+        if tracked is not None and tracked[i]:
             body.append(f"{ind}r[0] = N")
         body += [
             f"{ind}try:",
@@ -131,8 +132,10 @@ def _generate(n: int, budgeted: bool, tracked: tuple[bool, ...] | None = None) -
         ]
         if tracked is not None and tracked[i]:
             body += [f"{ind}    r[0] = 1", f"{ind}hz[{i}] = r[0]"]
-        elif tracked is not None:
+        elif tracked is not None and tracked[i] is not None:
             body.append(f"{ind}hz[{i}] = 1")
+        elif tracked is not None:  # never reads ctx: only an error wakes it
+            body.append(f"{ind}    hz[{i}] = 1")
     lines = [
         "def factory(fns, keys, describe, BudgetExceeded, clear, N=None):",
         f"    {fs}= fns",
@@ -183,6 +186,7 @@ class RuleSet:
         self.horizons = horizons
         compiled = {}
         untracked: set[str] = set()
+        timeless: set[str] = set()
         for s in specs:
             try:
                 compiled[s.key] = compile_rule(s.source, s.key, self.budget_ms)
@@ -192,9 +196,14 @@ class RuleSet:
                 raise err from None
             if horizons:
                 try:
-                    compiled[s.key] = compile_rule(s.source, s.key, self.budget_ms, tracked=True)
+                    tracked = compile_rule(s.source, s.key, self.budget_ms, tracked=True)
                 except (Untrackable, RuleCompileError):
                     untracked.add(s.key)  # evaluated as compiled above: horizon tomorrow
+                    continue
+                if tracked.raw.__globals__.get(TIMELESS):
+                    timeless.add(s.key)  # never reads ctx: the plain function, never wakes
+                else:
+                    compiled[s.key] = tracked
         self.specs: tuple[RuleSpec, ...] = tuple(sorted(specs, key=lambda s: (-s.priority, s.key)))
         self.keys: tuple[str, ...] = tuple(s.key for s in self.specs)
         self.compiled = tuple(compiled[k] for k in self.keys)
@@ -202,7 +211,11 @@ class RuleSet:
         self._n = len(self._fns)
         self._index = {k: i for i, k in enumerate(self.keys)}
         self._budget_s = self.budget_ms / 1000.0
-        self._tracked = tuple(k not in untracked for k in self.keys) if horizons else None
+        self._tracked: tuple[bool | None, ...] | None = None
+        if horizons:  # per rule: True tracked, False untracked (tomorrow), None timeless
+            self._tracked = tuple(
+                None if k in timeless else k not in untracked for k in self.keys
+            )
         factory = _generate(self._n, bool(self._budget_s), self._tracked)
         self._run = factory(
             self._fns,
@@ -352,7 +365,10 @@ class RuleSet:
                             describe_tracked(e)  # plain values in its arguments
                         errs[keys[i]] = describe_error(e)
                     if r is not None and hz is not None and tracked is not None:
-                        hz[i] = r[0] if tracked[i] else 1
+                        if tracked[i] is None:
+                            hz[i] = 1 if keys[i] in errs else NEVER
+                        else:
+                            hz[i] = r[0] if tracked[i] else 1
                 box[0] = 0
                 if slot.fired_seq >= seq:
                     clear_async_exc(tid, None)

@@ -544,3 +544,15 @@ def test_names_shadowing_module_constants_or_helpers_are_not_trusted() -> None:
         "def between(a, lo, hi):\n    return a <= 30\nreturn between(left, 0, 1000)"
     )
     assert horizon(body, x_in(40)) == (False, AS_OF + timedelta(days=10))
+
+
+def test_rules_that_never_read_ctx_never_wake_unless_they_fail() -> None:
+    specs = [
+        RuleSpec("static", 1, _source("return get(p, 'x') is not None")),
+        RuleSpec("broken", 1, _source("return p['missing']")),
+        RuleSpec("helper", 1, _source("x = p\ndef f(q):\n    return q\nreturn f(x) is p")),
+    ]
+    out = RuleSet(specs, horizons=True).evaluate(x_in(3), make_context(AS_OF))
+    assert out.errors == {"broken": "KeyError: 'missing'"}
+    assert out.horizons is not None
+    assert dict(out.horizons) == {"static": None, "broken": AS_OF + DAY, "helper": None}
