@@ -96,10 +96,12 @@ class StateWrite(NamedTuple):
     ``as_of``: the date the state was computed for; ``wake_on``: the earliest date
     on which an answer could change with the profile unchanged (the minimum of the
     rules' time horizons; None: never by time alone). A bare ``(user_id, matches)``
-    pair stores neither: the user is due at the next run."""
+    pair stores neither: the user is due at the next run. ``matches`` None: the
+    matches did not change — the stored ones stay (``{}`` for a user with none yet)
+    and only the dates move."""
 
     user_id: int
-    matches: dict[str, list[Any]]
+    matches: dict[str, list[Any]] | None
     as_of: date | None = None
     wake_on: date | None = None
 

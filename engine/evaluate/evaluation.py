@@ -162,9 +162,12 @@ class RangeStats:
         self.slow.update(other.slow)
 
 
-# What evaluate_rows gives per evaluated user: (user_id, state, wake_on as ISO date or
-# None: the earliest date on which an answer could change with the profile unchanged).
-StateOut = tuple[int, dict[str, list[Any]], str | None]
+# What evaluate_rows gives per evaluated user: (user_id, new state or None when its
+# matches did not change, wake_on as ISO date or None: the earliest date on which an
+# answer could change with the profile unchanged). An unchanged user's stored matches
+# are left alone (a concurrent re-evaluation after ingest may have just written them):
+# only its place in the wake-up index moves.
+StateOut = tuple[int, dict[str, list[Any]] | None, str | None]
 
 
 def evaluate_rows(
@@ -248,13 +251,13 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
         wake = wake_of(outcome, failed)
         if not prev:
             if not matched:
-                states.append((uid, {}, wake))
+                states.append((uid, None, wake))
                 continue  # the common case: nothing before, nothing now
             prev = {}
         else:
             active = [k for k, v in prev.items() if v[1]]
             if active == matched or (len(active) == len(matched) and set(active) == set(matched)):
-                states.append((uid, prev, wake))
+                states.append((uid, None, wake))
                 continue  # nothing changed
         new: dict[str, list[Any]] | None = None
         for k in matched:
@@ -280,7 +283,7 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
             results.append(Exit(v=VERSION, user_id=uid, rule=k, episode=p[0], version=p[2],
                                 priority=ended.priority if ended else 0, as_of=as_of,
                                 run_id=run_id))
-        states.append((uid, prev if new is None else new, wake))
+        states.append((uid, new, wake))
     if slot.over >= 0:  # a rule spent the batch budget on the last row done
         assert uid is not None  # so there was a row
         stats.slow[pack.ruleset.keys[slot.over]] = uid

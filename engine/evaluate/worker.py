@@ -47,7 +47,7 @@ from base.errors import BusError, SandboxCrash, ShardUnavailable
 from catalogue.service import RuleService
 from engine.batch import BatchWorker
 from engine.bus import Bus, Consumer, Message
-from engine.evaluate.evaluation import RangeStats
+from engine.evaluate.evaluation import RangeStats, StateOut
 from engine.messages import (
     Enter,
     MessageError,
@@ -389,7 +389,7 @@ class EvaluatorWorker(BatchWorker):
         return total
 
     def _eval_batch(self, pack: PackInfo, lines: list[bytes], ctx: list[str], run_id: int | None
-               ) -> tuple[RangeStats, list[Result], list[tuple[int, dict[str, Any], str | None]]]:
+                    ) -> tuple[RangeStats, list[Result], list[StateOut]]:
         """Evaluate rows in a sandbox child; check what it sends back (it ran rule code:
         it may only speak for the users and rules it was given)."""
         meta = {"pack": pack.id, "ctx": ctx, "run_id": run_id}

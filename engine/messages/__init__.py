@@ -117,8 +117,8 @@ class EvalAnswer(msgspec.Struct):
     child ran rule code and is not trusted beyond that."""
 
     results: list[Result]
-    # (user_id, state, wake_on ISO date or None) for every user evaluated
-    states: list[tuple[int, dict[str, list[Any]], str | None]]
+    # (user_id, new state or None: unchanged, wake_on ISO date or None) per user evaluated
+    states: list[tuple[int, dict[str, list[Any]] | None, str | None]]
 
 
 class DeadLetter(_Msg):

@@ -130,19 +130,26 @@ def save_states(engine: Engine, states: Sequence[tuple[Any, ...]], merge_wake: b
     wake = ("CASE WHEN user_state.as_of IS NULL THEN EXCLUDED.wake_on "
             "ELSE LEAST(user_state.wake_on, EXCLUDED.wake_on) END"
             if merge_wake else "EXCLUDED.wake_on")
+    dates = f"as_of = {'user_state.as_of' if merge_wake else 'EXCLUDED.as_of'}, wake_on = {wake}"
     with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT INTO user_state (user_id, matches, updated_at, as_of, wake_on) "
-            "SELECT u, m::jsonb, now(), a, w FROM unnest(%(u)s::bigint[], %(m)s::text[], "
-            "%(a)s::date[], %(w)s::date[]) AS t(u, m, a, w) "
-            "ON CONFLICT (user_id) DO UPDATE "
-            "SET matches = EXCLUDED.matches, updated_at = EXCLUDED.updated_at, "
-            f"as_of = {'user_state.as_of' if merge_wake else 'EXCLUDED.as_of'}, "
-            f"wake_on = {wake}",
-            {"u": [s[0] for s in rows], "m": [orjson.dumps(s[1]).decode() for s in rows],
-             "a": [s[2] if len(s) > 2 and not merge_wake else None for s in rows],
-             "w": [s[3] if len(s) > 3 else None for s in rows]},
-        )
+        # New matches replace the stored ones; unchanged ones (None) stay as stored
+        # (a user with none stored gets {}), only the dates move.
+        for changed in (True, False):
+            part = [s for s in rows if (s[1] is not None) is changed]
+            if not part:
+                continue
+            conn.exec_driver_sql(
+                "INSERT INTO user_state (user_id, matches, updated_at, as_of, wake_on) "
+                "SELECT u, m::jsonb, now(), a, w FROM unnest(%(u)s::bigint[], %(m)s::text[], "
+                "%(a)s::date[], %(w)s::date[]) AS t(u, m, a, w) "
+                "ON CONFLICT (user_id) DO UPDATE SET "
+                + ("matches = EXCLUDED.matches, updated_at = EXCLUDED.updated_at, "
+                   if changed else "") + dates,
+                {"u": [s[0] for s in part],
+                 "m": [orjson.dumps(s[1] or {}).decode() for s in part],
+                 "a": [s[2] if len(s) > 2 and not merge_wake else None for s in part],
+                 "w": [s[3] if len(s) > 3 else None for s in part]},
+            )
 
 
 def bounds_from_histogram(hist: Sequence[int], k: int) -> list[int]:

@@ -409,22 +409,22 @@ class SqlShardStore(SqlBanners, ShardStore):
             (new_wake < user_state.c.wake_on, new_wake),
             else_=user_state.c.wake_on)
         rows = [StateWrite(*s) for s in states]
+        as_of = user_state.c.as_of if merge_wake else ins.excluded.as_of
+        # New matches replace the stored ones; unchanged ones (None) stay as stored.
+        full = ins.on_conflict_do_update(index_elements=["user_id"], set_={
+            "matches": ins.excluded.matches, "updated_at": ins.excluded.updated_at,
+            "as_of": as_of, "wake_on": wake})
+        dates = ins.on_conflict_do_update(index_elements=["user_id"], set_={
+            "as_of": as_of, "wake_on": wake})
         try:
             with self.engine.begin() as conn:
-                conn.execute(
-                    ins.on_conflict_do_update(
-                        index_elements=["user_id"],
-                        set_={
-                            "matches": ins.excluded.matches,
-                            "updated_at": ins.excluded.updated_at,
-                            "as_of": user_state.c.as_of if merge_wake else ins.excluded.as_of,
-                            "wake_on": wake,
-                        },
-                    ),
-                    [{"user_id": s.user_id, "matches": s.matches, "updated_at": ts,
-                      "as_of": None if merge_wake else s.as_of, "wake_on": s.wake_on}
-                     for s in rows],
-                )
+                for stmt, part in ((full, [s for s in rows if s.matches is not None]),
+                                   (dates, [s for s in rows if s.matches is None])):
+                    if part:
+                        conn.execute(stmt, [
+                            {"user_id": s.user_id, "matches": s.matches or {},
+                             "updated_at": ts, "as_of": None if merge_wake else s.as_of,
+                             "wake_on": s.wake_on} for s in part])
         except OperationalError as exc:
             raise self._unavailable(exc) from exc
 

@@ -41,7 +41,7 @@ def run(rows, pack=None, ctx=CTX):  # noqa: ANN001, ANN201
     given = [(r.user_id, r.state) if isinstance(r, ProfileRow) else (r[0], r[2]) for r in rows]
     assert [u for u, _, _ in states] == [u for u, _ in given][:len(states)]
     before = {u: s or {} for u, s in given}
-    changed = {u: s for u, s, _ in states if s != before[u]}
+    changed = {u: s for u, s, _ in states if s is not None and s != before[u]}
     # the typed messages (engine/messages.py) as they go on the bus
     return [orjson.loads(encode(r)) for r in results], changed, stats
 

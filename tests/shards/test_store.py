@@ -258,3 +258,19 @@ def test_a_restricted_run_keeps_the_earlier_horizon(store: ShardStore) -> None:
     store.save_state([StateWrite(1, st, D, None), StateWrite(4, st, D, date(2026, 12, 8))])
     assert _due(store, date(2026, 12, 7)) == [3]
     assert _due(store, date(2026, 12, 10)) == [2, 3, 4]
+
+
+def test_unchanged_matches_are_left_as_stored_and_only_the_dates_move(
+        store: ShardStore) -> None:
+    # Given a user whose matches were just written by another evaluation (after ingest)
+    store.put_profiles([(1, {"u": 1}), (2, {"u": 2})])
+    fresh = {"r": [2, 1, 1, "2026-12-01"]}
+    store.save_state([StateWrite(1, fresh, D, date(2026, 12, 3))])
+    # When a night that read the user before that write finds its matches unchanged
+    store.save_state([StateWrite(1, None, D, date(2026, 12, 9)),
+                      StateWrite(2, None, D, None)])
+    # Then the matches stay as stored (and a user with none gets {}); the dates move
+    rows = {u: s for c in store.scan_range(1, 2) for u, _, s in c}
+    assert rows == {1: fresh, 2: {}}
+    assert _due(store, date(2026, 12, 8)) == []
+    assert _due(store, date(2026, 12, 9)) == [1]
