@@ -212,10 +212,11 @@ class ShardStore(ABC):
     def save_state(self, states: Sequence[tuple[int, dict[str, list[Any]]] | StateWrite],
                    *, merge_wake: bool = False) -> None:
         """Store users' evaluation states (a :class:`StateWrite` or a bare
-        ``(user_id, matches)`` pair). ``merge_wake``: keep the earlier of the stored
-        and the new ``wake_on`` and the stored ``as_of`` (a run restricted to some
-        rules saw only their horizons; the others' still stand, and a user with no
-        stored state stays due for a full evaluation)."""
+        ``(user_id, matches)`` pair). ``merge_wake``: a run restricted to some rules —
+        its ``matches`` entries go over the stored ones (the other rules' stay), and
+        the earlier of the stored and the new ``wake_on`` and the stored ``as_of`` are
+        kept (it saw only its rules' horizons; a user with no stored state stays due
+        for a full evaluation)."""
 
     @abstractmethod
     def count_due(self, due_on: date) -> int:

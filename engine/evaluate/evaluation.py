@@ -283,6 +283,10 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
             results.append(Exit(v=VERSION, user_id=uid, rule=k, episode=p[0], version=p[2],
                                 priority=ended.priority if ended else 0, as_of=as_of,
                                 run_id=run_id))
+        if new is not None and restricted:
+            # a restricted run writes only its rules' entries: the store merges them
+            # into what is stored (another evaluation may have changed other rules')
+            new = {k: v for k, v in new.items() if k in speaks_for}
         states.append((uid, new, wake))
     if slot.over >= 0:  # a rule spent the batch budget on the last row done
         assert uid is not None  # so there was a row

@@ -143,7 +143,8 @@ def save_states(engine: Engine, states: Sequence[tuple[Any, ...]], merge_wake: b
                 "SELECT u, m::jsonb, now(), a, w FROM unnest(%(u)s::bigint[], %(m)s::text[], "
                 "%(a)s::date[], %(w)s::date[]) AS t(u, m, a, w) "
                 "ON CONFLICT (user_id) DO UPDATE SET "
-                + ("matches = EXCLUDED.matches, updated_at = EXCLUDED.updated_at, "
+                + ((f"matches = {'user_state.matches || ' if merge_wake else ''}"
+                    "EXCLUDED.matches, updated_at = EXCLUDED.updated_at, ")
                    if changed else "") + dates,
                 {"u": [s[0] for s in part],
                  "m": [orjson.dumps(s[1] or {}).decode() for s in part],

@@ -411,8 +411,13 @@ class SqlShardStore(SqlBanners, ShardStore):
         rows = [StateWrite(*s) for s in states]
         as_of = user_state.c.as_of if merge_wake else ins.excluded.as_of
         # New matches replace the stored ones; unchanged ones (None) stay as stored.
+        matches = ins.excluded.matches
+        if merge_wake:  # a restricted run's entries go over the stored ones
+            matches = (user_state.c.matches.op("||")(matches)
+                       if self.engine.dialect.name == "postgresql"
+                       else func.json_patch(user_state.c.matches, matches))
         full = ins.on_conflict_do_update(index_elements=["user_id"], set_={
-            "matches": ins.excluded.matches, "updated_at": ins.excluded.updated_at,
+            "matches": matches, "updated_at": ins.excluded.updated_at,
             "as_of": as_of, "wake_on": wake})
         dates = ins.on_conflict_do_update(index_elements=["user_id"], set_={
             "as_of": as_of, "wake_on": wake})

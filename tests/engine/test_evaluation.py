@@ -103,7 +103,8 @@ def test_restricted_run_evaluates_and_exits_only_its_rules() -> None:
     # (same group, higher priority, outside the run) is active: it still wins
     results, states, stats = run([(1, {"b": 1, "g": 1}, prev)], pack)
     assert kinds(results) == [(1, "enter", "b", 1)]
-    assert states[1]["a"] == prev["a"] and states[1]["g-high"] == prev["g-high"]
+    # it writes only its own rules' entries (the store merges them over a and g-high)
+    assert states[1] == {"b": [1, 1, 3, "2026-11-24"]}
     assert stats.matches == {"b": 1}
     assert len(pack.ruleset) == 2
 

@@ -274,3 +274,17 @@ def test_unchanged_matches_are_left_as_stored_and_only_the_dates_move(
     assert rows == {1: fresh, 2: {}}
     assert _due(store, date(2026, 12, 8)) == []
     assert _due(store, date(2026, 12, 9)) == [1]
+
+
+def test_a_restricted_run_writes_only_its_rules_entries(store: ShardStore) -> None:
+    # Given a user's matches for two rules
+    store.put_profiles([(1, {"u": 1}), (2, {"u": 2})])
+    store.save_state([StateWrite(1, {"a": [1, 1, 1, "2026-11-30"], "b": [3, 0, 2, "2026-11-01"]},
+                                 D, None)])
+    # When runs restricted to rule b (and to a new rule c) write their entries
+    store.save_state([StateWrite(1, {"b": [4, 1, 2, "2026-12-01"]}, D, None),
+                      StateWrite(2, {"c": [1, 1, 1, "2026-12-01"]}, D, None)], merge_wake=True)
+    # Then the other rules' entries stay
+    rows = {u: s for c in store.scan_range(1, 2) for u, _, s in c}
+    assert rows == {1: {"a": [1, 1, 1, "2026-11-30"], "b": [4, 1, 2, "2026-12-01"]},
+                    2: {"c": [1, 1, 1, "2026-12-01"]}}
