@@ -29,6 +29,7 @@ mkdir -p "$root"
 tree() {  # rev -> worktree path
     local dir="$root/$(git rev-parse --short "$1")"
     if [ ! -d "$dir" ]; then git worktree add --detach -f "$dir" "$1" >/dev/null 2>&1; fi
+    ln -sfn "$PWD/.venv" "$dir/.venv"  # the benches start workers from .venv/bin
     echo "$dir"
 }
 A=$(tree "$before"); B=$(tree "$after")
