@@ -25,7 +25,8 @@ ADMIN = {"Authorization": f"Bearer {TOKENS['admin_token']}"}
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Container]:
     c = Container(make_settings("embedded", None, tmp_path,  # type: ignore[arg-type]
-                                range_target_users=200, clock_start=AS_OF_MIDNIGHT))
+                                range_target_users=200, clock_start=AS_OF_MIDNIGHT,
+                                timezone="Europe/Moscow"))  # the zone naive times are read in
     c.migrate()
     install_pack(c.rules, BUILTIN_RULES)
     load_users(c, 800)
