@@ -2,10 +2,11 @@
 
 The one definition, so every process and every language gets the same answer::
 
-    bucket(salt, user_id) = int.from_bytes(SHA-256(f"{salt}:{user_id}".encode())[:8], "big") % 10_000
+    bucket(salt, user_id) = int.from_bytes(SHA-256(f"{salt}:{user_id}")[:8], "big") % 10_000
 
-``user_id`` is written in decimal, ``salt`` is any string (a rule's salt is its key unless an
-analyst reshuffles it). SHA-256 rather than a faster non-cryptographic hash because it is in
+``user_id`` is written in decimal and the text UTF-8 encoded; ``salt`` is any string (a
+rule's salt is its key unless an analyst reshuffles it).
+SHA-256 rather than a faster non-cryptographic hash because it is in
 every standard library (Python, Java, Go, SQL via pgcrypto), has no seed or endianness
 variants to get wrong, and costs ~0.5 µs per user here, which is noise beside a rule's
 evaluation. The modulo bias of a 64-bit value into 10,000 buckets is below 10⁻¹⁵.
