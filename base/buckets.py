@@ -7,9 +7,10 @@ The one definition, so every process and every language gets the same answer::
 ``user_id`` is written in decimal and the text UTF-8 encoded; ``salt`` is any string (a
 rule's salt is its key unless an analyst reshuffles it).
 SHA-256 rather than a faster non-cryptographic hash because it is in
-every standard library (Python, Java, Go, SQL via pgcrypto), has no seed or endianness
-variants to get wrong, and costs ~0.5 µs per user here, which is noise beside a rule's
-evaluation. The modulo bias of a 64-bit value into 10,000 buckets is below 10⁻¹⁵.
+every standard library (Python, Java, Go; PostgreSQL's built-in ``sha256()``, reading the
+8 bytes as unsigned), has no seed or endianness variants to get wrong, and costs about
+2.4 µs per user here (timeit), small beside a rule's evaluation.
+The modulo bias of a 64-bit value into 10,000 buckets is below 10⁻¹⁵.
 
 A share is a number of buckets: ``in_share(b, 5.0)`` holds for buckets 0–499, so a user in a
 5 % holdout stays in it when the holdout grows to 10 %. Independent decisions use different
@@ -41,7 +42,9 @@ def in_share(b: int, percent: float) -> bool:
 
 def pick_weighted(b: int, weights: Sequence[float]) -> int:
     """The index of the weight whose slice of the buckets holds ``b`` (weights need not sum
-    to 1; zero weights are never picked)."""
+    to 1; zero weights are never picked; a negative weight is a ValueError)."""
+    if any(w < 0 for w in weights):
+        raise ValueError("weights must not be negative")
     total = float(sum(weights))
     if total <= 0:
         raise ValueError("weights must have a positive sum")
