@@ -66,9 +66,12 @@ def drain_results(container: Container, expect: int, timeout: float = 20.0) -> l
             batch = consumer.poll(500, 0.2)
             got += [orjson.loads(m.value) for m in batch]
             if len(got) >= expect:
-                # a little longer, to see anything beyond what was expected
-                quiet_until = quiet_until or time.monotonic() + 0.5
-                if time.monotonic() > quiet_until:
+                # on, until the topic has been quiet a while, to see anything beyond what
+                # was expected (a fixed half second after the first ``expect`` cut a long
+                # topic short on a slow machine)
+                if batch or quiet_until is None:
+                    quiet_until = time.monotonic() + scaled(0.5)
+                elif time.monotonic() > quiet_until:
                     break
     finally:
         consumer.close()
