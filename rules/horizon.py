@@ -2261,6 +2261,79 @@ def tchain(first: Any, ops: tuple[str, ...], *rest: Callable[[], Any]) -> Any:
     return r
 
 
+def topen() -> int:
+    """Open a recording window for the operand that follows (:func:`tand`): the
+    offset recorded so far, which the window's closing merges back."""
+    r = _rec()
+    outer = r[0]
+    r[0] = NEVER
+    return outer
+
+
+def tand(outer: int, a: Any, rest: Callable[[], Any]) -> bool:
+    """``a and rest()`` where only the truth of the answer is used (the policy rewrites
+    only and/or tested for truth, with ``rest`` side-effect free and bounded:
+    rules/horizon_policy.py ``visit_BoolOp``); ``a`` was evaluated in a window opened
+    by :func:`topen`.
+
+    A false answer holds while any operand that made it false stays false, so its
+    horizon is the *latest* horizon among the false operands: when ``a`` is false,
+    ``rest()`` runs anyway, and if it is false too (and does not raise), its horizon
+    may push ``a``'s later. Until then, plain evaluation meets a false operand before
+    it meets a changed one, or raises first — and a rule that raises keeps its stored
+    answer (a failed rule neither enters nor exits), which is today's.
+    ``BudgetExceeded`` is a ``BaseException`` and is never swallowed. When ``a`` is
+    true, the answer is ``rest()``'s: false, it holds as long as ``rest()`` stays false
+    (``a`` may change meanwhile); true, it depends on every operand: the earliest
+    horizon of all."""
+    false = not a
+    r = _rec()
+    h = r[0]
+    if false:
+        if h < NEVER:
+            r[0] = NEVER
+            try:
+                also = not rest()
+            except Exception:  # a later operand that raises decides nothing
+                also = False
+            if also and r[0] > h:
+                h = r[0]
+        r[0] = h if h < outer else outer
+        return False
+    r[0] = NEVER
+    false = not rest()
+    hr = r[0]
+    if not false and h < hr:
+        hr = h  # true: every operand counts
+    r[0] = hr if hr < outer else outer
+    return not false
+
+
+def tor(outer: int, a: Any, rest: Callable[[], Any]) -> bool:
+    """``a or rest()`` tested for truth: :func:`tand` with true and false swapped."""
+    true = bool(a)
+    r = _rec()
+    h = r[0]
+    if true:
+        if h < NEVER:
+            r[0] = NEVER
+            try:
+                also = bool(rest())
+            except Exception:  # a later operand that raises decides nothing
+                also = False
+            if also and r[0] > h:
+                h = r[0]
+        r[0] = h if h < outer else outer
+        return True
+    r[0] = NEVER
+    true = bool(rest())
+    hr = r[0]
+    if not true and h < hr:
+        hr = h  # false: every operand counts
+    r[0] = hr if hr < outer else outer
+    return true
+
+
 def _touch_recv(x: Any) -> Any:
     """A list/tuple whose ``sort``/``index``/``count``/``remove`` compares its items in C."""
     if type(x) not in TRACKED_TYPES:
@@ -2314,6 +2387,9 @@ def tracked_builtins(protected: set[int]) -> dict[str, Any]:
             "_tcmp_": tcmp,
             "_tbin_": tbin,
             "_tchain_": tchain,
+            "_topen_": topen,
+            "_tand_": tand,
+            "_tor_": tor,
             "_touch_": _touch,
             "_touchr_": _touch_recv,
             "_fdu_": fused_days_until,

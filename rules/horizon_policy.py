@@ -168,6 +168,31 @@ _BIN_NAMES = {
     ast.MatMult: "@",
 }
 _FUNCS = (ast.FunctionDef, ast.Lambda)
+# what an operand evaluated ahead of need (speculation, see visit_BoolOp) may contain
+_PURE_NODES = (
+    ast.Constant, ast.Name, ast.Attribute, ast.Subscript, ast.Slice, ast.Tuple, ast.List,
+    ast.Set, ast.Dict, ast.Compare, ast.BoolOp, ast.UnaryOp, ast.BinOp, ast.IfExp, ast.Call,
+    ast.keyword, ast.JoinedStr, ast.FormattedValue, ast.expr_context, ast.boolop,
+    ast.operator, ast.unaryop, ast.cmpop,
+)  # fmt: skip
+# builtins, helpers and guards without side effects and with a cost bounded by the
+# sizes of their arguments (which the size guards bound)
+_PURE_CALLS = frozenset(
+    {
+        "len", "abs", "min", "max", "bool", "int", "float", "str", "round", "isinstance",
+        "get", "has", "count", "any_of", "between", "days_until", "days_since", "age",
+        "is_birthday", "month", "weekday", "add_days", "add_months", "date",
+        "_getattr_", "_mul_", "_pow_", "_lshift_", "_add_", "_mod_", "_render_",
+        "_upper_", "_lower_", "_casefold_",
+    }
+)  # fmt: skip
+_PURE_METHODS = frozenset(
+    {
+        "get", "startswith", "endswith", "lower", "upper", "casefold", "strip", "lstrip",
+        "rstrip", "isdigit", "isalpha", "isalnum", "weekday", "isoweekday", "toordinal",
+        "isoformat", "date", "keys", "values", "items",
+    }
+)  # fmt: skip
 _SITES = itertools.count(1)  # call sites of fused_field: keys of its per-context cache
 _FUSED = {"days_until": "_fdu_", "days_since": "_fds_", "age": "_fage_"}
 # comparisons that flip at the same offset share one threshold
@@ -303,6 +328,8 @@ class _Tracker:
         self.calls: list[tuple[_Scope, ast.Call]] = []
         self.def_as_value: set[str] = set()
         self.tainted_params: dict[str, set[int | str]] = {}
+        # the rule catches exceptions somewhere (no speculative and/or: visit_BoolOp)
+        self.catches = any(isinstance(n, (ast.Try, ast.TryStar)) for n in ast.walk(module))
 
     # -- pass 1: scopes and binding sites ----------------------------------------------
     def collect(self) -> None:
@@ -706,8 +733,83 @@ class _Tracker:
 
     # -- pass 3: rewrites ---------------------------------------------------------------------
     def rewrite(self) -> None:
+        self.mark_truth()
         _Rewriter(self).visit(self.module)
         ast.fix_missing_locations(self.module)
+
+    def mark_truth(self) -> None:
+        """Mark (``kv_truth``) the expressions whose value is only ever tested for truth:
+        the tests of ``if``/``while``/``x if t else y``/comprehension filters, the
+        operand of ``not``, what ``match`` returns (when nothing but the evaluator calls
+        it: the evaluator asks only whether it is true), and, inside those, the operands
+        of ``and``/``or`` and the branches of ``x if t else y``."""
+        roots: list[ast.AST] = []
+        for node in ast.walk(self.module):
+            if isinstance(node, (ast.If, ast.While, ast.IfExp)):
+                roots.append(node.test)
+            elif isinstance(node, ast.comprehension):
+                roots += node.ifs
+            elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+                roots.append(node.operand)
+        fdef = self.module_defs.get("match")
+        if fdef is not None and not any(
+            isinstance(n, ast.Name) and n.id == "match" for n in ast.walk(self.module)
+        ):
+            stack: list[ast.AST] = list(fdef.body)
+            while stack:  # match's own returns, not those of functions defined inside it
+                n = stack.pop()
+                if isinstance(n, ast.Return) and n.value is not None:
+                    roots.append(n.value)
+                elif not isinstance(n, (*_FUNCS, ast.expr)):
+                    stack += ast.iter_child_nodes(n)
+        while roots:
+            e = roots.pop()
+            e.kv_truth = True  # type: ignore[attr-defined]
+            if isinstance(e, ast.BoolOp):
+                roots += e.values
+            elif isinstance(e, ast.IfExp):
+                roots += (e.body, e.orelse)
+
+    def timed(self, e: ast.AST, scope: _Scope) -> bool:
+        """``e`` may read the evaluation date (a tracked value or a fused helper)."""
+        for n in ast.walk(e):
+            if isinstance(n, ast.Name) and self.tainted_expr(n, scope):
+                return True
+            if any(getattr(n, a, None) is not None for a in ("kv_fuse", "kv_field", "kv_fcmp")):
+                return True
+        return False
+
+    def pure(self, e: ast.AST, scope: _Scope) -> bool:
+        """``e`` can be evaluated ahead of need: no side effect, no loop, no function of
+        the rule's own, only builtins and helpers whose cost is bounded by their
+        arguments' sizes (which the size guards bound)."""
+        for n in ast.walk(e):
+            if not isinstance(n, _PURE_NODES):
+                return False
+            if isinstance(n, ast.Call):
+                f = n.func
+                if isinstance(f, ast.Name):
+                    if f.id not in _PURE_CALLS or not self.builtin(f.id, scope):
+                        return False
+                    if f.id == "_getattr_" and not (
+                        len(n.args) == 2
+                        and isinstance(n.args[1], ast.Constant)
+                        and isinstance(n.args[1].value, str)
+                    ):
+                        return False
+                elif isinstance(f, ast.Attribute):
+                    if f.attr not in _PURE_METHODS:
+                        return False
+                elif not (
+                    isinstance(f, ast.Call)
+                    and isinstance(f.func, ast.Name)
+                    and f.func.id == "_getattr_"
+                    and len(f.args) == 2
+                    and isinstance(f.args[1], ast.Constant)
+                    and f.args[1].value in _PURE_METHODS
+                ):
+                    return False
+        return True
 
     def transparent(self, call: ast.Call, scope: _Scope) -> bool:
         f = call.func
@@ -782,6 +884,12 @@ class _Tracker:
         ):
             return _safe_items(self.constants[node.id])
         return False
+
+
+def _no_args() -> ast.arguments:
+    return ast.arguments(
+        posonlyargs=[], args=[], vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[]
+    )
 
 
 def _call(name: str, *args: ast.expr) -> ast.Call:
@@ -897,22 +1005,49 @@ class _Rewriter(ast.NodeTransformer):
             for c in node.comparators:
                 if any(isinstance(n, ast.NamedExpr) for n in ast.walk(c)):
                     raise Untrackable("a chained comparison assigns (:=) in an operand")
-            empty = ast.arguments(
-                posonlyargs=[],
-                args=[],
-                vararg=None,
-                kwonlyargs=[],
-                kw_defaults=[],
-                kwarg=None,
-                defaults=[],
-            )
             new = _call(
                 "_tchain_",
                 node.left,
                 ast.Tuple([ast.Constant(n) for n in names], ast.Load()),
-                *(ast.Lambda(args=empty, body=c) for c in node.comparators),
+                *(ast.Lambda(args=_no_args(), body=c) for c in node.comparators),
             )
         return ast.copy_location(new, node)
+
+    # and / or whose value is only tested for truth ----------------------------------------------
+    def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST:
+        """``p and a and b and c`` tested for truth, with ``a`` the first operand that
+        may read the date and ``b``, ``c`` pure (:meth:`_Tracker.pure`), becomes
+        ``p and _tand_(_topen_(), a, lambda: b and c)`` (``or``: ``_tor_``): the same
+        answer and evaluation order, and when ``a`` decides the answer early the rest
+        runs anyway, so the horizon is the latest of the operands that decide it
+        (rules/horizon.py, :func:`~rules.horizon.tand`), not only ``a``'s:
+        ``weekday(ctx.today) == 5 and get(profile, "region") == 77`` sleeps for good
+        for a profile outside region 77, not until Saturday. Not in a rule that
+        catches exceptions: ``a`` runs in its own recording window, which an exception
+        caught inside the rule would leave open (uncaught, the rule wakes tomorrow)."""
+        values = node.values
+        t = next((i for i, v in enumerate(values[:-1]) if self.t.timed(v, self.scope)), None)
+        if (
+            t is None
+            or not getattr(node, "kv_truth", False)
+            or self.t.catches
+            or not all(self.t.pure(v, self.scope) for v in values[t + 1 :])
+        ):
+            return self.generic_visit(node)
+        rest: ast.expr = values[-1]
+        if len(values) - t > 2:
+            rest = ast.copy_location(ast.BoolOp(op=node.op, values=values[t + 1 :]), node)
+            rest.kv_truth = True  # type: ignore[attr-defined]
+        first = cast(ast.expr, self.visit(values[t]))
+        rest = cast(ast.expr, self.visit(rest))
+        name = "_tand_" if isinstance(node.op, ast.And) else "_tor_"
+        call = ast.copy_location(
+            _call(name, _call("_topen_"), first, ast.Lambda(args=_no_args(), body=rest)), node
+        )
+        if t == 0:
+            return call
+        node.values = [cast(ast.expr, self.visit(v)) for v in values[:t]] + [call]
+        return node
 
     # operators the rule policy left plain ----------------------------------------------------
     def visit_BinOp(self, node: ast.BinOp) -> ast.AST:

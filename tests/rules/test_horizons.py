@@ -556,3 +556,100 @@ def test_rules_that_never_read_ctx_never_wake_unless_they_fail() -> None:
     assert out.errors == {"broken": "KeyError: 'missing'"}
     assert out.horizons is not None
     assert dict(out.horizons) == {"static": None, "broken": AS_OF + DAY, "helper": None}
+
+
+# -- and / or tested for truth: the operands that decide ---------------------------------
+
+MONDAY, SATURDAY = date(2024, 5, 6), date(2024, 5, 11)
+WEEKEND_77 = 'return weekday(ctx.today) == 5 and get(p, "region") == 77'
+
+
+def test_a_date_first_and_sleeps_on_the_profile_operand_that_decides() -> None:
+    # Given the date tested first, then the profile
+    # Then a profile outside region 77 never wakes (Monday and Saturday alike), one in
+    # it wakes on Saturday and again on Sunday
+    assert horizon(WEEKEND_77, {"region": 16}, as_of=MONDAY) == (False, None)
+    assert horizon(WEEKEND_77, {"region": 16}, as_of=SATURDAY) == (False, None)
+    assert horizon(WEEKEND_77, {"region": 77}, as_of=MONDAY) == (False, SATURDAY)
+    assert horizon(WEEKEND_77, {"region": 77}, as_of=SATURDAY) == (True, SATURDAY + DAY)
+    # the latest of the deciding operands counts: both dates false, the later one holds
+    both = "return ctx.today.month == 11 and is_birthday(get(p, 'b'), ctx)"
+    assert horizon(both, {"b": "1990-11-20"}) == (False, date(2024, 11, 20))
+    # or: the true operands decide
+    either = "return ctx.today.month == 11 or has(p, 'vehicle.plate')"
+    assert horizon(either, {"vehicle": {"plate": "A1"}}) == (True, None)
+    assert horizon(either, {}) == (False, date(2024, 11, 1))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        f"if {WEEKEND_77[7:]}:\n    return True\nreturn False",
+        f"return not ({WEEKEND_77[7:]})",
+        f"return [1 for i in (1,) if {WEEKEND_77[7:]}] == []",
+        f"return 1 if ({WEEKEND_77[7:]}) else 0",
+        f"while {WEEKEND_77[7:]}:\n    return True\nreturn False",
+    ],
+)
+def test_every_truth_test_speculates(body: str) -> None:
+    got = horizon(body, {"region": 16}, as_of=MONDAY)
+    assert got[1] is None, body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # the value itself is used, not only its truth
+        f"x = {WEEKEND_77[7:]}\nreturn x",
+        f"return ({WEEKEND_77[7:]}) == 1",
+        # a later operand with a side effect or a loop is never run ahead of need
+        # (nor any operand after it: it may depend on the effect)
+        "seen = []\nreturn weekday(ctx.today) == 5 and seen.append(1) is None and len(seen) == 9",
+        'return weekday(ctx.today) == 5 and any(x == 77 for x in [get(p, "region")])',
+        'def r(q):\n    return get(q, "region") == 77\n\n'
+        'def match(p, ctx):\n    return weekday(ctx.today) == 5 and r(p)',
+        # an assignment expression would bind inside the thunk: left alone
+        'return weekday(ctx.today) == 5 and (y := get(p, "region")) == 77',
+    ],
+)
+def test_values_and_impure_operands_keep_the_first_deciding_operand(body: str) -> None:
+    assert horizon(body, {"region": 16}, as_of=MONDAY) == (False, SATURDAY), body
+
+
+def test_a_speculated_operand_that_raises_decides_nothing() -> None:
+    # Given a later operand that raises on this profile (a missing key)
+    body = 'return weekday(ctx.today) == 5 and p["region"] == 77'
+    # Then the answer is plain evaluation's and the date operand's horizon stays
+    assert horizon(body, {}, as_of=MONDAY) == (False, SATURDAY)
+    # and on Saturday the rule raises, as it does untracked
+    out = RuleSet([RuleSpec("r", 1, _source(body))], horizons=True).evaluate(
+        {}, make_context(SATURDAY)
+    )
+    assert out.errors == {"r": "KeyError: 'region'"} and out.horizons is not None
+    assert out.horizons["r"] == SATURDAY + DAY
+
+
+def test_speculation_runs_later_operands_in_order_and_only_the_pure_ones() -> None:
+    # Given operands that are pure but time-dependent themselves
+    body = (
+        "return (weekday(ctx.today) == 5 and days_until(get(p, 'x'), ctx) <= 30"
+        " and get(p, 'region') == 77)"
+    )
+    # Then the latest deciding operand wins: the licence window opens 30 days before x
+    opens = AS_OF + timedelta(days=40 - 30)
+    assert horizon(body, {**x_in(40), "region": 77}, as_of=MONDAY) == (False, opens)
+    assert horizon(body, {**x_in(40), "region": 16}, as_of=MONDAY) == (False, None)
+
+
+def test_speculation_never_runs_what_could_spend_the_budget() -> None:
+    # Given later operands that loop or build huge values (not pure, or refused by the
+    # size guards when run ahead of need)
+    body = (
+        "return (weekday(ctx.today) == 5 and get(p, 'region') == 77"
+        " and max(range(10**9)) > 0 and len(str(10 ** (10**7))) > 0)"
+    )
+    rules = RuleSet([RuleSpec("r", 1, _source(body))], budget_ms=50, horizons=True)
+    # When evaluated on a Monday / Then it answers in budget, untouched by them
+    out = rules.evaluate({"region": 77}, make_context(MONDAY))
+    assert not out.timeouts and not out.errors and out.horizons is not None
+    assert out.horizons["r"] == SATURDAY
