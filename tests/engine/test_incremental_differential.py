@@ -110,6 +110,15 @@ def _night(c: Container, worker: EvaluatorWorker, as_of: date, incremental: bool
     return c.runs.get(run_id)
 
 
+def _counting(publish: Any, topic: str, counts: list[int], i: int) -> Any:
+    def counted(t: str, value: bytes, key: bytes | None = None) -> None:
+        if t == topic:
+            counts[i] += 1
+        publish(t, value, key=key)
+
+    return counted
+
+
 class _NoBus:
     """Jobs are run in order by the test, not published (the results still go out)."""
 
@@ -150,6 +159,9 @@ def test_incremental_nights_equal_full_nights_for_400_days(
             for uid, doc in docs.items():
                 c.shards.stores[c.shards.router.shard_of(uid)].put_profiles([(uid, doc)])
         workers = [c.evaluator_worker() for c in twins]
+        published = [0, 0]  # results each twin published: what reading them back must find
+        for i, w in enumerate(workers):
+            w.bus.publish = _counting(w.bus.publish, w.results_topic, published, i)  # type: ignore[method-assign]
         rng = random.Random(2026)
         days = [AS_OF + timedelta(days=i) for i in range(NIGHTS - 20)]
         days += [days[-1] + timedelta(days=90 + i) for i in range(10)]   # months ahead
@@ -180,8 +192,10 @@ def test_incremental_nights_equal_full_nights_for_400_days(
             assert _states(inc) == _states(full), f"night {day}: answers differ"
             evaluated.append(a["users"])
         # The e-mails sent (enters that carry one) are the same, episode by episode
-        sent = [Counter((r["user_id"], r["rule"], r["episode"]) for r in drain_results(c, 1)
-                        if r["kind"] == "enter" and r.get("email")) for c in twins]
+        results = [drain_results(c, n, timeout=120) for c, n in zip(twins, published, strict=True)]
+        assert [len(r) for r in results] == published
+        sent = [Counter((r["user_id"], r["rule"], r["episode"]) for r in rs
+                        if r["kind"] == "enter" and r.get("email")) for rs in results]
         assert sent[0] == sent[1] and sum(sent[0].values()) > 0
         # and the incremental twin evaluated far fewer users than everyone every night
         # (the jumps and the replay evaluate everyone; the 57 rules here include some
