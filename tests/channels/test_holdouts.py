@@ -19,6 +19,7 @@ from channels.holdouts import (
     get_control_share,
     set_control_share,
 )
+from channels.pushers.fcm import FcmPusher
 from shards.schema import episodes, rule_versions, rules
 from tests.channels.deliverykit import (
     Rig,
@@ -29,6 +30,8 @@ from tests.channels.deliverykit import (
     message_ids,
     pg_settings,
 )
+from tests.channels.push_receiver import PushReceiver
+from tests.channels.test_push import receiver as receiver  # noqa: F401 - the fixture
 
 T0 = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 BASE = 4_300_000_000
@@ -230,3 +233,24 @@ def test_the_control_share_is_stored_and_reread(rig: Rig) -> None:
     assert arms.control_share() == 2.5  # cached
     now[0] = 5.0
     assert arms.control_share() == 7.0
+
+
+def test_held_out_users_get_no_push(tmp_path: Any, smtp_server: Any,
+                                    receiver: PushReceiver) -> None:
+    rig = make_rig(embedded_settings(tmp_path, smtp_url=smtp_server.url),
+                   pusher=FcmPusher(receiver.account, endpoint=receiver.url, concurrency=4))
+    rig.worker.arms = Arms(rig.container.control, refresh_s=0.0)
+    try:
+        add_rule(rig, "r1", holdout=50.0)
+        users = list(range(BASE, BASE + 20))
+        held = {u for u in users if in_share(bucket("r1", u), 50.0)}
+        assert held and len(held) < len(users)
+        rig.publish(*(enter(u, "r1", 1, email=False, push={"tokens": {"phone": f"tok-{u}"}})
+                      for u in users))
+        rig.drain()
+        assert sorted(receiver.tokens_delivered()) == sorted(
+            f"tok-{u}" for u in users if u not in held)
+        assert all(rig.statuses(u) == {} for u in held)
+        assert receiver.violations == []
+    finally:
+        rig.close()
