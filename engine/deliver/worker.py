@@ -235,7 +235,7 @@ class DeliveryWorker(BatchWorker):
             if not due:
                 break
             if self.arms is not None:
-                due = self._held_out(due)
+                due = self._held_out(self.arms, due)
             prefs = load_preferences(self.shards, {c.user_id for c in due})
             self._dispatch(due, prefs, self.clock())
             self.bus.flush()
@@ -249,13 +249,12 @@ class DeliveryWorker(BatchWorker):
                 if self.on_banners:
                     self.on_banners(changed)
 
-    def _held_out(self, due: list[Claim]) -> list[Claim]:
+    def _held_out(self, arms: Arms, due: list[Claim]) -> list[Claim]:
         """Close the due messages (retries, held ones) of users now held out — the
         global control group grew since the episode started — and keep the rest."""
-        arms = self.arms.arms((c.user_id, c.rule_key, c.version) for c in due) \
-            if self.arms is not None else []
+        now = arms.arms((c.user_id, c.rule_key, c.version) for c in due)
         close = [(c, "suppressed", "global control group" if arm == "control" else "holdout")
-                 for c, arm in zip(due, arms, strict=True) if arm != "treatment"]
+                 for c, arm in zip(due, now, strict=True) if arm != "treatment"]
         if not close:
             return due
         self.ledger.finish(close)
