@@ -11,6 +11,8 @@ from fastapi.testclient import TestClient
 from base.buckets import CONTROL_SALT
 from channels.holdouts import arm_of, get_control_share
 from kvadrupel.container import Container
+from kvadrupel.demo import install_pack
+from rules.models import RuleIn
 from tests.api.test_rest import RULE, H
 from tests.api.test_rest import api as api  # noqa: F401 - the fixture
 
@@ -81,3 +83,14 @@ def test_the_global_control_group(api: Api) -> None:
         r = client.put("/v1/control-group", json=bad, headers=H["admin"])
         assert r.status_code == 422, (bad, r.text)
     assert get_control_share(c.control) == 7.5
+
+
+def test_a_new_pack_version_keeps_the_holdout_of_a_built_in_rule(api: Api) -> None:
+    _, c = api
+    install_pack(c.rules, [RULE])
+    cur = c.rules.get("dl-soon")
+    data = {k: cur[k] for k in RuleIn.model_fields if k in cur}
+    c.rules.update("dl-soon", RuleIn.model_validate(data | {"holdout": 5.0, "salt": "s2"}))
+    install_pack(c.rules, [RULE | {"source": str(RULE["source"]) + "\n"}])
+    got = c.rules.get("dl-soon")
+    assert (got["version"], got["holdout"], got["salt"]) == (3, 5.0, "s2")
