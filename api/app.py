@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from api import fast, problems
 from api.admin import mount_admin
 from api.observability import MetricsMiddleware, register_control_collector
-from api.routes import banners, engagement, events, rules, runs
+from api.routes import banners, engagement, events, holdouts, rules, runs
 from api.services import Services
 from api.shedding import LoadShedMiddleware
 from base.metrics import metrics_payload
@@ -37,7 +37,7 @@ def create_app(services: Services) -> FastAPI:
     problems.install(app)
     app.add_middleware(MetricsMiddleware)
     register_control_collector(services.control)
-    for module in (events, rules, runs, banners, engagement):
+    for module in (events, rules, holdouts, runs, banners, engagement):
         app.include_router(module.router)
     mount_admin(app, services)  # the admin UI at /admin (api/admin/)
     fast.install(app, services)  # the lean path for GET /v1/users/{id}/banners (api/fast.py)

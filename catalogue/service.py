@@ -178,6 +178,7 @@ class RuleService:
             banner=rule.banner.model_dump() if rule.banner else None,
             email=rule.email.model_dump() if rule.email else None,
             examples=[e.model_dump(mode="json") for e in rule.examples],
+            holdout=rule.holdout, salt=rule.salt,
             author=author, created_at=ts))
 
     def set_enabled(self, key: str, enabled: bool) -> dict[str, Any]:
@@ -221,7 +222,8 @@ class RuleService:
             rules.c.quarantine_reason, rules.c.quarantine_user, rules.c.created_at,
             rules.c.updated_at, rule_versions.c.name, rule_versions.c.group,
             rule_versions.c.priority, rule_versions.c.source, rule_versions.c.banner,
-            rule_versions.c.email, rule_versions.c.examples,
+            rule_versions.c.email, rule_versions.c.examples, rule_versions.c.holdout,
+            rule_versions.c.salt,
         ).select_from(rules.join(rule_versions, (rules.c.key == rule_versions.c.key)
                                  & (rules.c.version == rule_versions.c.version)))
 
@@ -330,7 +332,8 @@ class RuleService:
             fromfile=f"{key} v{v1}", tofile=f"{key} v{v2}"))
         fields = {
             f: {"from": a[f], "to": b[f]}
-            for f in ("name", "group", "priority", "banner", "email", "examples") if a[f] != b[f]
+            for f in ("name", "group", "priority", "banner", "email", "examples", "holdout",
+                      "salt") if a[f] != b[f]
         }
         return {"key": key, "from": v1, "to": v2, "source": source, "fields": fields}
 

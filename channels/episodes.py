@@ -5,8 +5,9 @@ A rule's episode for a user starts with an *enter* (the evaluator numbers it in
 delivery worker records each in the user's shard (``episodes``: one row per
 user and rule, the latest episode): the rule version, the as-of date, the
 language used, the why-data (the profile fields the rule read, with their
-values) and the banner's expiry. ``GET /v1/users/{id}/banners/{banner_id}/why``
-reads it back.
+values), the banner's expiry and the arm (``treatment``; ``holdout`` or
+``control`` for a *ghost* episode of a held-out user, who is sent nothing:
+channels/holdouts.py). ``GET /v1/users/{id}/banners/{banner_id}/why`` reads it back.
 
 Writes are idempotent: a redelivered enter of the same episode changes nothing
 (an episode's facts are fixed when it starts), an older episode never replaces
@@ -46,20 +47,24 @@ class EpisodeStart:
     why: dict[str, Any] | None
     expires_at: datetime | None
     run_id: int | None
+    # treatment | holdout | control (channels/holdouts.py): holdout and control
+    # episodes are ghosts, recorded but never delivered
+    arm: str = "treatment"
 
 
 _PG_START = text("""
 INSERT INTO episodes (user_id, rule_key, episode, version, as_of, status, lang, why, expires_at,
-                      run_id, started_at, ended_at)
-SELECT u, r, e, v, a, 'active', l, w::jsonb, x, run, :ts, NULL
+                      run_id, started_at, ended_at, arm)
+SELECT u, r, e, v, a, 'active', l, w::jsonb, x, run, :ts, NULL, arm
 FROM unnest(CAST(:u AS bigint[]), CAST(:r AS text[]), CAST(:e AS integer[]),
             CAST(:v AS integer[]), CAST(:a AS date[]), CAST(:l AS text[]), CAST(:w AS text[]),
-            CAST(:x AS timestamptz[]), CAST(:run AS integer[])) AS t(u, r, e, v, a, l, w, x, run)
+            CAST(:x AS timestamptz[]), CAST(:run AS integer[]), CAST(:arm AS text[]))
+     AS t(u, r, e, v, a, l, w, x, run, arm)
 ON CONFLICT (user_id, rule_key) DO UPDATE SET
     episode = EXCLUDED.episode, version = EXCLUDED.version, as_of = EXCLUDED.as_of,
     status = EXCLUDED.status, lang = EXCLUDED.lang, why = EXCLUDED.why,
     expires_at = EXCLUDED.expires_at, run_id = EXCLUDED.run_id, started_at = EXCLUDED.started_at,
-    ended_at = NULL
+    ended_at = NULL, arm = EXCLUDED.arm
 WHERE episodes.episode < EXCLUDED.episode
 """)
 
@@ -83,13 +88,15 @@ def start_episodes(store: Any, starts: Sequence[EpisodeStart], now: datetime) ->
                 "e": [x.episode for x in rows], "v": [x.version for x in rows],
                 "a": [x.as_of for x in rows], "l": [x.lang for x in rows],
                 "w": [orjson.dumps(x.why).decode() if x.why is not None else None for x in rows],
-                "x": [x.expires_at for x in rows], "run": [x.run_id for x in rows], "ts": now})
+                "x": [x.expires_at for x in rows], "run": [x.run_id for x in rows],
+                "arm": [x.arm for x in rows], "ts": now})
         return
     ins = (postgresql.insert if pg else sqlite.insert)(episodes)
     stmt = ins.on_conflict_do_update(
         index_elements=["user_id", "rule_key"],
         set_={k: ins.excluded[k] for k in ("episode", "version", "as_of", "status", "lang", "why",
-                                           "expires_at", "run_id", "started_at", "ended_at")},
+                                           "expires_at", "run_id", "started_at", "ended_at",
+                                           "arm")},
         where=episodes.c.episode < ins.excluded.episode,
     )
     params = [
@@ -106,6 +113,7 @@ def start_episodes(store: Any, starts: Sequence[EpisodeStart], now: datetime) ->
             "run_id": s.run_id,
             "started_at": now,
             "ended_at": None,
+            "arm": s.arm,
         }
         for s in starts
     ]

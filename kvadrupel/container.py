@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from base.clock import Clock
 from base.errors import ConfigError
 from catalogue.service import RuleService
+from channels.holdouts import Arms
 from channels.ledger import Ledger
 from channels.mail import Mailer
 from channels.unsubscribe import Unsubscriber
@@ -136,6 +137,11 @@ class Container:
                       clock=self.clock.now)
 
     @cached_property
+    def arms(self) -> Arms:
+        """Holdouts and the global control group (channels/holdouts.py)."""
+        return Arms(self.control, self.settings.control_group_refresh_s)
+
+    @cached_property
     def bus(self) -> Bus:
         if self.bus_override is not None:
             return self.bus_override
@@ -224,7 +230,8 @@ class Container:
         consumer = self.bus.consumer(self.group("deliver"), [self.bus.topic("results")])
         return DeliveryWorker(  # channel parts: policy, push, unsubscribe links
             consumer, self.bus, self.shards, self.ledger, self.mailer(),
-            **(delivery_channel_parts(self.settings) | {"clock": self.clock.now} | kw))
+            **(delivery_channel_parts(self.settings) | {"clock": self.clock.now, "arms": self.arms}
+               | kw))
 
     def start_workers(
         self,

@@ -27,7 +27,9 @@ def install_pack(svc: RuleService, pack: list[dict[str, Any]]) -> None:
             svc.create(rule, author="builtin")
             continue
         if cur["source"] != rule.source:
-            svc.update(rule.key, rule, author="builtin")
+            # A holdout an analyst set on a built-in rule outlives a new pack version.
+            keep = {f: cur.get(f) for f in ("holdout", "salt") if f not in spec}
+            svc.update(rule.key, rule.model_copy(update=keep), author="builtin")
 
 
 def ensure_tokens(settings: Settings) -> dict[str, str]:

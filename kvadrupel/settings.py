@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     push_concurrency: int = 32
     push_timeout_s: float = 10.0
     engagement_flush_s: float = 5.0  # impressions/clicks: in memory, written this often
+    # The global control group's share is set at run time in the control DB
+    # (PUT /v1/control-group); delivery workers re-read it this often.
+    control_group_refresh_s: float = 5.0
 
     # Auth. Missing tokens are generated (and printed) by the embedded demo.
     admin_token: str = ""

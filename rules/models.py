@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 KEY_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+MAX_HOLDOUT = 50.0  # % of a rule's users it may hold out (channels/holdouts.py)
 
 # -- banner / push links ----------------------------------------------------------
 # Allowed: relative links (``/path``, ``?q``, ``#x``, ``path``) and absolute ones
@@ -178,6 +179,12 @@ class RuleIn(BaseModel):
     email: EmailSpec | None = None
     examples: list[Example] = Field(default_factory=list, max_length=200)
     enabled: bool = True
+    # Holdouts (channels/holdouts.py): the share of users, in %, this version holds out
+    # (a ghost episode, nothing delivered), and the salt their assignment is hashed with
+    # (None: the key; a new salt reshuffles who is held out).
+    holdout: float = Field(default=0.0, ge=0.0, le=MAX_HOLDOUT, allow_inf_nan=False)
+    salt: str | None = Field(default=None, min_length=1, max_length=200,
+                             pattern=r"^[\x21-\x7e]+$")
 
     @field_validator("key")
     @classmethod

@@ -135,6 +135,9 @@ episodes = Table(
     Column("run_id", Integer, nullable=True),
     Column("started_at", UtcDateTime(), nullable=False),
     Column("ended_at", UtcDateTime(), nullable=True),
+    # treatment | holdout | control (shard_0005, channels/holdouts.py): a holdout or
+    # control episode is a *ghost*: recorded, nothing delivered. NULL: treatment.
+    Column("arm", Text, nullable=True),
     PrimaryKeyConstraint("user_id", "rule_key"),
 )
 Index("episodes_expiry", episodes.c.status, episodes.c.expires_at)
@@ -189,6 +192,11 @@ rule_versions = Table(
     Column("examples", Json, nullable=False),
     Column("author", Text, nullable=True),
     Column("created_at", UtcDateTime(), nullable=False),
+    # Holdouts (control_0007, channels/holdouts.py): the share of users (0–50 %) this
+    # version holds out (ghost episodes, nothing delivered) and the salt their
+    # assignment is hashed with (NULL: the rule's key).
+    Column("holdout", Float, nullable=False, server_default="0"),
+    Column("salt", Text, nullable=True),
     PrimaryKeyConstraint("key", "version"),
 )
 
@@ -369,3 +377,14 @@ activation_requests = Table(
     Column("decided_at", UtcDateTime(), nullable=True),
 )
 Index("activation_requests_rule", activation_requests.c.rule_key, activation_requests.c.status)
+
+# Installation-wide values an approver sets at run time (control_0007): name -> JSON
+# value. ``control_group``: the global control group's share in % (channels/holdouts.py).
+installation_settings = Table(
+    "installation_settings",
+    control_metadata,
+    Column("name", Text, primary_key=True),
+    Column("value", Json, nullable=False),
+    Column("updated_by", Text, nullable=True),
+    Column("updated_at", UtcDateTime(), nullable=False),
+)

@@ -234,6 +234,8 @@ def _why(services: Services, uid: int, rule: str, episode: int) -> dict[str, Any
         "error": why.get("error"), "run_id": ep["run_id"],
         "started_at": _iso(ep["started_at"]), "ended_at": _iso(ep["ended_at"]),
         "expires_at": _iso(ep["expires_at"]),
+        # treatment; holdout or control: a ghost episode, nothing shown or sent
+        "arm": ep.get("arm") or "treatment",
         "banner": None if banner is None or banner["episode"] != episode else {
             "title": banner["title"], "body": banner["body"], "link": banner["link"],
             "priority": banner["priority"], "created_at": _iso(banner["created_at"]),

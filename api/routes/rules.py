@@ -39,6 +39,9 @@ class RuleUpdate(BaseModel):
     email: dict[str, Any] | None = None
     examples: list[dict[str, Any]] = Field(default_factory=list)
     enabled: bool = True
+    # Holdouts (docs/channels.md): validated by RuleIn (0–50 %; salt None: the key).
+    holdout: float = 0.0
+    salt: str | None = None
 
 
 def _svc(request: Request) -> RuleService:

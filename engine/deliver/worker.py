@@ -8,6 +8,11 @@ Per batch of results (keyed by user, so one user's results arrive in order):
   category), is not shown. Expired banners are removed by a periodic chore.
 * **Episodes** are recorded in the user's shard (channels/episodes.py) with the
   why-data: rule version, as-of date, the profile fields the rule read.
+* **Holdouts** (channels/holdouts.py): an ``enter`` of a user held out of the rule
+  (its holdout share) or in the installation's global control group records a
+  *ghost* episode (arm ``holdout`` / ``control``) and nothing else: no banner, no
+  ledger claim, so no e-mail, push or retry. Due messages of users held out since
+  their episode started are closed ``suppressed``.
 * **E-mail and push** are edge-triggered: an ``enter`` claims the ledger row
   (user, rule, episode, channel) and only the claimer goes on. Before every send
   attempt the channel policy (channels/policy.py) applies the user's
@@ -40,6 +45,7 @@ import orjson
 from base import metrics
 from base.clock import SYSTEM
 from channels.episodes import EpisodeStart, end_episodes, expire_due, start_episodes
+from channels.holdouts import Arms
 from channels.ledger import Claim, Ledger, Outcome
 from channels.mail import Email, Mailer
 from channels.policy import ChannelPolicy, Decision
@@ -80,7 +86,7 @@ class DeliveryWorker(BatchWorker):
                  clock: Callable[[], datetime] | None = None,
                  on_banners: Callable[[list[int]], None] | None = None,
                  chore_interval_s: float = 1.0, due_batch: int = 500,
-                 send_chunk: int = 200) -> None:
+                 send_chunk: int = 200, arms: Arms | None = None) -> None:
         super().__init__(consumer)
         self.bus = bus
         self.shards = shards
@@ -91,6 +97,8 @@ class DeliveryWorker(BatchWorker):
         self.unsubscriber = unsubscriber
         self.clock = clock or SYSTEM.now
         self.on_banners = on_banners
+        # Holdouts and the global control group (None: everybody is treated).
+        self.arms = arms
         self.chore_interval_s = chore_interval_s
         self.due_batch = due_batch
         # Sent messages are recorded per chunk: a crash resends at most one chunk
@@ -114,6 +122,7 @@ class DeliveryWorker(BatchWorker):
         ends: dict[int, list[tuple[int, str, int]]] = {}
         candidates: list[Claim] = []
         ended: set[tuple[int, str, int]] = set()
+        results: list[tuple[Enter | Exit, date]] = []
         for msg in batch:
             try:
                 r = decode_result(msg.value)
@@ -127,6 +136,14 @@ class DeliveryWorker(BatchWorker):
                 self.bus.publish(self.bus.topic("results.dlq"),
                                  dead_letter(str(exc), msg.value, source), key=msg.key)
                 continue
+            results.append((r, as_of))
+        # Holdouts and the global control group (channels/holdouts.py): the one place
+        # where a rule's result turns into deliveries, so every path (nightly runs,
+        # campaigns, ingest re-evaluation) shares it.
+        enters = [(r.user_id, r.rule, r.version) for r, _ in results if type(r) is Enter]
+        arms = iter(self.arms.arms(enters) if self.arms is not None and enters
+                    else ["treatment"] * len(enters))
+        for r, as_of in results:
             uid, rule, episode, version, priority = (r.user_id, r.rule, r.episode, r.version,
                                                      r.priority)
             shard = self.shards.router.shard_of(uid)
@@ -137,8 +154,19 @@ class DeliveryWorker(BatchWorker):
                 ended.add((uid, rule, episode))
                 continue
             assert type(r) is Enter
+            arm = next(arms)
             banner = r.banner
             expires = _parse_ts(banner.get("expires_at")) if banner else None
+            if arm != "treatment":
+                # A ghost episode: recorded like any other, nothing shown or sent (and
+                # no banner of an earlier episode left behind).
+                self._count("any", arm)
+                changes.setdefault(shard, []).append(
+                    BannerChange(uid, rule, episode, version, priority, as_of, None))
+                starts.setdefault(shard, []).append(
+                    EpisodeStart(uid, rule, episode, version, as_of, r.lang, _why(r), expires,
+                                 r.run_id, arm))
+                continue
             if banner is not None and (expires is None or expires > now):
                 per = changes.setdefault(shard, [])
                 shows.append((shard, len(per), banner.get("category")))
@@ -206,6 +234,8 @@ class DeliveryWorker(BatchWorker):
             due = self.ledger.due(self.due_batch)
             if not due:
                 break
+            if self.arms is not None:
+                due = self._held_out(self.arms, due)
             prefs = load_preferences(self.shards, {c.user_id for c in due})
             self._dispatch(due, prefs, self.clock())
             self.bus.flush()
@@ -218,6 +248,20 @@ class DeliveryWorker(BatchWorker):
                 self._count("banner", "expired", len(changed))
                 if self.on_banners:
                     self.on_banners(changed)
+
+    def _held_out(self, arms: Arms, due: list[Claim]) -> list[Claim]:
+        """Close the due messages (retries, held ones) of users now held out — the
+        global control group grew since the episode started — and keep the rest."""
+        now = arms.arms((c.user_id, c.rule_key, c.version) for c in due)
+        close = [(c, "suppressed", "global control group" if arm == "control" else "holdout")
+                 for c, arm in zip(due, now, strict=True) if arm != "treatment"]
+        if not close:
+            return due
+        self.ledger.finish(close)
+        for c, _, _ in close:
+            self._count(c.channel, "suppressed")
+        gone = {c.key for c, _, _ in close}
+        return [c for c in due if c.key not in gone]
 
     def run_chores(self) -> None:
         """Handle what is due now (tests, and a worker's last act before stopping)."""

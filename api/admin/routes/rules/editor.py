@@ -38,6 +38,11 @@ _UNEDITED = {
 def _keep_unedited(rule: RuleIn, before: dict[str, Any]) -> RuleIn:
     data = rule.model_dump(mode="json", exclude_unset=True)
     changed = False
+    # The holdout and its salt (set through the REST API) carry over too.
+    for f in ("holdout", "salt"):
+        if f not in data and before.get(f):
+            data[f] = before[f]
+            changed = True
     for part, fields in _UNEDITED.items():
         old, new = before.get(part), data.get(part)
         if not old or not new:

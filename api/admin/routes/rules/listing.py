@@ -1,5 +1,6 @@
-"""The list of rules (with each one's status and recent matches) and the list of
-activation requests waiting for an approver."""
+"""The list of rules (with each one's status and recent matches), the list of
+activation requests waiting for an approver, and the global control group (an
+approver sets it)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from api.admin import charts
-from api.admin.pages import render
+from api.admin.pages import flash, redirect, render
 from api.admin.routes.rules.common import (
     DATE_NOTE,
     call_optional,
@@ -17,7 +18,8 @@ from api.admin.routes.rules.common import (
     runs_oldest_first,
     status_of,
 )
-from api.admin.security import AnyUser
+from api.admin.security import AnyUser, Approver, CsrfForm
+from channels.holdouts import MAX_CONTROL, get_control_share, set_control_share
 
 
 @router.get("/")
@@ -54,6 +56,27 @@ def approvals(request: Request, user: AnyUser) -> Response:
     for p in pending:
         dep, _ = call_optional(request, "date_dependence", p["rule_key"], p["version"])
         date_dep[p["id"]] = dep
+    control = get_control_share(request.app.state.services.control)
     return render(
-        request, "approvals.html", pending=pending, date_dep=date_dep, date_note=DATE_NOTE
+        request, "approvals.html", pending=pending, date_dep=date_dep, date_note=DATE_NOTE,
+        control=control, control_max=MAX_CONTROL,
     )
+
+
+@router.post("/control-group")
+def set_control_group(request: Request, form: CsrfForm, user: Approver) -> Response:
+    """The global control group's share (0–15 %): users sent nothing by any rule."""
+    control = request.app.state.services.control
+    before = get_control_share(control)
+    raw = str(form.get("percent") or "").strip().replace(",", ".")
+    try:
+        pct = set_control_share(control, float(raw), user["username"],
+                                request.app.state.services.clock.now())
+    except ValueError as exc:
+        msg = str(exc) if raw else "give the share in percent"
+        flash(request, f"Not changed: {msg}.", "error")
+        return redirect(request, "/approvals")
+    request.app.state.audit.record(user["username"], "settings.control_group", "control-group",
+                                   {"from": before, "to": pct})
+    flash(request, f"The global control group is now {pct:g} % of users (was {before:g} %).")
+    return redirect(request, "/approvals")
