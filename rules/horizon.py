@@ -107,6 +107,7 @@ from dataclasses import replace
 from datetime import date as _date
 from datetime import datetime as _datetime
 from datetime import timedelta as _timedelta
+from functools import partial
 from typing import Any
 
 from rules import helpers as _h
@@ -2262,7 +2263,7 @@ def tchain(first: Any, ops: tuple[str, ...], *rest: Callable[[], Any]) -> Any:
 
 
 def topen() -> int:
-    """Open a recording window for the operand that follows (:func:`tand`): the
+    """Open a recording window for the operand that follows (:func:`boolop`): the
     offset recorded so far, which the window's closing merges back."""
     r = _rec()
     outer = r[0]
@@ -2270,8 +2271,9 @@ def topen() -> int:
     return outer
 
 
-def tand(outer: int, a: Any, rest: Callable[[], Any]) -> bool:
-    """``a and rest()`` where only the truth of the answer is used (the policy rewrites
+def boolop(stop: bool, outer: int, a: Any, rest: Callable[[], Any]) -> bool:
+    """``a and rest()`` (``stop`` False; ``a or rest()`` with ``stop`` True and
+    true and false swapped) where only the truth of the answer is used (the policy rewrites
     only and/or tested for truth, with ``rest`` side-effect free and bounded:
     rules/horizon_policy.py ``visit_BoolOp``); ``a`` was evaluated in a window opened
     by :func:`topen`.
@@ -2286,52 +2288,32 @@ def tand(outer: int, a: Any, rest: Callable[[], Any]) -> bool:
     true, the answer is ``rest()``'s: false, it holds as long as ``rest()`` stays false
     (``a`` may change meanwhile); true, it depends on every operand: the earliest
     horizon of all."""
-    false = not a
     r = _rec()
+    decided = bool(a) is stop
     h = r[0]
-    if false:
+    if decided:
         if h < NEVER:
             r[0] = NEVER
             try:
-                also = not rest()
+                also = bool(rest()) is stop
             except Exception:  # a later operand that raises decides nothing
                 also = False
             if also and r[0] > h:
                 h = r[0]
         r[0] = h if h < outer else outer
-        return False
+        return stop
     r[0] = NEVER
-    false = not rest()
+    v = bool(rest())
     hr = r[0]
-    if not false and h < hr:
-        hr = h  # true: every operand counts
+    if v is not stop and h < hr:
+        hr = h  # not decided by any operand: every operand counts
     r[0] = hr if hr < outer else outer
-    return not false
+    return v
 
 
-def tor(outer: int, a: Any, rest: Callable[[], Any]) -> bool:
-    """``a or rest()`` tested for truth: :func:`tand` with true and false swapped."""
-    true = bool(a)
-    r = _rec()
-    h = r[0]
-    if true:
-        if h < NEVER:
-            r[0] = NEVER
-            try:
-                also = bool(rest())
-            except Exception:  # a later operand that raises decides nothing
-                also = False
-            if also and r[0] > h:
-                h = r[0]
-        r[0] = h if h < outer else outer
-        return True
-    r[0] = NEVER
-    true = bool(rest())
-    hr = r[0]
-    if not true and h < hr:
-        hr = h  # false: every operand counts
-    r[0] = hr if hr < outer else outer
-    return true
+# the policy's _tand_ / _tor_ (a C-level partial: no second Python call per use)
+tand = partial(boolop, False)
+tor = partial(boolop, True)
 
 
 def _touch_recv(x: Any) -> Any:

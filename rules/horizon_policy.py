@@ -1020,7 +1020,7 @@ class _Rewriter(ast.NodeTransformer):
         ``p and _tand_(_topen_(), a, lambda: b and c)`` (``or``: ``_tor_``): the same
         answer and evaluation order, and when ``a`` decides the answer early the rest
         runs anyway, so the horizon is the latest of the operands that decide it
-        (rules/horizon.py, :func:`~rules.horizon.tand`), not only ``a``'s:
+        (rules/horizon.py, :func:`~rules.horizon.boolop`), not only ``a``'s:
         ``weekday(ctx.today) == 5 and get(profile, "region") == 77`` sleeps for good
         for a profile outside region 77, not until Saturday. Not in a rule that
         catches exceptions: ``a`` runs in its own recording window, which an exception
