@@ -108,9 +108,11 @@ _KEY_PARAMS = and_(
 _PG_CLAIM = text("""
 INSERT INTO ledger (user_id, rule_key, episode, channel, version, status, attempts, run_id,
                     payload, next_attempt_at, created_at, category, critical)
-SELECT u, r, e, c, v, 'pending', 0, run, p::jsonb, :nxt, :ts, cat, crit
+SELECT u, r, e, c, v, 'pending', 0, run, p, :nxt, :ts, cat, crit
 FROM unnest(CAST(:u AS bigint[]), CAST(:r AS text[]), CAST(:e AS integer[]), CAST(:c AS text[]),
-            CAST(:v AS integer[]), CAST(:run AS integer[]), CAST(:p AS text[]),
+            CAST(:v AS integer[]), CAST(:run AS integer[]),
+            ARRAY(SELECT j FROM jsonb_array_elements(CAST(:p AS jsonb)) WITH ORDINALITY AS a(j, n)
+                  ORDER BY n),
             CAST(:cat AS text[]), CAST(:crit AS boolean[])) AS x(u, r, e, c, v, run, p, cat, crit)
 ON CONFLICT DO NOTHING
 RETURNING user_id, rule_key, episode, channel
@@ -202,7 +204,9 @@ class Ledger:
                     "u": [c.user_id for c in part], "r": [c.rule_key for c in part],
                     "e": [c.episode for c in part], "c": [c.channel for c in part],
                     "v": [c.version for c in part], "run": [c.run_id for c in part],
-                    "p": [orjson.dumps(c.payload).decode() for c in part],
+                    # The payloads as one JSON array (a text[] of JSON documents would
+                    # have every quote in them escaped, per element, by the driver).
+                    "p": orjson.dumps([c.payload for c in part]).decode(),
                     "cat": [c.category for c in part], "crit": [c.critical for c in part],
                     "nxt": ts + self.claim_timeout, "ts": ts,
                 })
