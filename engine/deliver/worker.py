@@ -37,6 +37,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -105,6 +106,8 @@ class DeliveryWorker(BatchWorker):
         # (with the same Message-ID / collapse key), not a whole batch.
         self.send_chunk = max(1, send_chunk)
         self.loop = asyncio.new_event_loop()
+        # Records sent chunks in the ledger while the next chunk is being sent.
+        self._recorder = ThreadPoolExecutor(1, thread_name_prefix="deliver-record")
         self.sent = 0
         self.failed = 0
         self.outcomes: Counter[tuple[str, str]] = Counter()  # (channel, outcome) -> n
@@ -292,12 +295,39 @@ class DeliveryWorker(BatchWorker):
         self._send(send)
 
     def _send(self, claims: list[Claim]) -> None:
-        for i in range(0, len(claims), self.send_chunk):
-            self._send_chunk(claims[i:i + self.send_chunk])
-
-    def _send_chunk(self, claims: list[Claim]) -> None:
         if not claims:
             return
+        # Chunks of half ``send_chunk``, two in flight: while one chunk's outcomes are
+        # recorded (in a thread: the ledger's database), the next is being sent, and
+        # the one after is queued for the connections as they come free, so the SMTP
+        # connections neither wait for the ledger nor drain at each chunk's end. Sent
+        # but unrecorded are at most the two chunks: ``send_chunk`` messages, the
+        # most a crash can resend, as before.
+        size = max(1, self.send_chunk // 2)
+        chunks = [claims[i:i + size] for i in range(0, len(claims), size)]
+        self.loop.run_until_complete(self._send_chunks(chunks))
+
+    async def _send_chunks(self, chunks: list[list[Claim]]) -> None:
+        loop = asyncio.get_running_loop()
+        sending: dict[int, asyncio.Future[list[Outcome]]] = {}
+
+        def start(j: int) -> None:
+            if j < len(chunks):
+                sending[j] = asyncio.ensure_future(self._send_chunk(chunks[j]))
+
+        start(0)
+        start(1)
+        try:
+            for i in range(len(chunks)):
+                outcomes = await sending.pop(i)
+                await loop.run_in_executor(self._recorder, self.ledger.record, outcomes)
+                start(i + 2)
+        finally:
+            for task in sending.values():  # a failure: stop the rest, and unrecorded
+                task.cancel()             # sends are retried from the ledger
+            await asyncio.gather(*sending.values(), return_exceptions=True)
+
+    async def _send_chunk(self, claims: list[Claim]) -> list[Outcome]:
         emails = [c for c in claims if c.channel == "email"]
         pushes = [c for c in claims if c.channel == "push"]
         other = [c for c in claims if c.channel not in ("email", "push")]
@@ -310,13 +340,10 @@ class DeliveryWorker(BatchWorker):
         for c in pushes:
             push_msgs += [(c, dev, p) for dev, p in self._pushes(c)]
 
-        async def both() -> tuple[list[Any], list[Any]]:
-            mail_task = self.mailer.send_many(mails) if mails else _none()
-            push_task = (self.pusher.send_many([p for _, _, p in push_msgs])
-                         if push_msgs and self.pusher is not None else _none())
-            return await asyncio.gather(mail_task, push_task)
-
-        mail_results, push_results = self.loop.run_until_complete(both())
+        mail_task = self.mailer.send_many(mails) if mails else _none()
+        push_task = (self.pusher.send_many([p for _, _, p in push_msgs])
+                     if push_msgs and self.pusher is not None else _none())
+        mail_results, push_results = await asyncio.gather(mail_task, push_task)
         it = iter(mail_results)
         for c, m in built:
             if isinstance(m, str):  # the message could not be built: permanent
@@ -336,7 +363,7 @@ class DeliveryWorker(BatchWorker):
                 label = ("permanent_failure" if o.permanent else
                          "dead_letter" if final else "transient_failure")
             self._count(o.claim.channel, label)
-        self.ledger.record(outcomes)
+        return outcomes
 
     def _email(self, c: Claim) -> Email | str:
         p: dict[str, Any] = c.payload
@@ -418,6 +445,7 @@ class DeliveryWorker(BatchWorker):
                 self.loop.run_until_complete(self.pusher.aclose())
         finally:
             self.loop.close()
+            self._recorder.shutdown()
 
 
 async def _none() -> list[Any]:
