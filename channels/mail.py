@@ -162,7 +162,8 @@ _MSGID_RE = re.compile(r"<[\x21-\x3b\x3d\x3f\x41-\x7e]+@[\x21-\x3b\x3d\x3f\x41-\
 # RFC 5322 atext plus "."; everything else in a key is %-escaped, so distinct keys
 # keep distinct Message-IDs.
 _ATEXT_SAFE = "!#$&'*+-/=?^_`{|}~."
-_QP_NEEDED = re.compile(r"[^\t\n\x20-\x7e]|[^\n]{999}")
+_NOT_7BIT = re.compile(r"[^\t\n\x20-\x7e]")
+_MAX_BODY_LINE = 998
 
 
 def envelope_address(mail_from: str) -> tuple[str, str]:
@@ -212,7 +213,7 @@ def render_message(
         f"From: {from_value}",
         f"To: {to_value}",
         f"Subject: {_unstructured('Subject', _one_line(mail.subject))}",
-        f"Date: {email.utils.format_datetime(date or datetime.now(UTC))}",
+        f"Date: {_date_header(date)}",
         f"Message-ID: {msgid}",
     ]
     utf8 = from_utf8 or to_utf8
@@ -254,6 +255,22 @@ def render_message(
     text = "\n".join(lines).replace("\n", "\r\n")  # the body's line ends are LF only
     data = text.encode("utf-8") if utf8 else text.encode("ascii")
     return RenderedMessage(data=data, recipient=recipient, message_id=msgid, smtputf8=utf8)
+
+
+_last_date: tuple[int, str] = (0, "")
+
+
+def _date_header(date: datetime | None) -> str:
+    """The Date header value; for now, formatted once per second (its precision)."""
+    global _last_date
+    if date is not None:
+        return email.utils.format_datetime(date)
+    now = datetime.now(UTC)
+    second = int(now.timestamp())
+    cached = _last_date
+    if cached[0] != second:
+        cached = _last_date = (second, email.utils.format_datetime(now.replace(microsecond=0)))
+    return cached[1]
 
 
 def build_message(
@@ -442,7 +459,9 @@ def _body(content: str) -> tuple[str, str]:
     text = content.replace("\r\n", "\n").replace("\r", "\n")
     if not text.endswith("\n"):
         text += "\n"  # as EmailMessage.set_content does
-    if not _QP_NEEDED.search(text):
+    if not _NOT_7BIT.search(text) and (
+        len(text) <= _MAX_BODY_LINE or max(map(len, text.split("\n"))) <= _MAX_BODY_LINE
+    ):
         return "7bit", text
     encoded = binascii.b2a_qp(text.encode("utf-8", "surrogatepass"), istext=True)
     return "quoted-printable", encoded.decode("ascii")
