@@ -55,9 +55,11 @@ class EpisodeStart:
 _PG_START = text("""
 INSERT INTO episodes (user_id, rule_key, episode, version, as_of, status, lang, why, expires_at,
                       run_id, started_at, ended_at, arm)
-SELECT u, r, e, v, a, 'active', l, w::jsonb, x, run, :ts, NULL, arm
+SELECT u, r, e, v, a, 'active', l, NULLIF(w, 'null'::jsonb), x, run, :ts, NULL, arm
 FROM unnest(CAST(:u AS bigint[]), CAST(:r AS text[]), CAST(:e AS integer[]),
-            CAST(:v AS integer[]), CAST(:a AS date[]), CAST(:l AS text[]), CAST(:w AS text[]),
+            CAST(:v AS integer[]), CAST(:a AS date[]), CAST(:l AS text[]),
+            ARRAY(SELECT j FROM jsonb_array_elements(CAST(:w AS jsonb)) WITH ORDINALITY AS o(j, n)
+                  ORDER BY n),
             CAST(:x AS timestamptz[]), CAST(:run AS integer[]), CAST(:arm AS text[]))
      AS t(u, r, e, v, a, l, w, x, run, arm)
 ON CONFLICT (user_id, rule_key) DO UPDATE SET
@@ -87,7 +89,9 @@ def start_episodes(store: Any, starts: Sequence[EpisodeStart], now: datetime) ->
                 "u": [x.user_id for x in rows], "r": [x.rule_key for x in rows],
                 "e": [x.episode for x in rows], "v": [x.version for x in rows],
                 "a": [x.as_of for x in rows], "l": [x.lang for x in rows],
-                "w": [orjson.dumps(x.why).decode() if x.why is not None else None for x in rows],
+                # One JSON array (null: no why-data); a text[] of JSON documents would
+                # have every quote in them escaped, per element, by the driver.
+                "w": orjson.dumps([x.why for x in rows]).decode(),
                 "x": [x.expires_at for x in rows], "run": [x.run_id for x in rows],
                 "arm": [x.arm for x in rows], "ts": now})
         return
