@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from shards.schema import episodes
+from shards.schema import episodes, ledger
 from tests.channels.deliverykit import (
     Rig,
     embedded_settings,
@@ -98,6 +98,47 @@ def test_episodes_banner_lives_for_the_episode_and_mail_goes_once(
     assert rig.banners(uid) == []
     assert (_episode(rig, uid, "r1")["episode"], _episode(rig, uid, "r1")["status"]) == (3, "ended")
     assert len(smtp_server.messages) == 2
+
+
+def test_episodes_and_payloads_of_one_batch_keep_their_order_and_nulls(
+    rig: Rig, smtp_server: Any
+) -> None:
+    # Given one batch of enters with and without why-data, each with its own e-mail
+    # text (quotes and backslashes included: they travel as JSON)
+    uids = [4_200_000_101 + i for i in range(6)]
+    results = []
+    for i, uid in enumerate(uids):
+        r = enter(uid, "r1", 1)
+        r["email"]["subject"] = f'"{uid}" \\ {i}'
+        if i % 2:
+            r["why"] = None
+        results.append(r)
+    rig.publish(*results)
+
+    # When the worker handles it
+    rig.drain()
+
+    # Then every episode has its own why-data (none where the result had none; on
+    # PostgreSQL an SQL NULL, as a single insert stores it)...
+    for i, uid in enumerate(uids):
+        why = _episode(rig, uid, "r1")["why"]
+        assert (why is None) if i % 2 else (why["rule"] == "r1")
+        engine = rig.container.shards.for_user(uid).engine
+        if engine.dialect.name == "postgresql":
+            with engine.connect() as conn:
+                null = conn.execute(select(episodes.c.why.is_(None)).where(
+                    (episodes.c.user_id == uid) & (episodes.c.rule_key == "r1"))).scalar_one()
+            assert null is bool(i % 2)
+    # ...every ledger row holds its own e-mail (what a retry would send)...
+    with rig.container.control.connect() as conn:
+        stored = dict(conn.execute(select(ledger.c.user_id, ledger.c.payload).where(
+            ledger.c.user_id.in_(uids))).all())
+    assert {u: p["subject"] for u, p in stored.items()} == {
+        r["user_id"]: r["email"]["subject"] for r in results}
+    # ...and every e-mail carries its own user's subject
+    got = {m.rcpt_tos[0]: m.message["Subject"] for m in smtp_server.messages}
+    assert got == {r["email"]["to"]: r["email"]["subject"] for r in results}
+    assert len(set(got.values())) == len(uids)
 
 
 @SQLITE_ONLY

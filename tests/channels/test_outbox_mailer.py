@@ -239,3 +239,23 @@ def test_unparseable_recipients_are_value_errors() -> None:
 
 def _newline_terminated(s: str) -> str:
     return s if s.endswith("\n") else s + "\n"
+
+
+def test_a_body_is_7bit_only_when_ascii_printable_with_lines_of_at_most_998() -> None:
+    # Given bodies at and around the limits of 7bit (RFC 5322: 998 characters a line)
+    cases = {
+        "a" * 998: "7bit",
+        "short\n" + "a" * 998 + "\nend": "7bit",
+        "tab\there": "7bit",
+        "a" * 999: "quoted-printable",
+        "short\n" + "a" * 999 + "\nend": "quoted-printable",
+        "é": "quoted-printable",
+        "bell\x07": "quoted-printable",
+    }
+    for body, cte in cases.items():
+        # When each is rendered as the text part
+        msg = build_message(Email(to="ann@example.com", subject="s", text=body), MAIL_FROM)
+
+        # Then its encoding is the one it needs, and it reads back unchanged
+        assert msg["Content-Transfer-Encoding"] == cte, body[:20]
+        assert msg.get_content() == body + "\n"
