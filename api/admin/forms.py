@@ -116,12 +116,12 @@ def _content(form: FormData, values: dict[str, Any], problems: list[dict[str, An
                "banner_json": str(vbanners[i]) if i < len(vbanners) else "",
                "email_json": str(vemails[i]) if i < len(vemails) else ""}
         view.append(row)
-        if not any(str(v).strip() for v in row.values()):
+        if not any(x.strip() for x in row.values()):
             continue  # an empty row added and left blank
         label = f"variant {i + 1}" + (f" ({row['key']})" if row["key"] else "")
-        v: dict[str, Any] = {"key": row["key"], "weight": row["weight"]}
+        var: dict[str, Any] = {"key": row["key"], "weight": row["weight"]}
         try:
-            v["weight"] = float(row["weight"])
+            var["weight"] = float(row["weight"])
         except ValueError:
             problems.append(_problem(f"variants.{i}.weight",
                                      f"{label}: the weight must be a number"))
@@ -130,8 +130,8 @@ def _content(form: FormData, values: dict[str, Any], problems: list[dict[str, An
             spec = _json_field(row[f"{part}_json"], f"{label} {part}", problems,
                                f"variants.{i}.{part}")
             if spec is not None:
-                v[part] = spec
-        variants.append(v)
+                var[part] = spec
+        variants.append(var)
     values["variants"] = view
     values["variant_specs"] = variants or None
 
