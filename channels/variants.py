@@ -22,10 +22,12 @@ JSON the portal echoes back — the engagement counts.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
-from base.buckets import bucket, pick_weighted
+from base.buckets import BUCKETS, bucket, pick_weighted
 
 __all__ = ["VARIANT_SUFFIX", "content_of", "variant_of", "variant_salt"]
 
@@ -36,12 +38,30 @@ def variant_salt(salt: str) -> str:
     return salt + VARIANT_SUFFIX
 
 
+@lru_cache(maxsize=1024)
+def _edges(weights: tuple[float, ...]) -> tuple[int, ...] | None:
+    """The slices' upper bucket edges (``pick_weighted``'s, computed once per weights);
+    None where ``pick_weighted`` must decide (a weight ≤ 0: never a validated rule)."""
+    if not weights or any(w <= 0 for w in weights):
+        return None
+    total, edge, out = float(sum(weights)), 0.0, []
+    for w in weights:
+        edge += w
+        out.append(round(edge / total * BUCKETS))
+    return tuple(out)
+
+
 def variant_of(user_id: int, salt: str, variants: Sequence[Mapping[str, Any]]) -> int | None:
-    """The index of the user's variant, or None when the rule has none."""
+    """The index of the user's variant, or None when the rule has none: exactly
+    ``pick_weighted(bucket(salt + "/variant", user_id), weights)``."""
     if not variants:
         return None
-    weights = [float(v.get("weight") or 0) for v in variants]
-    return pick_weighted(bucket(variant_salt(salt), user_id), weights)
+    weights = tuple(float(v.get("weight") or 0) for v in variants)
+    b = bucket(variant_salt(salt), user_id)
+    edges = _edges(weights)
+    if edges is None:
+        return pick_weighted(b, weights)
+    return min(bisect_right(edges, b), len(edges) - 1)
 
 
 def content_of(rule: Any, user_id: int | None) -> tuple[

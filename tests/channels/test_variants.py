@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from base.buckets import CONTROL_SALT, bucket, in_share
+from base.buckets import CONTROL_SALT, bucket, in_share, pick_weighted
 from channels.holdouts import arm_of
 from channels.variants import content_of, variant_of
 from rules.models import RuleIn
@@ -36,6 +36,11 @@ def test_the_split_follows_the_weights_over_100k_users() -> None:
     # binomial standard deviation at 100k is ≤ 0.16 percentage points: 0.6 pp is ~4σ
     for share, want in zip((g / N for g in got), (0.5, 0.3, 0.2), strict=True):
         assert abs(share - want) < 0.006, got
+    # exactly the documented pick over the buckets, for uneven weights too
+    for ws in ((50, 30, 20), (1, 1), (0.3, 7, 2.2, 1e-3), (1,) * 10):
+        vs_ = variants(*ws)
+        for u in range(BASE, BASE + 5000):
+            assert variant_of(u, "r1", vs_) == pick_weighted(bucket("r1/variant", u), ws)
     # weights need not sum to 100
     assert [variant_of(u, "r1", variants(5, 3, 2)) for u in range(BASE, BASE + 2000)] == \
         [variant_of(u, "r1", vs) for u in range(BASE, BASE + 2000)]
