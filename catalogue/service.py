@@ -179,6 +179,7 @@ class RuleService:
             email=rule.email.model_dump() if rule.email else None,
             examples=[e.model_dump(mode="json") for e in rule.examples],
             holdout=rule.holdout, salt=rule.salt,
+            variants=[v.model_dump() for v in rule.variants] if rule.variants else None,
             author=author, created_at=ts))
 
     def set_enabled(self, key: str, enabled: bool) -> dict[str, Any]:
@@ -223,7 +224,7 @@ class RuleService:
             rules.c.updated_at, rule_versions.c.name, rule_versions.c.group,
             rule_versions.c.priority, rule_versions.c.source, rule_versions.c.banner,
             rule_versions.c.email, rule_versions.c.examples, rule_versions.c.holdout,
-            rule_versions.c.salt,
+            rule_versions.c.salt, rule_versions.c.variants,
         ).select_from(rules.join(rule_versions, (rules.c.key == rule_versions.c.key)
                                  & (rules.c.version == rule_versions.c.version)))
 
@@ -274,7 +275,8 @@ class RuleService:
                 .order_by(rules.c.key)
             ).all()
         return [
-            ActiveRule(r.key, r.version, r.name, r.group, r.priority, r.source, r.banner, r.email)
+            ActiveRule(r.key, r.version, r.name, r.group, r.priority, r.source, r.banner, r.email,
+                       r.variants or None, r.salt)
             for r in rows
         ]
 
@@ -333,7 +335,7 @@ class RuleService:
         fields = {
             f: {"from": a[f], "to": b[f]}
             for f in ("name", "group", "priority", "banner", "email", "examples", "holdout",
-                      "salt") if a[f] != b[f]
+                      "salt", "variants") if a[f] != b[f]
         }
         return {"key": key, "from": v1, "to": v2, "source": source, "fields": fields}
 

@@ -50,23 +50,26 @@ class EpisodeStart:
     # treatment | holdout | control (channels/holdouts.py): holdout and control
     # episodes are ghosts, recorded but never delivered
     arm: str = "treatment"
+    # the content variant (channels/variants.py) it got or, a ghost, would have got
+    variant: str | None = None
 
 
 _PG_START = text("""
 INSERT INTO episodes (user_id, rule_key, episode, version, as_of, status, lang, why, expires_at,
-                      run_id, started_at, ended_at, arm)
-SELECT u, r, e, v, a, 'active', l, NULLIF(w, 'null'::jsonb), x, run, :ts, NULL, arm
+                      run_id, started_at, ended_at, arm, variant)
+SELECT u, r, e, v, a, 'active', l, NULLIF(w, 'null'::jsonb), x, run, :ts, NULL, arm, vt
 FROM unnest(CAST(:u AS bigint[]), CAST(:r AS text[]), CAST(:e AS integer[]),
             CAST(:v AS integer[]), CAST(:a AS date[]), CAST(:l AS text[]),
             ARRAY(SELECT j FROM jsonb_array_elements(CAST(:w AS jsonb)) WITH ORDINALITY AS o(j, n)
                   ORDER BY n),
-            CAST(:x AS timestamptz[]), CAST(:run AS integer[]), CAST(:arm AS text[]))
-     AS t(u, r, e, v, a, l, w, x, run, arm)
+            CAST(:x AS timestamptz[]), CAST(:run AS integer[]), CAST(:arm AS text[]),
+            CAST(:vt AS text[]))
+     AS t(u, r, e, v, a, l, w, x, run, arm, vt)
 ON CONFLICT (user_id, rule_key) DO UPDATE SET
     episode = EXCLUDED.episode, version = EXCLUDED.version, as_of = EXCLUDED.as_of,
     status = EXCLUDED.status, lang = EXCLUDED.lang, why = EXCLUDED.why,
     expires_at = EXCLUDED.expires_at, run_id = EXCLUDED.run_id, started_at = EXCLUDED.started_at,
-    ended_at = NULL, arm = EXCLUDED.arm
+    ended_at = NULL, arm = EXCLUDED.arm, variant = EXCLUDED.variant
 WHERE episodes.episode < EXCLUDED.episode
 """)
 
@@ -93,14 +96,14 @@ def start_episodes(store: Any, starts: Sequence[EpisodeStart], now: datetime) ->
                 # have every quote in them escaped, per element, by the driver.
                 "w": orjson.dumps([x.why for x in rows]).decode(),
                 "x": [x.expires_at for x in rows], "run": [x.run_id for x in rows],
-                "arm": [x.arm for x in rows], "ts": now})
+                "arm": [x.arm for x in rows], "vt": [x.variant for x in rows], "ts": now})
         return
     ins = (postgresql.insert if pg else sqlite.insert)(episodes)
     stmt = ins.on_conflict_do_update(
         index_elements=["user_id", "rule_key"],
         set_={k: ins.excluded[k] for k in ("episode", "version", "as_of", "status", "lang", "why",
                                            "expires_at", "run_id", "started_at", "ended_at",
-                                           "arm")},
+                                           "arm", "variant")},
         where=episodes.c.episode < ins.excluded.episode,
     )
     params = [
@@ -118,6 +121,7 @@ def start_episodes(store: Any, starts: Sequence[EpisodeStart], now: datetime) ->
             "started_at": now,
             "ended_at": None,
             "arm": s.arm,
+            "variant": s.variant,
         }
         for s in starts
     ]
@@ -168,7 +172,7 @@ def read_episode(store: Any, user_id: int, rule_key: str) -> dict[str, Any] | No
             return None
         b = conn.execute(select(banners.c.id, banners.c.episode, banners.c.title, banners.c.body,
                                 banners.c.link, banners.c.priority, banners.c.created_at,
-                                banners.c.dismissed_at).where(
+                                banners.c.dismissed_at, banners.c.variant).where(
             (banners.c.user_id == user_id) & (banners.c.rule_key == rule_key))).first()
     out = dict(ep._mapping)
     out["banner"] = dict(b._mapping) if b is not None else None

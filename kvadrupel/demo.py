@@ -9,6 +9,8 @@ import time
 from datetime import date
 from typing import Any
 
+from pydantic import ValidationError
+
 from base.errors import NotFound
 from catalogue.service import RuleService
 from kvadrupel.container import Container
@@ -27,9 +29,17 @@ def install_pack(svc: RuleService, pack: list[dict[str, Any]]) -> None:
             svc.create(rule, author="builtin")
             continue
         if cur["source"] != rule.source:
-            # A holdout an analyst set on a built-in rule outlives a new pack version.
+            # A holdout (and content variants) an analyst set on a built-in rule
+            # outlives a new pack version.
             keep = {f: cur.get(f) for f in ("holdout", "salt") if f not in spec}
-            svc.update(rule.key, rule.model_copy(update=keep), author="builtin")
+            new = rule.model_copy(update=keep)
+            if cur.get("variants") and "variants" not in spec:
+                try:
+                    new = RuleIn.model_validate(
+                        new.model_dump(mode="json") | {"variants": cur["variants"]})
+                except ValidationError:  # the pack's content no longer fits them
+                    pass
+            svc.update(rule.key, new, author="builtin")
 
 
 def ensure_tokens(settings: Settings) -> dict[str, str]:

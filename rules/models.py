@@ -8,7 +8,14 @@ from collections.abc import Iterable
 from datetime import date
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 KEY_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAX_HOLDOUT = 50.0  # % of a rule's users it may hold out (channels/holdouts.py)
@@ -157,6 +164,30 @@ class EmailSpec(_Optional):
     importance: Importance = "normal"
 
 
+VARIANT_KEY_RE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+MIN_VARIANTS, MAX_VARIANTS = 2, 10
+
+
+class VariantSpec(BaseModel):
+    """One content variant of a rule (docs/channels.md, "Content variants"): its own
+    banner (with its push) and/or e-mail, replacing the rule's for the users whose
+    hash falls in its share; a part it leaves out is the rule's own."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str = Field(pattern=VARIANT_KEY_RE)
+    weight: float = Field(gt=0, le=1_000_000, allow_inf_nan=False)
+    banner: BannerSpec | None = None
+    email: EmailSpec | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in ("banner", "email"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+
 class Example(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
@@ -185,6 +216,29 @@ class RuleIn(BaseModel):
     holdout: float = Field(default=0.0, ge=0.0, le=MAX_HOLDOUT, allow_inf_nan=False)
     salt: str | None = Field(default=None, min_length=1, max_length=200,
                              pattern=r"^[\x21-\x7e]+$")
+    # Content variants (channels/variants.py): 2–10, each user's fixed by the hash.
+    variants: list[VariantSpec] | None = Field(default=None, max_length=MAX_VARIANTS)
+
+    @model_validator(mode="after")
+    def _variants(self) -> RuleIn:
+        vs = self.variants
+        if not vs:
+            self.variants = None
+            return self
+        if len(vs) < MIN_VARIANTS:
+            raise ValueError(f"variants: give {MIN_VARIANTS} to {MAX_VARIANTS}, or none")
+        keys = [v.key for v in vs]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"variants: keys must be unique ({', '.join(dup)} repeated)")
+        for v in vs:
+            if v.banner is None and v.email is None:
+                raise ValueError(f"variant {v.key!r} has neither a banner nor an e-mail")
+            if v.banner is not None and self.banner is None:
+                raise ValueError(f"variant {v.key!r} has a banner but the rule has none")
+            if v.email is not None and self.email is None:
+                raise ValueError(f"variant {v.key!r} has an e-mail but the rule has none")
+        return self
 
     @field_validator("key")
     @classmethod

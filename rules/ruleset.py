@@ -437,6 +437,10 @@ class ActiveRule:
     source: str
     banner: dict[str, Any] | None
     email: dict[str, Any] | None
+    # Content variants (channels/variants.py) and the salt they are hashed with
+    # (None: the key).
+    variants: list[dict[str, Any]] | None = None
+    salt: str | None = None
 
     def spec(self) -> RuleSpec:
         return RuleSpec(key=self.key, version=self.version, source=self.source,

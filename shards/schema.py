@@ -105,6 +105,8 @@ banners = Table(
     Column("as_of", Date, nullable=False),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("dismissed_at", UtcDateTime(), nullable=True),
+    # The content variant shown (shard_0006, channels/variants.py); NULL: none.
+    Column("variant", Text, nullable=True),
     PrimaryKeyConstraint("user_id", "rule_key"),
 )
 
@@ -138,6 +140,9 @@ episodes = Table(
     # treatment | holdout | control (shard_0005, channels/holdouts.py): a holdout or
     # control episode is a *ghost*: recorded, nothing delivered. NULL: treatment.
     Column("arm", Text, nullable=True),
+    # The content variant the episode got — or, a ghost, would have got (shard_0006,
+    # channels/variants.py); NULL: the rule has no variants.
+    Column("variant", Text, nullable=True),
     PrimaryKeyConstraint("user_id", "rule_key"),
 )
 Index("episodes_expiry", episodes.c.status, episodes.c.expires_at)
@@ -197,6 +202,9 @@ rule_versions = Table(
     # assignment is hashed with (NULL: the rule's key).
     Column("holdout", Float, nullable=False, server_default="0"),
     Column("salt", Text, nullable=True),
+    # Content variants (control_0008, channels/variants.py): [{key, weight, banner?,
+    # email?}, ...] or NULL; each user's variant is fixed by the hash.
+    Column("variants", Json, nullable=True),
     PrimaryKeyConstraint("key", "version"),
 )
 
@@ -300,6 +308,19 @@ banner_stats = Table(
     Column("impressions", BigInteger, nullable=False, server_default="0"),
     Column("clicks", BigInteger, nullable=False, server_default="0"),
     PrimaryKeyConstraint("rule_key", "day"),
+)
+
+# The same counts per content variant (control_0008, channels/variants.py), for
+# banners that carry one; banner_stats keeps the rule's totals.
+banner_variant_stats = Table(
+    "banner_variant_stats",
+    control_metadata,
+    Column("rule_key", Text, nullable=False),
+    Column("variant", Text, nullable=False),
+    Column("day", Date, nullable=False),
+    Column("impressions", BigInteger, nullable=False, server_default="0"),
+    Column("clicks", BigInteger, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("rule_key", "variant", "day"),
 )
 
 shard_map = Table(

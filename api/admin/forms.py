@@ -1,8 +1,13 @@
 """The rule editor's form <-> :class:`rules.models.RuleIn`.
 
-The form posts flat fields (``banner_title``, ``email_subject``...) and the
-examples table as parallel lists (``ex_name``, ``ex_as_of``, ``ex_expect``,
-``ex_profile``). Parsing never raises: it returns what it could read plus the
+The form posts flat fields (``banner_title``, ``email_subject``,
+``banner_push_title``...), translations as JSON objects (``banner_translations``:
+``{"de": {"title": ...}}``), and the examples and the content variants as parallel
+lists (``ex_name``, ``ex_as_of``, ``ex_expect``, ``ex_profile``; ``var_key``,
+``var_weight``, ``var_banner``, ``var_email`` — a variant's banner and e-mail as JSON
+objects, every field a rule's banner/e-mail has). A form that edits every content
+field says so with ``content_fields=1``: what it posts is then the whole content.
+Parsing never raises: it returns what it could read plus the
 problems, in the same shape as :meth:`RuleService.validate` gives them, so one
 template shows both.
 """
@@ -48,6 +53,87 @@ def parse_profile(text: str, field: str = "profile") -> tuple[dict[str, Any] | N
 def _spec(form: FormData, prefix: str, fields: tuple[str, ...]) -> dict[str, str] | None:
     values = {f: _s(form, f"{prefix}_{f}").replace("\r\n", "\n") for f in fields}
     return values if any(v.strip() for v in values.values()) else None
+
+
+def _json_field(text: str, label: str, problems: list[dict[str, Any]], field: str,
+                kind: type = dict) -> Any:
+    """A JSON value of ``kind`` from a textarea (blank: None), or None and a problem."""
+    if not text.strip():
+        return None
+    if len(text) > MAX_PROFILE_CHARS:
+        problems.append(_problem(field, f"{label}: larger than {MAX_PROFILE_CHARS // 1024} KiB"))
+        return None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        problems.append(_problem(field, f"{label}: not valid JSON ({exc})"))
+        return None
+    if not isinstance(value, kind):
+        problems.append(_problem(field, f"{label}: must be a JSON "
+                                        f"{'object ({...})' if kind is dict else 'list'}"))
+        return None
+    return value
+
+
+def _options(form: FormData, prefix: str, spec: dict[str, Any],
+             problems: list[dict[str, Any]], label: str) -> None:
+    """The optional fields of a banner/push/e-mail: category, importance, translations."""
+    category = _s(form, f"{prefix}_category").strip()
+    if category:
+        spec["category"] = category
+    if _s(form, f"{prefix}_importance") == "critical":
+        spec["importance"] = "critical"
+    tr = _json_field(_s(form, f"{prefix}_translations"), f"{label} translations", problems,
+                     f"{prefix.replace('_', '.')}.translations")
+    if tr:
+        spec["translations"] = tr
+
+
+def _content(form: FormData, values: dict[str, Any], problems: list[dict[str, Any]]) -> None:
+    """Every content field of the rule's banner (with its push) and e-mail, and the
+    variants, into ``values`` (the view) and problems."""
+    banner = values["banner"]
+    if banner is not None:
+        expires = _s(form, "banner_expires_at").strip()
+        if expires:
+            banner["expires_at"] = expires
+        _options(form, "banner", banner, problems, "banner")
+        if _s(form, "banner_push_on"):
+            push: dict[str, Any] = {
+                f: v for f in ("title", "body", "link")
+                if (v := _s(form, f"banner_push_{f}").replace("\r\n", "\n").strip())}
+            _options(form, "banner_push", push, problems, "push")
+            banner["push"] = push
+    email = values["email"]
+    if email is not None:
+        _options(form, "email", email, problems, "e-mail")
+    keys, weights = form.getlist("var_key"), form.getlist("var_weight")
+    vbanners, vemails = form.getlist("var_banner"), form.getlist("var_email")
+    view, variants = [], []
+    for i in range(max(len(keys), len(weights), len(vbanners), len(vemails))):
+        row = {"key": str(keys[i]).strip() if i < len(keys) else "",
+               "weight": str(weights[i]).strip() if i < len(weights) else "",
+               "banner_json": str(vbanners[i]) if i < len(vbanners) else "",
+               "email_json": str(vemails[i]) if i < len(vemails) else ""}
+        view.append(row)
+        if not any(x.strip() for x in row.values()):
+            continue  # an empty row added and left blank
+        label = f"variant {i + 1}" + (f" ({row['key']})" if row["key"] else "")
+        var: dict[str, Any] = {"key": row["key"], "weight": row["weight"]}
+        try:
+            var["weight"] = float(row["weight"])
+        except ValueError:
+            problems.append(_problem(f"variants.{i}.weight",
+                                     f"{label}: the weight must be a number"))
+            continue
+        for part in ("banner", "email"):
+            spec = _json_field(row[f"{part}_json"], f"{label} {part}", problems,
+                               f"variants.{i}.{part}")
+            if spec is not None:
+                var[part] = spec
+        variants.append(var)
+    values["variants"] = view
+    values["variant_specs"] = variants or None
 
 
 def rule_from_form(
@@ -102,6 +188,10 @@ def rule_from_form(
             }
         )
     values["examples"] = examples_view
+    full = bool(_s(form, "content_fields"))
+    values["tr"] = {p: _s(form, f"{p}_translations") for p in ("banner", "banner_push", "email")}
+    if full:
+        _content(form, values, problems)
     try:
         priority = int(values["priority"])
     except ValueError:
@@ -109,6 +199,8 @@ def rule_from_form(
         priority = 100
     data = {k: values[k] for k in ("key", "name", "group", "source", "banner", "email")}
     data |= {"priority": priority, "examples": examples, "enabled": False}
+    if full:
+        data["variants"] = values["variant_specs"]
     rule = None
     try:
         rule = RuleIn.model_validate(data)
@@ -131,7 +223,10 @@ def editor_values(rule: dict[str, Any] | None) -> dict[str, Any]:
             "banner": None,
             "email": None,
             "examples": [],
+            "variants": [],
+            "tr": {},
         }
+    banner = rule.get("banner") or {}
     return {
         "key": rule["key"],
         "name": rule["name"],
@@ -151,4 +246,22 @@ def editor_values(rule: dict[str, Any] | None) -> dict[str, Any]:
             }
             for e in rule.get("examples") or []
         ],
+        "tr": {
+            "banner": _pretty(banner.get("translations")),
+            "banner_push": _pretty((banner.get("push") or {}).get("translations")),
+            "email": _pretty((rule.get("email") or {}).get("translations")),
+        },
+        "variants": [
+            {
+                "key": v.get("key", ""),
+                "weight": f"{v.get('weight', 1):g}",
+                "banner_json": _pretty(v.get("banner")),
+                "email_json": _pretty(v.get("email")),
+            }
+            for v in rule.get("variants") or []
+        ],
     }
+
+
+def _pretty(value: Any) -> str:
+    return "" if value is None else orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()

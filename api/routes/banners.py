@@ -32,6 +32,9 @@ class Banner(BaseModel):
     priority: int = Field(description="higher first")
     rule_version: int
     created_at: str = Field(description="ISO 8601, UTC")
+    variant: str | None = Field(
+        default=None, description="the content variant shown, when the rule has variants: "
+        "echo it with impressions and clicks (`?variant=`)")
 
 
 class BannerList(BaseModel):

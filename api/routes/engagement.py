@@ -43,6 +43,7 @@ from channels.engagement import EngagementCounter
 from channels.episodes import read_episode
 from channels.preferences import merge_preferences, read_preferences, write_preferences
 from channels.unsubscribe import Unsubscriber
+from rules.models import VARIANT_KEY_RE
 from shards.router import MAX_USER_ID, parse_user_id
 from shards.schema import rules as rules_table
 
@@ -159,7 +160,13 @@ BannerId = Annotated[str, Path(description="a banner's `id` (`<rule>.<episode>`)
 
 # -- impressions and clicks ------------------------------------------------------------
 
-async def _count(request: Request, user_id: str, banner_id: str, kind: str) -> Response:
+Variant = Annotated[str | None, Query(
+    pattern=VARIANT_KEY_RE, description="the banner's `variant` (its JSON has one when the "
+    "rule has content variants): also counted per variant")]
+
+
+async def _count(request: Request, user_id: str, banner_id: str, kind: str,
+                 variant: str | None = None) -> Response:
     uid = _user(request, user_id)
     if isinstance(uid, Response):
         return uid
@@ -168,7 +175,7 @@ async def _count(request: Request, user_id: str, banner_id: str, kind: str) -> R
     if rule not in keys:
         return problem(404, "Not found", f"no rule {rule!r}")
     counter = _counter(request.app)
-    counter.add(rule, kind)
+    counter.add(rule, kind, variant=variant)
     if counter.flush_due():  # also without the lifespan task (e.g. a bare TestClient)
         await _flush(request.app)
     return Response(status_code=204)
@@ -182,16 +189,18 @@ _COUNT_DOC = ("Counted per rule per day (aggregated in memory, written every few
              summary="Report that a banner was shown", description=_COUNT_DOC,
              dependencies=[Depends(bearer_scheme)], response_model=None,
              responses={204: {"description": "Counted"}, **problem_responses(401, 403, 404, 422)})
-async def impression(request: Request, user_id: UserId, banner_id: BannerId) -> Response:
-    return await _count(request, user_id, banner_id, "impressions")
+async def impression(request: Request, user_id: UserId, banner_id: BannerId,
+                     variant: Variant = None) -> Response:
+    return await _count(request, user_id, banner_id, "impressions", variant)
 
 
 @router.post("/v1/users/{user_id}/banners/{banner_id}/click", status_code=204,
              summary="Report that a banner was clicked", description=_COUNT_DOC,
              dependencies=[Depends(bearer_scheme)], response_model=None,
              responses={204: {"description": "Counted"}, **problem_responses(401, 403, 404, 422)})
-async def click(request: Request, user_id: UserId, banner_id: BannerId) -> Response:
-    return await _count(request, user_id, banner_id, "clicks")
+async def click(request: Request, user_id: UserId, banner_id: BannerId,
+                variant: Variant = None) -> Response:
+    return await _count(request, user_id, banner_id, "clicks", variant)
 
 
 @router.get("/v1/rules/{key}/engagement", summary="Banner impressions and clicks per day",
@@ -210,7 +219,8 @@ async def rule_engagement(
     if since > until or (until - since).days > 366:
         return problem(422, "Invalid request", "since must be before until, at most 366 days")
     days = await run_in_threadpool(counter.stats, key, since, until)
-    return {"rule": key, "days": days}
+    variants = await run_in_threadpool(counter.variant_stats, key, since, until)
+    return {"rule": key, "days": days, "variants": variants}
 
 
 # -- why ---------------------------------------------------------------------------------
@@ -226,6 +236,7 @@ def _why(services: Services, uid: int, rule: str, episode: int) -> dict[str, Any
         "attempts": m["attempts"], "error": m["error"], "run_id": m["run_id"],
         "created_at": _iso(m["created_at"]), "sent_at": _iso(m["sent_at"]),
         "lang": (m.get("payload") or {}).get("lang"),
+        "variant": (m.get("payload") or {}).get("variant"),
     } for m in services.ledger.entries(uid, rule, episode)]
     return {
         "user_id": uid, "banner_id": f"{rule}.{episode}", "rule": rule, "episode": episode,
@@ -236,10 +247,12 @@ def _why(services: Services, uid: int, rule: str, episode: int) -> dict[str, Any
         "expires_at": _iso(ep["expires_at"]),
         # treatment; holdout or control: a ghost episode, nothing shown or sent
         "arm": ep.get("arm") or "treatment",
+        # the content variant (channels/variants.py) it got, or a ghost would have got
+        "variant": ep.get("variant"),
         "banner": None if banner is None or banner["episode"] != episode else {
             "title": banner["title"], "body": banner["body"], "link": banner["link"],
             "priority": banner["priority"], "created_at": _iso(banner["created_at"]),
-            "dismissed_at": _iso(banner["dismissed_at"])},
+            "dismissed_at": _iso(banner["dismissed_at"]), "variant": banner["variant"]},
         "messages": messages,
     }
 

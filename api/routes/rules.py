@@ -42,6 +42,8 @@ class RuleUpdate(BaseModel):
     # Holdouts (docs/channels.md): validated by RuleIn (0–50 %; salt None: the key).
     holdout: float = 0.0
     salt: str | None = None
+    # Content variants (docs/channels.md): validated by RuleIn.
+    variants: list[dict[str, Any]] | None = None
 
 
 def _svc(request: Request) -> RuleService:

@@ -13,6 +13,9 @@ Per batch of results (keyed by user, so one user's results arrive in order):
   *ghost* episode (arm ``holdout`` / ``control``) and nothing else: no banner, no
   ledger claim, so no e-mail, push or retry. Due messages of users held out since
   their episode started are closed ``suppressed``.
+* **Content variants** (channels/variants.py): the evaluator rendered the user's
+  variant; its key goes into the banner row, the episode (ghosts too) and the
+  ledger row's payload.
 * **E-mail and push** are edge-triggered: an ``enter`` claims the ledger row
   (user, rule, episode, channel) and only the claimer goes on. Before every send
   attempt the channel policy (channels/policy.py) applies the user's
@@ -168,8 +171,10 @@ class DeliveryWorker(BatchWorker):
                     BannerChange(uid, rule, episode, version, priority, as_of, None))
                 starts.setdefault(shard, []).append(
                     EpisodeStart(uid, rule, episode, version, as_of, r.lang, _why(r), expires,
-                                 r.run_id, arm))
+                                 r.run_id, arm, r.variant))
                 continue
+            if banner is not None and r.variant is not None:
+                banner = {**banner, "variant": r.variant}
             if banner is not None and (expires is None or expires > now):
                 per = changes.setdefault(shard, [])
                 shows.append((shard, len(per), banner.get("category")))
@@ -182,9 +187,11 @@ class DeliveryWorker(BatchWorker):
                     as_of, None))
             starts.setdefault(shard, []).append(
                 EpisodeStart(uid, rule, episode, version, as_of, r.lang, _why(r), expires,
-                             r.run_id))
+                             r.run_id, "treatment", r.variant))
             base = {"as_of": r.as_of, "tz": r.tz, "lang": r.lang, "user_lang": r.user_lang,
                     "why": r.why}
+            if r.variant is not None:
+                base["variant"] = r.variant
             email = r.email
             if email and email.get("to"):
                 candidates.append(Claim(uid, rule, episode, "email", version, r.run_id,

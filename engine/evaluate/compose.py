@@ -39,6 +39,7 @@ from typing import Any, overload
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from base.errors import ChannelError
+from channels.variants import content_of
 from rules.models import link_problem
 from rules.templates import render_content, render_template
 from rules.why import explain
@@ -180,17 +181,17 @@ def _check_link(link: Any, what: str) -> None:
 
 
 def compose(
-    rule: Any, profile: Any, ctx: Any
+    rule: Any, profile: Any, ctx: Any, user_id: int | None = None
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any]]:
     """``(banner, email, extra)`` for an enter of ``rule`` (an ``ActiveRule``) on
-    ``profile``. Raises :class:`~base.errors.ChannelError` for a template
-    that fails; the why-data never raises."""
+    ``profile`` of ``user_id`` (whose content variant, channels/variants.py, is
+    rendered; ``extra["variant"]`` names it). Raises :class:`~base.errors.ChannelError`
+    for a template that fails; the why-data never raises."""
     lang = language_of(profile)
     tz = timezone_of(profile)
     banner = email = push = None
     used: str | None = None
-    bspec: Mapping[str, Any] | None = rule.banner
-    espec: Mapping[str, Any] | None = rule.email
+    bspec, espec, variant = content_of(rule, user_id)
     if bspec is not None:
         texts, used = localised(bspec, BANNER_KEYS, lang)
         banner = render_content(texts, profile, ctx) | _flags(bspec)
@@ -213,7 +214,8 @@ def compose(
         texts, used_e = localised(espec, EMAIL_KEYS, lang)
         email = render_content(texts, profile, ctx) | _flags(espec)
         used = used or used_e
-    extra: dict[str, Any] = {"lang": used or None, "user_lang": lang, "tz": tz, "push": push}
+    extra: dict[str, Any] = {"lang": used or None, "user_lang": lang, "tz": tz, "push": push,
+                             "variant": variant}
     budget = getattr(rule, "budget_ms", None) or 50.0
     extra["why"] = explain(rule.key, rule.version, rule.source, profile, ctx, budget)
     return banner, email, extra

@@ -397,7 +397,7 @@ def _enter(uid: int, doc: Any, rule: ActiveRule, episode: int, ctx: Context, run
     banner = email = None
     extra: dict[str, Any] = {}  # language, time zone, push, why-data (engine/evaluate/compose.py)
     try:
-        banner, email, extra = compose(rule, doc, ctx)
+        banner, email, extra = compose(rule, doc, ctx, uid)
     except ChannelError as exc:
         stats.errors[rule.key] += 1
         stats.error_samples.setdefault(rule.key, f"user {uid}: template: {exc}")

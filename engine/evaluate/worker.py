@@ -98,7 +98,7 @@ class PackInfo:
         chosen = [r for r in active if only is None or r.key in only]
         payload = {
             "rules": [[r.key, r.version, r.name, r.group, r.priority, r.source, r.banner,
-                       r.email] for r in active],
+                       r.email, r.variants, r.salt] for r in active],
             "only": sorted(only) if only is not None else None, "frozen": sorted(frozen),
             "budget_ms": budget_ms, "batch_budget_ms": batch_budget_ms,
         }

@@ -106,6 +106,8 @@ class Enter(_Msg, tag_field="kind", tag="enter"):
     user_lang: str | None = None
     tz: str | None = None
     why: Any = None
+    # The content variant rendered (channels/variants.py); None: the rule has none.
+    variant: str | None = None
 
 
 Result = Enter | Exit

@@ -41,14 +41,14 @@ _me = select(bindparam("uid", type_=BigInteger).label("uid")).subquery("me")
 _BANNERS_STMT = (
     select(banner_sets.c.version, banners.c.id, banners.c.rule_key, banners.c.title,
            banners.c.body, banners.c.link, banners.c.priority, banners.c.version,
-           banners.c.created_at)
+           banners.c.created_at, banners.c.variant)
     .select_from(_me.outerjoin(banner_sets, banner_sets.c.user_id == _me.c.uid).outerjoin(
         banners, (banners.c.user_id == _me.c.uid) & banners.c.dismissed_at.is_(None)))
     .order_by(banners.c.priority.desc(), banners.c.created_at, banners.c.rule_key)
 )
 _BANNERS_SQL = (
     "SELECT s.version, b.id, b.rule_key, b.title, b.body, b.link, b.priority, b.version, "
-    "b.created_at FROM (SELECT %s::bigint AS uid) AS me "
+    "b.created_at, b.variant FROM (SELECT %s::bigint AS uid) AS me "
     "LEFT JOIN banner_sets s ON s.user_id = me.uid "
     "LEFT JOIN banners b ON b.user_id = me.uid AND b.dismissed_at IS NULL "
     "ORDER BY b.priority DESC, b.created_at, b.rule_key"
@@ -121,6 +121,7 @@ class SqlBanners:
                             "as_of": ch.as_of,
                             "created_at": ts,
                             "dismissed_at": None,
+                            "variant": ch.content.get("variant"),
                         }
                         # A redelivered "show" of the same episode must not reset a
                         # dismissal or the creation time: only a newer episode, or new
@@ -131,7 +132,7 @@ class SqlBanners:
                                 set_={
                                     k: ins.excluded[k]
                                     for k in ("id", "episode", "version", "title", "body", "link",
-                                              "priority", "as_of")
+                                              "priority", "as_of", "variant")
                                 }
                                 | {
                                     "created_at": case(
@@ -249,6 +250,7 @@ class SqlBanners:
                 "priority": r[6],
                 "rule_version": r[7],
                 "created_at": _utc(r[8]).isoformat(),
+                **({"variant": r[9]} if r[9] is not None else {}),
             }
             for r in rows
             if r[1] is not None

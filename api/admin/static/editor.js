@@ -92,6 +92,11 @@
       document.getElementById("example-rows").appendChild(tpl.content.cloneNode(true));
     } else if (action === "remove-example") {
       btn.closest("tr").remove();
+    } else if (action === "add-variant") {
+      var vtpl = document.getElementById("variant-row-template");
+      document.getElementById("variant-rows").appendChild(vtpl.content.cloneNode(true));
+    } else if (action === "remove-variant") {
+      btn.closest(".variant").remove();
     } else if (action === "run-examples") {
       fragment(form.dataset.examples, "example-results");
     } else if (action === "render") {

@@ -27,15 +27,16 @@ from api.admin.security import AnyUser, CsrfForm, Editor
 from base.errors import Conflict, KvadrupelError, RuleValidationError
 from rules.models import KEY_RE, RuleIn
 
-# Parts of a rule's banner/e-mail the editor form does not show (set through the REST
-# API): a save from the form keeps them from the current version instead of dropping them.
+# Parts of a rule's banner/e-mail an older form (without ``content_fields``) did not
+# post: a save from such a form keeps them from the current version instead of dropping
+# them. The editor's form edits them all (and the variants), so its save is the content.
 _UNEDITED = {
     "banner": ("translations", "expires_at", "push", "category", "importance"),
     "email": ("translations", "category", "importance"),
 }
 
 
-def _keep_unedited(rule: RuleIn, before: dict[str, Any]) -> RuleIn:
+def _keep_unedited(rule: RuleIn, before: dict[str, Any], full: bool) -> RuleIn:
     data = rule.model_dump(mode="json", exclude_unset=True)
     changed = False
     # The holdout and its salt (set through the REST API) carry over too.
@@ -43,7 +44,10 @@ def _keep_unedited(rule: RuleIn, before: dict[str, Any]) -> RuleIn:
         if f not in data and before.get(f):
             data[f] = before[f]
             changed = True
-    for part, fields in _UNEDITED.items():
+    if not full and before.get("variants") and "variants" not in data:
+        data["variants"] = before["variants"]
+        changed = True
+    for part, fields in _UNEDITED.items() if not full else ():
         old, new = before.get(part), data.get(part)
         if not old or not new:
             continue
@@ -148,7 +152,7 @@ def save_rule(key: str, request: Request, form: CsrfForm, user: Editor) -> Respo
     before = svc.get(key)
     values, rule, problems = rule_from_form(form, key=key)
     if rule is not None:
-        rule = _keep_unedited(rule, before)
+        rule = _keep_unedited(rule, before, bool(form.get("content_fields")))
         problems = svc.validate(rule)
     if rule is None or problems:
         return _editor(request, 422, rule=before, values=values, problems=problems)
