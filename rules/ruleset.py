@@ -437,7 +437,26 @@ class ActiveRule:
     source: str
     banner: dict[str, Any] | None
     email: dict[str, Any] | None
+    # A canary rollout (catalogue/rollout.py): this version reaches ``rollout`` % of the
+    # users (those whose bucket of ``salt`` is in that share), ``base`` (the version
+    # live before) the rest. None: this version for everyone.
+    rollout: int | None = None
+    salt: str | None = None
+    base: ActiveRule | None = None
 
     def spec(self) -> RuleSpec:
         return RuleSpec(key=self.key, version=self.version, source=self.source,
                         priority=self.priority, group=self.group)
+
+    def to_list(self) -> list[Any]:
+        """The JSON form a sandbox child rebuilds it from (:meth:`from_list`)."""
+        return [self.key, self.version, self.name, self.group, self.priority, self.source,
+                self.banner, self.email, self.rollout, self.salt,
+                self.base.to_list() if self.base is not None else None]
+
+    @classmethod
+    def from_list(cls, v: list[Any]) -> ActiveRule:
+        base = v[10] if len(v) > 10 else None
+        return cls(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7],
+                   v[8] if len(v) > 8 else None, v[9] if len(v) > 9 else None,
+                   cls.from_list(base) if base is not None else None)

@@ -97,8 +97,7 @@ class PackInfo:
               frozen: frozenset[str], budget_ms: float, batch_budget_ms: float) -> PackInfo:
         chosen = [r for r in active if only is None or r.key in only]
         payload = {
-            "rules": [[r.key, r.version, r.name, r.group, r.priority, r.source, r.banner,
-                       r.email] for r in active],
+            "rules": [r.to_list() for r in active],
             "only": sorted(only) if only is not None else None, "frozen": sorted(frozen),
             "budget_ms": budget_ms, "batch_budget_ms": batch_budget_ms,
         }
