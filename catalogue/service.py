@@ -310,7 +310,9 @@ class RuleService:
         """Changes whenever any rule changes: evaluators reload when it does."""
         with self.control.connect() as conn:
             return tuple(conn.execute(select(func.count(), func.max(rules.c.updated_at),
-                                             func.sum(rules.c.version))).one())
+                                             func.sum(rules.c.version),
+                                             func.sum(rules.c.rollout),
+                                             func.sum(rules.c.rollout_from))).one())
 
     def test(self, key: str, profile: dict[str, Any], as_of: date | None) -> dict[str, Any]:
         """The rule on one profile, with its content rendered, all in a sandbox child.
@@ -376,7 +378,8 @@ class RuleService:
                                  sample, self.timezone, runner=self.runner)
 
     def shadow(self, key: str, as_of: date, sample: int | str = 20_000,
-               source: str | None = None, version: int | None = None) -> dict[str, Any]:
+               source: str | None = None, version: int | None = None,
+               examples: int = audience.MAX_EXAMPLES) -> dict[str, Any]:
         """The active version against a candidate (given source, or a saved version).
         During a canary rollout the active version is the one the rollout started
         from (what everyone had): the diff is what promotion changes."""
@@ -389,7 +392,7 @@ class RuleService:
         else:
             candidate = self._spec(key, version)
         return audience.shadow(self._shardset(), active, candidate, as_of, sample,
-                               self.timezone, runner=self.runner)
+                               self.timezone, runner=self.runner, examples=examples)
 
     # -- lookahead (the approval rule's blast radius) -------------------------------
     def lookahead(self, key: str, start: date, days: int = audience.LOOKAHEAD_DAYS,

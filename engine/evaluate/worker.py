@@ -218,6 +218,10 @@ class EvaluatorWorker(BatchWorker):
         attempt = self.runs.claim(run_id, no, self.worker)
         if attempt is None:
             return  # done already (a redelivered job), parked, or just parked
+        # A range evaluates the rules as they are now (one query per range): a run
+        # started right after a rule or its canary changed must not use the pack of
+        # a second ago, or it would record as covered what it did not evaluate.
+        self._checked = float("-inf")
         t0 = time.perf_counter()
         try:
             stats, swept, mismatches = self._run_passes(job)
