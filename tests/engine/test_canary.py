@@ -110,3 +110,33 @@ def test_rollout_values_and_marks() -> None:
         raise AssertionError(bad)
     marks = {canary_mark(v, b, p) for v in (2, 3) for b in (1, 2) for p in (1, 50, 99)}
     assert len(marks) == 12 and all(m < 0 for m in marks)
+
+
+def test_a_campaign_of_the_rule_picks_per_user_too() -> None:
+    other = ActiveRule(key="o", version=1, name="o", group=None, priority=100,
+                       source="def match(profile, ctx):\n    return True\n",
+                       banner={"title": "o", "body": "", "link": ""}, email=None)
+    pack = CompiledPack([canary(20), other], 50, only=["r"])
+    results, _ = evaluate_rows([(u, {"x": 4}, None) for u in range(1_000)], pack, CTX, 1,
+                               RangeStats())
+    assert {(r.user_id, r.rule, r.version) for r in results} == {
+        (u, "r", 2) for u in range(1_000) if in_canary(u, 20)}
+
+
+def test_wake_date_is_the_earlier_horizon_of_both_versions() -> None:
+    def dated(v: int, days: int) -> ActiveRule:
+        return ActiveRule(key="r", version=v, name="r", group=None, priority=100,
+                          source="def match(profile, ctx):\n    d = days_until("
+                                 f"get(profile, 'd'), ctx)\n    return d is not None and "
+                                 f"d <= {days}\n",
+                          banner=None, email=None)
+    base, new = dated(1, 5), dated(2, 10)
+    rule = ActiveRule("r", 2, "r", None, 100, new.source, None, None, rollout=50, salt="r",
+                      base=base)
+    doc = {"d": "2026-12-14"}  # 20 days ahead: v1 flips in 15 days, v2 in 10
+    _, states = evaluate_rows([(u, doc, None) for u in range(200)], CompiledPack([rule], 50),
+                              CTX, 1, RangeStats())
+    assert {w for _, _, w in states} == {"2026-12-04"}  # AS_OF + 10: nobody sleeps past it
+    # without the canary, v1's users would sleep until its own flip
+    _, alone = evaluate_rows([(0, doc, None)], CompiledPack([base], 50), CTX, 1, RangeStats())
+    assert alone[0][2] == "2026-12-09"
