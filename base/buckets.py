@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from hashlib import sha256
 
-__all__ = ["BUCKETS", "CONTROL_SALT", "bucket", "in_share", "pick_weighted"]
+__all__ = ["BUCKETS", "CONTROL_SALT", "bucket", "in_share", "pick_weighted", "rollout_salt"]
 
 BUCKETS = 10_000
 CONTROL_SALT = "kvadrupel/global-control"
@@ -33,6 +33,12 @@ def bucket(salt: str, user_id: int | str) -> int:
     """The user's bucket, 0 ≤ b < :data:`BUCKETS`, for this salt."""
     digest = sha256(f"{salt}:{user_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % BUCKETS
+
+
+def rollout_salt(salt: str) -> str:
+    """The salt of a rule's canary rollout, from the rule's salt (its key unless
+    reshuffled): independent of its holdout and variants."""
+    return f"{salt}/rollout"
 
 
 def in_share(b: int, percent: float) -> bool:

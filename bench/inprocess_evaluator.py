@@ -34,8 +34,8 @@ class InProcessEvaluator(EvaluatorWorker):
         if compiled is None:
             p = pack.payload
             compiled = self._compiled[pack.id] = CompiledPack(
-                [ActiveRule(*r) for r in p["rules"]], p["budget_ms"], pack.id, only=p["only"],
-                frozen=p["frozen"], batch_budget_ms=p["batch_budget_ms"])
+                [ActiveRule.from_list(r) for r in p["rules"]], p["budget_ms"], pack.id,
+                only=p["only"], frozen=p["frozen"], batch_budget_ms=p["batch_budget_ms"])
         stats = RangeStats()
         results, states = evaluate_rows(parse_rows(lines), compiled,
                                         make_context(date.fromisoformat(ctx[0]), ctx[1]),

@@ -129,7 +129,7 @@ def forecast(shards: Any, spec: RuleSpec, start: date, days: int, sample: int | 
 
 def shadow(shards: Any, active: RuleSpec, candidate: RuleSpec, as_of: date,
            sample: int | str = 20_000, tz: str = "Europe/Moscow", *,
-           runner: RuleRunner) -> dict[str, Any]:
+           runner: RuleRunner, examples: int = MAX_EXAMPLES) -> dict[str, Any]:
     t0 = time.perf_counter()
     batches, total, fraction = _population(shards, sample)
     n = gain = lose = both = 0
@@ -145,11 +145,11 @@ def shadow(shards: Any, active: RuleSpec, candidate: RuleSpec, as_of: date,
             now = bool(now_grid.masks[i][0])
             if now and not was:
                 gain += 1
-                if len(gained) < MAX_EXAMPLES:
+                if len(gained) < examples:
                     gained.append(row.user_id)
             elif was and not now:
                 lose += 1
-                if len(lost) < MAX_EXAMPLES:
+                if len(lost) < examples:
                     lost.append(row.user_id)
             elif was and now:
                 both += 1

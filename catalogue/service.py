@@ -33,9 +33,9 @@ from rules.remote import CHILD_MODULE, RuleRunner
 from rules.ruleset import ActiveRule, RuleSpec
 from rules.sandbox import compile_rule
 from rules.templates import validate_template
-from shards.schema import rule_versions, rules
+from shards.schema import admin_audit, rule_versions, rules
 
-__all__ = ["ActiveRule", "RuleService"]
+__all__ = ["ActiveRule", "RuleService", "canary_mark", "check_rollout"]
 
 
 
@@ -152,7 +152,9 @@ class RuleService:
             if cur is None:
                 raise NotFound(f"no rule {key!r}")
             ts = self.clock.now()
-            version = cur + 1
+            # after a rollback the current version is not the newest saved one
+            version = int(conn.execute(select(func.max(rule_versions.c.version))
+                                       .where(rule_versions.c.key == key)).scalar() or cur) + 1
             self._insert_version(conn, rule, version, author, ts)
             # A new version starts fresh: it clears a quarantine of the old one.
             conn.execute(
@@ -165,6 +167,8 @@ class RuleService:
                     quarantine_reason=None,
                     quarantine_user=None,
                     updated_at=ts,
+                    rollout=None,  # and ends a canary: the new version is for everyone
+                    rollout_from=None,
                 )
             )
         return self.get(key)
@@ -224,7 +228,7 @@ class RuleService:
             rules.c.updated_at, rule_versions.c.name, rule_versions.c.group,
             rule_versions.c.priority, rule_versions.c.source, rule_versions.c.banner,
             rule_versions.c.email, rule_versions.c.examples, rule_versions.c.holdout,
-            rule_versions.c.salt, rule_versions.c.variants,
+            rule_versions.c.salt, rule_versions.c.variants, rules.c.rollout, rules.c.rollout_from,
         ).select_from(rules.join(rule_versions, (rules.c.key == rule_versions.c.key)
                                  & (rules.c.version == rule_versions.c.version)))
 
@@ -274,22 +278,43 @@ class RuleService:
                 .where(rules.c.enabled.is_(True) & (rules.c.status == "active"))
                 .order_by(rules.c.key)
             ).all()
-        return [
-            ActiveRule(r.key, r.version, r.name, r.group, r.priority, r.source, r.banner, r.email,
-                       r.variants or None, r.salt)
-            for r in rows
-        ]
+        bases: dict[tuple[str, int], Any] = {}
+        canary = [(r.key, r.rollout_from) for r in rows if r.rollout is not None]
+        if canary:
+            with self.control.connect() as conn:
+                for k, v in canary:
+                    bases[(k, v)] = conn.execute(select(rule_versions).where(
+                        (rule_versions.c.key == k) & (rule_versions.c.version == v))).first()
+        out = []
+        for r in rows:
+            b = bases.get((r.key, r.rollout_from)) if r.rollout is not None else None
+            base = (ActiveRule(b.key, b.version, b.name, b.group, b.priority, b.source,
+                               b.banner, b.email, b.variants or None, b.salt)
+                    if b is not None else None)
+            out.append(ActiveRule(r.key, r.version, r.name, r.group, r.priority, r.source,
+                                  r.banner, r.email, r.variants or None,
+                                  rollout=r.rollout if base is not None else None,
+                                  salt=r.salt or r.key, base=base))
+        return out
 
     def active_versions(self) -> dict[str, int]:
         """``{key: version}`` of the active rules: what a run evaluates (engine/runs.py
-        compares it with the last complete run's to sweep changed rules)."""
-        return {r.key: r.version for r in self.active()}
+        compares it with the last complete run's to sweep changed rules). A rule in a
+        canary rollout gets a negative number that encodes its version, the base
+        version and the share: any change of the rollout sweeps the rule (every user
+        re-evaluated for it, as for a new version), so the users who move between
+        versions get the answer of their new one."""
+        return {r.key: canary_mark(r.version, r.base.version, r.rollout)
+                if r.base is not None and r.rollout is not None else r.version
+                for r in self.active()}
 
     def generation(self) -> tuple[Any, ...]:
         """Changes whenever any rule changes: evaluators reload when it does."""
         with self.control.connect() as conn:
             return tuple(conn.execute(select(func.count(), func.max(rules.c.updated_at),
-                                             func.sum(rules.c.version))).one())
+                                             func.sum(rules.c.version),
+                                             func.sum(rules.c.rollout),
+                                             func.sum(rules.c.rollout_from))).one())
 
     def test(self, key: str, profile: dict[str, Any], as_of: date | None) -> dict[str, Any]:
         """The rule on one profile, with its content rendered, all in a sandbox child.
@@ -355,9 +380,13 @@ class RuleService:
                                  sample, self.timezone, runner=self.runner)
 
     def shadow(self, key: str, as_of: date, sample: int | str = 20_000,
-               source: str | None = None, version: int | None = None) -> dict[str, Any]:
-        """The active version against a candidate (given source, or a saved version)."""
-        active = self._spec(key)
+               source: str | None = None, version: int | None = None,
+               examples: int = audience.MAX_EXAMPLES) -> dict[str, Any]:
+        """The active version against a candidate (given source, or a saved version).
+        During a canary rollout the active version is the one the rollout started
+        from (what everyone had): the diff is what promotion changes."""
+        cur = self.get(key)
+        active = self._spec(key, cur["rollout_from"] if cur["rollout"] is not None else None)
         if source is not None:
             compile_rule(source, key=key)  # refuse a broken candidate with its line
             candidate = RuleSpec(key=key, version=0, source=source, priority=active.priority,
@@ -365,7 +394,7 @@ class RuleService:
         else:
             candidate = self._spec(key, version)
         return audience.shadow(self._shardset(), active, candidate, as_of, sample,
-                               self.timezone, runner=self.runner)
+                               self.timezone, runner=self.runner, examples=examples)
 
     # -- lookahead (the approval rule's blast radius) -------------------------------
     def lookahead(self, key: str, start: date, days: int = audience.LOOKAHEAD_DAYS,
@@ -384,3 +413,86 @@ class RuleService:
         """Whether the rule's source reads the date (no profiles read): see
         :func:`catalogue.audience.date_dependence`."""
         return audience.date_dependence(self.version(key, version)["source"])
+
+    # -- canary rollout ---------------------------------------------------------------
+    def _audit(self, conn: Any, actor: str, action: str, key: str, **detail: Any) -> None:
+        conn.execute(admin_audit.insert().values(at=self.clock.now(), actor=actor,
+                                                 action=action, target=f"rule:{key}",
+                                                 detail=detail))
+
+    def rollout(self, key: str, percent: Any, actor: str,
+                from_version: int | None = None) -> dict[str, Any]:
+        """Apply the rule's current version to ``percent`` % of the users (by the
+        bucket of ``salt + "/rollout"``), the version live before to the rest; a
+        running canary just changes its share (100: :meth:`promote`). Starting one
+        enables the rule (its examples must pass, as for activation). The version
+        the rest stay on: ``from_version``, by default the one saved before."""
+        pct = check_rollout(percent)
+        cur = self.get(key)
+        if pct == 100 and cur["rollout"] is not None:
+            return self.promote(key, actor)
+        if cur["rollout"] is None:
+            base = from_version if from_version is not None else cur["version"] - 1
+            if base == cur["version"] or base < 1:
+                raise Conflict(f"rule {key!r} v{cur['version']} has no earlier version to "
+                               "keep the other users on")
+            self.version(key, base)  # NotFound when it does not exist
+            if pct == 100:
+                raise Conflict("a canary covers 1–99 % of the users; "
+                               f"POST /v1/rules/{key}/enable activates v{cur['version']} "
+                               "for everyone")
+            self._check(RuleIn.model_validate(
+                {k: cur[k] for k in RuleIn.model_fields if k in cur} | {"enabled": True}))
+        else:
+            base = cur["rollout_from"]
+            if from_version is not None and from_version != base:
+                raise Conflict(f"rule {key!r} is in a canary from v{base}: promote or roll "
+                               "it back first")
+        with self._lock, self.control.begin() as conn:
+            conn.execute(update(rules).where(rules.c.key == key).values(
+                rollout=pct, rollout_from=base, enabled=True, status="active",
+                quarantine_reason=None, quarantine_user=None, updated_at=self.clock.now()))
+            self._audit(conn, actor, "rollout.set", key, version=cur["version"],
+                        base=base, percent=pct, previous=cur["rollout"])
+        return self.get(key)
+
+    def promote(self, key: str, actor: str) -> dict[str, Any]:
+        """End the canary: the new version for everyone."""
+        cur = self.get(key)
+        if cur["rollout"] is None:
+            raise Conflict(f"rule {key!r} is not in a canary rollout")
+        with self._lock, self.control.begin() as conn:
+            conn.execute(update(rules).where(rules.c.key == key).values(
+                rollout=None, rollout_from=None, updated_at=self.clock.now()))
+            self._audit(conn, actor, "rollout.promote", key, version=cur["version"],
+                        base=cur["rollout_from"], percent=cur["rollout"])
+        return self.get(key)
+
+    def rollback(self, key: str, actor: str) -> dict[str, Any]:
+        """End the canary: everyone back on the version it started from (the newer
+        version stays saved; a later save gets the next free number)."""
+        cur = self.get(key)
+        if cur["rollout"] is None:
+            raise Conflict(f"rule {key!r} is not in a canary rollout")
+        with self._lock, self.control.begin() as conn:
+            conn.execute(update(rules).where(rules.c.key == key).values(
+                version=cur["rollout_from"], rollout=None, rollout_from=None,
+                updated_at=self.clock.now()))
+            self._audit(conn, actor, "rollout.rollback", key, version=cur["rollout_from"],
+                        candidate=cur["version"], percent=cur["rollout"])
+        return self.get(key)
+
+
+def check_rollout(value: Any) -> int:
+    """A canary share: a whole number of percent, 1–100 (ValueError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) \
+            or not 1 <= value <= 100:
+        raise ValueError(f"rollout must be a whole number of percent from 1 to 100, "
+                         f"not {value!r}")
+    return int(value)
+
+
+def canary_mark(version: int, base: int, percent: int) -> int:
+    """What a run records as the version of a rule in a canary (negative: never equal
+    to a plain version; different for every (version, base, share))."""
+    return -((version * 1_000_003 + base) * 128 + percent)

@@ -22,7 +22,7 @@ from datetime import date
 from typing import TYPE_CHECKING
 
 from base.errors import ConfigError, KvadrupelError
-from kvadrupel import runs_cli, users_cli
+from kvadrupel import rules_cli, runs_cli, users_cli
 
 if TYPE_CHECKING:  # imported when needed: `kvadrupel --help` stays quick
     from kvadrupel.settings import Settings
@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text)
     runs_cli.add_parsers(sub)  # run-nightly, run status|list, campaign
     users_cli.add_parser(sub)
+    rules_cli.add_parser(sub)
     return p
 
 
@@ -126,6 +127,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.cmd == "user":
             return users_cli.run_user(args, container)
+        if args.cmd == "rule":
+            return rules_cli.run_rule(args, container)
         if args.cmd == "migrate":
             container.migrate()
             print(f"migrated control DB and {len(settings.shard_urls())} shard(s)")

@@ -437,11 +437,28 @@ class ActiveRule:
     source: str
     banner: dict[str, Any] | None
     email: dict[str, Any] | None
-    # Content variants (channels/variants.py) and the salt they are hashed with
-    # (None: the key).
+    # Content variants (channels/variants.py) and the salt they, the holdout and a
+    # canary are hashed with (None: the key).
     variants: list[dict[str, Any]] | None = None
     salt: str | None = None
+    # A canary rollout (catalogue/rollout.py): this version reaches ``rollout`` % of the
+    # users (those whose bucket of ``salt`` is in that share), ``base`` (the version
+    # live before) the rest. None: this version for everyone.
+    rollout: int | None = None
+    base: ActiveRule | None = None
 
     def spec(self) -> RuleSpec:
         return RuleSpec(key=self.key, version=self.version, source=self.source,
                         priority=self.priority, group=self.group)
+
+    def to_list(self) -> list[Any]:
+        """The JSON form a sandbox child rebuilds it from (:meth:`from_list`)."""
+        return [self.key, self.version, self.name, self.group, self.priority, self.source,
+                self.banner, self.email, self.variants, self.salt, self.rollout,
+                self.base.to_list() if self.base is not None else None]
+
+    @classmethod
+    def from_list(cls, v: list[Any]) -> ActiveRule:
+        p = [*v, *[None] * (12 - len(v))]  # older, shorter forms: the rest unset
+        return cls(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10],
+                   cls.from_list(p[11]) if p[11] is not None else None)

@@ -181,6 +181,10 @@ rules = Table(
     Column("quarantine_user", BigInteger, nullable=True),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("updated_at", UtcDateTime(), nullable=False),
+    # Canary rollout (catalogue/rollout.py): ``version`` reaches ``rollout`` % of the
+    # users (by bucket), the others stay on ``rollout_from``; NULL: no canary.
+    Column("rollout", Integer, nullable=True),
+    Column("rollout_from", Integer, nullable=True),
 )
 
 rule_versions = Table(

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import require
 from api.problems import problem, problem_responses
 from api.services import Services
-from base.errors import ChannelError
+from base.errors import ChannelError, RuleValidationError
 from catalogue.service import RuleService
 from rules.models import RuleIn
 
@@ -156,3 +156,34 @@ async def shadow(key: str, body: ShadowIn, request: Request) -> dict[str, Any]:
 def diff(key: str, request: Request, from_: int = Query(alias="from", ge=1, le=2**31 - 1),
          to: int = Query(ge=1, le=2**31 - 1)) -> dict[str, Any]:
     return _svc(request).diff(key, from_, to)
+
+
+# -- canary rollout (docs/rules.md "Canary rollout") -------------------------------------
+class RolloutIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    percent: int = Field(ge=1, le=100)
+    # the version the other users stay on (starting a canary only); default: the one
+    # saved before the current version
+    from_version: int | None = Field(default=None, ge=1, le=2**31 - 1)
+
+
+@router.post("/{key}/rollout", summary="Canary: the current version for N % of the users",
+             responses=problem_responses(404, 409, 422), response_model=dict[str, Any])
+def rollout(key: str, body: RolloutIn, request: Request) -> dict[str, Any] | Response:
+    try:
+        return _svc(request).rollout(key, body.percent, "api", body.from_version)
+    except RuleValidationError as exc:
+        return problem(422, "Examples fail", str(exc))
+
+
+@router.post("/{key}/promote", summary="End a canary: the new version for everyone",
+             responses=problem_responses(404, 409))
+def promote(key: str, request: Request) -> dict[str, Any]:
+    return _svc(request).promote(key, "api")
+
+
+@router.post("/{key}/rollback",
+             summary="End a canary: everyone back on the version it started from",
+             responses=problem_responses(404, 409))
+def rollback(key: str, request: Request) -> dict[str, Any]:
+    return _svc(request).rollback(key, "api")

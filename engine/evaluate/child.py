@@ -67,7 +67,7 @@ def _pack(meta: dict[str, Any], cache: dict[str, Any]) -> CompiledPack:
     pack = _packs.get(key)
     if pack is None:
         spec = cache[key]
-        rules = [ActiveRule(*r) for r in spec["rules"]]
+        rules = [ActiveRule.from_list(r) for r in spec["rules"]]
         pack = CompiledPack(rules, spec["budget_ms"], key, only=spec["only"],
                             frozen=spec["frozen"], batch_budget_ms=spec["batch_budget_ms"])
         _packs[key] = pack

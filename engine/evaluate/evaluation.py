@@ -35,11 +35,12 @@ from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from typing import Any
 
+from base.buckets import bucket, in_share, rollout_salt
 from base.errors import ChannelError, RuleError, RuleTimeout
 from engine.evaluate.compose import compose
 from engine.messages import VERSION, Enter, Exit, Result
 from rules.context import Context
-from rules.ruleset import ActiveRule, Outcome, RuleSet
+from rules.ruleset import ActiveRule, Outcome, RuleSet, RuleSpec
 from shards.store import ProfileRow
 
 __all__ = ["CompiledPack", "RangeStats", "StateOut", "confirm_slow", "confirm_timeout",
@@ -50,6 +51,8 @@ log = logging.getLogger("kvadrupel.evaluate")
 # A row to evaluate: (user_id, profile document, previous state or None/{}).
 # The state is {rule_key: [episode, active (0/1), version, since (ISO date)]}.
 Row = tuple[int, Any, Any]
+
+BASE = "#base"  # the compiled key of a canary's base version: rule key + BASE
 
 
 class CompiledPack:
@@ -68,9 +71,24 @@ class CompiledPack:
         chosen = [r for r in active if wanted is None or r.key in wanted]
         self.rules = {r.key: r for r in chosen}
         self.keys = frozenset(self.rules)
+        specs = [r.spec() for r in chosen]
+        # Canary rollouts (catalogue/rollout.py): the version live before is evaluated
+        # too, under ``key + BASE``, and each user gets the answer of the version its
+        # bucket picks (:meth:`pick`). Both versions' horizons count toward the wake
+        # date (the earlier one), so a user is never woken too late for either.
+        self.bases: dict[str, ActiveRule] = {}
+        self.canaries: list[tuple[str, str, str, int]] = []  # (key, base key, salt, %)
+        for r in chosen:
+            if r.base is not None and r.rollout is not None and r.rollout < 100:
+                bk = r.key + BASE
+                specs.append(RuleSpec(key=bk, version=r.base.version, source=r.base.source,
+                                      priority=r.priority))
+                self.bases[r.key] = r.base
+                self.canaries.append((r.key, bk, rollout_salt(r.salt or r.key), r.rollout))
+        self._owner = {k + BASE: k for k in self.bases}
         # Compiled for time horizons (rules/horizon.py): every evaluation also says
         # when its answer could next change, the user's place in the wake-up index.
-        self.ruleset = RuleSet([r.spec() for r in chosen], budget_ms=budget_ms, horizons=True)
+        self.ruleset = RuleSet(specs, budget_ms=budget_ms, horizons=True)
         # CPU one rule may use on one batch of rows (0: no limit; needs budget_ms).
         self.batch_budget_ms = float(batch_budget_ms or 0.0) if self.ruleset.budgeted else 0.0
         self.generation = generation
@@ -85,6 +103,31 @@ class CompiledPack:
         self.rank = {r.key: i for i, r in enumerate(self.order)}
         self.group_of = {r.key: r.group for r in active if r.group}
         self.grouped = any(r.group for r in chosen)
+
+    def owner(self, key: str) -> str:
+        """The rule a compiled key belongs to (a canary's base version: its rule)."""
+        return self._owner.get(key, key)
+
+    def pick(self, uid: int, outcome: Outcome) -> tuple[Outcome, frozenset[str]]:
+        """``outcome`` as this user sees it under the canary rollouts: for each rule in
+        a canary, the answer (match, error, timeout) of the version the user's bucket
+        picks; and the keys of the rules on which the user stays on the base version."""
+        hide: set[str] = set()
+        on_base: set[str] = set()
+        for key, bk, salt, pct in self.canaries:
+            if in_share(bucket(salt, uid), pct):
+                hide.add(bk)
+            else:
+                hide.add(key)
+                on_base.add(key)
+        if not on_base and not any(bk in outcome.matched or bk in outcome.errors
+                                   or bk in outcome.timeouts for _, bk, _, _ in self.canaries):
+            return outcome, frozenset()
+        own = self._owner.get
+        matched = [own(k, k) for k in outcome.matched if k not in hide]
+        errors = {own(k, k): v for k, v in outcome.errors.items() if k not in hide}
+        timeouts = [own(k, k) for k in outcome.timeouts if k not in hide]
+        return Outcome(matched, errors, timeouts, outcome.horizons), frozenset(on_base)
 
     def resolve_groups(
         self, matched: Iterable[str], prev: dict[str, list[Any]] | None = None
@@ -227,6 +270,9 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
     speaks_for = pack.speaks_for
     grouped = pack.grouped
     frozen = pack.frozen
+    canaries = pack.canaries
+    bases = pack.bases
+    on_base: frozenset[str] = frozenset()
     n = 0
     uid = None
     halt = False  # a rule timed out: stop after that row and let the caller police
@@ -239,6 +285,8 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
             uid, doc, prev = row
         n += 1
         outcome = evaluate(doc, ctx)
+        if canaries:
+            outcome, on_base = pack.pick(uid, outcome)
         matched = outcome.matched
         failed: set[str] | None = None
         if outcome.errors or outcome.timeouts:
@@ -264,7 +312,7 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
             p = prev.get(k)
             if p is not None and p[1]:
                 continue
-            rule = pack.rules[k]
+            rule = bases[k] if k in on_base else pack.rules[k]
             episode = (p[0] if p else 0) + 1
             if new is None:
                 new = dict(prev)
@@ -290,7 +338,7 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
         states.append((uid, new, wake))
     if slot.over >= 0:  # a rule spent the batch budget on the last row done
         assert uid is not None  # so there was a row
-        stats.slow[pack.ruleset.keys[slot.over]] = uid
+        stats.slow[pack.owner(pack.ruleset.keys[slot.over])] = uid
     stats.users += n
 
 

@@ -97,8 +97,7 @@ class PackInfo:
               frozen: frozenset[str], budget_ms: float, batch_budget_ms: float) -> PackInfo:
         chosen = [r for r in active if only is None or r.key in only]
         payload = {
-            "rules": [[r.key, r.version, r.name, r.group, r.priority, r.source, r.banner,
-                       r.email, r.variants, r.salt] for r in active],
+            "rules": [r.to_list() for r in active],
             "only": sorted(only) if only is not None else None, "frozen": sorted(frozen),
             "budget_ms": budget_ms, "batch_budget_ms": batch_budget_ms,
         }
@@ -219,6 +218,10 @@ class EvaluatorWorker(BatchWorker):
         attempt = self.runs.claim(run_id, no, self.worker)
         if attempt is None:
             return  # done already (a redelivered job), parked, or just parked
+        # A range evaluates the rules as they are now (one query per range): a run
+        # started right after a rule or its canary changed must not use the pack of
+        # a second ago, or it would record as covered what it did not evaluate.
+        self._checked = float("-inf")
         t0 = time.perf_counter()
         try:
             stats, swept, mismatches = self._run_passes(job)
