@@ -45,6 +45,7 @@ import orjson
 from base import metrics
 from base.clock import SYSTEM
 from channels.episodes import EpisodeStart, end_episodes, expire_due, start_episodes
+from channels.goals import Conversion, Exposure, record_conversions, record_exposures
 from channels.holdouts import Arms
 from channels.ledger import Claim, Ledger, Outcome
 from channels.mail import Email, Mailer
@@ -54,7 +55,7 @@ from channels.push import Push, Pusher
 from channels.unsubscribe import Unsubscriber
 from engine.batch import BatchWorker
 from engine.bus import Bus, Consumer, Message
-from engine.messages import Enter, Exit, MessageError, dead_letter, decode_result
+from engine.messages import Convert, Enter, Exit, MessageError, dead_letter, decode_result
 from shards.router import MAX_USER_ID
 from shards.shardset import ShardSet
 from shards.store import BannerChange
@@ -122,7 +123,9 @@ class DeliveryWorker(BatchWorker):
         ends: dict[int, list[tuple[int, str, int]]] = {}
         candidates: list[Claim] = []
         ended: set[tuple[int, str, int]] = set()
-        results: list[tuple[Enter | Exit, date]] = []
+        exposures: dict[int, list[Exposure]] = {}
+        conversions: dict[int, list[Conversion]] = {}
+        results: list[tuple[Enter | Exit | Convert, date]] = []
         for msg in batch:
             try:
                 r = decode_result(msg.value)
@@ -147,6 +150,17 @@ class DeliveryWorker(BatchWorker):
             uid, rule, episode, version, priority = (r.user_id, r.rule, r.episode, r.version,
                                                      r.priority)
             shard = self.shards.router.shard_of(uid)
+            if type(r) is Convert:
+                # The rule's goal held within the window (rules/goals.py): counted
+                # once per episode, for the arm its exposure recorded.
+                try:
+                    started = date.fromisoformat(r.started)
+                except ValueError:
+                    log.error("ignoring a conversion with a malformed start date: %r", r.started)
+                    continue
+                conversions.setdefault(shard, []).append(
+                    Conversion(rule, uid, episode, started, as_of))
+                continue
             if type(r) is Exit:
                 changes.setdefault(shard, []).append(
                     BannerChange(uid, rule, episode, version, priority, as_of, None))
@@ -155,6 +169,8 @@ class DeliveryWorker(BatchWorker):
                 continue
             assert type(r) is Enter
             arm = next(arms)
+            exposures.setdefault(shard, []).append(
+                Exposure(rule, uid, episode, version, arm, as_of))
             banner = r.banner
             expires = _parse_ts(banner.get("expires_at")) if banner else None
             if arm != "treatment":
@@ -209,6 +225,12 @@ class DeliveryWorker(BatchWorker):
             start_episodes(self.shards.stores[shard], items, now)
         for shard, ending in ends.items():
             end_episodes(self.shards.stores[shard], ending, now)
+        for shard, exposed in exposures.items():
+            record_exposures(self.shards.stores[shard], exposed)
+        for shard, converted in conversions.items():
+            n = record_conversions(self.shards.stores[shard], converted)
+            if n:
+                self._count("goal", "converted", n)
 
         won = self.ledger.claim(
             [c for c in candidates if (c.user_id, c.rule_key, c.episode) not in ended]

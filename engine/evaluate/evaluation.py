@@ -37,9 +37,10 @@ from typing import Any
 
 from base.errors import ChannelError, RuleError, RuleTimeout
 from engine.evaluate.compose import compose
-from engine.messages import VERSION, Enter, Exit, Result
+from engine.messages import VERSION, Convert, Enter, Exit, Result
 from rules.context import Context
-from rules.ruleset import ActiveRule, Outcome, RuleSet
+from rules.goals import GOAL_SUFFIX, base_key, goal_key, goal_window, in_window
+from rules.ruleset import ActiveRule, Outcome, RuleSet, RuleSpec
 from shards.store import ProfileRow
 
 __all__ = ["CompiledPack", "RangeStats", "StateOut", "confirm_slow", "confirm_timeout",
@@ -70,7 +71,17 @@ class CompiledPack:
         self.keys = frozenset(self.rules)
         # Compiled for time horizons (rules/horizon.py): every evaluation also says
         # when its answer could next change, the user's place in the wake-up index.
-        self.ruleset = RuleSet([r.spec() for r in chosen], budget_ms=budget_ms, horizons=True)
+        # Goals (rules/goals.py) run in the same evaluator as companion entries keyed
+        # "<rule>#goal": their horizons join the user's wake date like a rule's.
+        self.goals: dict[str, int] = {}  # goal key -> attribution window (days)
+        specs = [r.spec() for r in chosen]
+        for r in chosen:
+            window = goal_window(r.source)
+            if window is not None:
+                self.goals[goal_key(r.key)] = window
+                specs.append(RuleSpec(key=goal_key(r.key), version=r.version, source=r.source,
+                                      priority=r.priority, entry="goal"))
+        self.ruleset = RuleSet(specs, budget_ms=budget_ms, horizons=True)
         # CPU one rule may use on one batch of rows (0: no limit; needs budget_ms).
         self.batch_budget_ms = float(batch_budget_ms or 0.0) if self.ruleset.budgeted else 0.0
         self.generation = generation
@@ -227,6 +238,7 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
     speaks_for = pack.speaks_for
     grouped = pack.grouped
     frozen = pack.frozen
+    goals = pack.goals
     n = 0
     uid = None
     halt = False  # a rule timed out: stop after that row and let the caller police
@@ -239,6 +251,8 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
             uid, doc, prev = row
         n += 1
         outcome = evaluate(doc, ctx)
+        if goals:
+            _goals(outcome, goals, uid, prev, ctx, as_of, run_id, results)
         matched = outcome.matched
         failed: set[str] | None = None
         if outcome.errors or outcome.timeouts:
@@ -290,8 +304,38 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
         states.append((uid, new, wake))
     if slot.over >= 0:  # a rule spent the batch budget on the last row done
         assert uid is not None  # so there was a row
-        stats.slow[pack.ruleset.keys[slot.over]] = uid
+        stats.slow[base_key(pack.ruleset.keys[slot.over])] = uid
     stats.users += n
+
+
+def _goals(outcome: Outcome, goals: dict[str, int], uid: int, prev: Any, ctx: Context,
+           as_of: str, run_id: int | None, results: list[Result]) -> None:
+    """Take the goal entries out of ``outcome`` (they are not matches; a goal that
+    failed counts as its rule failing) and emit a :class:`Convert` for each goal that
+    holds within the window of an episode that started before this evaluation."""
+    hits = [k for k in outcome.matched if k.endswith(GOAL_SUFFIX)]
+    if hits:
+        outcome.matched = [k for k in outcome.matched if not k.endswith(GOAL_SUFFIX)]
+    if outcome.errors:
+        for k in [k for k in outcome.errors if k.endswith(GOAL_SUFFIX)]:
+            msg = outcome.errors.pop(k)
+            outcome.errors.setdefault(base_key(k), f"goal: {msg}")
+    if outcome.timeouts:
+        outcome.timeouts = list(dict.fromkeys(base_key(k) for k in outcome.timeouts))
+    if not hits or not prev:
+        return
+    for g in hits:
+        k = base_key(g)
+        p = prev.get(k)
+        if p is None or not isinstance(p[3], str):
+            continue
+        try:
+            started = date.fromisoformat(p[3])
+        except ValueError:
+            continue
+        if in_window(started, ctx.today, goals[g]):
+            results.append(Convert(v=VERSION, user_id=uid, rule=k, episode=p[0], version=p[2],
+                                   started=p[3], as_of=as_of, run_id=run_id))
 
 
 def _wake_of(ctx: Context) -> Any:
