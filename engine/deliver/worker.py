@@ -147,9 +147,6 @@ class DeliveryWorker(BatchWorker):
         arms = iter(self.arms.arms(enters) if self.arms is not None and enters
                     else ["treatment"] * len(enters))
         for r, as_of in results:
-            uid, rule, episode, version, priority = (r.user_id, r.rule, r.episode, r.version,
-                                                     r.priority)
-            shard = self.shards.router.shard_of(uid)
             if type(r) is Convert:
                 # The rule's goal held within the window (rules/goals.py): counted
                 # once per episode, for the arm its exposure recorded.
@@ -158,9 +155,12 @@ class DeliveryWorker(BatchWorker):
                 except ValueError:
                     log.error("ignoring a conversion with a malformed start date: %r", r.started)
                     continue
-                conversions.setdefault(shard, []).append(
-                    Conversion(rule, uid, episode, started, as_of))
+                conversions.setdefault(self.shards.router.shard_of(r.user_id), []).append(
+                    Conversion(r.rule, r.user_id, r.episode, started, as_of))
                 continue
+            uid, rule, episode, version, priority = (r.user_id, r.rule, r.episode, r.version,
+                                                     r.priority)
+            shard = self.shards.router.shard_of(uid)
             if type(r) is Exit:
                 changes.setdefault(shard, []).append(
                     BannerChange(uid, rule, episode, version, priority, as_of, None))
