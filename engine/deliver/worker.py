@@ -147,7 +147,7 @@ class DeliveryWorker(BatchWorker):
         arms = iter(self.arms.arms(enters) if self.arms is not None and enters
                     else ["treatment"] * len(enters))
         for r, as_of in results:
-            if type(r) is Convert:
+            if isinstance(r, Convert):
                 # The rule's goal held within the window (rules/goals.py): counted
                 # once per episode, for the arm its exposure recorded.
                 try:
