@@ -8,13 +8,21 @@ the same calls the REST API makes. One module per page:
 * :mod:`.editor`: a new rule, saving versions, live validation while editing;
 * :mod:`.preview`: the test panel and the launch page (preview, forecast, diff, shadow);
 * :mod:`.activation`: blast radius, activation requests, approve/decline, pause;
-* :mod:`.history`: a rule's history, the guide.
+* :mod:`.history`: a rule's history, the guide;
+* :mod:`.experiment`: conversions per arm with intervals, uplift, verdict.
 """
 
 from __future__ import annotations
 
 # Importing a page's module registers its routes on the area's one router.
-from api.admin.routes.rules import activation, editor, history, listing, preview  # noqa: F401
+from api.admin.routes.rules import (  # noqa: F401
+    activation,
+    editor,
+    experiment,
+    history,
+    listing,
+    preview,
+)
 from api.admin.routes.rules.common import router
 
 __all__ = ["router"]
