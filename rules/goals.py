@@ -16,7 +16,7 @@ entry of the rule set keyed :func:`goal_key` (so its read-set, time horizon, bud
 and errors are handled like a rule's). After an episode of the rule starts — real
 or ghost — an evaluation on a day within the window at which the goal holds emits a
 :class:`~engine.messages.Convert`; the delivery worker records the first one per
-episode (channels/goals.py). See docs/experiments.md.
+episode (channels/goals.py). See docs/channels.md, "Goals and experiments".
 """
 
 from __future__ import annotations

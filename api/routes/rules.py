@@ -67,8 +67,8 @@ def get_rule(key: str, request: Request) -> dict[str, Any]:
 
 @router.get("/{key}/experiment", summary="Conversions per arm, uplift with 95% intervals, SRM")
 def get_experiment(key: str, request: Request) -> dict[str, Any]:
-    """The rule's experiment report (docs/experiments.md): users exposed and converted
-    per arm and variant over every shard, uplift against the untreated users,
+    """The rule's experiment report (docs/channels.md, "Goals and experiments"): users
+    exposed and converted per arm and variant over every shard, uplift against the untreated users,
     the sample-ratio-mismatch check and a plain-words verdict."""
     services: Services = request.app.state.services
     rule = _svc(request).get(key)
