@@ -251,8 +251,7 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
             uid, doc, prev = row
         n += 1
         outcome = evaluate(doc, ctx)
-        if goals:
-            _goals(outcome, goals, uid, prev, ctx, as_of, run_id, results)
+        held = _goals(outcome, goals, uid, prev, ctx, as_of, run_id, results) if goals else None
         matched = outcome.matched
         failed: set[str] | None = None
         if outcome.errors or outcome.timeouts:
@@ -284,6 +283,12 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
                 new = dict(prev)
             new[k] = [episode, 1, rule.version, as_of]
             results.append(_enter(uid, doc, rule, episode, ctx, run_id, stats))
+            if held and goal_key(k) in held:
+                # the goal holds as the episode starts: it converts at once (so a full
+                # night and an incremental one, which may not see this user again, agree)
+                results.append(Convert(v=VERSION, user_id=uid, rule=k, episode=episode,
+                                       version=rule.version, started=as_of, as_of=as_of,
+                                       run_id=run_id))
         for k, p in prev.items():
             if not p[1] or k in matched or (failed and k in failed) or k in frozen:
                 continue
@@ -309,10 +314,12 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
 
 
 def _goals(outcome: Outcome, goals: dict[str, int], uid: int, prev: Any, ctx: Context,
-           as_of: str, run_id: int | None, results: list[Result]) -> None:
+           as_of: str, run_id: int | None, results: list[Result]) -> list[str]:
     """Take the goal entries out of ``outcome`` (they are not matches; a goal that
-    failed counts as its rule failing) and emit a :class:`Convert` for each goal that
-    holds within the window of an episode that started before this evaluation."""
+    failed counts as its rule failing), emit a :class:`Convert` for each goal that
+    holds within the window of the user's episode of its rule as stored before this
+    evaluation, and return the goal keys that hold (an episode starting now converts
+    too: the caller emits those after the enter)."""
     hits = [k for k in outcome.matched if k.endswith(GOAL_SUFFIX)]
     if hits:
         outcome.matched = [k for k in outcome.matched if not k.endswith(GOAL_SUFFIX)]
@@ -323,7 +330,7 @@ def _goals(outcome: Outcome, goals: dict[str, int], uid: int, prev: Any, ctx: Co
     if outcome.timeouts:
         outcome.timeouts = list(dict.fromkeys(base_key(k) for k in outcome.timeouts))
     if not hits or not prev:
-        return
+        return hits
     for g in hits:
         k = base_key(g)
         p = prev.get(k)
@@ -336,6 +343,7 @@ def _goals(outcome: Outcome, goals: dict[str, int], uid: int, prev: Any, ctx: Co
         if in_window(started, ctx.today, goals[g]):
             results.append(Convert(v=VERSION, user_id=uid, rule=k, episode=p[0], version=p[2],
                                    started=p[3], as_of=as_of, run_id=run_id))
+    return hits
 
 
 def _wake_of(ctx: Context) -> Any:

@@ -118,14 +118,19 @@ def test_the_goals_horizon_joins_the_users_wake_date() -> None:
 
 
 # -- conversions -----------------------------------------------------------------------------
-def test_a_conversion_needs_an_episode_that_started_before_and_an_open_window() -> None:
+def test_a_conversion_needs_an_episode_and_an_open_window() -> None:
     p = pack()
     expiring = {"driver_license": {"expires_on": (D0 + timedelta(days=10)).isoformat()}}
     renewed = {"driver_license": {"expires_on": "2036-01-01", "renewed_on": D0.isoformat()}}
-    # the goal already holds when the episode starts: no conversion in that evaluation
+    # the goal already holds when the episode starts: it converts at once, after the enter
     both = {"driver_license": {**expiring["driver_license"], "renewed_on": D0.isoformat()}}
     results, state, _ = run(p, 1, both, None, D0)
-    assert [type(r) for r in results] == [Enter]
+    assert [type(r) for r in results] == [Enter, Convert]
+    assert (results[1].episode, results[1].started, results[1].as_of) == (
+        1, D0.isoformat(), D0.isoformat())
+    # seen again later: the delivery side keeps the first (channels/goals.py)
+    results, _, _ = run(p, 1, both, state, D0 + timedelta(days=1))
+    assert [type(r) for r in results] == [Convert]
     # no episode at all: nothing to convert
     assert run(p, 2, renewed, None, D0)[0] == []
     # within the window, also after the episode ended (the renewal ends the match)
