@@ -212,7 +212,13 @@ def evaluate_rows(
         _evaluate_rows(rows, pack, ctx, run_id, stats, results, states, combos, slot)
     finally:
         if slot is not _NO_BATCH:
-            stats.cpu.update(pack.ruleset.close_batch(slot))
+            cpu = pack.ruleset.close_batch(slot)
+            if pack.goals:  # a goal's CPU is its rule's
+                merged: dict[str, float] = {}
+                for k, v in cpu.items():
+                    merged[base_key(k)] = merged.get(base_key(k), 0.0) + v
+                cpu = merged
+            stats.cpu.update(cpu)
     matches = stats.matches
     for combo, count in combos.items():
         for k in combo:

@@ -146,3 +146,12 @@ def test_a_conversion_needs_an_episode_and_an_open_window() -> None:
     assert in_window(D0, D0, 1) and in_window(D0, D0 + timedelta(days=1), 1)
     assert not in_window(D0, D0 + timedelta(days=2), 1)
     assert not in_window(D0, D0 - timedelta(days=1), 1)
+
+
+def test_a_goals_cpu_is_charged_to_its_rule() -> None:
+    p = CompiledPack([ActiveRule("renew", 3, "Renew", None, 100, RULE, None, None)], 50,
+                     batch_budget_ms=10_000)
+    stats = RangeStats()
+    doc = {"driver_license": {"expires_on": "2026-12-01", "renewed_on": "2026-11-01"}}
+    evaluate_rows([(u, doc, None) for u in range(1, 30_000)], p, ctx(D0), None, stats)
+    assert set(stats.cpu) == {"renew"}  # charged (sampled), and to the rule's own key
