@@ -386,9 +386,34 @@ def _record_failures(outcome: Any, uid: int, doc: Any, stats: RangeStats) -> set
     return set(outcome.errors) | set(outcome.timeouts)
 
 
+class _WithGoal:
+    """A rule and its goal run one after the other, each under its own budget: what
+    confirms a timeout or a batch overrun of either (their figures are the rule's)."""
+
+    def __init__(self, rule: Any, goal: Any) -> None:
+        self.rule, self.goal = rule, goal
+
+    def match(self, doc: Any, ctx: Context) -> Any:
+        failed: RuleError | None = None
+        for compiled in (self.rule, self.goal):
+            try:
+                compiled.match(doc, ctx)
+            except RuleTimeout:
+                raise
+            except RuleError as exc:
+                failed = exc
+        if failed is not None:
+            raise failed
+        return None
+
+
 def alone(pack: CompiledPack, key: str, ctx: Context) -> tuple[Any, Context]:
-    """The compiled rule ``key`` of ``pack`` and its context, to run it by itself."""
-    compiled = pack.ruleset.compiled[pack.ruleset.keys.index(key)]
+    """The compiled rule ``key`` of ``pack`` (with its goal, where it has one) and its
+    context, to run it by itself."""
+    keys = pack.ruleset.keys
+    compiled: Any = pack.ruleset.compiled[keys.index(key)]
+    if goal_key(key) in pack.goals:
+        compiled = _WithGoal(compiled, pack.ruleset.compiled[keys.index(goal_key(key))])
     return compiled, replace(ctx, rule_key=key, rule_version=pack.rules[key].version)
 
 

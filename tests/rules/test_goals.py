@@ -155,3 +155,17 @@ def test_a_goals_cpu_is_charged_to_its_rule() -> None:
     doc = {"driver_license": {"expires_on": "2026-12-01", "renewed_on": "2026-11-01"}}
     evaluate_rows([(u, doc, None) for u in range(1, 30_000)], p, ctx(D0), None, stats)
     assert set(stats.cpu) == {"renew"}  # charged (sampled), and to the rule's own key
+
+
+def test_a_goal_that_overruns_its_budget_is_confirmed_against_its_rule() -> None:
+    from engine.evaluate.evaluation import confirm_timeout
+
+    src = ("def match(profile, ctx):\n    return True\n"
+           "def goal(profile, ctx):\n    n = 0\n    while True:\n        n += 1\n")
+    p = CompiledPack([ActiveRule("loop", 1, "Loop", None, 100, src, None, None)], 20)
+    stats = RangeStats()
+    evaluate_rows([(1, {}, None)], p, ctx(D0), None, stats)
+    assert stats.timeouts == {"loop": 1}  # the rule's own key
+    assert confirm_timeout(p, "loop", {}, ctx(D0)) is True  # so it is quarantined
+    fine = CompiledPack([ActiveRule("ok", 1, "Ok", None, 100, RULE, None, None)], 20)
+    assert confirm_timeout(fine, "ok", {}, ctx(D0)) is False
