@@ -73,6 +73,7 @@ from rules.policy import RulePolicy
 __all__ = ["TIMELESS", "TrackingPolicy", "Untrackable"]
 
 TIMELESS = "_kv_timeless_"  # module global of a tracked rule that never reads ctx
+_ENTRIES = ("match", "goal")  # the functions the evaluator calls with (profile, ctx)
 
 
 class Untrackable(Exception):
@@ -619,7 +620,7 @@ class _Tracker:
             if isinstance(node, ast.FunctionDef) and scope.parent is self.root:
                 if node.name in self.def_as_value:
                     scope.tainted |= set(params)
-                elif node.name == "match" and len(params) >= 2:
+                elif node.name in _ENTRIES and len(params) >= 2:
                     scope.tainted.add(params[1])
             else:
                 scope.tainted |= set(params)
@@ -751,12 +752,14 @@ class _Tracker:
                 roots += node.ifs
             elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
                 roots.append(node.operand)
-        fdef = self.module_defs.get("match")
-        if fdef is not None and not any(
-            isinstance(n, ast.Name) and n.id == "match" for n in ast.walk(self.module)
-        ):
+        for entry in _ENTRIES:  # match and the goal (rules/goals.py) answer yes/no
+            fdef = self.module_defs.get(entry)
+            if fdef is None or any(
+                isinstance(n, ast.Name) and n.id == entry for n in ast.walk(self.module)
+            ):
+                continue
             stack: list[ast.AST] = list(fdef.body)
-            while stack:  # match's own returns, not those of functions defined inside it
+            while stack:  # the entry's own returns, not those of functions defined inside it
                 n = stack.pop()
                 if isinstance(n, ast.Return) and n.value is not None:
                     roots.append(n.value)
@@ -835,20 +838,24 @@ class _Tracker:
         return False
 
     def timeless(self) -> bool:
-        """``match`` never reads its ``ctx`` (so nothing it computes depends on time)."""
-        fdef = self.module_defs.get("match")
-        if fdef is None:
+        """``match`` — and the goal, where the rule has one (rules/goals.py) — never
+        reads its ``ctx`` (so nothing it computes depends on time)."""
+        if self.module_defs.get("match") is None:
             return False
-        scope = self.scope_of[id(fdef)]
-        params = self._params(fdef)
-        if len(params) < 2 or "match" in self.def_as_value:
-            return False
-        ctx = params[1]
-        for node in ast.walk(self.module):
-            if isinstance(node, ast.Name) and node.id == ctx:
-                sc = self.scope_at.get(id(node))
-                if sc is None or self._resolve(sc, ctx) is scope:
-                    return False
+        for entry in _ENTRIES:
+            fdef = self.module_defs.get(entry)
+            if fdef is None:
+                continue
+            scope = self.scope_of[id(fdef)]
+            params = self._params(fdef)
+            if len(params) < 2 or entry in self.def_as_value:
+                return False
+            ctx = params[1]
+            for node in ast.walk(self.module):
+                if isinstance(node, ast.Name) and node.id == ctx:
+                    sc = self.scope_at.get(id(node))
+                    if sc is None or self._resolve(sc, ctx) is scope:
+                        return False
         return True
 
     def builtin(self, name: str, scope: _Scope) -> bool:

@@ -111,10 +111,13 @@ class RulePolicy(RestrictingNodeTransformer):
     # -- module level ---------------------------------------------------------
     def visit_Module(self, node: ast.Module) -> _Visited:
         matches = []
+        goals = []
         for stmt in node.body:
             if isinstance(stmt, ast.FunctionDef):
                 if stmt.name == "match":
                     matches.append(stmt)
+                elif stmt.name == "goal":
+                    goals.append(stmt)
             elif isinstance(stmt, ast.Assign):
                 if not all(isinstance(t, ast.Name) for t in stmt.targets) or not _is_literal(
                     stmt.value
@@ -122,6 +125,8 @@ class RulePolicy(RestrictingNodeTransformer):
                     self.error(stmt, _TOP)
                 elif any(isinstance(t, ast.Name) and t.id == "match" for t in stmt.targets):
                     self.error(stmt, "`match` must be a function: def match(profile, ctx):")
+                elif any(isinstance(t, ast.Name) and t.id == "goal" for t in stmt.targets):
+                    self.error(stmt, "`goal` must be a function: def goal(profile, ctx):")
             elif isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
                 pass  # docstring
             elif not isinstance(stmt, ast.Pass):
@@ -135,6 +140,15 @@ class RulePolicy(RestrictingNodeTransformer):
             if a.vararg or a.kwarg or a.kwonlyargs or len(a.posonlyargs) + len(a.args) != 2:
                 self.error(
                     matches[0], "`match` must take exactly two arguments: def match(profile, ctx):"
+                )
+        # An optional goal (rules/goals.py): the same shape as match, at most once.
+        for extra in goals[1:]:
+            self.error(extra, "`goal` is defined more than once")
+        if goals:
+            a = goals[0].args
+            if a.vararg or a.kwarg or a.kwonlyargs or len(a.posonlyargs) + len(a.args) != 2:
+                self.error(
+                    goals[0], "`goal` must take exactly two arguments: def goal(profile, ctx):"
                 )
         return super().visit_Module(node)
 

@@ -44,8 +44,16 @@ def read_set(source: str) -> frozenset[str] | None:
                  None)
     if match is None or not match.args.args:
         return None
+    # A goal (rules/goals.py) is evaluated with the rule: its reads are the rule's too.
+    goal = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "goal"),
+                None)
+    roots = {match.args.args[0].arg}
+    if goal is not None:
+        if not goal.args.args:
+            return None
+        roots.add(goal.args.args[0].arg)
     shadowed = _bound_names(tree) & {*_NARROWING_HELPERS, "dict"}
-    analysis = _Analysis({match.args.args[0].arg: {()}}, shadowed)
+    analysis = _Analysis({r: {()} for r in roots}, shadowed)
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     for _ in range(_MAX_PASSES):
         before = {k: set(v) for k, v in analysis.env.items()}

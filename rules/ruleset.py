@@ -41,6 +41,8 @@ class RuleSpec:
     source: str
     priority: int = 100
     group: str | None = None
+    # "goal": evaluate the rule's goal (rules/goals.py), under a key of its own
+    entry: str = "match"
 
 
 @dataclass(slots=True)
@@ -189,14 +191,19 @@ class RuleSet:
         timeless: set[str] = set()
         for s in specs:
             try:
-                compiled[s.key] = compile_rule(s.source, s.key, self.budget_ms)
+                compiled[s.key] = (compile_rule(s.source, s.key, self.budget_ms)
+                                   if s.entry == "match" else
+                                   compile_rule(s.source, s.key, self.budget_ms, entry=s.entry))
             except RuleCompileError as exc:
                 err = RuleCompileError(f"rule {s.key!r}: {exc.reason}", exc.line)
                 err.key = s.key
                 raise err from None
             if horizons:
                 try:
-                    tracked = compile_rule(s.source, s.key, self.budget_ms, tracked=True)
+                    tracked = (compile_rule(s.source, s.key, self.budget_ms, tracked=True)
+                               if s.entry == "match" else
+                               compile_rule(s.source, s.key, self.budget_ms, tracked=True,
+                                            entry=s.entry))
                 except (Untrackable, RuleCompileError):
                     untracked.add(s.key)  # evaluated as compiled above: horizon tomorrow
                     continue

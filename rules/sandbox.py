@@ -25,6 +25,7 @@ from RestrictedPython.compile import compile_restricted_exec
 
 from base.errors import RuleCompileError, RuleError, RuleRuntimeError
 from rules.budget import call_with_budget
+from rules.goals import window_of_namespace
 from rules.guards import SAFE_BUILTINS, container_ids, make_rule_guards
 from rules.helpers import HELPERS
 from rules.policy import RulePolicy
@@ -88,6 +89,8 @@ class CompiledRule:
     source: str
     raw: Callable[[Any, Any], Any] = field(repr=False)
     budget_ms: float = DEFAULT_BUDGET_MS
+    # The attribution window of the rule's goal in days (rules/goals.py); None: no goal.
+    goal_window: int | None = None
 
     def match(self, profile: Any, ctx: Any) -> Any:
         """Evaluate the rule on one profile (bool-ish result)."""
@@ -110,7 +113,8 @@ def _compile_error(message: str, key: str) -> RuleCompileError:
 
 
 def compile_rule(
-    source: str, key: str = "rule", budget_ms: float = DEFAULT_BUDGET_MS, tracked: bool = False
+    source: str, key: str = "rule", budget_ms: float = DEFAULT_BUDGET_MS, tracked: bool = False,
+    entry: str = "match",
 ) -> CompiledRule:
     """Compile ``source`` (which must define ``match(profile, ctx)``) into a :class:`CompiledRule`.
 
@@ -118,7 +122,9 @@ def compile_rule(
     for syntax errors and sandbox policy violations. ``tracked``: compile for time
     horizons (rules/horizon.py): the same rule, with tracked helpers and guards; it
     behaves like the plain one with any context, and records horizons with a tracked
-    one. May raise :class:`rules.horizon_policy.Untrackable`.
+    one. May raise :class:`rules.horizon_policy.Untrackable`. ``entry``: the function
+    :attr:`CompiledRule.raw` is (``"goal"``: the rule's goal, rules/goals.py; the
+    goal and its window are validated whatever the entry).
     """
     if not isinstance(source, str):
         raise RuleCompileError("rule source must be a string")
@@ -161,4 +167,8 @@ def compile_rule(
     for name, value in namespace.items():
         if name != "__builtins__" and isinstance(value, (dict, list, set, tuple)):
             protected |= container_ids(value)
-    return CompiledRule(key=key, source=source, raw=namespace["match"], budget_ms=budget_ms)
+    window = window_of_namespace(namespace)
+    if entry not in ("match", "goal") or not callable(namespace.get(entry)):
+        raise RuleCompileError(f"the rule defines no `def {entry}(profile, ctx):`")
+    return CompiledRule(key=key, source=source, raw=namespace[entry], budget_ms=budget_ms,
+                        goal_window=window)

@@ -147,6 +147,23 @@ episodes = Table(
 )
 Index("episodes_expiry", episodes.c.status, episodes.c.expires_at)
 
+# Experiment history (shard_0008, channels/goals.py): one row per episode started —
+# real or ghost — with its arm, kept after later episodes (``episodes`` keeps only
+# the latest), and the date the rule's goal first held within its window.
+goal_exposures = Table(
+    "goal_exposures",
+    shard_metadata,
+    Column("rule_key", Text, nullable=False),
+    Column("user_id", BigInteger, nullable=False),
+    Column("episode", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("arm", Text, nullable=False),  # treatment | holdout | control
+    Column("variant", Text, nullable=True),  # content variant, where the rule has them
+    Column("started_on", Date, nullable=False),  # the episode's as-of date
+    Column("converted_on", Date, nullable=True),
+    PrimaryKeyConstraint("rule_key", "user_id", "episode"),
+)
+
 # Per-user channel preferences (channels/preferences.py): opt-outs per channel and
 # per rule category, set through the API and the unsubscribe link.
 preferences = Table(

@@ -14,6 +14,7 @@ from api.auth import require
 from api.problems import problem, problem_responses
 from api.services import Services
 from base.errors import ChannelError, RuleValidationError
+from catalogue.experiment import experiment_report
 from catalogue.service import RuleService
 from rules.models import RuleIn
 
@@ -64,6 +65,16 @@ def create_rule(rule: RuleIn, request: Request) -> dict[str, Any]:
 @router.get("/{key}", summary="A rule at its current version")
 def get_rule(key: str, request: Request) -> dict[str, Any]:
     return _svc(request).get(key)
+
+
+@router.get("/{key}/experiment", summary="Conversions per arm, uplift with 95% intervals, SRM")
+def get_experiment(key: str, request: Request) -> dict[str, Any]:
+    """The rule's experiment report (docs/channels.md, "Goals and experiments"): users
+    exposed and converted per arm and variant over every shard, uplift against the untreated users,
+    the sample-ratio-mismatch check and a plain-words verdict."""
+    services: Services = request.app.state.services
+    rule = _svc(request).get(key)
+    return experiment_report(rule, services.control, services.shards.stores)
 
 
 @router.put("/{key}", summary="Save a new version of a rule")

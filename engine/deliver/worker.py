@@ -49,6 +49,7 @@ import orjson
 from base import metrics
 from base.clock import SYSTEM
 from channels.episodes import EpisodeStart, end_episodes, expire_due, start_episodes
+from channels.goals import Conversion, Exposure, record_conversions, record_exposures
 from channels.holdouts import Arms
 from channels.ledger import Claim, Ledger, Outcome
 from channels.mail import Email, Mailer
@@ -58,7 +59,7 @@ from channels.push import Push, Pusher
 from channels.unsubscribe import Unsubscriber
 from engine.batch import BatchWorker
 from engine.bus import Bus, Consumer, Message
-from engine.messages import Enter, Exit, MessageError, dead_letter, decode_result
+from engine.messages import Convert, Enter, Exit, MessageError, dead_letter, decode_result
 from shards.router import MAX_USER_ID
 from shards.shardset import ShardSet
 from shards.store import BannerChange
@@ -128,7 +129,9 @@ class DeliveryWorker(BatchWorker):
         ends: dict[int, list[tuple[int, str, int]]] = {}
         candidates: list[Claim] = []
         ended: set[tuple[int, str, int]] = set()
-        results: list[tuple[Enter | Exit, date]] = []
+        exposures: dict[int, list[Exposure]] = {}
+        conversions: dict[int, list[Conversion]] = {}
+        results: list[tuple[Enter | Exit | Convert, date]] = []
         for msg in batch:
             try:
                 r = decode_result(msg.value)
@@ -150,6 +153,17 @@ class DeliveryWorker(BatchWorker):
         arms = iter(self.arms.arms(enters) if self.arms is not None and enters
                     else ["treatment"] * len(enters))
         for r, as_of in results:
+            if isinstance(r, Convert):
+                # The rule's goal held within the window (rules/goals.py): counted
+                # once per episode, for the arm its exposure recorded.
+                try:
+                    started = date.fromisoformat(r.started)
+                except ValueError:
+                    log.error("ignoring a conversion with a malformed start date: %r", r.started)
+                    continue
+                conversions.setdefault(self.shards.router.shard_of(r.user_id), []).append(
+                    Conversion(r.rule, r.user_id, r.episode, started, as_of))
+                continue
             uid, rule, episode, version, priority = (r.user_id, r.rule, r.episode, r.version,
                                                      r.priority)
             shard = self.shards.router.shard_of(uid)
@@ -161,6 +175,8 @@ class DeliveryWorker(BatchWorker):
                 continue
             assert type(r) is Enter
             arm = next(arms)
+            exposures.setdefault(shard, []).append(
+                Exposure(rule, uid, episode, version, arm, as_of, r.variant))
             banner = r.banner
             expires = _parse_ts(banner.get("expires_at")) if banner else None
             if arm != "treatment":
@@ -219,6 +235,12 @@ class DeliveryWorker(BatchWorker):
             start_episodes(self.shards.stores[shard], items, now)
         for shard, ending in ends.items():
             end_episodes(self.shards.stores[shard], ending, now)
+        for shard, exposed in exposures.items():
+            record_exposures(self.shards.stores[shard], exposed)
+        for shard, converted in conversions.items():
+            n = record_conversions(self.shards.stores[shard], converted)
+            if n:
+                self._count("goal", "converted", n)
 
         won = self.ledger.claim(
             [c for c in candidates if (c.user_id, c.rule_key, c.episode) not in ended]

@@ -38,8 +38,9 @@ from typing import Any
 from base.buckets import bucket, in_share, rollout_salt
 from base.errors import ChannelError, RuleError, RuleTimeout
 from engine.evaluate.compose import compose
-from engine.messages import VERSION, Enter, Exit, Result
+from engine.messages import VERSION, Convert, Enter, Exit, Result
 from rules.context import Context
+from rules.goals import GOAL_SUFFIX, base_key, goal_key, goal_window, in_window
 from rules.ruleset import ActiveRule, Outcome, RuleSet, RuleSpec
 from shards.store import ProfileRow
 
@@ -88,6 +89,15 @@ class CompiledPack:
         self._owner = {k + BASE: k for k in self.bases}
         # Compiled for time horizons (rules/horizon.py): every evaluation also says
         # when its answer could next change, the user's place in the wake-up index.
+        # Goals (rules/goals.py) run in the same evaluator as companion entries keyed
+        # "<rule>#goal": their horizons join the user's wake date like a rule's.
+        self.goals: dict[str, int] = {}  # goal key -> attribution window (days)
+        for r in chosen:
+            window = goal_window(r.source)
+            if window is not None:
+                self.goals[goal_key(r.key)] = window
+                specs.append(RuleSpec(key=goal_key(r.key), version=r.version, source=r.source,
+                                      priority=r.priority, entry="goal"))
         self.ruleset = RuleSet(specs, budget_ms=budget_ms, horizons=True)
         # CPU one rule may use on one batch of rows (0: no limit; needs budget_ms).
         self.batch_budget_ms = float(batch_budget_ms or 0.0) if self.ruleset.budgeted else 0.0
@@ -244,7 +254,13 @@ def evaluate_rows(
         _evaluate_rows(rows, pack, ctx, run_id, stats, results, states, combos, slot)
     finally:
         if slot is not _NO_BATCH:
-            stats.cpu.update(pack.ruleset.close_batch(slot))
+            cpu = pack.ruleset.close_batch(slot)
+            if pack.goals:  # a goal's CPU is its rule's
+                merged: dict[str, float] = {}
+                for k, v in cpu.items():
+                    merged[base_key(k)] = merged.get(base_key(k), 0.0) + v
+                cpu = merged
+            stats.cpu.update(cpu)
     matches = stats.matches
     for combo, count in combos.items():
         for k in combo:
@@ -273,6 +289,7 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
     canaries = pack.canaries
     bases = pack.bases
     on_base: frozenset[str] = frozenset()
+    goals = pack.goals
     n = 0
     uid = None
     halt = False  # a rule timed out: stop after that row and let the caller police
@@ -287,6 +304,7 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
         outcome = evaluate(doc, ctx)
         if canaries:
             outcome, on_base = pack.pick(uid, outcome)
+        held = _goals(outcome, goals, uid, prev, ctx, as_of, run_id, results) if goals else None
         matched = outcome.matched
         failed: set[str] | None = None
         if outcome.errors or outcome.timeouts:
@@ -318,6 +336,12 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
                 new = dict(prev)
             new[k] = [episode, 1, rule.version, as_of]
             results.append(_enter(uid, doc, rule, episode, ctx, run_id, stats))
+            if held and goal_key(k) in held:
+                # the goal holds as the episode starts: it converts at once (so a full
+                # night and an incremental one, which may not see this user again, agree)
+                results.append(Convert(v=VERSION, user_id=uid, rule=k, episode=episode,
+                                       version=rule.version, started=as_of, as_of=as_of,
+                                       run_id=run_id))
         for k, p in prev.items():
             if not p[1] or k in matched or (failed and k in failed) or k in frozen:
                 continue
@@ -338,8 +362,41 @@ def _evaluate_rows(rows: Iterable[Any], pack: CompiledPack, ctx: Context, run_id
         states.append((uid, new, wake))
     if slot.over >= 0:  # a rule spent the batch budget on the last row done
         assert uid is not None  # so there was a row
-        stats.slow[pack.owner(pack.ruleset.keys[slot.over])] = uid
+        stats.slow[pack.owner(base_key(pack.ruleset.keys[slot.over]))] = uid
     stats.users += n
+
+
+def _goals(outcome: Outcome, goals: dict[str, int], uid: int, prev: Any, ctx: Context,
+           as_of: str, run_id: int | None, results: list[Result]) -> list[str]:
+    """Take the goal entries out of ``outcome`` (they are not matches; a goal that
+    failed counts as its rule failing), emit a :class:`Convert` for each goal that
+    holds within the window of the user's episode of its rule as stored before this
+    evaluation, and return the goal keys that hold (an episode starting now converts
+    too: the caller emits those after the enter)."""
+    hits = [k for k in outcome.matched if k.endswith(GOAL_SUFFIX)]
+    if hits:
+        outcome.matched = [k for k in outcome.matched if not k.endswith(GOAL_SUFFIX)]
+    if outcome.errors:
+        for k in [k for k in outcome.errors if k.endswith(GOAL_SUFFIX)]:
+            msg = outcome.errors.pop(k)
+            outcome.errors.setdefault(base_key(k), f"goal: {msg}")
+    if outcome.timeouts:
+        outcome.timeouts = list(dict.fromkeys(base_key(k) for k in outcome.timeouts))
+    if not hits or not prev:
+        return hits
+    for g in hits:
+        k = base_key(g)
+        p = prev.get(k)
+        if p is None or not isinstance(p[3], str):
+            continue
+        try:
+            started = date.fromisoformat(p[3])
+        except ValueError:
+            continue
+        if in_window(started, ctx.today, goals[g]):
+            results.append(Convert(v=VERSION, user_id=uid, rule=k, episode=p[0], version=p[2],
+                                   started=p[3], as_of=as_of, run_id=run_id))
+    return hits
 
 
 def _wake_of(ctx: Context) -> Any:
@@ -376,9 +433,34 @@ def _record_failures(outcome: Any, uid: int, doc: Any, stats: RangeStats) -> set
     return set(outcome.errors) | set(outcome.timeouts)
 
 
+class _WithGoal:
+    """A rule and its goal run one after the other, each under its own budget: what
+    confirms a timeout or a batch overrun of either (their figures are the rule's)."""
+
+    def __init__(self, rule: Any, goal: Any) -> None:
+        self.rule, self.goal = rule, goal
+
+    def match(self, doc: Any, ctx: Context) -> Any:
+        failed: RuleError | None = None
+        for compiled in (self.rule, self.goal):
+            try:
+                compiled.match(doc, ctx)
+            except RuleTimeout:
+                raise
+            except RuleError as exc:
+                failed = exc
+        if failed is not None:
+            raise failed
+        return None
+
+
 def alone(pack: CompiledPack, key: str, ctx: Context) -> tuple[Any, Context]:
-    """The compiled rule ``key`` of ``pack`` and its context, to run it by itself."""
-    compiled = pack.ruleset.compiled[pack.ruleset.keys.index(key)]
+    """The compiled rule ``key`` of ``pack`` (with its goal, where it has one) and its
+    context, to run it by itself."""
+    keys = pack.ruleset.keys
+    compiled: Any = pack.ruleset.compiled[keys.index(key)]
+    if goal_key(key) in pack.goals:
+        compiled = _WithGoal(compiled, pack.ruleset.compiled[keys.index(goal_key(key))])
     return compiled, replace(ctx, rule_key=key, rule_version=pack.rules[key].version)
 
 

@@ -50,6 +50,7 @@ from engine.bus import Bus, Consumer, Message
 from engine.evaluate.evaluation import RangeStats, StateOut
 from engine.messages import (
     Enter,
+    Exit,
     MessageError,
     RangeJob,
     Result,
@@ -369,7 +370,8 @@ class EvaluatorWorker(BatchWorker):
                 evaluated, lines = lines, lines[stats.users:] if stopped else []
                 for r in results:
                     publish(topic, encode(r), key=str(r.user_id).encode())
-                    kind = "enter" if type(r) is Enter else "exit"
+                    kind = ("enter" if type(r) is Enter else "exit" if type(r) is Exit
+                            else "goal")
                     metrics.EVAL_CHANGES.labels(r.rule, kind).inc()
                 pending += [StateWrite(u, s, as_of, _wake_date(w)) for u, s, w in states]
                 since_flush += stats.users

@@ -2,7 +2,7 @@
 
     events topic    Event (REST / producers -> ingest)    engine/messages/event.py
     jobs topic      RangeJob (scheduler -> evaluators)   UsersJob (ingest -> evaluators)
-    results topic   Enter, Exit (evaluators -> delivery)
+    results topic   Enter, Exit, Convert (evaluators -> delivery)
     *.dlq topics    DeadLetter (any consumer, for a message it cannot take)
 
 Producers build these classes and :func:`encode` them; consumers :func:`decode_job` /
@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-__all__ = ["VERSION", "DeadLetter", "Enter", "EvalAnswer", "Exit", "Job", "MessageError",
+__all__ = ["VERSION", "Convert", "DeadLetter", "Enter", "EvalAnswer", "Exit", "Job", "MessageError",
            "RangeJob", "Result", "UsersJob", "dead_letter", "decode_answer", "decode_job",
            "decode_result", "encode"]
 
@@ -110,7 +110,21 @@ class Enter(_Msg, tag_field="kind", tag="enter"):
     variant: str | None = None
 
 
-Result = Enter | Exit
+class Convert(_Msg, tag_field="kind", tag="goal"):
+    """A rule's goal held for a user within the attribution window of the episode
+    that started on ``started`` (rules/goals.py): the delivery worker counts the
+    first one per episode as a conversion of that episode's arm (channels/goals.py)."""
+
+    user_id: int
+    rule: str
+    episode: int
+    version: int
+    started: str  # ISO date the episode started (its as-of date)
+    as_of: str  # ISO date of the evaluation at which the goal held
+    run_id: int | None = None
+
+
+Result = Enter | Exit | Convert
 
 
 class EvalAnswer(msgspec.Struct):

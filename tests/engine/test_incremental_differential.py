@@ -6,7 +6,8 @@ re-evaluates the changed users for the rules whose read-set meets the changed
 paths, and each night evaluates only the users due in the wake-up index. Its
 twin evaluates every user with every rule every night. After every night the
 stored answers are equal, and at the end so are the e-mails (enters with an
-e-mail) the two sent. The as-of dates run day by day, then jump forward by
+e-mail) the two sent, and the conversions of the rules' goals (the first per episode,
+with its date). The as-of dates run day by day, then jump forward by
 months and back (a replay).
 
 The nights are driven synchronously (the evaluator's own range and users jobs,
@@ -61,10 +62,47 @@ TODAY_RULES = [
 ]
 
 
+# Rules with goals (rules/goals.py): one a profile change makes true (the renewal
+# date, read only by the goal), one the date alone (days since the last order), one
+# both; their conversions must be the same in both twins.
+GOAL_RULES = [
+    ("goal-renewed", "GOAL_WINDOW_DAYS = 20\n\n"
+     "def match(profile, ctx):\n"
+     "    left = days_until(get(profile, 'driver_license.expires_on'), ctx)\n"
+     "    return left is not None and 0 <= left <= 45\n\n"
+     "def goal(profile, ctx):\n"
+     "    return has(profile, 'driver_license.renewed_on')\n"),
+    ("goal-quiet", "GOAL_WINDOW_DAYS = 60\n\n"
+     "def match(profile, ctx):\n"
+     "    return get(profile, 'orders.total', 0) >= 3\n\n"
+     "def goal(profile, ctx):\n"
+     "    since = days_since(get(profile, 'orders.last_at'), ctx)\n"
+     "    return since is not None and since >= 30\n"),
+    ("goal-later", "GOAL_WINDOW_DAYS = 365\n\n"
+     "def match(profile, ctx):\n"
+     "    d = date(get(profile, 'vehicle.registration_expires_on'))\n"
+     "    return d is not None and d < ctx.today\n\n"
+     "def goal(p, ctx):\n"
+     "    left = days_until(get(p, 'driver_license.expires_on'), ctx)\n"
+     "    return left is not None and left > 60\n"),
+]
+
+
 def _rules() -> list[dict[str, Any]]:
     extra = [{"key": k, "name": k, "source": "def match(profile, ctx):\n"
               + "".join(f"    {ln}\n" for ln in body.splitlines())} for k, body in TODAY_RULES]
-    return [*BUILTIN_RULES, *RULES50, *extra]
+    goals = [{"key": k, "name": k, "source": src} for k, src in GOAL_RULES]
+    return [*BUILTIN_RULES, *RULES50, *extra, *goals]
+
+
+def _conversions(results: list[dict[str, Any]]) -> dict[tuple[int, str, int], str]:
+    """(user, rule, episode) -> the as-of date of its first conversion, in message
+    order: what the delivery worker records (channels/goals.py)."""
+    out: dict[tuple[int, str, int], str] = {}
+    for r in results:
+        if r["kind"] == "goal":
+            out.setdefault((r["user_id"], r["rule"], r["episode"]), r["as_of"])
+    return out
 
 
 def _event(rng: random.Random, uid: int, day: date) -> dict[str, Any]:
@@ -197,6 +235,10 @@ def test_incremental_nights_equal_full_nights_for_400_days(
         sent = [Counter((r["user_id"], r["rule"], r["episode"]) for r in rs
                         if r["kind"] == "enter" and r.get("email")) for rs in results]
         assert sent[0] == sent[1] and sum(sent[0].values()) > 0
+        # and so are the conversions: the same episodes, first seen on the same date
+        converted = [_conversions(rs) for rs in results]
+        assert converted[0] == converted[1]
+        assert {k[1] for k in converted[0]} == {k for k, _ in GOAL_RULES}
         # and the incremental twin evaluated far fewer users than everyone every night
         # (the jumps and the replay evaluate everyone; the 57 rules here include some
         # that depend on the weekday or format the date, which keep users due)

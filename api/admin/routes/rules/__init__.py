@@ -9,7 +9,8 @@ the same calls the REST API makes. One module per page:
 * :mod:`.preview`: the test panel and the launch page (preview, forecast, diff, shadow);
 * :mod:`.activation`: blast radius, activation requests, approve/decline, pause;
 * :mod:`.rollout`: canary rollout: share, promote, roll back;
-* :mod:`.history`: a rule's history, the guide.
+* :mod:`.history`: a rule's history, the guide;
+* :mod:`.experiment`: conversions per arm with intervals, uplift, verdict.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from api.admin.routes.rules import (  # noqa: F401
     activation,
     editor,
+    experiment,
     history,
     listing,
     preview,
