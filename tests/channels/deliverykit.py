@@ -154,6 +154,14 @@ class Rig:
         self.container.close()
 
 
+def backend_settings(request: Any, tmp_path: Any, smtp_url: str) -> Settings:
+    """The settings of a ``rig`` fixture parametrized "sqlite" / "postgres" (two
+    PostgreSQL shards from the ``pg_factory`` fixture)."""
+    if request.param == "sqlite":
+        return embedded_settings(tmp_path, smtp_url=smtp_url)
+    return pg_settings(tmp_path, request.getfixturevalue("pg_factory")(2), smtp_url=smtp_url)
+
+
 def make_rig(settings: Settings, *, smtp_url: str | None = None, clock: FakeClock | None = None,
              policy: ChannelPolicy | None = None, pusher: Pusher | None = None,
              max_attempts: int = 4, base_delay_s: float = 1.0, claim_timeout_s: float = 60.0,

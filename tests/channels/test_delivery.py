@@ -13,24 +13,18 @@ from sqlalchemy import select
 from shards.schema import episodes, ledger
 from tests.channels.deliverykit import (
     Rig,
-    embedded_settings,
+    backend_settings,
     enter,
     exit_,
     make_rig,
     message_ids,
-    pg_settings,
 )
 from tests.fixtures.waiting import wait_for
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def rig(request: pytest.FixtureRequest, tmp_path: Any, smtp_server: Any) -> Iterator[Rig]:
-    if request.param == "sqlite":
-        settings = embedded_settings(tmp_path, smtp_url=smtp_server.url)
-    else:
-        settings = pg_settings(tmp_path, request.getfixturevalue("pg_factory")(2),
-                               smtp_url=smtp_server.url)
-    r = make_rig(settings)
+    r = make_rig(backend_settings(request, tmp_path, smtp_server.url))
     try:
         yield r
     finally:

@@ -23,12 +23,12 @@ from channels.pushers.fcm import FcmPusher
 from shards.schema import episodes, rule_versions, rules
 from tests.channels.deliverykit import (
     Rig,
+    backend_settings,
     embedded_settings,
     enter,
     exit_,
     make_rig,
     message_ids,
-    pg_settings,
 )
 from tests.channels.push_receiver import PushReceiver
 from tests.channels.test_push import receiver as receiver  # noqa: F401 - the fixture
@@ -79,12 +79,7 @@ def test_control_share_out_of_range_is_refused(value: Any) -> None:
 # -- the delivery worker ------------------------------------------------------------------
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def rig(request: pytest.FixtureRequest, tmp_path: Any, smtp_server: Any) -> Iterator[Rig]:
-    if request.param == "sqlite":
-        settings = embedded_settings(tmp_path, smtp_url=smtp_server.url)
-    else:
-        settings = pg_settings(tmp_path, request.getfixturevalue("pg_factory")(2),
-                               smtp_url=smtp_server.url)
-    r = make_rig(settings)
+    r = make_rig(backend_settings(request, tmp_path, smtp_server.url))
     r.worker.arms = Arms(r.container.control, refresh_s=0.0)
     try:
         yield r
