@@ -1,4 +1,4 @@
-"""Load test of the banner API: the realistic mix against a trivial FastAPI endpoint.
+"""Load test of the banner API: the realistic mix against a bare ASGI endpoint.
 
     flock /tmp/kvadrupel-bench.lock .venv/bin/python bench/bench_api.py \
         [--users 100000] [--servers granian uvicorn] [--workers 2] [--connections 64] \
@@ -7,16 +7,21 @@
 Creates 2 fresh PostgreSQL shard databases (+ control) on the local server, seeds
 ``--users`` users (0-3 banners each, known banner-set versions), then for each server
 (granian, uvicorn; same settings: ``--workers`` processes, uvloop, no access log)
-serves the real app — plus one extra route, ``GET /bench/trivial``, a plain FastAPI
-endpoint returning a constant small JSON — and drives it with wrk (Debian package
-``wrk``) on loopback, ``--connections`` connections, 2 threads:
+serves the real app — plus, in the same server process, a plain FastAPI route
+``GET /bench/trivial`` and, outermost, a bare ASGI callable answering every
+``/bench/bare/...`` path with a constant small JSON (no framework at all: the honest
+ceiling of the server) — and drives them with wrk (Debian package ``wrk``) on
+loopback, ``--connections`` connections, 2 threads:
 
 * mix: 90 % revalidations (``If-None-Match`` with the user's current ETag → 304) and
   10 % full fetches (no ``If-None-Match`` → 200 with the body), users uniformly at
   random, portal service token;
+* bare: the same wrk script (same random users, same headers) with its paths under
+  ``/bench/bare``: what the server itself costs per request;
 * trivial: the constant-JSON FastAPI endpoint, same server process, same settings.
 
-Prints requests/s, p50 and p99 latency of both and the ratio mix / trivial. The
+Prints requests/s, p50 and p99 latency of each and the ratios mix / bare (the
+issue's yardstick: 0.8x) and mix / trivial. The
 caches are warmed first (``--warmup`` seconds of full fetches sweeping all users);
 ``--no-cache`` turns the version and body caches off (every request reads the
 database) for comparison.
@@ -64,7 +69,27 @@ def trivial_app():  # noqa: ANN201 - the server's app factory (bench only)
     async def trivial() -> dict[str, str]:
         return {"status": "ok"}
 
-    return app
+    return with_bare(app)
+
+
+BARE_BODY = b'{"status":"ok"}'
+BARE_START = {"type": "http.response.start", "status": 200,
+              "headers": [(b"content-type", b"application/json"),
+                          (b"content-length", str(len(BARE_BODY)).encode())]}
+BARE_END = {"type": "http.response.body", "body": BARE_BODY}
+
+
+def with_bare(app):  # noqa: ANN001, ANN201 - ASGI (bench only)
+    """``app`` behind a bare ASGI callable that answers ``/bench/bare/...`` itself."""
+
+    async def bare(scope, receive, send):  # noqa: ANN001, ANN202
+        if scope["type"] == "http" and scope["path"].startswith("/bench/bare/"):
+            await send(BARE_START)
+            await send(BARE_END)
+            return
+        await app(scope, receive, send)
+
+    return bare
 
 
 # -- databases --------------------------------------------------------------------------
@@ -163,7 +188,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 # -- load ----------------------------------------------------------------------------------
 MIX_LUA = """
-local users, base, token, revalidate = %d, %d, "Bearer %s", %f
+local users, base, token, revalidate, prefix = %d, %d, "Bearer %s", %f, "%s"
 setup = function(thread) thread:set("id", math.random(1, 1000000)) end
 init = function(args) math.randomseed(id + os.time()) end
 request = function()
@@ -172,7 +197,7 @@ request = function()
   if math.random() < revalidate then
     h["If-None-Match"] = '"' .. uid .. '-' .. (uid %% 5 + 1) .. '"'
   end
-  return wrk.format("GET", "/v1/users/" .. uid .. "/banners", h)
+  return wrk.format("GET", prefix .. "/v1/users/" .. uid .. "/banners", h)
 end
 """
 
@@ -268,7 +293,8 @@ def main() -> int:
                    PYTHONPATH=str(ROOT))
         if args.no_cache:
             env |= {"KVADRUPEL_BANNER_CACHE_USERS": "0", "KVADRUPEL_BANNER_CACHE_BODIES": "0"}
-        mix_lua = MIX_LUA % (args.users, BASE_UID, TOKEN, args.revalidate)
+        mix_lua = MIX_LUA % (args.users, BASE_UID, TOKEN, args.revalidate, "")
+        bare_lua = MIX_LUA % (args.users, BASE_UID, TOKEN, args.revalidate, "/bench/bare")
         rows = []
         for server in args.servers:
             port = free_port()
@@ -282,11 +308,12 @@ def main() -> int:
                     print(f"{server}: warm-up {w['requests']:,} full fetches "
                           f"({w['rps']:,.0f}/s)", flush=True)
                 mix = wrk(base + "/", args.seconds, args.connections, mix_lua)
+                bare = wrk(base + "/", args.seconds, args.connections, bare_lua)
                 triv = wrk(base + "/bench/trivial", args.seconds, args.connections)
             finally:
                 stop_server(proc)
-            rows.append((server, mix, triv))
-            print(f"{server}: mix {mix}, trivial {triv}", flush=True)
+            rows.append((server, mix, bare, triv))
+            print(f"{server}: mix {mix}, bare {bare}, trivial {triv}", flush=True)
     finally:
         drop_dbs(tag)
     cache = "caches OFF" if args.no_cache else "caches on"
@@ -294,11 +321,13 @@ def main() -> int:
           f"{args.connections} connections, {args.workers} workers, {args.seconds}s each, "
           f"{int(args.revalidate * 100)}% revalidations, {cache}")
     print(f"{'server':<8} {'endpoint':<22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
-    for server, mix, triv in rows:
-        for name, r in (("banners mix", mix), ("trivial FastAPI JSON", triv)):
+    for server, mix, bare, triv in rows:
+        for name, r in (("banners mix", mix), ("bare ASGI JSON", bare),
+                        ("trivial FastAPI JSON", triv)):
             print(f"{server:<8} {name:<22} {r['rps']:>9,.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
                   f"{r['bad']:>7}")
-        print(f"{server:<8} ratio mix / trivial: {mix['rps'] / triv['rps']:.2f}")
+        print(f"{server:<8} ratio mix / bare ASGI: {mix['rps'] / bare['rps']:.2f} (goal 0.8), "
+              f"mix / trivial FastAPI: {mix['rps'] / triv['rps']:.2f}")
     return 0
 
 
